@@ -1,0 +1,41 @@
+"""pyiommufd: userspace toolkit for Linux IOMMU live update.
+
+iommufd (/dev/iommu), VFIO device cdevs (/dev/vfio/devices/vfioN), the Live
+Update Orchestrator (/dev/liveupdate) and the out-of-tree
+IOMMU_HWPT_LU_{SET,MARK}_PRESERVE ioctl, over one syscall seam
+(:mod:`pyiommufd.backend`).
+
+Names are imported lazily so that ``import pyiommufd`` (and the CLI's
+``--help``) stays cheap.
+"""
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "LiveUpdate": "luo", "Session": "luo",
+    "IOMMUFD": "iommufd", "IOAS": "iommufd", "HWPT": "iommufd",
+    "VfioDevice": "vfio",
+    "MemFD": "memfd",
+    "LuAbi": "abi", "LU_V1": "abi", "LU_V2": "abi", "probe_lu_abi": "abi",
+    "Backend": "backend", "LinuxBackend": "backend",
+    "PyiommufdError": "errors", "KernelError": "errors", "UsageError": "errors",
+}
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pyiommufd' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_EXPORTS))
+
+
+__all__ = sorted(_EXPORTS)

@@ -1,0 +1,264 @@
+"""The one seam through which pyiommufd reaches the kernel.
+
+Every syscall the library makes goes through a :class:`Backend`. The real one,
+:class:`LinuxBackend`, talks to the running kernel. The test-only fake kernel
+(:mod:`pyiommufd.testing`) implements the same methods and decodes the very
+ioctl buffers the real kernel would receive.
+
+Methods raise plain :class:`OSError` with ``errno`` set; the interface layers
+turn those into typed :mod:`pyiommufd.errors`.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import ctypes
+import fcntl
+import mmap as _mmap
+import os
+from typing import Iterator
+
+# kexec_file_load(2) and reboot(2) numbers for x86_64 (the only arch with VT-d).
+SYS_KEXEC_FILE_LOAD = 320
+LINUX_REBOOT_CMD_KEXEC = 0x45584543
+KEXEC_FILE_UNLOAD = 0x1
+KEXEC_FILE_ON_CRASH = 0x2
+KEXEC_FILE_NO_INITRAMFS = 0x4
+
+
+class Backend:
+    """The syscall seam. Subclasses implement every method."""
+
+    name = "abstract"
+
+    # -- file descriptors -------------------------------------------------
+    def open(self, path: str, flags: int = os.O_RDWR | os.O_CLOEXEC) -> int:
+        raise NotImplementedError
+
+    def close(self, fd: int) -> None:
+        raise NotImplementedError
+
+    def dup(self, fd: int) -> int:
+        raise NotImplementedError
+
+    def ioctl(self, fd: int, request: int, arg) -> int:
+        """Issue ``ioctl(fd, request, &arg)``; ``arg`` is a writable buffer
+        (a ``cffi`` buffer of the argument struct) that the kernel may update."""
+        raise NotImplementedError
+
+    def ioctl_int(self, fd: int, request: int, value: int = 0) -> int:
+        """Issue an ioctl whose argument is passed by value (VFIO legacy API)."""
+        raise NotImplementedError
+
+    def fcntl(self, fd: int, cmd: int, arg: int = 0) -> int:
+        raise NotImplementedError
+
+    # -- memory files -----------------------------------------------------
+    def memfd_create(self, name: str, flags: int) -> int:
+        raise NotImplementedError
+
+    def ftruncate(self, fd: int, length: int) -> None:
+        raise NotImplementedError
+
+    def fstat_size(self, fd: int) -> int:
+        raise NotImplementedError
+
+    def pread(self, fd: int, length: int, offset: int) -> bytes:
+        raise NotImplementedError
+
+    def pwrite(self, fd: int, data: bytes, offset: int) -> int:
+        raise NotImplementedError
+
+    def read(self, fd: int, length: int) -> bytes:
+        raise NotImplementedError
+
+    def write(self, fd: int, data: bytes) -> int:
+        raise NotImplementedError
+
+    def mmap(self, fd: int, length: int, offset: int = 0,
+             prot: int = _mmap.PROT_READ | _mmap.PROT_WRITE) -> _mmap.mmap:
+        raise NotImplementedError
+
+    def eventfd(self, initval: int = 0, flags: int = 0) -> int:
+        raise NotImplementedError
+
+    # -- kexec ------------------------------------------------------------
+    def kexec_file_load(self, kernel_fd: int, initrd_fd: int, cmdline: str, flags: int) -> None:
+        raise NotImplementedError
+
+    def reboot(self, cmd: int) -> None:
+        raise NotImplementedError
+
+    # -- sysfs, procfs and /dev as files ------------------------------------
+    def exists(self, path: str) -> bool:
+        raise NotImplementedError
+
+    def read_text(self, path: str) -> str:
+        raise NotImplementedError
+
+    def read_bytes(self, path: str) -> bytes:
+        raise NotImplementedError
+
+    def write_text(self, path: str, text: str) -> None:
+        raise NotImplementedError
+
+    def listdir(self, path: str) -> list[str]:
+        raise NotImplementedError
+
+    def readlink(self, path: str) -> str:
+        raise NotImplementedError
+
+    def realpath(self, path: str) -> str:
+        raise NotImplementedError
+
+    # -- identity -----------------------------------------------------------
+    def geteuid(self) -> int:
+        raise NotImplementedError
+
+    def kernel_release(self) -> str:
+        raise NotImplementedError
+
+
+class LinuxBackend(Backend):
+    """The running kernel."""
+
+    name = "linux"
+
+    def __init__(self) -> None:
+        self._libc = ctypes.CDLL(None, use_errno=True)
+        self._libc.syscall.restype = ctypes.c_long
+
+    def open(self, path, flags=os.O_RDWR | os.O_CLOEXEC):
+        return os.open(path, flags)
+
+    def close(self, fd):
+        os.close(fd)
+
+    def dup(self, fd):
+        return os.dup(fd)
+
+    def ioctl(self, fd, request, arg):
+        return fcntl.ioctl(fd, request, arg, True)
+
+    def ioctl_int(self, fd, request, value=0):
+        return fcntl.ioctl(fd, request, value)
+
+    def fcntl(self, fd, cmd, arg=0):
+        return fcntl.fcntl(fd, cmd, arg)
+
+    def memfd_create(self, name, flags):
+        return os.memfd_create(name, flags)
+
+    def ftruncate(self, fd, length):
+        os.ftruncate(fd, length)
+
+    def fstat_size(self, fd):
+        return os.fstat(fd).st_size
+
+    def pread(self, fd, length, offset):
+        return os.pread(fd, length, offset)
+
+    def pwrite(self, fd, data, offset):
+        return os.pwrite(fd, data, offset)
+
+    def read(self, fd, length):
+        return os.read(fd, length)
+
+    def write(self, fd, data):
+        return os.write(fd, data)
+
+    def mmap(self, fd, length, offset=0, prot=_mmap.PROT_READ | _mmap.PROT_WRITE):
+        return _mmap.mmap(fd, length, flags=_mmap.MAP_SHARED, prot=prot, offset=offset)
+
+    def eventfd(self, initval=0, flags=0):
+        return os.eventfd(initval, flags)
+
+    def kexec_file_load(self, kernel_fd, initrd_fd, cmdline, flags):
+        raw = cmdline.encode() + b"\0"
+        rc = self._libc.syscall(SYS_KEXEC_FILE_LOAD, ctypes.c_int(kernel_fd),
+                                ctypes.c_int(initrd_fd), ctypes.c_ulong(len(raw)),
+                                ctypes.c_char_p(raw), ctypes.c_ulong(flags))
+        if rc < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+
+    def reboot(self, cmd):
+        os.sync()
+        if self._libc.reboot(ctypes.c_int(cmd)) < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+
+    def exists(self, path):
+        return os.path.exists(path)
+
+    def read_text(self, path):
+        with open(path) as f:
+            return f.read()
+
+    def read_bytes(self, path):
+        with open(path, "rb") as f:
+            return f.read()
+
+    def write_text(self, path, text):
+        # sysfs attributes want one write(2) of the whole value.
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            os.write(fd, text.encode())
+        finally:
+            os.close(fd)
+
+    def listdir(self, path):
+        return sorted(os.listdir(path))
+
+    def readlink(self, path):
+        return os.readlink(path)
+
+    def realpath(self, path):
+        return os.path.realpath(path)
+
+    def geteuid(self):
+        return os.geteuid()
+
+    def kernel_release(self):
+        return os.uname().release
+
+
+_default: Backend | None = None
+_current: contextvars.ContextVar[Backend | None] = contextvars.ContextVar(
+    "pyiommufd_backend", default=None)
+
+
+def get_backend(backend: Backend | None = None) -> Backend:
+    """Return ``backend`` if given, else the one installed by :func:`use`,
+    else the process-wide :class:`LinuxBackend`."""
+    global _default
+    if backend is not None:
+        return backend
+    current = _current.get()
+    if current is not None:
+        return current
+    if _default is None:
+        _default = LinuxBackend()
+    return _default
+
+
+@contextlib.contextmanager
+def use(backend: Backend) -> Iterator[Backend]:
+    """Make ``backend`` the default for the code run inside the block."""
+    token = _current.set(backend)
+    try:
+        yield backend
+    finally:
+        _current.reset(token)
+
+
+def oserror(err: int, filename: str | None = None) -> OSError:
+    """An OSError exactly as the real syscall would raise it."""
+    return OSError(err, os.strerror(err), filename) if filename else OSError(err, os.strerror(err))
+
+
+__all__ = [
+    "Backend", "LinuxBackend", "get_backend", "use", "oserror",
+    "KEXEC_FILE_UNLOAD", "KEXEC_FILE_ON_CRASH", "KEXEC_FILE_NO_INITRAMFS",
+    "LINUX_REBOOT_CMD_KEXEC",
+]

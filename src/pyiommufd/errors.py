@@ -1,0 +1,336 @@
+"""Typed errors with hints written for IOMMU live update.
+
+Every failed kernel call becomes a :class:`KernelError` that is at once
+
+* an interface class (:class:`IommufdError`, :class:`VfioError`,
+  :class:`LiveUpdateError`, :class:`MemfdError`, :class:`KexecError`,
+  :class:`SysfsError`), and
+* an errno class (:class:`Busy`, :class:`NotFound`, :class:`AddressInUse`...),
+
+so ``except LiveUpdateError`` and ``except Busy`` both work, and so does
+``except OSError``. The error carries the operation name (the ioctl), the
+errno and a hint. Hints cite seed-spec sections (``../shared/reference``).
+"""
+from __future__ import annotations
+
+import errno as E
+import os
+from typing import Callable, Mapping
+
+
+class PyiommufdError(Exception):
+    """Base of every error pyiommufd raises on purpose."""
+
+
+class UsageError(PyiommufdError, ValueError):
+    """Bad input, caught before the kernel was touched."""
+
+
+class PlanError(UsageError):
+    """A live-update preservation plan breaks a rule of the series."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__("; ".join(self.problems))
+
+
+class AbiError(PyiommufdError):
+    """The requested LU ABI revision is unknown or absent from this kernel."""
+
+
+class KernelError(PyiommufdError, OSError):
+    """A syscall or ioctl failed. ``op`` names it, ``hint`` says what to do."""
+
+    interface = "kernel"
+
+    def __init__(self, op: str, err: int, hint: str | None = None, detail: str | None = None):
+        OSError.__init__(self, err, os.strerror(err))
+        self.op = op
+        self.hint = hint
+        self.detail = detail
+
+    @property
+    def errname(self) -> str:
+        return E.errorcode.get(self.errno, str(self.errno))
+
+    def __str__(self) -> str:
+        text = f"{self.op}: {self.strerror} ({self.errname})"
+        if self.detail:
+            text += f" [{self.detail}]"
+        if self.hint:
+            text += f"; {self.hint}"
+        return text
+
+    def __reduce__(self):
+        return (raise_class, (type(self).__name__, self.op, self.errno, self.hint, self.detail))
+
+
+# -- interface classes ------------------------------------------------------
+class IommufdError(KernelError):
+    interface = "iommufd"
+
+
+class VfioError(KernelError):
+    interface = "vfio"
+
+
+class LiveUpdateError(KernelError):
+    interface = "luo"
+
+
+class MemfdError(KernelError):
+    interface = "memfd"
+
+
+class KexecError(KernelError):
+    interface = "kexec"
+
+
+class SysfsError(KernelError):
+    interface = "sysfs"
+
+
+INTERFACES: dict[str, type[KernelError]] = {
+    cls.interface: cls
+    for cls in (KernelError, IommufdError, VfioError, LiveUpdateError, MemfdError, KexecError, SysfsError)
+}
+
+
+# -- errno classes ----------------------------------------------------------
+class NotFound(KernelError):
+    """ENOENT"""
+
+
+class Busy(KernelError):
+    """EBUSY"""
+
+
+class PermissionDenied(KernelError):
+    """EPERM / EACCES"""
+
+
+class InvalidArgument(KernelError):
+    """EINVAL"""
+
+
+class TooBig(KernelError):
+    """E2BIG: non-zero bytes past the size this kernel knows"""
+
+
+class NoSuchIoctl(KernelError):
+    """ENOTTY: the kernel does not know this ioctl"""
+
+
+class MessageSize(KernelError):
+    """EMSGSIZE: the output array was too small"""
+
+
+class AlreadyExists(KernelError):
+    """EEXIST"""
+
+
+class AddressInUse(KernelError):
+    """EADDRINUSE: a live-update HWPT token is already used in this iommufd"""
+
+
+class NotSupported(KernelError):
+    """EOPNOTSUPP"""
+
+
+class BadFd(KernelError):
+    """EBADF"""
+
+
+class OutOfMemory(KernelError):
+    """ENOMEM"""
+
+
+class BadAddress(KernelError):
+    """EFAULT"""
+
+
+class IOFailure(KernelError):
+    """EIO"""
+
+
+class NoDevice(KernelError):
+    """ENODEV / ENXIO"""
+
+
+class Overflow(KernelError):
+    """EOVERFLOW / ERANGE"""
+
+
+ERRNO_CLASSES: dict[int, type[KernelError]] = {
+    E.ENOENT: NotFound, E.EBUSY: Busy, E.EPERM: PermissionDenied, E.EACCES: PermissionDenied,
+    E.EINVAL: InvalidArgument, E.E2BIG: TooBig, E.ENOTTY: NoSuchIoctl, E.EMSGSIZE: MessageSize,
+    E.EEXIST: AlreadyExists, E.EADDRINUSE: AddressInUse, E.EOPNOTSUPP: NotSupported,
+    E.EBADF: BadFd, E.ENOMEM: OutOfMemory, E.EFAULT: BadAddress, E.EIO: IOFailure,
+    E.ENODEV: NoDevice, E.ENXIO: NoDevice, E.EOVERFLOW: Overflow, E.ERANGE: Overflow,
+}
+
+_combined: dict[tuple[type, type], type[KernelError]] = {}
+
+
+def error_class(interface: str, err: int) -> type[KernelError]:
+    """The class raised for ``err`` on ``interface``, e.g. ``LiveUpdateBusy``."""
+    base = INTERFACES.get(interface, KernelError)
+    mixin = ERRNO_CLASSES.get(err)
+    if mixin is None:
+        return base
+    if base is KernelError:
+        return mixin
+    key = (base, mixin)
+    cls = _combined.get(key)
+    if cls is None:
+        prefix = base.__name__.removesuffix("Error")
+        cls = type(f"{prefix}{mixin.__name__}", (base, mixin), {"__module__": __name__})
+        _combined[key] = cls
+    return cls
+
+
+def raise_class(name: str, op: str, err: int, hint: str | None, detail: str | None):
+    """Unpickling helper: rebuilds a combined error class by name."""
+    for interface, base in INTERFACES.items():
+        cls = error_class(interface, err)
+        if cls.__name__ == name:
+            return cls(op, err, hint, detail)
+    return KernelError(op, err, hint, detail)
+
+
+# -- hints ------------------------------------------------------------------
+# Keys, most specific first: (op, errno), (interface, errno), errno.
+# A value may be a callable taking the context dict the caller passed.
+Hint = str | Callable[[Mapping[str, object]], str | None]
+
+_LU_SLOT = ("the LU mark ioctl slot (nr 0x95) answered with {errname}: this kernel has no "
+            "IOMMU_HWPT_LU_* ioctl of the selected ABI revision (on upstream 7.3 nr 0x95 is "
+            "IOAS_NOIOMMU_GET_PA); run `pyiommufd caps` to probe (seed-spec 2.2)")
+
+HINTS: dict[object, Hint] = {
+    # LUO (seed-spec 4.1)
+    ("open(/dev/liveupdate)", E.EBUSY): lambda ctx: (
+        "/dev/liveupdate is exclusive: another process holds it"
+        + (f" (pid {', '.join(map(str, ctx['holders']))})" if ctx.get("holders") else "")
+        + "; hand your fds to `pyiommufd agent` instead of opening it twice"),
+    ("open(/dev/liveupdate)", E.ENOENT): "no /dev/liveupdate: boot with CONFIG_LIVEUPDATE, "
+        "`liveupdate=on` and KHO enabled (kho=on or KEXEC_HANDOVER_ENABLE_DEFAULT)",
+    ("open(/dev/liveupdate)", E.EIO): "the incoming live-update state could not be "
+        "deserialized: a preserved file type has no handler (or another compatible version) "
+        "in this kernel (seed-spec 4.1)",
+    ("LIVEUPDATE_IOCTL_CREATE_SESSION", E.EEXIST): "an outgoing session with this name exists already",
+    ("LIVEUPDATE_IOCTL_CREATE_SESSION", E.EINVAL): "session names are 1 to 63 bytes",
+    ("LIVEUPDATE_IOCTL_RETRIEVE_SESSION", E.ENOENT): "no incoming session of this name: "
+        "there was no live update yet, or the previous kernel did not preserve it",
+    ("LIVEUPDATE_IOCTL_RETRIEVE_SESSION", E.EINVAL): "this incoming session was retrieved "
+        "already (retrieve it once and keep the fd), or the name is empty or too long",
+    ("LIVEUPDATE_SESSION_PRESERVE_FD", E.EEXIST): "this token is used already in this session",
+    ("LIVEUPDATE_SESSION_PRESERVE_FD", E.EBUSY): "this file (for a memfd: this inode) is "
+        "preserved already, maybe in another session",
+    ("LIVEUPDATE_SESSION_PRESERVE_FD", E.ENOENT): lambda ctx: (
+        "no live-update handler for this file type in this kernel, or a file it depends on is "
+        "not preserved in this session yet; order is memfd -> iommufd -> vfio cdev, all in one "
+        "session (seed-spec 4.2)"
+        + (f"; this file is {ctx['kind']}" if ctx.get("kind") else "")),
+    ("LIVEUPDATE_SESSION_PRESERVE_FD", E.EINVAL): "on a series kernel: a marked HWPT maps "
+        "something other than a memfd sealed SEAL|GROW|SHRINK before MAP_FILE, or the device's "
+        "HWPT is not marked; on any kernel: PRESERVE_FD needs an outgoing (created) session "
+        "(seed-spec 4.4, 4.5)",
+    ("LIVEUPDATE_SESSION_PRESERVE_FD", E.EOPNOTSUPP): "the IOMMU driver cannot preserve this "
+        "domain or device (only Intel VT-d in the series), or the memfd carries seals LUO "
+        "cannot preserve, or the device has PASID attachments (seed-spec 4.5, R7)",
+    ("LIVEUPDATE_SESSION_RETRIEVE_FD", E.ENOENT): "no file with this token in the session",
+    ("LIVEUPDATE_SESSION_RETRIEVE_FD", E.EOPNOTSUPP): "Phase 1 of the series cannot restore "
+        "an iommufd: the preserved HWPTs stay kernel-owned (seed-spec 4.7); the error is sticky",
+    ("LIVEUPDATE_SESSION_RETRIEVE_FD", E.EINVAL): "RETRIEVE_FD needs an incoming (retrieved) session",
+    ("LIVEUPDATE_SESSION_FINISH", E.EBUSY): lambda ctx: (
+        "finish needs every preserved file retrieved and each handler ready; a session holding "
+        "an iommufd can never finish in Phase 1 (seed-spec 4.7)"
+        + (f"; unretrieved tokens: {ctx['unretrieved']}" if ctx.get("unretrieved") else "")),
+    ("LIVEUPDATE_SESSION_FINISH", E.EINVAL): "FINISH needs an incoming (retrieved) session",
+    ("luo", E.E2BIG): "this kernel's LUO structs are smaller than ours: ABI mismatch",
+    # iommufd (seed-spec 2.1, 4.4)
+    ("IOMMU_HWPT_LU_SET_PRESERVE", E.EADDRINUSE): "another HWPT of this iommufd is marked "
+        "with this token already; tokens are unique per iommufd (seed-spec 2.1)",
+    ("IOMMU_HWPT_LU_MARK_PRESERVE", E.EADDRINUSE): "another HWPT of this iommufd is marked "
+        "with this token already; tokens are unique per iommufd (seed-spec 2.1)",
+    ("IOMMU_HWPT_LU_SET_PRESERVE", E.ENOENT): "hwpt_id does not name a paging HWPT of this iommufd",
+    ("IOMMU_HWPT_LU_MARK_PRESERVE", E.ENOENT): "hwpt_id does not name a paging HWPT of this iommufd",
+    ("IOMMU_HWPT_LU_SET_PRESERVE", E.EINVAL): _LU_SLOT.format(errname="EINVAL"),
+    ("IOMMU_HWPT_LU_MARK_PRESERVE", E.EINVAL): _LU_SLOT.format(errname="EINVAL"),
+    ("IOMMU_HWPT_LU_SET_PRESERVE", E.ENOTTY): _LU_SLOT.format(errname="ENOTTY") +
+        "; a series kernel built without CONFIG_IOMMU_LIVEUPDATE also says ENOTTY",
+    ("IOMMU_HWPT_LU_MARK_PRESERVE", E.ENOTTY): _LU_SLOT.format(errname="ENOTTY") +
+        "; a series kernel built without CONFIG_IOMMU_LIVEUPDATE also says ENOTTY",
+    ("IOMMU_HWPT_LU_SET_PRESERVE", E.E2BIG): _LU_SLOT.format(errname="E2BIG"),
+    ("IOMMU_HWPT_LU_MARK_PRESERVE", E.E2BIG): _LU_SLOT.format(errname="E2BIG"),
+    ("IOMMU_IOAS_MAP", E.EBUSY): "the IOAS is immutable while a marked HWPT on it is "
+        "preserved; close the session to unpreserve (seed-spec 4.4)",
+    ("IOMMU_IOAS_MAP_FILE", E.EBUSY): "the IOAS is immutable while a marked HWPT on it is "
+        "preserved; close the session to unpreserve (seed-spec 4.4)",
+    ("IOMMU_IOAS_COPY", E.EBUSY): "the destination IOAS is immutable while preserved (seed-spec 4.4)",
+    ("IOMMU_IOAS_UNMAP", E.EBUSY): "the IOAS is immutable while a marked HWPT on it is "
+        "preserved; close the session to unpreserve (seed-spec 4.4)",
+    ("IOMMU_IOAS_UNMAP", E.ENOENT): "no mapping covers exactly this IOVA range",
+    ("IOMMU_IOAS_MAP", E.EFAULT): "the VA is not ordinary memory (a PCI BAR?): map BARs "
+        "with VFIO_DEVICE_FEATURE_DMA_BUF and IOMMU_IOAS_MAP_FILE",
+    ("IOMMU_IOAS_MAP", E.ENOMEM): "pinned pages count against RLIMIT_MEMLOCK: raise it, "
+        "use CAP_IPC_LOCK, or set IOMMU_OPTION_RLIMIT_MODE",
+    ("IOMMU_IOAS_MAP_FILE", E.ENOMEM): "pinned pages count against RLIMIT_MEMLOCK: raise it, "
+        "use CAP_IPC_LOCK, or set IOMMU_OPTION_RLIMIT_MODE",
+    ("IOMMU_DESTROY", E.EBUSY): "the object is still in use (attached device, dependent "
+        "HWPT or vIOMMU, or a live-update mark that pins it)",
+    ("IOMMU_HWPT_ALLOC", E.EOPNOTSUPP): "the IOMMU driver does not support these flags or data type",
+    ("iommufd", E.ENOENT): "no object with this id in this iommufd, or of the wrong type",
+    ("iommufd", E.ENOTTY): "this kernel does not know this iommufd ioctl: too old, or built "
+        "without the option that adds it",
+    ("iommufd", E.E2BIG): "the kernel's struct is smaller than ours and our tail is not "
+        "zero: ABI mismatch",
+    # VFIO (seed-spec 4.5, 4.7)
+    ("VFIO_DEVICE_BIND_IOMMUFD", E.EPERM): "the device's DMA is owned by someone else: after "
+        "a live update it belongs to the preserved iommufd (retrieve the cdev from its session; "
+        "seed-spec 4.7); otherwise MSI cannot be isolated (no interrupt remapping and "
+        "iommufd.allow_unsafe_interrupts=0)",
+    ("VFIO_DEVICE_BIND_IOMMUFD", E.EBUSY): "the device is bound to an iommufd already",
+    ("VFIO_DEVICE_ATTACH_IOMMUFD_PT", E.EBUSY): "the device is being reset, or the PASID is attached already",
+    ("open(vfio cdev)", E.EBUSY): "the cdev is open elsewhere, or its group is in use by the legacy container API",
+    ("vfio", E.ENOTTY): "this kernel or device does not support this VFIO ioctl",
+    # memfd and sysfs
+    ("F_ADD_SEALS", E.EPERM): "the memfd is sealed F_SEAL_SEAL already, or was created "
+        "without MFD_ALLOW_SEALING",
+    ("ftruncate", E.EPERM): "a preserved memfd's size is frozen until it is unpreserved "
+        "(seed-spec 4.3), or it is sealed against growing/shrinking",
+    ("sysfs", E.EBUSY): "the device refuses this driver: after a live update only a "
+        "driver_managed_dma driver such as vfio-pci may bind a preserved device (seed-spec 4.7)",
+    ("sysfs", E.ENODEV): "the driver does not match this device; set driver_override first",
+    ("kexec", E.EPERM): "kexec needs CAP_SYS_BOOT, and kexec_load_disabled must be 0",
+    ("kexec", E.EINVAL): "a preserved file refused to freeze (a vfio device with interrupts "
+        "still enabled, seed-spec 4.5), or the kernel image is not loadable",
+    E.EACCES: "permission denied: run as root",
+    E.EPERM: "operation not permitted: run as root (CAP_SYS_ADMIN, CAP_SYS_BOOT)",
+    E.ENOTTY: "the kernel does not know this ioctl",
+    E.E2BIG: "our struct is larger than the kernel's and the tail is not zero: ABI mismatch",
+}
+
+
+def hint_for(op: str, interface: str, err: int, context: Mapping[str, object] | None = None) -> str | None:
+    for key in ((op, err), (interface, err), err):
+        hint = HINTS.get(key)
+        if hint is None:
+            continue
+        if callable(hint):
+            hint = hint(context or {})
+        if hint:
+            return hint
+    return None
+
+
+def make_error(op: str, interface: str, err: int, *, context: Mapping[str, object] | None = None,
+               detail: str | None = None) -> KernelError:
+    """Build the typed error for ``op`` failing with ``err``."""
+    return error_class(interface, err)(op, err, hint_for(op, interface, err, context), detail)
+
+
+def from_oserror(exc: OSError, op: str, interface: str, *, context: Mapping[str, object] | None = None,
+                 detail: str | None = None) -> KernelError:
+    return make_error(op, interface, exc.errno or E.EIO, context=context, detail=detail)
