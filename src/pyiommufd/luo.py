@@ -1,0 +1,198 @@
+"""The Live Update Orchestrator: ``/dev/liveupdate`` and its sessions.
+
+Two kernel facts shape this API (seed-spec 4.1):
+
+* ``/dev/liveupdate`` can be open in one place at a time (EBUSY otherwise);
+  :class:`LiveUpdate` is that one open file.
+* Closing an outgoing session's fd unpreserves everything in it. A
+  :class:`Session` therefore never closes itself behind your back: keep it
+  (or hand it to ``pyiommufd agent``) until the kexec.
+"""
+from __future__ import annotations
+
+import errno as E
+import os
+from dataclasses import dataclass
+
+from . import errors, ioctl
+from .backend import Backend
+from .errors import UsageError
+from .fdobject import FdObject, fd_of
+
+DEVICE = "/dev/liveupdate"
+SESSION_NAME_MAX = 63
+TOKEN_MAX = (1 << 64) - 1
+
+CREATE_SESSION = ioctl.define("LIVEUPDATE_IOCTL_CREATE_SESSION", "struct liveupdate_ioctl_create_session", "luo")
+RETRIEVE_SESSION = ioctl.define("LIVEUPDATE_IOCTL_RETRIEVE_SESSION", "struct liveupdate_ioctl_retrieve_session", "luo")
+PRESERVE_FD = ioctl.define("LIVEUPDATE_SESSION_PRESERVE_FD", "struct liveupdate_session_preserve_fd", "luo")
+RETRIEVE_FD = ioctl.define("LIVEUPDATE_SESSION_RETRIEVE_FD", "struct liveupdate_session_retrieve_fd", "luo")
+FINISH = ioctl.define("LIVEUPDATE_SESSION_FINISH", "struct liveupdate_session_finish", "luo")
+GET_NAME = ioctl.define("LIVEUPDATE_SESSION_GET_NAME", "struct liveupdate_session_get_name", "luo")
+
+
+def check_session_name(name: str) -> bytes:
+    if not isinstance(name, str):
+        raise UsageError(f"session name must be a string, not {type(name).__name__}")
+    raw = name.encode()
+    if not 1 <= len(raw) <= SESSION_NAME_MAX:
+        raise UsageError(f"session name must be 1 to {SESSION_NAME_MAX} bytes, {name!r} is {len(raw)}")
+    if b"\0" in raw:
+        raise UsageError("session name may not contain NUL")
+    return raw
+
+
+def check_token(token: int) -> int:
+    if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token <= TOKEN_MAX:
+        raise UsageError(f"a LUO token is an integer from 0 to 2**64-1, not {token!r}")
+    return token
+
+
+def describe_fd(backend: Backend, fd: int) -> str | None:
+    """What kind of file ``fd`` is, from /proc/self/fd, for hints."""
+    try:
+        target = backend.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return None
+    if target.startswith("/memfd:"):
+        return "a memfd"
+    if target == "/dev/iommu":
+        return "an iommufd"
+    if target.startswith("/dev/vfio/devices/") or "vfio-device" in target:
+        return "a VFIO device cdev"
+    if target.startswith("/dev/vfio/"):
+        return "a VFIO group (only cdevs can be preserved)"
+    return target
+
+
+def holders_of(backend: Backend, path: str = DEVICE) -> list[int]:
+    """PIDs that have ``path`` open (scans /proc/*/fd)."""
+    pids = []
+    try:
+        entries = backend.listdir("/proc")
+    except OSError:
+        return pids
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            fds = backend.listdir(f"/proc/{entry}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if backend.readlink(f"/proc/{entry}/fd/{fd}") == path:
+                    pids.append(int(entry))
+                    break
+            except OSError:
+                continue
+    return pids
+
+
+class LiveUpdate(FdObject):
+    """The one open ``/dev/liveupdate`` of this process."""
+
+    kind = "liveupdate"
+
+    @classmethod
+    def open(cls, path: str = DEVICE, *, backend: Backend | None = None) -> "LiveUpdate":
+        from .backend import get_backend
+
+        be = get_backend(backend)
+        try:
+            fd = be.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as exc:
+            context = {"holders": holders_of(be, path)} if exc.errno == E.EBUSY else None
+            raise errors.from_oserror(exc, "open(/dev/liveupdate)", "luo", context=context) from None
+        return cls(fd, backend=be)
+
+    def create_session(self, name: str) -> "Session":
+        raw = check_session_name(name)
+        arg = ioctl.call(self.backend, self.fd, CREATE_SESSION, name=raw, detail=f"session {name!r}")
+        return Session(int(arg.fd), name, incoming=False, backend=self.backend)
+
+    def retrieve_session(self, name: str) -> "Session":
+        raw = check_session_name(name)
+        arg = ioctl.call(self.backend, self.fd, RETRIEVE_SESSION, name=raw, detail=f"session {name!r}")
+        return Session(int(arg.fd), name, incoming=True, backend=self.backend)
+
+    def try_retrieve_session(self, name: str) -> "Session | None":
+        """Retrieve ``name``, or None when there is no such incoming session
+        (the seed test's stage detection, seed-spec 3.2)."""
+        try:
+            return self.retrieve_session(name)
+        except errors.NotFound:
+            return None
+
+
+@dataclass
+class PreservedFile:
+    token: int
+    fd: int
+    kind: str | None
+
+
+class Session(FdObject):
+    """A LUO session. Outgoing (created) sessions take ``preserve``; incoming
+    (retrieved, after a kexec) sessions take ``retrieve`` and ``finish``."""
+
+    kind = "session"
+
+    def __init__(self, fd: int, name: str, *, incoming: bool, backend: Backend | None = None,
+                 owned: bool = True):
+        super().__init__(fd, backend=backend, owned=owned)
+        self.name = name
+        self.incoming = incoming
+        self.preserved: dict[int, PreservedFile] = {}
+        self.retrieved: dict[int, int] = {}
+        #: tokens stage 2 expects (from a manifest); used to name unretrieved ones on EBUSY
+        self.expected_tokens: set[int] = set()
+
+    def get_name(self) -> str:
+        """The session's name as the kernel has it (LIVEUPDATE_SESSION_GET_NAME)."""
+        arg = ioctl.call(self.backend, self.fd, GET_NAME)
+        return ioctl.ffi.string(arg.name).decode()
+
+    def preserve(self, obj, token: int) -> PreservedFile:
+        """Preserve ``obj`` (an fd, or an object with ``fileno()``) under ``token``.
+
+        Through a series kernel the order is memfd -> iommufd -> VFIO cdev,
+        all in this one session (seed-spec 4.2); ``pyiommufd.planner`` checks
+        a whole plan before anything is touched.
+        """
+        check_token(token)
+        if self.incoming:
+            raise UsageError(f"session {self.name!r} is incoming (retrieved): it takes retrieve/finish, not preserve")
+        fd = fd_of(obj)
+        kind = getattr(obj, "kind", None) if not isinstance(obj, int) else None
+        ioctl.call(self.backend, self.fd, PRESERVE_FD, fd=fd, token=token,
+                   context={"kind": describe_fd(self.backend, fd) if kind is None else f"a {kind}"},
+                   detail=f"session {self.name!r}, token {token:#x}")
+        record = PreservedFile(token, fd, kind)
+        self.preserved[token] = record
+        return record
+
+    def retrieve(self, token: int) -> int:
+        """Retrieve the file preserved under ``token``; the caller owns the new fd."""
+        check_token(token)
+        if not self.incoming:
+            raise UsageError(f"session {self.name!r} is outgoing (created): it takes preserve, not retrieve")
+        arg = ioctl.call(self.backend, self.fd, RETRIEVE_FD, token=token,
+                         detail=f"session {self.name!r}, token {token:#x}")
+        fd = int(arg.fd)
+        self.retrieved[token] = fd
+        return fd
+
+    def finish(self) -> None:
+        """Tell the kernel the live update of this session is complete."""
+        if not self.incoming:
+            raise UsageError(f"session {self.name!r} is outgoing: only retrieved sessions can finish")
+        unretrieved = sorted(self.expected_tokens - set(self.retrieved))
+        ioctl.call(self.backend, self.fd, FINISH,
+                   context={"unretrieved": [hex(t) for t in unretrieved]},
+                   detail=f"session {self.name!r}")
+
+    def __repr__(self) -> str:
+        direction = "incoming" if self.incoming else "outgoing"
+        state = "closed" if self.closed else f"fd={self._fd}"
+        return f"<Session {self.name!r} {direction} {state} preserved={len(self.preserved)}>"
