@@ -1,0 +1,119 @@
+"""The ``pyiommufd`` command.
+
+Subcommands live in their own modules and are imported only when run, so
+``pyiommufd --help`` stays fast. Every error becomes one line on stderr and an
+exit code from :mod:`pyiommufd.cli.exitcodes`; ``--debug`` shows tracebacks.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import click
+
+from . import exitcodes
+
+# name -> (module, attribute, one-line help shown by --help without importing)
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "selftest": ("selftest_cmd", "selftest", "Run the series' iommufd_liveupdate selftest, stage 1 or 2."),
+    "preserve": ("lifecycle", "preserve", "Create objects and preserve them into a session held by the agent."),
+    "restore": ("lifecycle", "restore", "After kexec: retrieve a session per its manifest, verify, optionally exec a VMM."),
+    "finish": ("lifecycle", "finish", "Finish a retrieved session."),
+    "status": ("lifecycle", "status", "Show the agent's sessions, tokens and what each token is."),
+    "agent": ("lifecycle", "agent", "The holder agent that keeps /dev/liveupdate and session fds until kexec."),
+    "plan": ("lifecycle", "plan", "Validate a preservation plan and print the order of operations."),
+    "kexec": ("lifecycle", "kexec_cmd", "Load a kernel with kexec_file_load and reboot into it."),
+    "doctor": ("doctor", "doctor", "Check this host's readiness for IOMMU live update."),
+    "caps": ("doctor", "caps", "Probe ioctls and the LU ABI revision this kernel supports."),
+    "devices": ("devices", "devices", "List PCI devices with IOMMU group, driver and VFIO cdev."),
+    "bind": ("devices", "bind", "Bind a PCI device to vfio-pci through driver_override."),
+    "unbind": ("devices", "unbind", "Give a PCI device back to its original driver."),
+    "vm": ("vm_cmd", "vm", "Run commands or the seed flow in a QEMU guest on a real Linux 7.3 kernel."),
+    "exit-codes": ("__init__", "exit_codes", "Print the table of exit codes."),
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx):
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx, name):
+        entry = COMMANDS.get(name)
+        if entry is None:
+            return None
+        module, attr, _ = entry
+        if module == "__init__":
+            return globals()[attr]
+        return getattr(importlib.import_module(f"{__name__}.{module}"), attr)
+
+    def format_commands(self, ctx, formatter):
+        rows = [(name, COMMANDS[name][2]) for name in self.list_commands(ctx)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, envvar="PYIOMMUFD_DEBUG", help="Show tracebacks.")
+@click.version_option(package_name="pyiommufd")
+@click.pass_context
+def cli(ctx, debug):
+    """Userspace toolkit for Linux IOMMU live update: iommufd, VFIO cdevs and LUO."""
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+
+
+@click.command("exit-codes")
+def exit_codes():
+    """Print the table of exit codes."""
+    for code, meaning in exitcodes.TABLE:
+        click.echo(f"{code}  {meaning}")
+
+
+def fail(message: str, code: int) -> "click.exceptions.Exit":
+    click.echo(f"pyiommufd: error: {message}", err=True)
+    return click.exceptions.Exit(code)
+
+
+def _exit_code_for(exc: BaseException) -> int:
+    from .. import errors
+
+    if isinstance(exc, errors.AbiError):
+        return exitcodes.UNSUPPORTED
+    if isinstance(exc, errors.UsageError):
+        return exitcodes.BAD_INPUT
+    code = getattr(exc, "exit_code", None)
+    if isinstance(code, int):
+        return code
+    if isinstance(exc, OSError):
+        return exitcodes.for_errno(exc.errno)
+    return exitcodes.KERNEL_ERROR
+
+
+def main(argv=None) -> None:
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:]) or \
+        os.environ.get("PYIOMMUFD_DEBUG", "") not in ("", "0")
+    try:
+        cli.main(args=argv, prog_name="pyiommufd", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("pyiommufd: aborted", err=True)
+        sys.exit(exitcodes.BAD_INPUT)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - the one place that turns errors into exit codes
+        if debug:
+            raise
+        from .. import errors
+
+        if not isinstance(exc, (errors.PyiommufdError, OSError)):
+            click.echo(f"pyiommufd: internal error: {type(exc).__name__}: {exc} "
+                       "(run with --debug for a traceback)", err=True)
+            sys.exit(exitcodes.KERNEL_ERROR)
+        click.echo(f"pyiommufd: error: {exc}", err=True)
+        sys.exit(_exit_code_for(exc))
+    sys.exit(0)
