@@ -1,0 +1,220 @@
+"""``pyiommufd selftest``: the series' ``iommufd_liveupdate`` test, stage 1 or 2.
+
+One KTAP line per step as it completes, a summary, and an exit code:
+0 pass, 1 fail, 4 the kernel lacks what the series adds, 2 bad device,
+5 ``/dev/liveupdate`` held elsewhere, 6 not permitted.
+
+After a passing stage 1 the preserved files must stay open until the kexec
+(closing the session unpreserves them, seed-spec 3.3 step 18):
+
+* ``--hold`` (default) hands them to ``pyiommufd agent`` and returns, like the
+  C test's ``daemonize_and_wait()``; the operator then kexecs;
+* ``--kexec KERNEL`` loads KERNEL with kexec_file_load and reboots into it
+  from this very process, which still holds every fd.
+"""
+from __future__ import annotations
+
+import errno as E
+import os
+import re
+
+import click
+
+from . import exitcodes
+from .output import CommandError, echo_json, exit_with
+
+DEFAULT_SESSION = "iommufd-test"
+VFIO_CDEV_DIR = "/dev/vfio/devices"
+
+
+def resolve_device(device: str, backend) -> str:
+    """The VFIO cdev path for DEVICE (a cdev path, ``vfioN`` or a BDF).
+    Raises exit code 2 for anything that does not name an existing cdev."""
+    from .. import pci
+    from ..errors import UsageError
+
+    if pci.is_bdf(device):
+        dev = pci.PciDevice(device, backend)
+        if not dev.exists:
+            raise CommandError(f"no PCI device {dev.bdf} (`pyiommufd devices` lists them)")
+        cdev = dev.vfio_cdev
+        if cdev is None:
+            driver = dev.driver
+            raise CommandError(f"{dev.bdf} has no VFIO cdev (driver: {driver or 'none'}); "
+                               f"bind it first: pyiommufd bind {dev.bdf}")
+        return cdev
+    if re.fullmatch(r"vfio\d+", device):
+        path = f"{VFIO_CDEV_DIR}/{device}"
+    elif "/" in device:
+        path = device
+    else:
+        raise UsageError(f"{device!r} is neither a VFIO cdev ({VFIO_CDEV_DIR}/vfioN) "
+                         "nor a PCI address (0000:00:03.0)")
+    if re.fullmatch(r"/dev/vfio/(\d+|noiommu-\d+|vfio)", os.path.normpath(path)):
+        raise UsageError(f"{path} is a legacy VFIO group/container node; the series preserves "
+                         f"device cdevs ({VFIO_CDEV_DIR}/vfioN) only")
+    if not backend.exists(path):
+        raise CommandError(f"no such device node {path} (is the device bound to vfio-pci? "
+                           "`pyiommufd devices` shows the cdevs)")
+    return path
+
+
+def _validate(session_name: str, lu_abi: str | None) -> str | None:
+    from .. import abi, luo
+
+    luo.check_session_name(session_name)  # UsageError -> 2
+    if lu_abi is None or lu_abi.lower() == "probe":
+        return lu_abi
+    return abi.lookup(lu_abi).name  # UsageError -> 2 for an unknown revision
+
+
+def _first_failure(report):
+    return next((s for s in report.steps if s.status == "FAIL"), None)
+
+
+def _failure_exit(report) -> tuple[int, str]:
+    """Exit code and message for a report that did not pass."""
+    if report.result == "unsupported":
+        return exitcodes.UNSUPPORTED, report.lacking or "the kernel lacks a capability the test needs"
+    step = _first_failure(report)
+    if step is None:
+        return exitcodes.CHECK_FAILED, f"selftest stage {report.stage} failed"
+    where = f"step {step.index} ({step.name})"
+    if step.errno == E.EBUSY and step.name.startswith("open /dev/liveupdate"):
+        return exitcodes.BUSY, step.detail
+    if step.errno in (E.EACCES, E.EPERM) and step.name.startswith("open "):
+        return exitcodes.NOT_PERMITTED, f"{where}: {step.detail}"
+    return exitcodes.CHECK_FAILED, f"selftest stage {report.stage or '?'} failed at {where}: {step.detail}"
+
+
+def _vm_same_kernel(kernel: str, initrd: str | None) -> bool:
+    """Inside the pyiommufd VM, kexec'ing into the VM's own kernel goes through
+    :func:`pyiommufd.vm.guest.kexec_same_kernel`, which records the kexec for
+    the in-guest agent (so the next stage runs after the reboot)."""
+    from ..vm import guest
+
+    if not guest.in_guest():
+        return False
+    same = os.environ.get(guest.ENV_KERNEL)
+    same_initrd = os.environ.get(guest.ENV_INITRD) or None
+    return bool(same) and os.path.realpath(kernel) == os.path.realpath(same) and \
+        (initrd is None or (same_initrd is not None
+                            and os.path.realpath(initrd) == os.path.realpath(same_initrd)))
+
+
+@click.command("selftest")
+@click.argument("device", metavar="CDEV|BDF")
+@click.option("--session", "session_name", default=DEFAULT_SESSION, show_default=True,
+              help="LUO session name (1 to 63 bytes).")
+@click.option("--lu-abi", default=None, metavar="v1|v2|probe",
+              help="Revision of the LU mark ioctl (default: $PYIOMMUFD_LU_ABI, else probe).")
+@click.option("--kexec", "kexec_kernel", default=None, metavar="KERNEL",
+              help="After a passing stage 1, kexec into KERNEL from this process.")
+@click.option("--initrd", default=None, metavar="FILE", help="initrd for --kexec.")
+@click.option("--cmdline", default=None, metavar="TEXT",
+              help="Command line for --kexec (default: the running kernel's).")
+@click.option("--hold/--no-hold", default=True,
+              help="After a passing stage 1, hand the fds to `pyiommufd agent` (default), or close "
+                   "them (which unpreserves everything).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON, no streaming.")
+@click.pass_context
+def selftest(ctx, device, session_name, lu_abi, kexec_kernel, initrd, cmdline, hold, as_json):
+    """Run the series' iommufd_liveupdate selftest on the VFIO cdev CDEV (or the
+    device BDF); the stage (1 before kexec, 2 after) is detected by retrieving
+    the session."""
+    from ..backend import get_backend
+    from ..errors import UsageError
+
+    hold_given = ctx.get_parameter_source("hold") == click.core.ParameterSource.COMMANDLINE
+    if kexec_kernel is not None and hold_given and hold:
+        raise UsageError("--kexec and --hold exclude each other: --kexec keeps the fds in this "
+                         "process until the reboot")
+    if kexec_kernel is None and (initrd is not None or cmdline is not None):
+        raise UsageError("--initrd and --cmdline go with --kexec KERNEL")
+    lu_abi = _validate(session_name, lu_abi)
+    be = get_backend()
+    for what, path in (("--kexec", kexec_kernel), ("--initrd", initrd)):
+        if path is not None and not os.path.isfile(path):
+            raise CommandError(f"{what} {path}: no such file")
+    cdev = resolve_device(device, be)
+
+    from .. import selftest as lib
+
+    if not as_json:
+        click.echo("KTAP version 1")
+        click.echo(f"# pyiommufd selftest: device {cdev}, session {session_name!r}")
+
+    def on_step(step):
+        if not as_json:
+            click.echo(lib.format_step_ktap(step))
+
+    report = lib.run(cdev, session_name=session_name, lu_abi=lu_abi, backend=be, on_step=on_step)
+    try:
+        _finish(report, cdev, session_name, kexec_kernel, initrd, cmdline, hold, as_json, be, lib)
+    finally:
+        # Reached when we did not hand over or kexec: closing unpreserves (as it must then).
+        report.close()
+
+
+def _finish(report, cdev, session_name, kexec_kernel, initrd, cmdline, hold, as_json, be, lib):
+    extra: dict = {"device": cdev, "session": session_name}
+    if not as_json:
+        click.echo(f"1..{len(report.steps)}")
+        click.echo(lib.summary_line(report))
+    if report.result != "pass":
+        code, message = _failure_exit(report)
+        if as_json:
+            echo_json(dict(report.as_dict(), **extra, after=None))
+        click.echo(f"pyiommufd: error: {message}", err=True)
+        exit_with(code)
+    if report.stage != 1:
+        if as_json:
+            echo_json(dict(report.as_dict(), **extra, after=None))
+        else:
+            click.echo(f"# result: PASS (stage {report.stage})")
+        return
+    if kexec_kernel is not None:
+        _kexec(report, kexec_kernel, initrd, cmdline, as_json, extra, be)
+        return  # not reached: _kexec reboots or raises
+    if not hold:
+        if as_json:
+            echo_json(dict(report.as_dict(), **extra, after="closed"))
+        else:
+            click.echo("# result: PASS (stage 1); --no-hold: closing the session unpreserves everything")
+        return
+    from .. import agent
+
+    h = report.handles
+    result = agent.hand_over(h.liveupdate, h.session, h.files)
+    where = ""
+    pid = getattr(result, "pid", None) if not isinstance(result, dict) else result.get("pid")
+    if pid:
+        where = f" (pid {pid})"
+    if as_json:
+        echo_json(dict(report.as_dict(), **extra, after="held", agent_pid=pid))
+    else:
+        click.echo(f"# result: PASS (stage 1): session {session_name!r} with "
+                   f"{len(h.files)} files is held by the pyiommufd agent{where}")
+        click.echo("[STAGE 1] You may now perform the kexec (then bind the device to vfio-pci "
+                   "and run this again for stage 2).")
+
+
+def _kexec(report, kernel, initrd, cmdline, as_json, extra, be):
+    if as_json:
+        echo_json(dict(report.as_dict(), **extra, after="kexec", kexec={
+            "kernel": kernel, "initrd": initrd, "cmdline": cmdline}))
+    if cmdline is None and _vm_same_kernel(kernel, initrd):
+        from ..vm import guest
+
+        if not as_json:
+            click.echo(f"# result: PASS (stage 1); kexec into the VM kernel {kernel}")
+        guest.kexec_same_kernel(by="selftest", backend=be)  # never returns
+    from .. import kexec
+
+    used = kexec.load(kernel, initrd, cmdline, backend=be)
+    if not as_json:
+        click.echo(f"# result: PASS (stage 1); kexec into {kernel}"
+                   + (f" with initrd {initrd}" if initrd else "") + f", cmdline {used!r}")
+        click.echo(f"# session {extra['session']!r} stays preserved across the reboot; "
+                   "run this again afterwards for stage 2")
+    kexec.execute(backend=be)  # returns only by raising
