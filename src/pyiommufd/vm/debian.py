@@ -134,9 +134,9 @@ def uapi_include_dir(version: str = LINUX_PACKAGE_VERSION) -> Path:
 
 def kernel_source_tree(version: str = LINUX_PACKAGE_VERSION) -> Path:
     """The unpacked linux-source-7.3 tree (the .tar.xz inside the package, extracted)."""
-    root = unpacked(LINUX_SOURCE, version)
     tree = cache_root() / "linux-src" / version
     if not (tree / "Makefile").exists():
+        root = unpacked(LINUX_SOURCE, version)
         tarballs = sorted((root / "usr" / "src").glob("linux-source-*.tar.*"))
         if not tarballs:
             raise DebianFetchError(f"no source tarball in {LINUX_SOURCE} {version}")
