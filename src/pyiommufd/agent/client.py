@@ -1,0 +1,269 @@
+"""Talking to the holder agent: :class:`AgentClient`, :func:`ensure_running`
+and :func:`hand_over`.
+
+Each call opens one connection, sends one request (with fds by SCM_RIGHTS)
+and reads one reply. Errors the agent hit come back as the same
+:mod:`pyiommufd.errors` class (errno, op, hint and detail included); when
+nothing answers, :class:`~pyiommufd.agent.protocol.AgentUnavailable`
+(``exit_code`` 7) is raised.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from typing import Any, Iterable
+
+from ..backend import Backend, LinuxBackend, get_backend
+from ..errors import UsageError
+from ..fdobject import fd_of
+from . import protocol as P
+from .protocol import AgentProtocolError, AgentUnavailable
+
+#: in-process agents started by ensure_running() for a non-Linux backend (the fake kernel)
+_IN_PROCESS: dict[str, Any] = {}
+_IN_PROCESS_LOCK = threading.Lock()
+
+
+class AgentClient:
+    """A client of the agent on ``socket_path`` (default: ``$PYIOMMUFD_AGENT_SOCKET``
+    or ``/run/pyiommufd/agent.sock``)."""
+
+    def __init__(self, socket_path: str | os.PathLike | None = None, *, timeout: float = 60.0):
+        self.socket_path = P.default_socket_path(socket_path)
+        self.timeout = timeout
+
+    def __repr__(self) -> str:
+        return f"<AgentClient {self.socket_path}>"
+
+    # -- plumbing ---------------------------------------------------------------
+    def _connect(self) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.socket_path)
+        except (FileNotFoundError, ConnectionRefusedError, socket.timeout) as exc:
+            sock.close()
+            reason = "no socket" if isinstance(exc, FileNotFoundError) else (
+                "connection refused" if isinstance(exc, ConnectionRefusedError) else "timed out")
+            raise AgentUnavailable(f"no pyiommufd agent answers on {self.socket_path} ({reason}); "
+                                   "start one with `pyiommufd agent --background`") from None
+        except OSError as exc:
+            sock.close()
+            raise AgentUnavailable(f"cannot reach the pyiommufd agent on {self.socket_path}: "
+                                   f"{exc.strerror or exc}") from None
+        return sock
+
+    def call(self, op: str, fds: Iterable[int] = (), **args: Any) -> tuple[dict, list[int]]:
+        """Send request ``op`` with ``args`` and ``fds``; return ``(result, fds)``.
+        The caller owns the returned fds."""
+        sock = self._connect()
+        try:
+            try:
+                P.send_message(sock, P.request(op, **args), fds)
+                reply, got = P.recv_message(sock)
+            except socket.timeout:
+                raise AgentUnavailable(f"the agent on {self.socket_path} did not answer "
+                                       f"{op!r} within {self.timeout:g}s") from None
+            except P.ConnectionClosed:
+                raise AgentUnavailable(f"the agent on {self.socket_path} closed the connection "
+                                       f"without answering {op!r}") from None
+            except (BrokenPipeError, ConnectionResetError) as exc:
+                raise AgentUnavailable(f"the agent on {self.socket_path} dropped the connection: "
+                                       f"{exc.strerror}") from None
+        finally:
+            sock.close()
+        if not isinstance(reply, dict) or "ok" not in reply:
+            _close_fds(got)
+            raise AgentProtocolError(f"malformed agent reply: {reply!r}")
+        if not reply["ok"]:
+            _close_fds(got)
+            raise P.decode_error(reply.get("error"))
+        result = reply.get("result")
+        return (result if isinstance(result, dict) else {}), got
+
+    def _simple(self, op: str, **args: Any) -> dict:
+        result, got = self.call(op, **args)
+        _close_fds(got)
+        return result
+
+    # -- requests -------------------------------------------------------------------
+    def ping(self) -> dict:
+        """The agent's pid, euid, version, socket, backend and /dev/liveupdate state."""
+        return self._simple("ping")
+
+    def is_running(self) -> bool:
+        try:
+            self.ping()
+            return True
+        except AgentUnavailable:
+            return False
+
+    def status(self) -> dict:
+        """``{"agent": {...}, "sessions": [{name, direction, tokens: [{token, kind, name,
+        meta, state, held}]}]}``."""
+        return self._simple("status")
+
+    def create_session(self, name: str) -> dict:
+        return self._simple("create_session", name=name)
+
+    def preserve(self, session: str, token: int, file: Any, meta: dict | None = None) -> dict:
+        """Send ``file`` (an fd or an object with ``fileno()``) to the agent,
+        which keeps its own reference and preserves it under ``token`` in its
+        outgoing ``session``. ``meta`` (``kind``, ``name`` and anything
+        JSON-able) shows in ``status``. Kernel errors re-raise typed."""
+        fd = fd_of(file)
+        meta = dict(meta or {})
+        if "kind" not in meta and getattr(file, "kind", None):
+            meta["kind"] = _kind_name(file.kind)
+        if "name" not in meta and isinstance(getattr(file, "name", None), str):
+            meta["name"] = file.name
+        result, got = self.call("preserve", [fd], session=session, token=token, meta=meta, fd=0)
+        _close_fds(got)
+        return result
+
+    def adopt(self, *, liveupdate: Any = None, sessions: list[dict] | None = None) -> dict:
+        """Hand over already-open fds. ``liveupdate``: the ``/dev/liveupdate``
+        fd (or object) or None. ``sessions``: ``[{"name", "direction",
+        "session": fd_or_obj, "files": [{"token", "file": fd_or_obj_or_None,
+        "kind", "name", "meta"}]}]``."""
+        fds: list[int] = []
+
+        def index(obj) -> int:
+            fds.append(fd_of(obj))
+            return len(fds) - 1
+
+        wire = {"liveupdate": None if liveupdate is None else index(liveupdate), "sessions": []}
+        for spec in sessions or []:
+            entry = {"name": spec["name"], "direction": spec.get("direction", "outgoing"),
+                     "fd": index(spec["session"]), "files": []}
+            for f in spec.get("files", []):
+                obj = f.get("file")
+                entry["files"].append({"token": f["token"], "fd": None if obj is None else index(obj),
+                                       "kind": f.get("kind"), "name": f.get("name"),
+                                       "meta": f.get("meta") or {}, "state": f.get("state")})
+            wire["sessions"].append(entry)
+        result, got = self.call("adopt", fds, **wire)
+        _close_fds(got)
+        return result
+
+    def retrieve_session(self, name: str, *, manifest: bool = True) -> dict:
+        """Retrieve incoming session ``name`` into the agent (idempotent: a
+        session the agent holds already is reported with ``already_held``).
+        With ``manifest`` the agent also retrieves token 0 and reads it."""
+        return self._simple("retrieve_session", name=name, manifest=manifest)
+
+    def retrieve(self, session: str, token: int) -> int:
+        """Retrieve ``token`` of incoming ``session``; returns a new fd the
+        caller owns (close-on-exec). The agent keeps its own reference."""
+        result, got = self.call("retrieve", session=session, token=token)
+        if len(got) != 1:
+            _close_fds(got)
+            raise AgentProtocolError(f"retrieve answered with {len(got)} fds instead of 1")
+        return got[0]
+
+    def finish(self, session: str) -> dict:
+        return self._simple("finish", session=session)
+
+    def release(self, session: str, force: bool = False, direction: str | None = None) -> dict:
+        return self._simple("release", session=session, force=force, direction=direction)
+
+    def stop(self, force: bool = False) -> dict:
+        return self._simple("stop", force=force)
+
+
+def _kind_name(kind: str) -> str:
+    return {"vfio": "vfio-cdev", "device": "vfio-cdev", "vfio_device": "vfio-cdev", "cdev": "vfio-cdev",
+            "iommu": "iommufd"}.get(kind, kind)
+
+
+def _close_fds(fds: Iterable[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def _wait_until_answering(client: AgentClient, timeout: float) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return client.ping()
+        except AgentUnavailable:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def ensure_running(socket_path: str | os.PathLike | None = None, backend: Backend | None = None, *,
+                   timeout: float = 15.0) -> AgentClient:
+    """An :class:`AgentClient` for a running agent; start one if none answers.
+
+    With the Linux backend a background daemon is spawned
+    (``python -m pyiommufd.agent --background``, a fresh process, so it
+    inherits none of the caller's fds). With another backend (the fake
+    kernel) the agent runs in a daemon thread of this process."""
+    client = AgentClient(socket_path)
+    if client.is_running():
+        return client
+    be = get_backend(backend)
+    if isinstance(be, LinuxBackend):
+        cmd = [sys.executable, "-m", "pyiommufd.agent", "--background", "--socket", client.socket_path]
+        proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, timeout=timeout, close_fds=True)
+        if proc.returncode != 0:
+            message = (proc.stderr or proc.stdout).strip().splitlines()
+            raise AgentUnavailable(f"could not start the agent: {message[-1] if message else proc.returncode}")
+    else:
+        from .server import AgentServer
+
+        with _IN_PROCESS_LOCK:
+            if not client.is_running():
+                old = _IN_PROCESS.pop(client.socket_path, None)
+                if old is not None:
+                    old.shutdown(release=False)
+                _IN_PROCESS[client.socket_path] = AgentServer(client.socket_path, backend=be).serve_in_thread()
+    _wait_until_answering(client, timeout)
+    return client
+
+
+def in_process_agents() -> dict[str, Any]:
+    """Agents :func:`ensure_running` started in this process (socket -> server)."""
+    return dict(_IN_PROCESS)
+
+
+def hand_over(liveupdate: Any, session: Any, files: list[tuple[int, Any, dict]],
+              socket_path: str | os.PathLike | None = None) -> AgentClient:
+    """Give an open ``/dev/liveupdate`` (``liveupdate``: object, fd or None),
+    one session (a :class:`~pyiommufd.luo.Session`) and the files already
+    preserved (or retrieved) in it to the agent. ``files`` is a list of
+    ``(token, fd_or_obj_or_None, meta)``; ``meta`` may carry ``kind`` and
+    ``name``. Afterwards the caller may close its own copies: the agent holds
+    the session fd, so nothing is unpreserved."""
+    from ..luo import Session
+
+    if not isinstance(session, Session):
+        raise UsageError(f"hand_over needs a pyiommufd.luo.Session, not {type(session).__name__}")
+    backend = getattr(session, "backend", None)
+    client = ensure_running(socket_path, backend=backend)
+    entries = []
+    for item in files:
+        try:
+            token, obj, meta = item
+        except (TypeError, ValueError):
+            raise UsageError("hand_over files are (token, fd_or_obj, meta) tuples") from None
+        meta = dict(meta or {})
+        kind = meta.pop("kind", None) or (_kind_name(obj.kind) if getattr(obj, "kind", None) else None)
+        name = meta.pop("name", None) or (obj.name if isinstance(getattr(obj, "name", None), str) else None)
+        entries.append({"token": token, "file": obj, "kind": kind, "name": name, "meta": meta})
+    client.adopt(liveupdate=liveupdate, sessions=[{
+        "name": session.name, "direction": "incoming" if session.incoming else "outgoing",
+        "session": session, "files": entries}])
+    return client
+
+
+__all__ = ["AgentClient", "ensure_running", "hand_over", "in_process_agents"]
