@@ -1,0 +1,688 @@
+"""The live-update lifecycle commands: ``plan``, ``preserve``, ``kexec``,
+``restore``, ``finish``, ``status`` and ``agent``.
+
+Everything that must outlive a command (``/dev/liveupdate``, session fds, the
+files preserved in them) is held by the holder agent (:mod:`pyiommufd.agent`);
+these commands talk to it over its socket (``--socket``, else
+``$PYIOMMUFD_AGENT_SOCKET``, else ``/run/pyiommufd/agent.sock``).
+
+Exit codes (``pyiommufd exit-codes``): 0 success; 1 a verification failed or
+``kexec`` refused to run without ``--force``; 2 bad input or an invalid plan;
+3 the kernel refused; 4 the kernel lacks a capability; 5 busy (e.g. FINISH
+with unretrieved files, an agent refusing to drop preserved state); 6 not
+permitted; 7 the agent is not reachable.
+
+Heavy modules (cffi and the object model) are imported inside the commands,
+so ``--help`` stays light.
+"""
+from __future__ import annotations
+
+import errno as E
+import functools
+import os
+import re
+import sys
+import time
+from typing import Any, Callable
+
+import click
+
+from . import exitcodes
+from .output import CommandError, echo_json, echo_table, warn
+
+#: what ``restore --exec`` calls; tests replace it
+exec_command: Callable[[str, list[str]], Any] = os.execvp
+
+
+# -- shared helpers --------------------------------------------------------------------
+def _debug() -> bool:
+    ctx = click.get_current_context(silent=True)
+    while ctx is not None:
+        if isinstance(ctx.obj, dict) and ctx.obj.get("debug"):
+            return True
+        ctx = ctx.parent
+    return os.environ.get("PYIOMMUFD_DEBUG", "") not in ("", "0")
+
+
+def handle_errors(fn):
+    """Turn pyiommufd errors into one ``pyiommufd: error:`` line and the
+    documented exit code (also under ``CliRunner``, not only ``cli.main``)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from .. import errors
+
+        try:
+            return fn(*args, **kwargs)
+        except (SystemExit, click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except (errors.PyiommufdError, OSError) as exc:
+            if _debug():
+                raise
+            from . import _exit_code_for
+
+            sys.stdout.flush()
+            click.echo(f"pyiommufd: error: {exc}", err=True)
+            sys.exit(_exit_code_for(exc))
+
+    return wrapper
+
+
+def _usage(message: str) -> Exception:
+    from ..errors import UsageError
+
+    return UsageError(message)
+
+
+socket_option = click.option("--socket", "socket_path", metavar="PATH", default=None,
+                             help="Agent socket (default: $PYIOMMUFD_AGENT_SOCKET or /run/pyiommufd/agent.sock).")
+json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+
+
+def _need_session(session: str | None) -> str:
+    if not session:
+        raise _usage("--session NAME is required")
+    from ..luo import check_session_name
+
+    check_session_name(session)
+    return session
+
+
+def _client(socket_path: str | None):
+    from ..agent import AgentClient
+
+    return AgentClient(socket_path)
+
+
+def _hex(value: Any) -> str:
+    return f"{value:#x}" if isinstance(value, int) else "-"
+
+
+# -- plan -------------------------------------------------------------------------------
+def _plan_options(fn):
+    opts = [
+        click.option("--session", metavar="NAME", help="LUO session name."),
+        click.option("--memfd", "memfds", multiple=True, metavar="NAME:SIZE[:token=T][:fill=F][:seals=S]",
+                     help="A memfd (fill: zero, random, random:SEED, @FILE, hex:PATTERN; seals default "
+                          "seal,grow,shrink). Repeatable."),
+        click.option("--device", "devices", multiple=True, metavar="BDF|CDEV",
+                     help="A VFIO device (PCI address or /dev/vfio/devices/vfioN), attached to its own "
+                          "marked HWPT on one IOAS mapping every memfd. Repeatable."),
+        click.option("--hwpt-token", "hwpt_tokens", multiple=True, metavar="T",
+                     help="LU token of each device's HWPT (one per --device; default: assigned)."),
+        click.option("--device-token", "device_tokens", multiple=True, metavar="T",
+                     help="LUO token of each device's cdev (one per --device; default: assigned)."),
+        click.option("--iommufd-token", metavar="T", help="LUO token of the iommufd (default: assigned)."),
+        click.option("--iommufd", "with_iommufd", is_flag=True,
+                     help="Preserve an iommufd mapping the memfds even without --device."),
+        click.option("--iova", "base_iova", metavar="ADDR",
+                     help="Map the memfds at fixed IOVAs from ADDR up (default: the kernel picks)."),
+        click.option("--lu-abi", metavar="v1|v2|probe",
+                     help="LU ABI revision for marking HWPTs (default: $PYIOMMUFD_LU_ABI or probe)."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def _build_plan(plan_file, session, memfds, devices, hwpt_tokens, device_tokens, iommufd_token, with_iommufd,
+                base_iova, lu_abi):
+    from .. import planner
+
+    if lu_abi is not None and lu_abi.lower() not in ("v1", "v2", "lu-v1", "lu-v2", "probe"):
+        raise _usage(f"--lu-abi {lu_abi!r}: use v1, v2 or probe")
+    if plan_file is not None:
+        extra = [name for name, value in (("--memfd", memfds), ("--device", devices),
+                                          ("--hwpt-token", hwpt_tokens), ("--device-token", device_tokens),
+                                          ("--iommufd-token", iommufd_token), ("--iommufd", with_iommufd),
+                                          ("--iova", base_iova)) if value]
+        if extra:
+            raise _usage(f"give either a plan file or {', '.join(extra)}, not both")
+        plan = planner.load_plan(plan_file)
+        if session:
+            plan.session = session
+        if lu_abi:
+            plan.lu_abi = lu_abi
+        return plan
+    return planner.plan_from_options(session, memfds=memfds, devices=devices, hwpt_tokens=hwpt_tokens,
+                                     device_tokens=device_tokens, iommufd_token=iommufd_token,
+                                     iommufd=with_iommufd, lu_abi=lu_abi, base_iova=base_iova)
+
+
+@click.command("plan")
+@click.argument("plan_file", required=False, metavar="[FILE]")
+@click.option("--dry-run", is_flag=True, help="Accepted for clarity: `plan` never touches the kernel.")
+@_plan_options
+@json_option
+@handle_errors
+def plan(plan_file, dry_run, session, memfds, devices, hwpt_tokens, device_tokens, iommufd_token, with_iommufd,
+         base_iova, lu_abi, as_json):
+    """Validate a preservation plan and print the order of operations.
+
+    FILE is a TOML or JSON plan (see `pyiommufd.planner`), or describe the plan
+    with --session/--memfd/--device/... Never touches the kernel. Prints the
+    numbered operations, what stage 2 will retrieve and every problem.
+    Exit 0 when the plan is valid, 2 when it is not."""
+    from .. import planner
+
+    p = _build_plan(plan_file, session, memfds, devices, hwpt_tokens, device_tokens, iommufd_token,
+                    with_iommufd, base_iova, lu_abi)
+    rep = planner.report(p)
+    nerr = sum(1 for x in rep["problems"] if x["severity"] == "error")
+    if as_json:
+        echo_json(rep)
+    else:
+        click.echo(f"plan for session {p.session!r} (LU ABI: {rep['lu_abi']})")
+        if rep["operations"]:
+            click.echo("operations:")
+            for op in rep["operations"]:
+                click.echo("  " + str(planner.Operation(**op)))
+            click.echo("stage 2 will retrieve:")
+            for r in rep["stage2"]:
+                click.echo(f"  token {_hex(r['token']):<10} {r['kind']:<9} {r['name']:<16} {r['expect']}")
+        if rep["problems"]:
+            click.echo("problems:")
+            for x in rep["problems"]:
+                click.echo(f"  {planner.Problem(**x)}")
+        elif rep["valid"]:
+            click.echo("no problems")
+    if nerr:
+        sys.stdout.flush()
+        first = next(planner.Problem(**x) for x in rep["problems"] if x["severity"] == "error")
+        more = f" (and {nerr - 1} more)" if nerr > 1 else ""
+        click.echo(f"pyiommufd: error: the plan is invalid: {first.describe()}{more}", err=True)
+        sys.exit(exitcodes.BAD_INPUT)
+
+
+# -- preserve -----------------------------------------------------------------------------
+@click.command("preserve")
+@click.option("--plan", "plan_file", metavar="FILE", help="A TOML or JSON plan (instead of the options).")
+@_plan_options
+@socket_option
+@json_option
+@handle_errors
+def preserve(plan_file, session, memfds, devices, hwpt_tokens, device_tokens, iommufd_token, with_iommufd,
+             base_iova, lu_abi, socket_path, as_json):
+    """Create objects and preserve them into a session held by the agent.
+
+    Validates the plan first (exit 2 with the problems), creates and seals the
+    memfds, maps them, binds/attaches the devices, marks the HWPTs, writes the
+    manifest (token 0), then preserves manifest -> memfds -> iommufds -> cdevs
+    through the agent, which is started if none runs. If a step fails, the
+    half-built session is released (unpreserved) and the error reported."""
+    from .. import planner
+    from ..agent import ensure_running
+    from ..backend import get_backend
+    from ..errors import PlanError
+
+    p = _build_plan(plan_file, session, memfds, devices, hwpt_tokens, device_tokens, iommufd_token,
+                    with_iommufd, base_iova, lu_abi)
+    problems = planner.validate(p)
+    errs = planner.errors_in(problems)
+    if errs:
+        raise PlanError([x.describe() for x in errs])
+    for x in problems:
+        warn(x.describe())
+    ops = planner.order(p)
+    errs = planner.errors_in(planner.check_order(p, ops))
+    if errs:  # pragma: no cover - order() satisfies check_order by construction
+        raise PlanError([x.describe() for x in errs])
+    be = get_backend()
+    client = ensure_running(socket_path, backend=be)
+    done = planner.execute(p, client, backend=be, ops=ops)
+    info = client.ping()
+    if as_json:
+        out = done.as_dict()
+        out["agent"] = {"pid": info.get("pid"), "socket": client.socket_path}
+        echo_json(out)
+        return
+    click.echo(f"preserved into session {p.session!r}, held by the agent (pid {info.get('pid')}, "
+               f"{client.socket_path}):")
+    echo_table([(_hex(x["token"]), x["kind"], x["name"], x.get("detail")) for x in done.preserved],
+               ("token", "kind", "name", "details"))
+    click.echo(f"next: `pyiommufd kexec --kernel <bzImage>`; after the kexec: "
+               f"`pyiommufd restore --session {p.session}`")
+
+
+# -- restore ------------------------------------------------------------------------------
+_PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
+
+
+def placeholders(args: list[str]) -> list[str]:
+    """The ``{...}`` keys used in ``args`` (``{{``/``}}`` are literal braces)."""
+    keys = []
+    for arg in args:
+        for m in _PLACEHOLDER.finditer(arg.replace("{{", "").replace("}}", "")):
+            keys.append(m.group(1))
+    return keys
+
+
+def resolve_placeholder(key: str, manifest) -> int:
+    """The token a placeholder names: a decimal or 0x token, an entry name, or
+    ``manifest`` (token 0)."""
+    from ..manifest import MANIFEST_TOKEN
+
+    if key == "manifest":
+        return MANIFEST_TOKEN
+    if re.fullmatch(r"0[xX][0-9a-fA-F]+|\d+", key):
+        token = int(key, 0)
+        if token == MANIFEST_TOKEN or manifest.entry(token) is not None:
+            return token
+        raise _usage(f"--exec: placeholder {{{key}}}: token {token:#x} is not in session {manifest.session!r} "
+                     f"(tokens: {', '.join(hex(t) for t in manifest.tokens)})")
+    entry = manifest.by_name(key)
+    if entry is None:
+        names = ", ".join(["manifest"] + [e.name for e in manifest.entries])
+        raise _usage(f"--exec: unknown placeholder {{{key}}} (use a token or one of: {names})")
+    return entry.token
+
+
+def expand(args: list[str], fds: dict[int, int], manifest) -> list[str]:
+    out = []
+    for arg in args:
+        parts = re.split(r"(\{\{|\}\}|\{[^{}]*\})", arg)
+        text = []
+        for part in parts:
+            if part == "{{":
+                text.append("{")
+            elif part == "}}":
+                text.append("}")
+            elif part.startswith("{") and part.endswith("}") and len(part) >= 2:
+                text.append(str(fds[resolve_placeholder(part[1:-1], manifest)]))
+            else:
+                text.append(part)
+        out.append("".join(text))
+    return out
+
+
+def _verify_memfd(be, fd: int, entry) -> list[str]:
+    """Differences between a retrieved memfd and its manifest entry."""
+    from ..memfd import MemFD
+
+    problems = []
+    mfd = MemFD.from_fd(fd, backend=be, owned=False)
+    size = mfd.size
+    if entry.size is not None and size != entry.size:
+        problems.append(f"size {size:#x}, manifest says {entry.size:#x}")
+    if entry.seals is not None:
+        try:
+            from ..manifest import seal_names
+
+            got = sorted(seal_names(mfd.seals))
+            if got != sorted(entry.seals):
+                problems.append(f"seals {'|'.join(got) or '-'}, manifest says {'|'.join(entry.seals) or '-'}")
+        except OSError as exc:
+            problems.append(f"cannot read the seals: {exc}")
+    if entry.sha256 is not None and not problems:
+        digest = mfd.sha256()
+        if digest != entry.sha256:
+            problems.append(f"sha256 {digest[:16]}…, manifest says {entry.sha256[:16]}…")
+    return problems
+
+
+@click.command("restore")
+@click.option("--session", metavar="NAME", help="The incoming session to restore.")
+@click.option("--verify", is_flag=True, help="Check memfd sizes, seals and sha256 against the manifest.")
+@click.option("--exec", "do_exec", is_flag=True,
+              help="After restoring, exec COMMAND with {token}/{name} replaced by fd numbers.")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+@socket_option
+@json_option
+@handle_errors
+def restore(session, verify, do_exec, command, socket_path, as_json):
+    """After kexec: retrieve a session per its manifest, verify, optionally exec a VMM.
+
+    The agent (started if none runs) retrieves the session, reads the
+    manifest at token 0 and retrieves every token: memfds, then cdevs, then
+    iommufds (whose retrieve fails with EOPNOTSUPP in Phase 1 of the series;
+    reported as expected). The agent keeps the files until `finish`.
+
+    \b
+    --exec -- CMD ARGS...: placeholders {TOKEN} (decimal or 0x hex), {NAME}
+    (a manifest entry name) and {manifest} become fd numbers that CMD
+    inherits, e.g.
+      pyiommufd restore --session vm0 --exec -- \\
+        qemu-system-x86_64 -object memory-backend-file,id=ram,mem-path=/proc/self/fd/{guest-ram} ...
+    Unknown placeholders exit 2 before anything is executed."""
+    from .. import errors
+    from ..agent import ensure_running
+    from ..backend import get_backend
+    from ..manifest import MANIFEST_TOKEN, read_from_fd
+
+    session = _need_session(session)
+    command = list(command)
+    if do_exec and not command:
+        raise _usage("--exec needs a command after `--`, e.g. --exec -- qemu-system-x86_64 ...")
+    if command and not do_exec:
+        raise _usage(f"unexpected argument {command[0]!r} (to run a command, use --exec -- CMD ...)")
+    be = get_backend()
+    client = ensure_running(socket_path, backend=be)
+    info = client.retrieve_session(session)
+    try:
+        fd0 = client.retrieve(session, MANIFEST_TOKEN)
+    except errors.NotFound:
+        raise CommandError(f"session {session!r} has no manifest at token 0: it was not preserved by "
+                           "`pyiommufd preserve` (the agent holds it; retrieve tokens with the Python API)",
+                           exitcodes.BAD_INPUT) from None
+    fds: dict[int, int] = {MANIFEST_TOKEN: fd0}
+    try:
+        manifest = read_from_fd(fd0, be)
+        wanted = {resolve_placeholder(k, manifest) for k in placeholders(command)} if do_exec else set()
+        rows: list[dict[str, Any]] = [{"token": MANIFEST_TOKEN, "kind": "manifest", "name": "manifest",
+                                       "status": "retrieved", "fd": fd0}]
+        first_error: Exception | None = None
+        mismatches = 0
+        for entry in manifest.retrieve_order():
+            row: dict[str, Any] = {"token": entry.token, "kind": entry.kind, "name": entry.name}
+            try:
+                fd = client.retrieve(session, entry.token)
+            except errors.KernelError as exc:
+                row["error"] = str(exc)
+                row["errno"] = E.errorcode.get(exc.errno, exc.errno)
+                if entry.kind == "iommufd" and exc.errno == E.EOPNOTSUPP:
+                    row["status"] = "expected-failure"
+                    row["note"] = ("EOPNOTSUPP: Phase 1 of the series cannot restore an iommufd; the HWPTs "
+                                   "stay kernel-owned and FINISH will say EBUSY (seed-spec 4.7)")
+                else:
+                    row["status"] = "failed"
+                    first_error = first_error or exc
+                rows.append(row)
+                continue
+            fds[entry.token] = fd
+            row["status"] = "retrieved"
+            row["fd"] = fd
+            if entry.kind == "memfd":
+                row["size"] = entry.size
+                if verify:
+                    diffs = _verify_memfd(be, fd, entry)
+                    row["verify"] = "ok" if not diffs else "; ".join(diffs)
+                    mismatches += bool(diffs)
+            elif entry.kind == "vfio-cdev":
+                row["bdf"] = entry.bdf
+            rows.append(row)
+        result = {"session": session, "already_held": info.get("already_held", False),
+                  "manifest": manifest.as_dict(), "tokens": rows,
+                  "verified": (mismatches == 0) if verify else None}
+        # with --exec, stdout belongs to the command: the report goes to stderr
+        out = sys.stderr if do_exec else None
+        if as_json:
+            import json
+
+            _echo(json.dumps(result, indent=2, default=str), out)
+        else:
+            _echo(f"restored session {session!r} (manifest by {manifest.creator or '?'}, kernel "
+                  f"{manifest.kernel_release or '?'}, LU ABI {manifest.lu_abi or '-'}):", out)
+            from .output import table
+
+            _echo(table([(_hex(r["token"]), r["kind"], r["name"], r["status"], r.get("fd"),
+                          r.get("verify") or r.get("note") or r.get("error"))
+                         for r in rows], ("token", "kind", "name", "status", "fd", "details")), out)
+        if first_error is not None:
+            raise first_error
+        if mismatches:
+            raise CommandError(f"{mismatches} memfd(s) differ from the manifest", exitcodes.CHECK_FAILED)
+        if not do_exec:
+            return
+        missing = sorted(t for t in wanted if t not in fds)
+        if missing:
+            bad = next(r for r in rows if r["token"] == missing[0])
+            code = exitcodes.UNSUPPORTED if bad.get("status") == "expected-failure" else exitcodes.KERNEL_ERROR
+            raise CommandError(f"--exec: token {missing[0]:#x} ({bad['name']}) was not retrieved: "
+                               f"{bad.get('error')}", code)
+        argv = expand(command, fds, manifest)
+        for token in wanted:
+            os.set_inheritable(fds[token], True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        try:
+            exec_command(argv[0], argv)
+        except OSError as exc:
+            raise CommandError(f"cannot exec {argv[0]}: {exc.strerror}",
+                               exitcodes.BAD_INPUT if exc.errno in (E.ENOENT, E.EACCES) else exitcodes.KERNEL_ERROR
+                               ) from None
+    finally:
+        # our copies; the agent keeps its own until finish
+        for fd in fds.values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def _echo(text: str, stream=None) -> None:
+    click.echo(text, err=stream is sys.stderr)
+
+
+# -- finish / status ---------------------------------------------------------------------
+@click.command("finish")
+@click.option("--session", metavar="NAME", help="The retrieved session to finish.")
+@socket_option
+@json_option
+@handle_errors
+def finish(session, socket_path, as_json):
+    """Finish a retrieved session (LIVEUPDATE_SESSION_FINISH, via the agent).
+
+    Needs every preserved file retrieved and each handler ready; EBUSY (exit 5)
+    names the unretrieved tokens. On a series kernel a session holding an
+    iommufd can never finish in Phase 1 (seed-spec 4.7). On success the agent
+    closes the session and drops its references."""
+    session = _need_session(session)
+    result = _client(socket_path).finish(session)
+    if as_json:
+        echo_json(result)
+    else:
+        click.echo(f"finished session {session!r}")
+
+
+@click.command("status")
+@socket_option
+@json_option
+@handle_errors
+def status(socket_path, as_json):
+    """Show the agent's sessions, tokens and what each token is."""
+    st = _client(socket_path).status()
+    if as_json:
+        echo_json(st)
+        return
+    _echo_status(st)
+
+
+def _echo_status(st: dict) -> None:
+    agent_info = st.get("agent", {})
+    lu = agent_info.get("liveupdate", {})
+    held = f"holds {lu.get('path')}" if lu.get("held") else f"does not hold {lu.get('path')}" + (
+        f" ({lu['error']})" if lu.get("error") else "")
+    click.echo(f"agent pid {agent_info.get('pid')} on {agent_info.get('socket')} ({agent_info.get('backend')}), "
+               f"{held}")
+    sessions = st.get("sessions", [])
+    if not sessions:
+        click.echo("no sessions")
+        return
+    for s in sessions:
+        extra = ""
+        if s["direction"] == "incoming":
+            extra = ", manifest" if s.get("manifest") else f", no manifest ({s.get('manifest_error', '?')})"
+        click.echo(f"session {s['name']!r} ({s['direction']}{', adopted' if s.get('adopted') else ''}{extra}):")
+        rows = []
+        for t in s["tokens"]:
+            meta = t.get("meta") or {}
+            detail = ", ".join(f"{k}={v}" for k, v in meta.items() if v not in (None, [], {}))
+            if t.get("error"):
+                detail = (detail + "; " if detail else "") + f"error {t['error'].get('op', '')}: " \
+                         f"{E.errorcode.get(t['error'].get('errno'), t['error'].get('message', ''))}"
+            rows.append((t["token_hex"], t["kind"], t.get("name"), t["state"], detail or None))
+        if rows:
+            from .output import table
+
+            click.echo("  " + table(rows, ("token", "kind", "name", "state", "details")).replace("\n", "\n  "))
+        else:
+            click.echo("  (no files)")
+
+
+# -- agent ---------------------------------------------------------------------------------
+def _start_agent(socket_path: str | None, background: bool, log_file: str | None) -> None:
+    from ..agent import protocol as P
+    from ..agent import server
+    from ..backend import LinuxBackend, get_backend
+
+    path = P.default_socket_path(socket_path)
+    be = get_backend()
+    if background:
+        if not isinstance(be, LinuxBackend):
+            raise _usage("--background needs the Linux backend (a test backend lives in this process)")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = server.start_background(path, log_file=log_file)
+        click.echo(f"agent started in the background: pid {pid}, socket {path}, "
+                   f"log {log_file or server.default_log_path(path)}")
+        return
+    server.configure_logging(stream=sys.stderr)
+    srv = server.AgentServer(path, backend=be).start()
+    srv.install_signal_handlers()
+    click.echo(f"agent pid {os.getpid()} listening on {path}; stop with `pyiommufd agent stop` "
+               "(stopping unpreserves everything it holds)", err=True)
+    srv.serve_forever()
+
+
+@click.group("agent", invoke_without_command=True)
+@click.option("--background", is_flag=True, help="Daemonize (double fork, setsid, log file).")
+@click.option("--log-file", metavar="PATH", help="Log file of a background agent (default: next to the socket).")
+@socket_option
+@click.pass_context
+@handle_errors
+def agent(ctx, background, log_file, socket_path):
+    """The holder agent that keeps /dev/liveupdate and session fds until kexec
+    (and, after it, until finish).
+
+    Without a subcommand: start it (in the foreground, or with --background).
+    The socket is mode 0600 in a 0700 directory and only uid 0 and the
+    agent's own euid may use it."""
+    ctx.ensure_object(dict)
+    ctx.obj["agent_socket"] = socket_path
+    if ctx.invoked_subcommand is None:
+        _start_agent(socket_path, background, log_file)
+
+
+def _agent_socket(socket_path: str | None) -> str | None:
+    if socket_path:
+        return socket_path
+    ctx = click.get_current_context()
+    while ctx is not None:
+        if isinstance(ctx.obj, dict) and ctx.obj.get("agent_socket"):
+            return ctx.obj["agent_socket"]
+        ctx = ctx.parent
+    return None
+
+
+@agent.command("start")
+@click.option("--background", is_flag=True, help="Daemonize (double fork, setsid, log file).")
+@click.option("--log-file", metavar="PATH", help="Log file of a background agent.")
+@socket_option
+@handle_errors
+def agent_start(background, log_file, socket_path):
+    """Start the agent (foreground unless --background)."""
+    _start_agent(_agent_socket(socket_path), background, log_file)
+
+
+@agent.command("stop")
+@click.option("--force", is_flag=True, help="Stop even though it holds preserved or unfinished sessions.")
+@socket_option
+@json_option
+@handle_errors
+def agent_stop(force, socket_path, as_json):
+    """Stop the agent. Refused (exit 5) while it holds an outgoing session
+    with preserved files or an unfinished incoming session, unless --force:
+    stopping closes the session fds, which unpreserves everything."""
+    client = _client(_agent_socket(socket_path))
+    result = client.stop(force)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and client.is_running():
+        time.sleep(0.05)
+    if as_json:
+        echo_json(result)
+        return
+    for w in result.get("warnings", []):
+        warn(w + " (done: --force)")
+    click.echo(f"agent pid {result.get('pid')} stopped")
+
+
+@agent.command("status")
+@socket_option
+@json_option
+@handle_errors
+def agent_status(socket_path, as_json):
+    """Is the agent running? (exit 7 if not)"""
+    st = _client(_agent_socket(socket_path)).status()
+    if as_json:
+        echo_json(st)
+        return
+    _echo_status(st)
+
+
+# -- kexec ----------------------------------------------------------------------------------
+def _preserved_summary(socket_path: str | None) -> tuple[str | None, list[str]]:
+    """(why not, outgoing sessions with files) from the agent."""
+    from ..agent import AgentUnavailable
+
+    try:
+        st = _client(socket_path).status()
+    except AgentUnavailable as exc:
+        return f"no agent is holding anything ({exc})", []
+    held = [f"{s['name']} ({len(s['tokens'])} files)" for s in st.get("sessions", [])
+            if s["direction"] == "outgoing" and s["tokens"]]
+    if not held:
+        return "the agent holds no outgoing session with preserved files", []
+    return None, held
+
+
+@click.command("kexec")
+@click.option("--kernel", metavar="PATH", help="The kernel image (bzImage) to boot.")
+@click.option("--initrd", metavar="PATH", help="The initramfs.")
+@click.option("--cmdline", metavar="TEXT", help="The new kernel's command line.")
+@click.option("--reuse-cmdline", is_flag=True,
+              help="Use this kernel's /proc/cmdline (minus BOOT_IMAGE=/initrd=); the default.")
+@click.option("--load-only", is_flag=True, help="kexec_file_load only; reboot later (e.g. `kexec -e`).")
+@click.option("--force", is_flag=True, help="Reboot even though the agent holds nothing preserved.")
+@socket_option
+@json_option
+@handle_errors
+def kexec_cmd(kernel, initrd, cmdline, reuse_cmdline, load_only, force, socket_path, as_json):
+    """Load a kernel with kexec_file_load and reboot into it.
+
+    Before rebooting (not with --load-only) it asks the agent what is
+    preserved and refuses (exit 1) when no agent answers or it holds no
+    outgoing session with files: a live update that preserves nothing is
+    just a fast reboot that drops every VM's state. --force skips the check.
+    A file refusing to freeze (a VFIO device with interrupts still enabled,
+    seed-spec 4.5) makes the reboot fail with EINVAL instead of rebooting."""
+    from .. import kexec
+
+    if not kernel:
+        raise _usage("--kernel PATH is required")
+    if cmdline is not None and reuse_cmdline:
+        raise _usage("give --cmdline or --reuse-cmdline, not both")
+    for what, path in (("--kernel", kernel), ("--initrd", initrd)):
+        if path is not None and not os.path.isfile(path):
+            raise _usage(f"{what} {path}: no such file")
+    held: list[str] = []
+    if not load_only and not force:
+        why, held = _preserved_summary(socket_path)
+        if why:
+            raise CommandError(f"refusing to kexec: {why}; a kexec now preserves nothing "
+                               "(pass --force to reboot anyway, or --load-only)", exitcodes.CHECK_FAILED)
+    used = kexec.load(kernel, initrd, cmdline)
+    result = {"kernel": kernel, "initrd": initrd, "cmdline": used, "loaded": True, "executed": not load_only,
+              "sessions": held}
+    if load_only:
+        if as_json:
+            echo_json(result)
+        else:
+            click.echo(f"loaded {kernel} (cmdline: {used}); reboot into it with "
+                       f"`pyiommufd kexec --kernel {kernel} ...` or `kexec -e`")
+        return
+    if as_json:
+        echo_json(result)
+    else:
+        click.echo(f"loaded {kernel}; preserved: {', '.join(held) or 'nothing (--force)'}; rebooting now")
+    sys.stdout.flush()
+    kexec.execute()
