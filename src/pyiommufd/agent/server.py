@@ -29,6 +29,7 @@ from __future__ import annotations
 import errno as E
 import logging
 import os
+import select
 import selectors
 import signal
 import socket
@@ -765,12 +766,21 @@ def start_background(socket_path: str | None = None, *, log_file: str | None = N
         os.waitpid(pid, 0)
         chunks = []
         deadline = time.monotonic() + timeout
-        with os.fdopen(r, "rb") as reader:
-            while time.monotonic() < deadline:
-                data = reader.read(4096)
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    chunks.append(b" (timed out waiting for it)")
+                    break
+                ready, _, _ = select.select([r], [], [], left)
+                if not ready:
+                    continue
+                data = os.read(r, 4096)
                 if not data:
                     break
                 chunks.append(data)
+        finally:
+            os.close(r)
         status = b"".join(chunks).decode(errors="replace").strip()
         if status.startswith("ok "):
             return int(status.split()[1])
