@@ -140,15 +140,19 @@ def invoke(backend: Backend, fd: int, idef: IoctlDef, arg=None, *,
                                   detail=detail) from None
 
 
-def call(backend: Backend, fd: int, idef: IoctlDef, *, context: Mapping[str, object] | None = None,
+def call(backend: Backend, fd: int, idef: IoctlDef, /, *, context: Mapping[str, object] | None = None,
          detail: str | None = None, **fields):
-    """Allocate, fill, issue; return the struct as the kernel left it."""
+    """Allocate, fill, issue; return the struct as the kernel left it.
+
+    ``backend``, ``fd`` and ``idef`` are positional-only, so struct fields
+    named ``fd`` (IOMMU_IOAS_MAP_FILE, LIVEUPDATE_SESSION_PRESERVE_FD) can be
+    passed as keywords."""
     if idef.arg != ARG_STRUCT:
         return invoke(backend, fd, idef, fields.get("value"), context=context, detail=detail)
     return invoke(backend, fd, idef, new(idef, **fields), context=context, detail=detail)
 
 
-def call_growing(backend: Backend, fd: int, idef: IoctlDef, *, count_field: str, ptr_field: str,
+def call_growing(backend: Backend, fd: int, idef: IoctlDef, /, *, count_field: str, ptr_field: str,
                  elem_type: str, initial: int = 8, max_tries: int = 8, **fields):
     """EMSGSIZE two-call pattern: pass an array of ``initial`` entries; if the
     kernel answers EMSGSIZE it has written the needed count into
@@ -174,7 +178,7 @@ def call_growing(backend: Backend, fd: int, idef: IoctlDef, *, count_field: str,
                             detail="the array kept growing between calls")
 
 
-def call_with_caps(backend: Backend, fd: int, idef: IoctlDef, **fields):
+def call_with_caps(backend: Backend, fd: int, idef: IoctlDef, /, **fields):
     """VFIO argsz-extended call: if the kernel says it needs a larger argsz
     (capability chain), reallocate and call again. Returns ``(struct, bytes)``
     where ``bytes`` is the whole reply including the capability area."""
