@@ -302,14 +302,19 @@ def run_caps(be) -> tuple[dict, int]:
                                       "errno": None})
     else:
         try:
+            lu_probe = abi.probe_lu_abi(fd, backend=be)
+            report["lu_abi"] = lu_probe.as_dict()
             for d in defs:
                 err = probe_size0(be, fd, d.request)
                 entry = {"name": d.name, "nr": f"{d.nr:#04x}", "status": _verdict(err),
                          "errno": _errname(err)}
-                if d.nr == abi.DEFAULT_NR:
+                if d.nr == lu_probe.nr and lu_probe.supported:
+                    entry["status"] = "shadowed"
+                    entry["note"] = (f"nr {d.nr:#04x} is the series' LU ioctl here "
+                                     f"({lu_probe.status}), not {d.name} (seed-spec 2.2)")
+                elif d.nr == lu_probe.nr:
                     entry["note"] = "nr shared with the series' IOMMU_HWPT_LU_* ioctl (seed-spec 2.2)"
                 iommufd["ioctls"].append(entry)
-            report["lu_abi"] = abi.probe_lu_abi(fd, backend=be).as_dict()
         finally:
             be.close(fd)
 

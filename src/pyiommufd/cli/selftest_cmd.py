@@ -56,6 +56,9 @@ def resolve_device(device: str, backend) -> str:
     if not backend.exists(path):
         raise CommandError(f"no such device node {path} (is the device bound to vfio-pci? "
                            "`pyiommufd devices` shows the cdevs)")
+    real = backend.realpath(path)
+    if not re.fullmatch(rf"{VFIO_CDEV_DIR}/vfio\d+", real):
+        raise CommandError(f"{path} is not a VFIO device cdev ({VFIO_CDEV_DIR}/vfioN)")
     return path
 
 
@@ -134,7 +137,7 @@ def selftest(ctx, device, session_name, lu_abi, kexec_kernel, initrd, cmdline, h
     lu_abi = _validate(session_name, lu_abi)
     be = get_backend()
     for what, path in (("--kexec", kexec_kernel), ("--initrd", initrd)):
-        if path is not None and not os.path.isfile(path):
+        if path is not None and not be.exists(path):
             raise CommandError(f"{what} {path}: no such file")
     cdev = resolve_device(device, be)
 
@@ -151,9 +154,12 @@ def selftest(ctx, device, session_name, lu_abi, kexec_kernel, initrd, cmdline, h
     report = lib.run(cdev, session_name=session_name, lu_abi=lu_abi, backend=be, on_step=on_step)
     try:
         _finish(report, cdev, session_name, kexec_kernel, initrd, cmdline, hold, as_json, be, lib)
-    finally:
-        # Reached when we did not hand over or kexec: closing unpreserves (as it must then).
+    except (Exception, KeyboardInterrupt, SystemExit):
+        # a failed hand-over or kexec, or a failed run: closing unpreserves (as it must then)
         report.close()
+        raise
+    # passed; after a hand-over the agent holds its own copies of every fd
+    report.close()
 
 
 def _finish(report, cdev, session_name, kexec_kernel, initrd, cmdline, hold, as_json, be, lib):
@@ -185,11 +191,12 @@ def _finish(report, cdev, session_name, kexec_kernel, initrd, cmdline, hold, as_
     from .. import agent
 
     h = report.handles
-    result = agent.hand_over(h.liveupdate, h.session, h.files)
-    where = ""
-    pid = getattr(result, "pid", None) if not isinstance(result, dict) else result.get("pid")
-    if pid:
-        where = f" (pid {pid})"
+    client = agent.hand_over(h.liveupdate, h.session, h.files)  # AgentError: exit 7
+    try:
+        pid = client.ping().get("pid")
+    except agent.AgentError:
+        pid = None
+    where = f" (pid {pid}, socket {client.socket_path})" if pid else f" (socket {client.socket_path})"
     if as_json:
         echo_json(dict(report.as_dict(), **extra, after="held", agent_pid=pid))
     else:
