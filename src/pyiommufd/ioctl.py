@@ -116,7 +116,9 @@ def buffer_of(arg, length: int | None = None):
 
 
 def _declared_size(arg) -> int | None:
-    for name in ("size", "argsz"):
+    # argsz first: VFIO structs such as vfio_region_info and
+    # vfio_iommu_type1_dma_map also have a "size" field that is not theirs.
+    for name in ("argsz", "size"):
         try:
             return int(getattr(arg, name))
         except AttributeError:
