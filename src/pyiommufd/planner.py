@@ -1164,7 +1164,8 @@ class Executed:
 
 
 def execute(plan: Plan, client, *, backend=None, ops: list[Operation] | None = None,
-            progress: Callable[[Operation], None] | None = None) -> Executed:
+            progress: Callable[[Operation], None] | None = None,
+            notify: Callable[[str], None] | None = None) -> Executed:
     """Carry out a valid ``plan``: create and seal memfds, open and map the
     iommufds, open/bind/attach devices, mark HWPTs, then create the session
     **in the agent** (``client``, an :class:`~pyiommufd.agent.AgentClient`),
@@ -1173,8 +1174,8 @@ def execute(plan: Plan, client, *, backend=None, ops: list[Operation] | None = N
     Raises :class:`~pyiommufd.errors.PlanError` for an invalid plan before
     touching the kernel. If a step fails after the session was created, the
     session is released in the agent (which unpreserves what was preserved)
-    and the error re-raised. On return, this process's own fds are closed:
-    the agent holds the references that matter."""
+    and the error re-raised (``notify`` is told). On return, this process's
+    own fds are closed: the agent holds the references that matter."""
     from . import manifest as M
     from .abi import select_lu_abi
     from .backend import get_backend
@@ -1339,8 +1340,12 @@ def execute(plan: Plan, client, *, backend=None, ops: list[Operation] | None = N
         if session_created:
             try:
                 client.release(plan.session, force=True, direction="outgoing")
-            except Exception:  # noqa: BLE001 - the original error matters more
-                pass
+                if notify is not None:
+                    notify(f"released the half-built session {plan.session!r} in the agent: "
+                           f"the {len(result.preserved)} file(s) preserved so far are unpreserved")
+            except Exception as exc:  # noqa: BLE001 - the original error matters more
+                if notify is not None:
+                    notify(f"could not release the half-built session {plan.session!r}: {exc}")
         _close_local(memfds, iommufds, devices, manifest_fd)
         raise
     _close_local(memfds, iommufds, devices, manifest_fd)

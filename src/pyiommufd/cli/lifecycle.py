@@ -229,7 +229,7 @@ def preserve(plan_file, session, memfds, devices, hwpt_tokens, device_tokens, io
         raise PlanError([x.describe() for x in errs])
     be = get_backend()
     client = ensure_running(socket_path, backend=be)
-    done = planner.execute(p, client, backend=be, ops=ops)
+    done = planner.execute(p, client, backend=be, ops=ops, notify=warn)
     info = client.ping()
     if as_json:
         out = done.as_dict()
@@ -378,7 +378,7 @@ def restore(session, verify, do_exec, command, socket_path, as_json):
                 fd = client.retrieve(session, entry.token)
             except errors.KernelError as exc:
                 row["error"] = str(exc)
-                row["errno"] = E.errorcode.get(exc.errno, exc.errno)
+                row["errno"] = _errname(exc.errno)
                 if entry.kind == "iommufd" and exc.errno == E.EOPNOTSUPP:
                     row["status"] = "expected-failure"
                     row["note"] = ("EOPNOTSUPP: Phase 1 of the series cannot restore an iommufd; the HWPTs "
@@ -487,6 +487,44 @@ def status(socket_path, as_json):
     _echo_status(st)
 
 
+def _errname(err: Any) -> str:
+    if err == E.EOPNOTSUPP:
+        return "EOPNOTSUPP"
+    return E.errorcode.get(err, str(err)) if isinstance(err, int) else str(err)
+
+
+def _summary(kind: str, meta: dict) -> str:
+    """One short line for a token's metadata."""
+    parts = []
+    if kind == "memfd":
+        if meta.get("size") is not None:
+            parts.append(f"{meta['size']:#x} bytes")
+        if meta.get("seals"):
+            parts.append("seals " + "|".join(s.upper() for s in meta["seals"]))
+        if meta.get("sha256"):
+            parts.append(f"sha256 {meta['sha256'][:12]}…")
+    elif kind == "iommufd":
+        ioas = meta.get("ioas")
+        if isinstance(ioas, list):
+            maps = sum(len(a.get("mappings", [])) for a in ioas if isinstance(a, dict))
+            parts.append(f"{len(ioas)} IOAS, {maps} mapping(s)")
+        hwpts = meta.get("hwpts") or []
+        marks = [h if isinstance(h, str) else f"{h.get('name')}={h.get('lu_token', 0):#x}" for h in hwpts]
+        if marks:
+            parts.append("HWPTs " + ", ".join(marks))
+        if meta.get("lu_abi"):
+            parts.append(str(meta["lu_abi"]))
+    elif kind == "vfio-cdev":
+        parts += [str(meta[k]) for k in ("bdf", "cdev") if meta.get(k)]
+        if meta.get("hwpt"):
+            parts.append(f"on {meta['hwpt']}")
+    else:
+        for k, v in meta.items():
+            text = f"{k}={v}"
+            parts.append(text if len(text) <= 40 else text[:39] + "…")
+    return ", ".join(parts)
+
+
 def _echo_status(st: dict) -> None:
     agent_info = st.get("agent", {})
     lu = agent_info.get("liveupdate", {})
@@ -498,6 +536,8 @@ def _echo_status(st: dict) -> None:
     if not sessions:
         click.echo("no sessions")
         return
+    from .output import table
+
     for s in sessions:
         extra = ""
         if s["direction"] == "incoming":
@@ -505,15 +545,12 @@ def _echo_status(st: dict) -> None:
         click.echo(f"session {s['name']!r} ({s['direction']}{', adopted' if s.get('adopted') else ''}{extra}):")
         rows = []
         for t in s["tokens"]:
-            meta = t.get("meta") or {}
-            detail = ", ".join(f"{k}={v}" for k, v in meta.items() if v not in (None, [], {}))
-            if t.get("error"):
-                detail = (detail + "; " if detail else "") + f"error {t['error'].get('op', '')}: " \
-                         f"{E.errorcode.get(t['error'].get('errno'), t['error'].get('message', ''))}"
+            detail = _summary(t["kind"], t.get("meta") or {})
+            err = t.get("error")
+            if err:
+                detail = (detail + "; " if detail else "") + f"{err.get('op', '')}: {_errname(err.get('errno'))}"
             rows.append((t["token_hex"], t["kind"], t.get("name"), t["state"], detail or None))
         if rows:
-            from .output import table
-
             click.echo("  " + table(rows, ("token", "kind", "name", "state", "details")).replace("\n", "\n  "))
         else:
             click.echo("  (no files)")
