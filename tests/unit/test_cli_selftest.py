@@ -1,0 +1,295 @@
+"""`pyiommufd selftest` against the fake kernel: streaming KTAP, exit codes,
+hand-over to the agent, in-process kexec and stage 2."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+
+import pytest
+
+from pyiommufd import agent, luo
+from pyiommufd.backend import use
+from pyiommufd.cli import main
+from pyiommufd.testing import FakeKernel, FakePciDevice, SimulatedKexec
+
+BDF = "0000:00:03.0"
+CDEV = "/dev/vfio/devices/vfio0"
+KTAP_LINE = re.compile(r"^(ok|not ok) (\d+) \S.*$")
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+
+def run_cli(capsys, *argv: str) -> Result:
+    """``pyiommufd ARGV`` through ``cli.main()`` (which maps errors to exit codes)."""
+    capsys.readouterr()
+    try:
+        main(list(argv))
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    else:  # pragma: no cover - main() always exits
+        code = 0
+    out, err = capsys.readouterr()
+    return Result(code, out, err)
+
+
+def error_lines(err: str) -> list[str]:
+    return [ln for ln in err.splitlines() if ln.startswith("pyiommufd: error:")]
+
+
+@pytest.fixture(autouse=True)
+def cli_env(monkeypatch, tmp_path):
+    """A private agent socket and bind-state directory; in-process agents stopped afterwards."""
+    sockdir = tempfile.mkdtemp(prefix="pyiommufd-t", dir="/tmp")  # AF_UNIX paths are short
+    sock = os.path.join(sockdir, "agent.sock")
+    monkeypatch.setenv("PYIOMMUFD_AGENT_SOCKET", sock)
+    monkeypatch.setenv("PYIOMMUFD_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.delenv("PYIOMMUFD_LU_ABI", raising=False)
+    monkeypatch.delenv("PYIOMMUFD_LU_NR", raising=False)
+    yield sock
+    server = agent.in_process_agents().get(sock)
+    if server is not None:
+        server.shutdown(release=False)
+    shutil.rmtree(sockdir, ignore_errors=True)
+
+
+def bind(capsys) -> None:
+    r = run_cli(capsys, "bind", BDF)
+    assert r.code == 0, r.err
+    assert r.out.strip() == CDEV
+
+
+def ktap_lines(out: str) -> list[str]:
+    return [ln for ln in out.splitlines() if KTAP_LINE.match(ln)]
+
+
+def assert_well_formed(out: str) -> list[str]:
+    lines = ktap_lines(out)
+    assert out.startswith("KTAP version 1\n")
+    assert [int(KTAP_LINE.match(ln).group(2)) for ln in lines] == list(range(1, len(lines) + 1))
+    assert f"\n1..{len(lines)}\n" in out
+    return lines
+
+
+# -- stock 7.3 -------------------------------------------------------------------------------
+
+def test_stock_kernel_reports_unsupported_exit_4(fake_kernel, capsys):
+    bind(capsys)
+    r = run_cli(capsys, "selftest", BDF)
+    assert r.code == 4, (r.out, r.err)
+    lines = assert_well_formed(r.out)
+    assert any(re.match(r"ok \d+ preserve cdev before its iommufd fails # expected failure: ENOENT", ln)
+               for ln in lines), r.out
+    assert any("# SKIP kernel lacks" in ln for ln in lines)
+    assert not any(ln.startswith("not ok") for ln in lines)
+    assert "UNSUPPORTED" in r.out
+    [err] = error_lines(r.err)
+    assert "kernel lacks a" in err and "iommufd live-update handler" in err
+    assert r.err.count("\n") == 1 and "Traceback" not in r.err
+    # nothing stays preserved: a new session of the same name can be created
+    with luo.LiveUpdate.open() as lu:
+        lu.create_session("iommufd-test").close()
+
+
+def test_stock_kernel_json(fake_kernel, capsys):
+    bind(capsys)
+    r = run_cli(capsys, "selftest", CDEV, "--json")
+    assert r.code == 4
+    doc = json.loads(r.out)  # only JSON on stdout: no streaming text
+    assert doc["result"] == "unsupported" and doc["stage"] == 1
+    assert doc["lacking"].startswith("kernel lacks")
+    assert doc["device"] == CDEV and doc["session"] == "iommufd-test"
+    assert doc["counts"]["FAIL"] == 0
+    assert len(error_lines(r.err)) == 1
+
+
+# -- series kernel: stage 1 + hold ------------------------------------------------------------
+
+def test_series_stage1_hold_hands_over_to_agent(series_kernel, capsys, cli_env):
+    bind(capsys)
+    r = run_cli(capsys, "selftest", BDF)
+    assert r.code == 0, (r.out, r.err)
+    lines = assert_well_formed(r.out)
+    assert all(ln.startswith("ok ") for ln in lines)
+    assert "# stage 1: PASS" in r.out
+    assert "You may now perform the kexec" in r.out
+    assert r.err == ""
+    st = agent.AgentClient(cli_env).status()
+    [sess] = [s for s in st["sessions"] if s["name"] == "iommufd-test"]
+    assert sess["direction"] == "outgoing"
+    assert {t["token"] for t in sess["tokens"]} >= {0x890123, 0x123456, 0x654321}
+    # the agent holds /dev/liveupdate: a second selftest finds it busy (exit 5)
+    r2 = run_cli(capsys, "selftest", BDF)
+    assert r2.code == 5
+    [err] = error_lines(r2.err)
+    assert "EBUSY" in err and f"pid {os.getpid()}" in err
+
+
+def test_streams_each_step_as_it_completes(series_kernel, capsys, monkeypatch):
+    import pyiommufd.selftest as lib
+
+    bind(capsys)
+    seen = []
+    real_run = lib.run
+
+    def spy_run(device, *, on_step=None, **kw):
+        def wrapped(step):
+            on_step(step)
+            out = capsys.readouterr().out  # printed before the run went on
+            seen.append((step.index, out))
+        return real_run(device, on_step=wrapped, **kw)
+
+    monkeypatch.setattr(lib, "run", spy_run)
+    r = run_cli(capsys, "selftest", BDF, "--no-hold")
+    assert r.code == 0
+    assert len(seen) >= 20
+    for index, out in seen:
+        assert out.splitlines()[-1].startswith(f"ok {index} ")
+
+
+def test_no_hold_closes_and_unpreserves(series_kernel, capsys, cli_env):
+    bind(capsys)
+    r = run_cli(capsys, "selftest", BDF, "--no-hold", "--json")
+    assert r.code == 0, r.err
+    doc = json.loads(r.out)
+    assert doc["result"] == "pass" and doc["after"] == "closed"
+    assert cli_env not in agent.in_process_agents()
+    with luo.LiveUpdate.open() as lu:           # not held by anyone any more
+        lu.create_session("iommufd-test").close()  # the session is gone
+
+
+def test_custom_session_name_and_lu_abi(series_kernel_v1, capsys):
+    bind(capsys)
+    r = run_cli(capsys, "selftest", BDF, "--session", "s" * 63, "--lu-abi", "v1", "--no-hold")
+    assert r.code == 0, (r.out, r.err)
+    assert "IOMMU_HWPT_LU_SET_PRESERVE" in r.out and "(lu-v1)" in r.out
+
+
+def test_wrong_lu_abi_fails_exit_1(series_kernel, capsys):
+    """lu-v1's 12-byte struct on an lu-v2 kernel: the mark step fails (a FAIL, not a skip)."""
+    bind(capsys)
+    r = run_cli(capsys, "selftest", BDF, "--lu-abi", "v1", "--no-hold")
+    assert r.code == 1, (r.out, r.err)
+    assert any(ln.startswith("not ok") for ln in ktap_lines(r.out))
+    [err] = error_lines(r.err)
+    assert "failed at step" in err and "IOMMU_HWPT_LU_SET_PRESERVE" in err
+
+
+def test_agent_unreachable_exit_7_and_unpreserves(series_kernel, capsys, monkeypatch):
+    bind(capsys)
+
+    def refuse(*a, **kw):
+        raise agent.AgentUnavailable("nothing answers on the agent socket")
+
+    monkeypatch.setattr(agent, "hand_over", refuse)
+    r = run_cli(capsys, "selftest", BDF)
+    assert r.code == 7
+    [err] = error_lines(r.err)
+    assert "agent" in err
+    with luo.LiveUpdate.open() as lu:           # closed: nothing left preserved
+        lu.create_session("iommufd-test").close()
+
+
+# -- kexec in-process, then stage 2 -----------------------------------------------------------
+
+def test_kexec_then_stage2(series_kernel, capsys):
+    bind(capsys)
+    with pytest.raises(SimulatedKexec):
+        run_cli(capsys, "selftest", BDF, "--kexec", "/boot/vmlinuz-7.3.4",
+                "--initrd", "/boot/initrd.img-7.3.4")
+    out = capsys.readouterr().out
+    assert "# stage 1: PASS" in out and "kexec into /boot/vmlinuz-7.3.4" in out
+    assert series_kernel.boot_count == 2
+    # after the kexec the preserved device has no driver; vfio-pci may bind it
+    bind(capsys)
+    r = run_cli(capsys, "selftest", BDF)
+    assert r.code == 0, (r.out, r.err)
+    assert_well_formed(r.out)
+    assert "# stage 2: PASS" in r.out and "# result: PASS (stage 2)" in r.out
+    assert re.search(r"ok \d+ bind the retrieved cdev to a new iommufd fails # expected failure: EPERM",
+                     r.out)
+
+
+def test_kexec_on_stock_kernel_does_not_reboot(fake_kernel, capsys):
+    bind(capsys)
+    r = run_cli(capsys, "selftest", BDF, "--kexec", "/boot/vmlinuz-7.3.4")
+    assert r.code == 4
+    assert fake_kernel.boot_count == 1 and not fake_kernel.kexec_loaded
+
+
+def test_stage2_json(series_kernel, capsys):
+    bind(capsys)
+    with pytest.raises(SimulatedKexec):
+        run_cli(capsys, "selftest", BDF, "--kexec", "/boot/vmlinuz-7.3.4")
+    capsys.readouterr()
+    bind(capsys)
+    r = run_cli(capsys, "selftest", BDF, "--json")
+    assert r.code == 0
+    doc = json.loads(r.out)
+    assert doc["stage"] == 2 and doc["result"] == "pass"
+
+
+# -- errors before the run ----------------------------------------------------------------------
+
+def test_not_root_exit_6(capsys):
+    with FakeKernel(lu_abi="lu-v2", euid=1000,
+                    devices=[FakePciDevice(driver="vfio-pci")]) as k, use(k):
+        r = run_cli(capsys, "selftest", CDEV)
+    assert r.code == 6, (r.out, r.err)
+    [err] = error_lines(r.err)
+    assert "EACCES" in err or "ermission" in err
+
+
+def test_no_liveupdate_is_unsupported(capsys):
+    with FakeKernel(lu_abi="lu-v2", liveupdate=False,
+                    devices=[FakePciDevice(driver="vfio-pci")]) as k, use(k):
+        r = run_cli(capsys, "selftest", CDEV)
+    assert r.code == 4
+    [err] = error_lines(r.err)
+    assert "/dev/liveupdate" in err
+
+
+@pytest.mark.parametrize("device, message", [
+    ("0000:00:09.0", "no PCI device 0000:00:09.0"),
+    (BDF, "has no VFIO cdev"),                          # not bound to vfio-pci
+    ("/dev/vfio/devices/vfio7", "no such device node"),
+    ("vfio7", "no such device node /dev/vfio/devices/vfio7"),
+    ("/dev/iommu", "not a VFIO device cdev"),
+    ("/dev/vfio/3", "legacy VFIO group"),
+    ("eth0", "neither a VFIO cdev"),
+    ("00:03.8", "neither a VFIO cdev"),
+])
+def test_bad_device_exit_2(series_kernel, capsys, device, message):
+    r = run_cli(capsys, "selftest", device)
+    assert r.code == 2, (r.out, r.err)
+    [err] = error_lines(r.err)
+    assert message in err
+    assert r.out == ""          # rejected before the run started
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--session", "x" * 64], "1 to 63 bytes"),
+    (["--session", ""], "1 to 63 bytes"),
+    (["--lu-abi", "v3"], "unknown LU ABI revision"),
+    (["--kexec", "/nonexistent/bzImage"], "no such file"),
+    (["--initrd", "/boot/initrd.img-7.3.4"], "go with --kexec"),
+    (["--cmdline", "quiet"], "go with --kexec"),
+    (["--kexec", "/boot/vmlinuz-7.3.4", "--hold"], "exclude each other"),
+    (["--kexec", "/boot/vmlinuz-7.3.4", "--initrd", "/nonexistent"], "no such file"),
+])
+def test_bad_options_exit_2(series_kernel, capsys, args, message):
+    bind(capsys)
+    r = run_cli(capsys, "selftest", BDF, *args)
+    assert r.code == 2, (r.out, r.err)
+    [err] = error_lines(r.err)
+    assert message in err
+    assert "Traceback" not in r.err
+    assert series_kernel.boot_count == 1
