@@ -763,6 +763,9 @@ def validate(plan: Plan) -> list[Problem]:
                  "nothing can write this memory after preservation", where, "4.3")
         if m.contents.kind == "pattern" and not m.contents.pattern:
             err("memfd-contents", "empty pattern", where)
+        if m.contents.kind == "file" and not (m.contents.path and os.path.isfile(m.contents.path)
+                                              and os.access(m.contents.path, os.R_OK)):
+            err("memfd-contents", f"cannot read {m.contents.path} to fill it", where)
     if plan.manifest is False:
         warn("no-manifest", "no manifest: stage 2 will not know what the tokens are", "manifest")
 

@@ -154,6 +154,7 @@ RULES = {
     "hwpt-device-iommufd": lambda d: (
         d["iommufd"].append({"name": "iommufd1", "token": 9, "ioas": [{"name": "ioas1", "mappings": [
             {"memfd": "buffer"}]}], "hwpt": [{"name": "hwptB", "ioas": "ioas1", "device": "dev0"}]})),
+    "memfd-contents": _set(["memfd", 0, "contents"], "@/nonexistent/image"),
     "empty": lambda d: (d["memfd"][0].update(preserve=False), d["iommufd"].clear(), d["device"].clear()),
 }
 

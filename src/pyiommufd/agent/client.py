@@ -175,9 +175,8 @@ class AgentClient:
         return self._simple("stop", force=force)
 
 
-def _kind_name(kind: str) -> str:
-    return {"vfio": "vfio-cdev", "device": "vfio-cdev", "vfio_device": "vfio-cdev", "cdev": "vfio-cdev",
-            "iommu": "iommufd"}.get(kind, kind)
+def _kind_name(kind: str) -> str | None:
+    return P.normalize_kind(kind)
 
 
 def _close_fds(fds: Iterable[int]) -> None:

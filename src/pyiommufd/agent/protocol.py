@@ -43,6 +43,19 @@ OPS = ("ping", "status", "create_session", "preserve", "adopt", "retrieve_sessio
        "finish", "release", "stop")
 
 
+_KIND_ALIASES = {"vfio": "vfio-cdev", "vfio cdev": "vfio-cdev", "vfio_cdev": "vfio-cdev", "cdev": "vfio-cdev",
+                 "device": "vfio-cdev", "vfio-device": "vfio-cdev", "iommu": "iommufd"}
+
+
+def normalize_kind(kind: Any) -> str | None:
+    """memfd / iommufd / vfio-cdev / manifest / other, from an object's
+    ``kind`` attribute or a caller's spelling."""
+    if kind is None:
+        return None
+    text = str(kind).strip().lower()
+    return _KIND_ALIASES.get(text, text) or None
+
+
 def default_socket_path(socket_path: str | os.PathLike | None = None) -> str:
     """``socket_path``, else ``$PYIOMMUFD_AGENT_SOCKET``, else :data:`DEFAULT_SOCKET`."""
     if socket_path:

@@ -515,7 +515,7 @@ class AgentServer:
             raise errors.make_error("LIVEUPDATE_SESSION_PRESERVE_FD", "luo", E.EEXIST,
                                     detail=f"session {held.name!r}, token {token:#x}")
         held.session.preserve(fd, token)
-        kind = meta.pop("kind", None) or kind_of_fd(self.backend, fd)
+        kind = P.normalize_kind(meta.pop("kind", None)) or kind_of_fd(self.backend, fd)
         name = meta.pop("name", None)
         held.files[token] = HeldFile(token, str(kind), name, meta, fds.keep(fd), "preserved")
         log.info("preserved token %#x (%s %s) in %r", token, kind, name or "", held.name)
@@ -572,7 +572,7 @@ class AgentServer:
                     _touch(self.backend, ffd)
                     fds.keep(ffd)
                 meta = _meta(f.get("meta"))
-                kind = f.get("kind") or meta.pop("kind", None) or (
+                kind = P.normalize_kind(f.get("kind") or meta.pop("kind", None)) or (
                     kind_of_fd(self.backend, ffd) if ffd is not None else "other")
                 fname = f.get("name") or meta.pop("name", None)
                 if incoming:
