@@ -719,52 +719,66 @@ class VfioDevice(_FdOwner):
         _write_tail(arg, ffi.sizeof("struct vfio_device_feature"), data)
         return index, arg
 
+    def _feature_call(self, feature: int | str, flags: int, data: bytes) -> tuple[int, bytes]:
+        """Issue VFIO_DEVICE_FEATURE; returns (the ioctl's result, the data
+        area as the kernel left it)."""
+        _, arg = self._feature_arg(feature, flags, data)
+        base = ffi.sizeof("struct vfio_device_feature")
+        buf = ffi.buffer(arg, base + len(data))
+        result = _ioctl_result(self.backend, self.fileno(), FEATURE, buf)
+        return result, bytes(buf)[base:]
+
     def feature(self, feature: int | str, data: bytes | None = None, *, op: str = "get",
                 length: int | None = None):
-        """VFIO_DEVICE_FEATURE, generically. ``op="get"`` returns ``length``
-        bytes of feature data; ``"set"`` sends ``data`` and returns the
-        ioctl's result (some features answer with a new fd);
-        ``"probe"`` returns whether the feature supports GET/SET (``data``
-        ignored; probes both)."""
+        """VFIO_DEVICE_FEATURE, generically.
+
+        * ``op="get"``: returns the feature's data area after the call — pass
+          ``length`` (a zeroed area of that size) or ``data`` (input the
+          feature reads first, e.g. DMA_BUF's request);
+        * ``op="set"``: sends ``data``, returns the ioctl's result (some
+          features answer with a new fd);
+        * ``op="probe"``: whether the device has the feature at all."""
         if op == "get":
-            if length is None:
-                raise errors.UsageError("feature(op='get') needs length= (the feature's payload size)")
-            return self.feature_get(feature, length)
+            return self.feature_get(feature, length, data=data)
         if op == "set":
             return self.feature_set(feature, b"" if data is None else data)
         if op == "probe":
             return self.feature_probe(feature)
         raise errors.UsageError(f"unknown feature op {op!r}: get, set or probe")
 
-    def feature_probe(self, feature: int | str, *, get: bool = True, set: bool = True) -> bool:
-        """True if the device supports ``feature`` for the requested ops."""
+    def feature_probe(self, feature: int | str, *, get: bool = False, set: bool = False) -> bool:
+        """VFIO_DEVICE_FEATURE_PROBE: True if the device has ``feature`` and,
+        when asked, supports GET and/or SET of it. Unsupported features
+        (ENOTTY) and ops (EINVAL) give False."""
         flags = FEATURE_PROBE | (FEATURE_GET if get else 0) | (FEATURE_SET if set else 0)
-        _, arg = self._feature_arg(feature, flags, b"")
         try:
-            self._invoke(FEATURE, arg)
+            self._feature_call(feature, flags, b"")
         except (errors.NoSuchIoctl, errors.InvalidArgument, errors.NotSupported):
             return False
         return True
 
-    def feature_get(self, feature: int | str, length: int) -> bytes:
-        length = _int(length, "length", maximum=1 << 20)
-        _, arg = self._feature_arg(feature, FEATURE_GET, bytes(length))
-        self._invoke(FEATURE, arg)
-        base = ffi.sizeof("struct vfio_device_feature")
-        return bytes(ffi.buffer(arg, base + length))[base:]
+    def feature_get(self, feature: int | str, length: int | None = None, *, data: bytes | None = None) -> bytes:
+        """VFIO_DEVICE_FEATURE_GET; see :meth:`feature`."""
+        if data is None:
+            if length is None:
+                raise errors.UsageError("feature_get needs length= (the feature's payload size) or data=")
+            data = bytes(_int(length, "length", maximum=1 << 20))
+        elif length is not None and length != len(data):
+            raise errors.UsageError("length and len(data) differ")
+        _, out = self._feature_call(feature, FEATURE_GET, bytes(data))
+        return out
 
     def feature_set(self, feature: int | str, data: bytes = b"") -> int:
-        data = bytes(data)
-        _, arg = self._feature_arg(feature, FEATURE_SET, data)
-        base = ffi.sizeof("struct vfio_device_feature")
-        return _ioctl_result(self.backend, self.fileno(), FEATURE, ffi.buffer(arg, base + len(data)))
+        """VFIO_DEVICE_FEATURE_SET with ``data``; returns the ioctl's result."""
+        result, _ = self._feature_call(feature, FEATURE_SET, bytes(data))
+        return result
 
     def dma_buf(self, region: int | str, ranges: Sequence[tuple[int, int]], *,
                 open_flags: int = os.O_RDWR | os.O_CLOEXEC) -> int:
-        """VFIO_DEVICE_FEATURE_DMA_BUF: a dma-buf fd over ``(offset, length)``
-        ranges of a region (a BAR). Map it with ``IOAS.map_file`` — the way to
-        give a device P2P access to a BAR (IOMMU_IOAS_MAP of a BAR mmap
-        fails with EFAULT)."""
+        """VFIO_DEVICE_FEATURE_DMA_BUF (a GET whose result is the new fd): a
+        dma-buf over ``(offset, length)`` ranges of a region (a BAR). Map it
+        with ``IOAS.map_file`` — the way to give a device P2P access to a BAR
+        (IOMMU_IOAS_MAP of a BAR mmap fails with EFAULT). The caller owns the fd."""
         index = _index(region, REGION_INDEX, "region index")
         ranges = [(_int(o, "range offset"), _length(n, "range length", alignment=None)) for o, n in ranges]
         if not ranges:
@@ -780,7 +794,8 @@ class VfioDevice(_FdOwner):
             body += bytes(ffi.buffer(r))
         if "dma_buf" not in FEATURES:
             raise errors.UsageError("these bindings lack VFIO_DEVICE_FEATURE_DMA_BUF")
-        return self.feature_set("dma_buf", body)
+        result, _ = self._feature_call("dma_buf", FEATURE_GET, body)
+        return result
 
 
 def _sparse_areas(cap: ioctl.Capability) -> list[tuple[int, int]]:
