@@ -278,3 +278,29 @@ def test_stop_without_sessions(agent):
     agent._thread.join(5)
     assert not client.is_running()
     assert not os.path.exists(agent.socket_path)
+
+
+def test_ensure_running_spawns_a_daemon_with_the_linux_backend(sockdir):
+    import time
+
+    from pyiommufd.agent import ensure_running
+
+    path = os.path.join(sockdir, "spawned.sock")
+    r, w = os.pipe()
+    os.set_inheritable(w, True)     # even an inheritable fd of ours must not reach the daemon
+    client = ensure_running(path, backend=LinuxBackend())
+    try:
+        info = client.ping()
+        assert info["pid"] != os.getpid() and info["backend"] == "linux"
+        ours = os.readlink(f"/proc/self/fd/{w}")
+        theirs = [os.readlink(f"/proc/{info['pid']}/fd/{fd}") for fd in os.listdir(f"/proc/{info['pid']}/fd")]
+        assert ours not in theirs
+        assert ensure_running(path, backend=LinuxBackend()).ping()["pid"] == info["pid"]
+    finally:
+        os.close(r)
+        os.close(w)
+        client.stop(force=True)
+    deadline = time.monotonic() + 10
+    while client.is_running() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not client.is_running()
