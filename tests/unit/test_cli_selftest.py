@@ -265,7 +265,7 @@ def test_no_liveupdate_is_unsupported(capsys):
     ("/dev/iommu", "not a VFIO device cdev"),
     ("/dev/vfio/3", "legacy VFIO group"),
     ("eth0", "neither a VFIO cdev"),
-    ("00:03.8", "neither a VFIO cdev"),
+    ("00:03.8", "not a PCI address"),
 ])
 def test_bad_device_exit_2(series_kernel, capsys, device, message):
     r = run_cli(capsys, "selftest", device)

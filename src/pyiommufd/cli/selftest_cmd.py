@@ -43,6 +43,8 @@ def resolve_device(device: str, backend) -> str:
             raise CommandError(f"{dev.bdf} has no VFIO cdev (driver: {driver or 'none'}); "
                                f"bind it first: pyiommufd bind {dev.bdf}")
         return cdev
+    if ":" in device and "/" not in device:
+        pci.normalize_bdf(device)  # looks like a PCI address but is not one: say why (exit 2)
     if re.fullmatch(r"vfio\d+", device):
         path = f"{VFIO_CDEV_DIR}/{device}"
     elif "/" in device:
@@ -64,9 +66,19 @@ def resolve_device(device: str, backend) -> str:
 
 def _validate(session_name: str, lu_abi: str | None) -> str | None:
     from .. import abi, luo
+    from ..errors import UsageError
 
     luo.check_session_name(session_name)  # UsageError -> 2
-    if lu_abi is None or lu_abi.lower() == "probe":
+    abi.parse_nr(os.environ.get(abi.ENV_NR))  # a bad $PYIOMMUFD_LU_NR -> 2, before the run
+    if lu_abi is None:
+        env = os.environ.get(abi.ENV_ABI)
+        if env and env.lower() != "probe":
+            try:
+                abi.lookup(env)
+            except UsageError as exc:
+                raise UsageError(f"${abi.ENV_ABI}: {exc}") from None
+        return None
+    if lu_abi.lower() == "probe":
         return lu_abi
     return abi.lookup(lu_abi).name  # UsageError -> 2 for an unknown revision
 

@@ -1,0 +1,282 @@
+"""The bad-input matrix over every command: each case runs ``pyiommufd ARGS``
+through ``cli.main()`` against the fake kernel and checks the exact exit code,
+exactly one ``pyiommufd: error:`` line on stderr (containing the expected
+words) and no traceback anywhere.
+
+Kernel set-ups: ``series`` (lu-v2, device on virtio-pci), ``bound`` (device
+booted on vfio-pci, so /dev/vfio/devices/vfio0 exists), ``nonroot`` (bound,
+euid 1000), ``busy`` (bound, /dev/liveupdate held open by this process before
+the command runs), ``noqemu`` (no qemu-system-x86_64 on $PATH).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+
+import pytest
+
+from pyiommufd import agent
+from pyiommufd.backend import use
+from pyiommufd.cli import COMMANDS, main
+from pyiommufd.testing import FakeKernel, FakePciDevice
+
+LONG = "x" * 64
+CDEV = "/dev/vfio/devices/vfio0"
+
+PLANS = {
+    "bad.toml": "session = [\n",
+    "bad.json": '{"session": \n',
+    "unknown-key.json": '{"session": "s", "memfd": [{"name": "a", "size": "4K", "bogus": 1}]}',
+    # the iommufd is preserved but the memfd its marked HWPT maps is not: PRESERVE_FD says ENOENT
+    "memfd-not-first.toml": """
+session = "s"
+lu_abi = "lu-v2"
+[[memfd]]
+name = "ram"
+size = "1M"
+preserve = false
+[[iommufd]]
+name = "i0"
+  [[iommufd.ioas]]
+  name = "ioas0"
+  mappings = [{ memfd = "ram" }]
+  [[iommufd.hwpt]]
+  name = "hwpt0"
+  ioas = "ioas0"
+  device = "dev0"
+  lu_token = 7
+[[device]]
+name = "dev0"
+bdf = "0000:00:03.0"
+hwpt = "hwpt0"
+""",
+    # dependencies are looked up only in the same session (seed-spec 4.2)
+    "split-session.toml": """
+session = "s"
+[[memfd]]
+name = "ram"
+size = "1M"
+session = "other"
+[[iommufd]]
+name = "i0"
+  [[iommufd.ioas]]
+  name = "ioas0"
+  mappings = [{ memfd = "ram" }]
+""",
+}
+
+
+@dataclass
+class Case:
+    id: str
+    argv: list[str]
+    code: int
+    words: str                  # must appear in the error line
+    setup: str = "series"
+    env: dict[str, str] = field(default_factory=dict)
+    xfail: str | None = None
+
+
+CASES = [
+    # -- bad BDF -----------------------------------------------------------------------------
+    Case("selftest/bad-bdf", ["selftest", "zz:00.0"], 2, "not a PCI address"),
+    Case("selftest/not-a-device", ["selftest", "eth0"], 2, "neither a VFIO cdev"),
+    Case("bind/bad-bdf", ["bind", "00:03"], 2, "not a PCI address"),
+    Case("unbind/bad-bdf", ["unbind", "0000:00:03.0/.."], 2, "not a PCI address"),
+    Case("bind/bdf-device-above-1f", ["bind", "0000:00:20.0"], 2, "above 0x1f"),
+    Case("preserve/bad-bdf", ["preserve", "--session", "s", "--device", "zz"], 2, "not a PCI address"),
+    Case("plan/bad-bdf", ["plan", "--session", "s", "--device", "zz"], 2, "not a PCI address"),
+    # -- missing device or node ----------------------------------------------------------------
+    Case("selftest/missing-node", ["selftest", "/dev/vfio/devices/vfio9"], 2, "no such device node"),
+    Case("selftest/missing-vfioN", ["selftest", "vfio9"], 2, "no such device node /dev/vfio/devices/vfio9"),
+    Case("selftest/missing-pci", ["selftest", "0000:00:09.0"], 2, "no PCI device 0000:00:09.0"),
+    Case("selftest/unbound", ["selftest", "0000:00:03.0"], 2, "has no VFIO cdev"),
+    Case("selftest/not-a-cdev", ["selftest", "/dev/iommu"], 2, "not a VFIO device cdev"),
+    Case("selftest/legacy-group", ["selftest", "/dev/vfio/3"], 2, "legacy VFIO group"),
+    Case("bind/missing", ["bind", "0000:00:09.0"], 2, "no PCI device 0000:00:09.0"),
+    Case("unbind/missing", ["unbind", "0000:00:09.0"], 2, "no PCI device 0000:00:09.0"),
+    Case("preserve/missing-node", ["preserve", "--session", "s", "--device", "/dev/vfio/devices/vfio9"], 2,
+         "vfio9", xfail="lifecycle: a missing cdev surfaces as ENOENT from open (exit 3), not bad input"),
+    Case("selftest/missing-kexec-kernel", ["selftest", CDEV, "--kexec", "/nonexistent/bzImage"], 2,
+         "no such file", setup="bound"),
+    Case("kexec/missing-kernel", ["kexec", "--kernel", "/nonexistent/bzImage"], 2, "no such file"),
+    Case("vm-run/missing-kernel", ["vm", "run", "--kernel", "/nonexistent/bzImage", "--", "true"], 2,
+         "no such file"),
+    Case("vm-selftest/missing-kernel", ["vm", "selftest", "--kernel", "/nonexistent/bzImage"], 2,
+         "no such file"),
+    # -- not root --------------------------------------------------------------------------------
+    Case("selftest/not-root", ["selftest", CDEV], 6, "EACCES", setup="nonroot"),
+    Case("bind/not-root", ["bind", "0000:00:03.0"], 6, "needs root", setup="nonroot"),
+    Case("unbind/not-root", ["unbind", "0000:00:03.0"], 6, "needs root", setup="nonroot"),
+    Case("caps/not-root", ["caps"], 6, "permission denied", setup="nonroot"),
+    Case("doctor/not-root", ["doctor"], 1, "required check(s) failed: root", setup="nonroot"),
+    Case("preserve/not-root", ["preserve", "--session", "s", "--memfd", "a:4096"], 6, "EACCES",
+         setup="nonroot"),
+    Case("restore/not-root", ["restore", "--session", "s"], 6, "EACCES", setup="nonroot"),
+    Case("kexec/not-root", ["kexec", "--kernel", "{tmp}/bzImage", "--load-only"], 6, "EPERM",
+         setup="nonroot"),
+    # -- session name too long (64 bytes) ----------------------------------------------------------
+    Case("selftest/long-session", ["selftest", CDEV, "--session", LONG], 2, "63 bytes", setup="bound"),
+    Case("selftest/empty-session", ["selftest", CDEV, "--session", ""], 2, "63 bytes", setup="bound"),
+    Case("preserve/long-session", ["preserve", "--session", LONG, "--memfd", "a:4096"], 2, "63 bytes"),
+    Case("restore/long-session", ["restore", "--session", LONG], 2, "63 bytes"),
+    Case("finish/long-session", ["finish", "--session", LONG], 2, "63 bytes"),
+    Case("plan/long-session", ["plan", "--session", LONG, "--memfd", "a:4096"], 2, "63 bytes"),
+    Case("vm-selftest/long-session", ["vm", "selftest", "--session", LONG], 2, "63 bytes"),
+    # -- token collisions ----------------------------------------------------------------------------
+    Case("plan/token-collision", ["plan", "--session", "s", "--memfd", "a:4096:token=5",
+                                  "--memfd", "b:4096:token=5"], 2, "token 0x5"),
+    Case("preserve/token-collision", ["preserve", "--session", "s", "--memfd", "a:4096:token=5",
+                                      "--memfd", "b:4096:token=5"], 2, "token 0x5"),
+    Case("plan/token-0-reserved", ["plan", "--session", "s", "--memfd", "a:4096:token=0"], 2,
+         "reserved for the pyiommufd manifest"),
+    # -- wrong order in a plan -------------------------------------------------------------------------
+    Case("plan/memfd-not-preserved-first", ["plan", "{tmp}/memfd-not-first.toml"], 2, "not preserved"),
+    Case("preserve/memfd-not-preserved-first", ["preserve", "--plan", "{tmp}/memfd-not-first.toml"], 2,
+         "not preserved"),
+    Case("plan/split-session", ["plan", "{tmp}/split-session.toml"], 2, "one session"),
+    # -- busy /dev/liveupdate ------------------------------------------------------------------------------
+    Case("selftest/busy", ["selftest", CDEV], 5, "EBUSY", setup="busy"),
+    Case("preserve/busy", ["preserve", "--session", "s", "--memfd", "a:4096"], 5, "EBUSY", setup="busy"),
+    Case("restore/busy", ["restore", "--session", "s"], 5, "EBUSY", setup="busy"),
+    # -- unknown LU ABI ----------------------------------------------------------------------------------------
+    Case("selftest/unknown-lu-abi", ["selftest", CDEV, "--lu-abi", "v3"], 2, "unknown LU ABI revision 'v3'",
+         setup="bound"),
+    Case("selftest/unknown-lu-abi-env", ["selftest", CDEV], 2, "$PYIOMMUFD_LU_ABI", setup="bound",
+         env={"PYIOMMUFD_LU_ABI": "lu-v9"}),
+    Case("selftest/bad-lu-nr-env", ["selftest", CDEV], 2, "not an ioctl nr", setup="bound",
+         env={"PYIOMMUFD_LU_NR": "nope"}),
+    Case("plan/unknown-lu-abi", ["plan", "--session", "s", "--memfd", "a:4096", "--lu-abi", "v3"], 2, "v3"),
+    Case("preserve/unknown-lu-abi", ["preserve", "--session", "s", "--memfd", "a:4096", "--lu-abi", "v3"], 2,
+         "v3"),
+    Case("vm-selftest/unknown-lu-abi", ["vm", "selftest", "--lu-abi", "v3"], 2, "unknown LU ABI revision"),
+    # -- malformed plan files -------------------------------------------------------------------------------------
+    Case("plan/bad-toml", ["plan", "{tmp}/bad.toml"], 2, "not valid TOML"),
+    Case("plan/bad-json", ["plan", "{tmp}/bad.json"], 2, "not valid JSON"),
+    Case("plan/unknown-key", ["plan", "{tmp}/unknown-key.json"], 2, "unknown key"),
+    Case("plan/missing-file", ["plan", "{tmp}/nonexistent.toml"], 2, "cannot read plan"),
+    Case("preserve/bad-toml", ["preserve", "--plan", "{tmp}/bad.toml"], 2, "not valid TOML"),
+    Case("preserve/plan-and-options", ["preserve", "--plan", "{tmp}/bad.toml", "--memfd", "a:4096"], 2,
+         "not both"),
+    # -- conflicting or missing options -----------------------------------------------------------------------------
+    Case("selftest/kexec-and-hold", ["selftest", CDEV, "--kexec", "/boot/vmlinuz-7.3.4", "--hold"], 2,
+         "exclude each other", setup="bound"),
+    Case("selftest/initrd-without-kexec", ["selftest", CDEV, "--initrd", "/boot/initrd.img-7.3.4"], 2,
+         "go with --kexec", setup="bound"),
+    Case("kexec/no-kernel", ["kexec"], 2, "--kernel PATH is required"),
+    Case("kexec/cmdline-and-reuse", ["kexec", "--kernel", "{tmp}/bzImage", "--cmdline", "x",
+                                     "--reuse-cmdline"], 2, "not both"),
+    Case("finish/no-session", ["finish"], 2, "--session NAME is required"),
+    Case("vm-run/zero-timeout", ["vm", "run", "--timeout", "0", "--", "true"], 2, "--timeout"),
+    Case("vm-build-kernel/zero-jobs", ["vm", "build-kernel", "--jobs", "0"], 2, "--jobs"),
+    Case("vm-guest-selftest/outside-guest", ["vm", "guest-selftest", "--stage", "1"], 2, "only inside"),
+    # -- missing tools and services ----------------------------------------------------------------------------------
+    Case("vm-run/no-qemu", ["vm", "run", "--", "true"], 4, "qemu-system-x86_64 not found", setup="noqemu"),
+    Case("vm-selftest/no-qemu", ["vm", "selftest"], 4, "qemu-system-x86_64 not found", setup="noqemu"),
+    Case("status/no-agent", ["status"], 7, "no pyiommufd agent answers"),
+    Case("finish/no-agent", ["finish", "--session", "s"], 7, "no pyiommufd agent answers"),
+    Case("agent-status/no-agent", ["agent", "status"], 7, "no pyiommufd agent answers"),
+]
+
+
+@pytest.fixture
+def env(monkeypatch, tmp_path):
+    sockdir = tempfile.mkdtemp(prefix="pyiommufd-t", dir="/tmp")
+    sock = os.path.join(sockdir, "agent.sock")
+    monkeypatch.setenv("PYIOMMUFD_AGENT_SOCKET", sock)
+    monkeypatch.setenv("PYIOMMUFD_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("PYIOMMUFD_CACHE", str(tmp_path / "cache"))
+    for name in ("PYIOMMUFD_LU_ABI", "PYIOMMUFD_LU_NR", "PYIOMMUFD_DEBUG", "PYIOMMUFD_IN_GUEST",
+                 "PYIOMMUFD_VM_SIMULATE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, text in PLANS.items():
+        (tmp_path / name).write_text(text)
+    (tmp_path / "bzImage").write_bytes(b"MZ not really a kernel")
+    yield tmp_path
+    server = agent.in_process_agents().get(sock)
+    if server is not None:
+        server.shutdown(release=False)
+    shutil.rmtree(sockdir, ignore_errors=True)
+
+
+def _kernel(setup: str) -> FakeKernel:
+    if setup in ("bound", "busy"):
+        return FakeKernel(lu_abi="lu-v2", devices=[FakePciDevice(driver="vfio-pci")])
+    if setup == "nonroot":
+        return FakeKernel(lu_abi="lu-v2", euid=1000, devices=[FakePciDevice(driver="vfio-pci")])
+    return FakeKernel(lu_abi="lu-v2")
+
+
+def run_cli(capsys, argv):
+    capsys.readouterr()
+    try:
+        main(list(argv))
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    else:  # pragma: no cover - main() always exits
+        code = 0
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("case", [
+    pytest.param(c, id=c.id, marks=[pytest.mark.xfail(reason=c.xfail, strict=False)] if c.xfail else [])
+    for c in CASES])
+def test_bad_input(case, env, capsys, monkeypatch):
+    for key, value in case.env.items():
+        monkeypatch.setenv(key, value)
+    if case.setup == "noqemu":
+        import shutil as shutil_mod
+        real_which = shutil_mod.which
+        monkeypatch.setattr(shutil_mod, "which",
+                            lambda name, *a, **kw: None if name.startswith("qemu") else real_which(name, *a, **kw))
+    argv = [a.replace("{tmp}", str(env)) for a in case.argv]
+    with _kernel(case.setup) as k, use(k):
+        held = k.open("/dev/liveupdate") if case.setup == "busy" else None
+        try:
+            code, out, err = run_cli(capsys, argv)
+        finally:
+            if held is not None:
+                k.close(held)
+        boots = k.boot_count
+    assert "Traceback" not in out + err
+    assert code == case.code, (out, err)
+    errors = [ln for ln in err.splitlines() if ln.startswith("pyiommufd: error:")]
+    assert len(errors) == 1, err
+    assert case.words in errors[0], errors[0]
+    assert boots == 1                       # no bad input ever reboots the (fake) machine
+
+
+def test_matrix_covers_every_command():
+    """Every registered command (and the vm subcommands) has at least one bad-input case."""
+    covered = {c.argv[0] if c.argv[0] != "vm" else f"vm {c.argv[1]}" for c in CASES}
+    # `devices` takes no input to get wrong (see below); `exit-codes` neither
+    expected = (set(COMMANDS) - {"vm", "exit-codes", "devices"}) | {"vm run", "vm selftest", "vm build-kernel"}
+    missing = expected - covered
+    assert not missing, f"no bad-input case for: {sorted(missing)}"
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["selftest"], "Missing argument"),
+    (["bind"], "Missing argument"),
+    (["nosuch-command"], "No such command"),
+    (["devices", "--bogus"], "No such option"),
+    (["vm", "run", "--timeout", "abc", "--", "true"], "not a valid float"),
+    (["vm", "run"], "Missing argument"),
+])
+def test_click_usage_errors_exit_2(env, capsys, argv, words):
+    """Errors click itself detects: exit 2 and click's usage text, never a traceback.
+    (cli.main() prints these in click's own format, not as one `pyiommufd: error:` line.)"""
+    with FakeKernel() as k, use(k):
+        code, out, err = run_cli(capsys, argv)
+    assert code == 2
+    assert words in err and "Traceback" not in out + err
+
+
+def test_devices_has_no_bad_input_but_works_unprivileged(env, capsys):
+    """`devices` takes no arguments beyond --json; it reads sysfs only, so it works as non-root."""
+    with _kernel("nonroot") as k, use(k):
+        code, out, err = run_cli(capsys, ["devices"])
+    assert code == 0 and err == "" and CDEV in out
