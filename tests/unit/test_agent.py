@@ -345,3 +345,33 @@ def test_wrong_direction_and_unknown_sessions(env):
     with pytest.raises(errors.LiveUpdateError) as info:
         c.retrieve_session("never")
     assert info.value.errno == errno.ENOENT and "no live update yet" in info.value.hint
+
+
+def test_signal_while_holding_state_needs_a_second_one(env, monkeypatch):
+    import signal
+
+    handlers = {}
+    monkeypatch.setattr(signal, "signal", lambda sig, h: handlers.__setitem__(sig, h))
+    env.server.install_signal_handlers(grace=60)
+    term = handlers[signal.SIGTERM]
+    c = env.client
+    c.create_session("s")
+    ram = env.memfd("ram", b"x")
+    c.preserve("s", 1, ram)
+    ram.close()
+    term(signal.SIGTERM, None)
+    assert c.is_running()              # first signal: logged, ignored
+    term(signal.SIGTERM, None)         # second one within the grace period: stop
+    env.server._thread.join(5)
+    assert not c.is_running()
+
+
+def test_signal_without_state_stops_at_once(env, monkeypatch):
+    import signal
+
+    handlers = {}
+    monkeypatch.setattr(signal, "signal", lambda sig, h: handlers.__setitem__(sig, h))
+    env.server.install_signal_handlers()
+    handlers[signal.SIGINT](signal.SIGINT, None)
+    env.server._thread.join(5)
+    assert not env.client.is_running()

@@ -22,7 +22,11 @@ holder; every other command talks to it over a UNIX socket
   0700 directory.
 * Requests that would drop preserved state (``release`` of an outgoing
   session with files, of an unfinished incoming one, ``stop`` while holding
-  such sessions) are refused unless ``force`` is set.
+  such sessions) are refused unless ``force`` is set. Likewise the first
+  SIGTERM/SIGINT while holding such state is only logged; a second one
+  within 10 s stops the agent. Note that ``systemctl kexec`` stops every
+  process before rebooting: use ``pyiommufd kexec`` (or ``kexec -e``),
+  which reboot directly while the agent keeps the fds.
 """
 from __future__ import annotations
 
@@ -356,8 +360,25 @@ class AgentServer:
                     pass
         self._wake_r = self._wake_w = -1
 
-    def install_signal_handlers(self) -> None:
+    def holding_state(self) -> list[str]:
+        """Why stopping now would drop live-update state (empty: it would not)."""
+        return [w for w in (self._release_warning(s) for s in list(self.sessions.values())) if w]
+
+    def install_signal_handlers(self, grace: float = 10.0) -> None:
+        """SIGTERM/SIGINT stop the agent, except while it holds preserved or
+        unfinished sessions: then the first signal is only logged (a service
+        manager or a stray kill must not unpreserve everything) and a second
+        one within ``grace`` seconds stops it. SIGHUP is ignored."""
+        last = [0.0]
+
         def handler(signum, frame):
+            holding = self.holding_state()
+            now = time.monotonic()
+            if holding and now - last[0] > grace:
+                last[0] = now
+                log.warning("signal %d ignored: %s; send it again within %gs to stop anyway, or use "
+                            "`pyiommufd agent stop --force`", signum, "; ".join(holding), grace)
+                return
             log.warning("signal %d: stopping; closing the session fds unpreserves outgoing sessions", signum)
             self.request_stop()
 
@@ -707,7 +728,7 @@ class AgentServer:
 
     def _op_stop(self, args, fds):
         force = bool(args.get("force", False))
-        warnings = [w for w in (self._release_warning(s) for s in self.sessions.values()) if w]
+        warnings = self.holding_state()
         if warnings and not force:
             raise AgentRefused("the agent holds live-update state: " + "; ".join(warnings) +
                                "; stopping would drop it (stop --force to do it anyway)")
