@@ -245,6 +245,11 @@ def buffer_address(buffer: Any, *, writable: bool, length: int | None = None):
     return addr, size, pin
 
 
+def aligned_buffer(length: int) -> _mmap.mmap:
+    """Page-aligned anonymous memory for :meth:`IOAS.map` (an ``mmap.mmap``)."""
+    return _mmap.mmap(-1, _length(length))
+
+
 def _release(pin: Any) -> None:
     if isinstance(pin, ffi.CData):
         try:
@@ -935,19 +940,26 @@ class IOAS(IommufdObject):
         as the seed selftest does; 7.3 ignores it). Returns the IOVA.
 
         The buffer is referenced (and its export held) until it is unmapped.
-        The length must be a multiple of the page size. Prefer page-aligned
-        memory (``mmap``): the IOMMU maps whole pages, so with an unaligned
-        ``bytearray`` the device can reach the neighbouring bytes of its first
-        and last page. User-VA mappings cannot be preserved across a live
+        The length must be a multiple of the page size. Use page-aligned
+        memory (``mmap.mmap``, :func:`aligned_buffer`): a ``bytearray`` is
+        rarely page aligned, and the kernel keeps the buffer's page offset in
+        the IOVA, which it refuses (EINVAL) once the IOAS has a domain; the
+        IOMMU also maps whole pages, so the device could reach the bytes
+        around an unaligned buffer. User-VA mappings cannot be preserved across a live
         update (seed-spec 4.4): use :meth:`map_file` with a sealed memfd."""
         self._check()
         flags = self._map_flags(readable, writeable, iova is not None)
         addr, size, pin = buffer_address(buffer, writable=writeable, length=length)
+        detail = None
+        if addr % PAGE_SIZE:
+            detail = (f"user_va {addr:#x} is not page aligned: once a domain is attached the IOVA "
+                      "must be page aligned and keeps the buffer's page offset; map page-aligned "
+                      "memory (mmap.mmap, pyiommufd.iommufd.aligned_buffer())")
         try:
             _aligned(size, "length")
             iova_in = self._check_iova(iova, size, hint_iova)
             arg = self.iommufd._call(IOMMU_IOAS_MAP, flags=flags, ioas_id=self.id, user_va=addr,
-                                     length=size, iova=iova_in)
+                                     length=size, iova=iova_in, detail=detail)
         except BaseException:
             _release(pin)
             raise
@@ -1049,14 +1061,20 @@ class IOAS(IommufdObject):
         return got
 
     # -- IOVA ranges -------------------------------------------------------------
+    #: entries in the first IOVA_RANGES call; more take a second (EMSGSIZE) call
+    ranges_initial = 8
+
     def _ranges_call(self):
         return ioctl.call_growing(self.backend, self.iommufd.fileno(), IOMMU_IOAS_IOVA_RANGES,
                                   count_field="num_iovas", ptr_field="allowed_iovas",
-                                  elem_type="struct iommu_iova_range", ioas_id=self.id)
+                                  elem_type="struct iommu_iova_range", initial=self.ranges_initial,
+                                  ioas_id=self.id)
 
     def iova_ranges(self) -> list[IovaRange]:
-        """IOMMU_IOAS_IOVA_RANGES: the IOVA ranges usable for mapping (the
-        EMSGSIZE two-call is done for you)."""
+        """IOMMU_IOAS_IOVA_RANGES: the holes between reserved IOVA ranges
+        (the MSI window, the domains' apertures). Allowed ranges
+        (:meth:`allow_iovas`) only steer automatic allocation and do not show
+        here. The EMSGSIZE two-call is done for you."""
         self._check()
         _, ranges = self._ranges_call()
         return [IovaRange(int(r.start), int(r.last)) for r in ranges]
@@ -1387,6 +1405,6 @@ class HwQueue(IommufdObject):
 
 __all__ = [
     "IOMMUFD", "IOAS", "HWPT", "FaultQueue", "Viommu", "Vdevice", "Veventq", "HwQueue", "IommufdObject",
-    "Mapping", "IovaRange", "HwInfo", "HwInfoVtd", "DirtyBitmap", "PageFault", "buffer_address",
+    "Mapping", "IovaRange", "HwInfo", "HwInfoVtd", "DirtyBitmap", "PageFault", "buffer_address", "aligned_buffer",
     "DEFAULT_PATH", "PAGE_SIZE",
 ]
