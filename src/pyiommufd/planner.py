@@ -1243,7 +1243,17 @@ def execute(plan: Plan, client, *, backend=None, ops: list[Operation] | None = N
                 continue
             dev = devices[d.name]
             iommufd = device_iommufd(plan, d)
-            entries.append(M.Entry(d.token, "vfio-cdev", d.name, bdf=dev.bdf or d.bdf,
+            bdf = dev.bdf or d.bdf
+            if bdf is None and d.cdev:
+                # stage 2 must bind the device to vfio-pci before retrieving the cdev: record its BDF
+                from .pci import find_by_cdev
+
+                try:
+                    found = find_by_cdev(d.cdev, be)
+                except OSError:
+                    found = None
+                bdf = found.bdf if found is not None else None
+            entries.append(M.Entry(d.token, "vfio-cdev", d.name, bdf=bdf,
                                    cdev=getattr(dev, "path", None) or d.cdev,
                                    iommufd_token=iommufd.token if iommufd is not None and iommufd.preserve else None,
                                    hwpt=d.hwpt))

@@ -467,3 +467,29 @@ def test_bad_input(stock, args, code):
 def test_debug_shows_the_traceback(stock):
     r = stock.runner.invoke(cli, ["--debug", "finish", "--session", "never"])
     assert r.exit_code != 0 and r.exception is not None   # re-raised for the traceback
+
+
+def test_restore_does_not_retrieve_a_cdev_before_vfio_pci(series):
+    """A failed retrieve is sticky (seed-spec 4.1): restore must not try the cdev
+    while the device is on another driver; --bind-vfio binds it first."""
+    series.run(*STAGE1)
+    series.kexec()
+    r = series.run("restore", "--session", "vm0", "--json", code=1)
+    rows = {row["name"]: row for row in json.loads(r.stdout)["tokens"]}
+    assert rows["dev0"]["status"] == "not-bound" and "vfio-pci" in rows["dev0"]["note"]
+    assert rows["guest-ram"]["status"] == "retrieved"
+    assert "pyiommufd bind 0000:00:03.0" in r.stderr
+    # nothing was spoiled: the cdev is still pending in the agent
+    st = json.loads(series.run("status", "--json").stdout)["sessions"][0]
+    assert {t["name"]: t["state"] for t in st["tokens"]}["dev0"] == "pending"
+    doc = json.loads(series.run("restore", "--session", "vm0", "--bind-vfio", "--json").stdout)
+    rows = {row["name"]: row for row in doc["tokens"]}
+    assert rows["dev0"]["status"] == "retrieved"
+    assert pci.PciDevice(BDF, series.k).driver == "vfio-pci"
+
+
+def test_manifest_records_the_bdf_of_a_cdev_device(series):
+    doc = json.loads(series.run("preserve", "--session", "c", "--memfd", "ram:64K", "--device",
+                                "/dev/vfio/devices/vfio0", "--json").stdout)
+    cdev = next(e for e in doc["manifest"]["entries"] if e["kind"] == "vfio-cdev")
+    assert cdev["bdf"] == BDF and cdev["cdev"] == "/dev/vfio/devices/vfio0"

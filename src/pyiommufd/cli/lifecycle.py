@@ -323,19 +323,26 @@ def _verify_memfd(be, fd: int, entry) -> list[str]:
 @click.command("restore")
 @click.option("--session", metavar="NAME", help="The incoming session to restore.")
 @click.option("--verify", is_flag=True, help="Check memfd sizes, seals and sha256 against the manifest.")
+@click.option("--bind-vfio", is_flag=True,
+              help="Bind preserved devices to vfio-pci (driver_override) before retrieving their cdevs.")
 @click.option("--exec", "do_exec", is_flag=True,
               help="After restoring, exec COMMAND with {token}/{name} replaced by fd numbers.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @socket_option
 @json_option
 @handle_errors
-def restore(session, verify, do_exec, command, socket_path, as_json):
+def restore(session, verify, bind_vfio, do_exec, command, socket_path, as_json):
     """After kexec: retrieve a session per its manifest, verify, optionally exec a VMM.
 
     The agent (started if none runs) retrieves the session, reads the
     manifest at token 0 and retrieves every token: memfds, then cdevs, then
     iommufds (whose retrieve fails with EOPNOTSUPP in Phase 1 of the series;
     reported as expected). The agent keeps the files until `finish`.
+
+    A preserved device must be bound to vfio-pci before its cdev is
+    retrieved, and a failed retrieve is sticky (seed-spec 3.4, 4.1): so a
+    cdev whose device is on another driver (or none) is not retrieved but
+    reported (exit 1), unless --bind-vfio binds it first.
 
     \b
     --exec -- CMD ARGS...: placeholders {TOKEN} (decimal or 0x hex), {NAME}
@@ -372,8 +379,17 @@ def restore(session, verify, do_exec, command, socket_path, as_json):
                                        "status": "retrieved", "fd": fd0}]
         first_error: Exception | None = None
         mismatches = 0
+        unbound: list[str] = []
         for entry in manifest.retrieve_order():
             row: dict[str, Any] = {"token": entry.token, "kind": entry.kind, "name": entry.name}
+            if entry.kind == "vfio-cdev" and entry.bdf:
+                row["bdf"] = entry.bdf
+                note = _vfio_ready(be, entry.bdf, bind_vfio)
+                if note is not None:
+                    row["status"], row["note"] = "not-bound", note
+                    unbound.append(entry.bdf)
+                    rows.append(row)
+                    continue
             try:
                 fd = client.retrieve(session, entry.token)
             except errors.KernelError as exc:
@@ -397,8 +413,6 @@ def restore(session, verify, do_exec, command, socket_path, as_json):
                     diffs = _verify_memfd(be, fd, entry)
                     row["verify"] = "ok" if not diffs else "; ".join(diffs)
                     mismatches += bool(diffs)
-            elif entry.kind == "vfio-cdev":
-                row["bdf"] = entry.bdf
             rows.append(row)
         result = {"session": session, "already_held": info.get("already_held", False),
                   "manifest": manifest.as_dict(), "tokens": rows,
@@ -419,6 +433,10 @@ def restore(session, verify, do_exec, command, socket_path, as_json):
                          for r in rows], ("token", "kind", "name", "status", "fd", "details")), out)
         if first_error is not None:
             raise first_error
+        if unbound:
+            raise CommandError(f"not retrieved: the cdev of {', '.join(unbound)}, which is not bound to vfio-pci; "
+                               f"bind it (`pyiommufd bind {unbound[0]}`, or restore --bind-vfio) and run restore "
+                               "again (a failed retrieve would be sticky)", exitcodes.CHECK_FAILED)
         if mismatches:
             raise CommandError(f"{mismatches} memfd(s) differ from the manifest", exitcodes.CHECK_FAILED)
         if not do_exec:
@@ -428,7 +446,7 @@ def restore(session, verify, do_exec, command, socket_path, as_json):
             bad = next(r for r in rows if r["token"] == missing[0])
             code = exitcodes.UNSUPPORTED if bad.get("status") == "expected-failure" else exitcodes.KERNEL_ERROR
             raise CommandError(f"--exec: token {missing[0]:#x} ({bad['name']}) was not retrieved: "
-                               f"{bad.get('error')}", code)
+                               f"{bad.get('error') or bad.get('note')}", code)
         argv = expand(command, fds, manifest)
         for token in wanted:
             os.set_inheritable(fds[token], True)
@@ -447,6 +465,28 @@ def restore(session, verify, do_exec, command, socket_path, as_json):
                 os.close(fd)
             except OSError:
                 pass
+
+
+def _vfio_ready(be, bdf: str, bind: bool) -> str | None:
+    """None when ``bdf`` is on vfio-pci (after binding it, with ``bind``);
+    else why its cdev must not be retrieved yet."""
+    from .. import errors, pci
+
+    try:
+        dev = pci.PciDevice(bdf, be)
+        dev.require()
+        driver = dev.driver
+        if driver == pci.VFIO_PCI_DRIVER:
+            return None
+        if bind:
+            dev.bind_vfio()
+            if dev.driver == pci.VFIO_PCI_DRIVER:
+                return None
+            return f"bound {bdf} to vfio-pci, but it is on {dev.driver or 'no driver'}"
+    except (errors.PyiommufdError, OSError) as exc:
+        return f"cannot check {bdf}: {exc}"
+    return (f"{bdf} is on {driver or 'no driver'}, not vfio-pci: bind it first (`pyiommufd bind {bdf}` or "
+            "--bind-vfio); retrieving now would fail for good (failed retrieves are sticky)")
 
 
 def _echo(text: str, stream=None) -> None:
