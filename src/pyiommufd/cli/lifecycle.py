@@ -462,7 +462,7 @@ def restore(session, verify, bind_vfio, do_exec, command, socket_path, as_json):
         # our copies; the agent keeps its own until finish
         for fd in fds.values():
             try:
-                os.close(fd)
+                be.close(fd)
             except OSError:
                 pass
 
