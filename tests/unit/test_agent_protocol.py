@@ -213,6 +213,21 @@ def test_peer_with_other_uid_is_rejected(sockdir):
         server.shutdown()
 
 
+def test_rejection_reaches_a_client_still_sending(sockdir):
+    # the agent refuses before reading: a large request gets EPIPE on send, and
+    # the client must still read the refusal queued for it
+    path = os.path.join(sockdir, "agent.sock")
+    server = AgentServer(path, backend=LinuxBackend(), open_liveupdate=False,
+                         peercred=lambda conn: (1, 4242, 4242))
+    server.serve_in_thread()
+    try:
+        for _ in range(5):
+            with pytest.raises(AgentPermissionDenied):
+                AgentClient(path).call("ping", blob="x" * (4 << 20))
+    finally:
+        server.shutdown()
+
+
 def test_peercred_reports_this_process(agent):
     seen = []
     real = agent._peercred

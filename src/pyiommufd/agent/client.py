@@ -63,7 +63,12 @@ class AgentClient:
         sock = self._connect()
         try:
             try:
-                P.send_message(sock, P.request(op, **args), fds)
+                try:
+                    P.send_message(sock, P.request(op, **args), fds)
+                except (BrokenPipeError, ConnectionResetError):
+                    # the agent may have answered before reading (e.g. refused this peer
+                    # after SO_PEERCRED) and closed: its reply is still queued for us
+                    pass
                 reply, got = P.recv_message(sock)
             except socket.timeout:
                 raise AgentUnavailable(f"the agent on {self.socket_path} did not answer "
