@@ -1,0 +1,98 @@
+"""pyiommufd.luo on the fake kernel: what the crosscheck tier doesn't cover."""
+import errno as E
+import os
+
+import pytest
+
+from pyiommufd import errors, luo
+from pyiommufd.luo import LiveUpdate, Session
+from pyiommufd.memfd import MemFD
+
+
+@pytest.mark.parametrize("name", ["", "x" * 64, "a\0b"])
+def test_bad_session_names_are_refused_before_the_kernel(fake_kernel, name):
+    with LiveUpdate.open() as lu:
+        with pytest.raises(errors.UsageError):
+            lu.create_session(name)
+
+
+@pytest.mark.parametrize("token", [-1, 1 << 64, "1", True, 1.0])
+def test_bad_tokens_are_refused(fake_kernel, token):
+    with LiveUpdate.open() as lu, lu.create_session("t") as session, MemFD.create("m", 4096) as m:
+        with pytest.raises(errors.UsageError):
+            session.preserve(m, token)
+
+
+def test_preserve_records_tokens_and_kinds(fake_kernel):
+    with LiveUpdate.open() as lu, lu.create_session("rec") as session, MemFD.create("m", 4096) as m:
+        record = session.preserve(m, (1 << 64) - 1)
+        assert record.kind == "memfd" and record.fd == m.fileno()
+        assert session.preserved == {(1 << 64) - 1: record}
+        assert "outgoing" in repr(session)
+
+
+def test_direction_misuse_is_a_usage_error(fake_kernel):
+    with LiveUpdate.open() as lu, lu.create_session("dir") as session:
+        with pytest.raises(errors.UsageError, match="outgoing"):
+            session.retrieve(1)
+        with pytest.raises(errors.UsageError, match="outgoing"):
+            session.finish()
+
+
+def test_round_trip_through_kexec_with_sticky_errors_and_finish(fake_kernel):
+    payload = os.urandom(8192)
+    lu = LiveUpdate.open()
+    session = lu.create_session("vm0")
+    with MemFD.create("ram", len(payload)) as ram:
+        ram.write(payload)
+        session.preserve(ram, 10)
+    fake_kernel.kexec()  # the process "dies": every fd is gone, nothing is closed
+    for gone in (lu, session):
+        gone.detach()
+    with LiveUpdate.open() as lu:
+        assert lu.try_retrieve_session("other") is None
+        session = lu.retrieve_session("vm0")
+        assert session.incoming and session.get_name() == "vm0"
+        with pytest.raises(errors.InvalidArgument):
+            lu.retrieve_session("vm0")  # a session is retrieved once
+        with pytest.raises(errors.UsageError, match="incoming"):
+            session.preserve(0, 1)
+        with pytest.raises(errors.NotFound):
+            session.retrieve(99)
+        session.expected_tokens = {10}
+        with pytest.raises(errors.Busy) as busy:
+            session.finish()
+        assert "0xa" in busy.value.hint  # names the unretrieved token
+        with MemFD.from_fd(session.retrieve(10)) as again:
+            assert again.read() == payload and again.size == len(payload)
+        # a successful retrieve can be repeated: a new fd, the same file
+        with MemFD.from_fd(session.retrieve(10)) as twice:
+            assert twice.read(16) == payload[:16]
+        session.finish()
+        session.close()
+
+
+def test_busy_open_names_the_holder(fake_kernel, monkeypatch):
+    monkeypatch.setattr(luo, "holders_of", lambda backend, path=luo.DEVICE: [4242])
+    with LiveUpdate.open():
+        with pytest.raises(errors.Busy) as info:
+            LiveUpdate.open()
+    assert "pid 4242" in info.value.hint and info.value.errno == E.EBUSY
+
+
+def test_detach_hands_the_fd_over(fake_kernel):
+    lu = LiveUpdate.open()
+    fd = lu.detach()
+    lu.close()  # no-op: the fd is no longer ours
+    with pytest.raises(errors.Busy):
+        LiveUpdate.open()
+    fake_kernel.close(fd)
+    LiveUpdate.open().close()
+
+
+def test_session_objects_wrap_existing_fds(fake_kernel):
+    with LiveUpdate.open() as lu:
+        created = lu.create_session("wrap")
+        wrapped = Session(created.detach(), "wrap", incoming=False)
+        assert wrapped.get_name() == "wrap"
+        wrapped.close()
