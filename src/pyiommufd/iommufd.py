@@ -1209,7 +1209,7 @@ class HWPT(_Invalidatable):
         return self.preserve_token is not None
 
     def __repr__(self) -> str:
-        extra = f" token={self.preserve_token}" if self.marked else ""
+        extra = f" token={self.preserve_token:#x}" if self.marked else ""
         state = " destroyed" if self.destroyed else ""
         parent = f" pt={self.parent_id}" if self.parent_id is not None else ""
         return f"<HWPT id={self.id}{parent}{' nested' if self.nested else ''}{extra}{state}>"
