@@ -493,3 +493,11 @@ def test_manifest_records_the_bdf_of_a_cdev_device(series):
                                 "/dev/vfio/devices/vfio0", "--json").stdout)
     cdev = next(e for e in doc["manifest"]["entries"] if e["kind"] == "vfio-cdev")
     assert cdev["bdf"] == BDF and cdev["cdev"] == "/dev/vfio/devices/vfio0"
+
+
+@pytest.mark.parametrize("device,match", [("/dev/vfio/devices/vfio9", "vfio9: no such device node"),
+                                          ("0000:00:1f.7", "no PCI device 0000:00:1f.7")])
+def test_preserve_missing_device_is_bad_input(series, device, match):
+    r = series.run("preserve", "--session", "s", "--memfd", "ram:4K", "--device", device, code=2)
+    assert match in r.stderr
+    assert "no sessions" in series.run("status").stdout

@@ -228,6 +228,7 @@ def preserve(plan_file, session, memfds, devices, hwpt_tokens, device_tokens, io
     if errs:  # pragma: no cover - order() satisfies check_order by construction
         raise PlanError([x.describe() for x in errs])
     be = get_backend()
+    _preflight_devices(p, be)
     client = ensure_running(socket_path, backend=be)
     done = planner.execute(p, client, backend=be, ops=ops, notify=warn)
     info = client.ping()
@@ -242,6 +243,20 @@ def preserve(plan_file, session, memfds, devices, hwpt_tokens, device_tokens, io
                ("token", "kind", "name", "details"))
     click.echo(f"next: `pyiommufd kexec --kernel <bzImage>`; after the kexec: "
                f"`pyiommufd restore --session {p.session}`")
+
+
+def _preflight_devices(p, be) -> None:
+    """Bad device names are bad input (exit 2), found before anything is created."""
+    from .. import pci
+
+    for d in p.devices:
+        if d.cdev is not None:
+            if not be.exists(d.cdev):
+                raise _usage(f"device {d.name!r}: {d.cdev}: no such device node")
+        elif d.bdf is not None:
+            dev = pci.PciDevice(d.bdf, be)
+            if not dev.exists:
+                raise _usage(f"device {d.name!r}: no PCI device {dev.bdf}")
 
 
 # -- restore ------------------------------------------------------------------------------
