@@ -244,8 +244,10 @@ HINTS: dict[object, Hint] = {
         "an iommufd: the preserved HWPTs stay kernel-owned (seed-spec 4.7); the error is sticky",
     ("LIVEUPDATE_SESSION_RETRIEVE_FD", E.EINVAL): "RETRIEVE_FD needs an incoming (retrieved) session",
     ("LIVEUPDATE_SESSION_FINISH", E.EBUSY): lambda ctx: (
-        "finish needs every preserved file retrieved and each handler ready; a session holding "
-        "an iommufd can never finish in Phase 1 (seed-spec 4.7)"
+        "a preserved file's handler is not ready to finish (nothing changed; retry later): a "
+        "vfio device must be retrieved and bound first, and a session holding an iommufd can "
+        "never finish in Phase 1 (seed-spec 4.7); unretrieved memfds do not block finish, "
+        "they are dropped by it"
         + (f"; unretrieved tokens: {ctx['unretrieved']}" if ctx.get("unretrieved") else "")),
     ("LIVEUPDATE_SESSION_FINISH", E.EINVAL): "FINISH needs an incoming (retrieved) session",
     ("luo", E.E2BIG): "this kernel's LUO structs are smaller than ours: ABI mismatch",

@@ -36,7 +36,7 @@ SEED_SPEC_ERRNOS = [
     ("IOMMU_HWPT_LU_MARK_PRESERVE", "iommufd", E.EADDRINUSE, "token"),
     ("IOMMU_HWPT_LU_SET_PRESERVE", "iommufd", E.EADDRINUSE, "token"),
     ("open(/dev/liveupdate)", "luo", E.EBUSY, "exclusive"),
-    ("LIVEUPDATE_SESSION_FINISH", "luo", E.EBUSY, "retrieved"),
+    ("LIVEUPDATE_SESSION_FINISH", "luo", E.EBUSY, "not ready to finish"),
     ("IOMMU_IOAS_UNMAP", "iommufd", E.EBUSY, "immutable"),
     ("IOMMU_IOAS_MAP_FILE", "iommufd", E.EBUSY, "immutable"),
     ("LIVEUPDATE_SESSION_PRESERVE_FD", "luo", E.ENOENT, "no live-update handler for this file type"),
