@@ -94,8 +94,7 @@ class KTest:
         return ioctl.call(self.k, luo_fd, Defs.RETRIEVE_SESSION, name=name.encode()).fd
 
     def preserve(self, session: int, fd: int, token: int) -> None:
-        # ioctl.call() cannot take a field named "fd" (its own parameter)
-        ioctl.invoke(self.k, session, Defs.PRESERVE_FD, ioctl.new(Defs.PRESERVE_FD, fd=fd, token=token))
+        ioctl.call(self.k, session, Defs.PRESERVE_FD, fd=fd, token=token)
 
     def retrieve(self, session: int, token: int) -> int:
         return ioctl.call(self.k, session, Defs.RETRIEVE_FD, token=token).fd
@@ -124,9 +123,8 @@ class KTest:
     def map_file(self, iommufd: int, ioas: int, memfd: int, length: int = 1 << 20, *,
                  iova: int | None = None, start: int = 0) -> int:
         flags = RW | (1 if iova is not None else 0)
-        arg = ioctl.new(Defs.MAP_FILE, flags=flags, ioas_id=ioas, fd=memfd, start=start,
-                        length=length, iova=iova or 0)
-        return ioctl.invoke(self.k, iommufd, Defs.MAP_FILE, arg).iova
+        return ioctl.call(self.k, iommufd, Defs.MAP_FILE, flags=flags, ioas_id=ioas, fd=memfd,
+                          start=start, length=length, iova=iova or 0).iova
 
     def map_va(self, iommufd: int, ioas: int, buf, *, iova: int | None = None) -> int:
         addr = int(ffi.cast("uintptr_t", ffi.from_buffer(buf)))

@@ -177,6 +177,19 @@ def test_get_info_and_regions(fake_kernel, kt, bound):
         ioctl.call(fake_kernel, cdev, kt.D.REGION_INFO, index=9)
 
 
+def test_device_info_capability_chain(kt):
+    with FakeKernel(devices=[FakePciDevice(atomic_ops=0x3)]) as k, use(k):
+        t = type(kt)(k)
+        t.vfio_pci()
+        cdev = t.cdev()
+        t.bind(cdev, t.iommufd())
+        arg = ioctl.call(k, cdev, t.D.GET_INFO)
+        assert arg.flags & 0x80 and arg.argsz == 24 + 16 and arg.cap_offset == 0
+        arg, reply = ioctl.call_with_caps(k, cdev, t.D.GET_INFO)
+        (cap,) = ioctl.walk_caps(reply, arg.cap_offset)
+        assert cap.id == 5 and int.from_bytes(cap.data[8:12], "little") == 0x3
+
+
 def test_region_capability_chain(fake_kernel, kt, bound):
     """The MSI-X BAR (BAR1) carries MSIX_MAPPABLE; argsz grows like VFIO's."""
     cdev, _, _ = bound

@@ -2,14 +2,14 @@
 (K:drivers/iommu/iommufd/main.c, ioas.c, hw_pagetable.c, device.c, viommu.c,
 eventq.c, vfio_compat.c; K:drivers/iommu/intel/iommu.c, nested.c).
 
-Generic dispatch (K:main.c:521-563): an nr outside 0x80..last goes to the
+Generic dispatch (K:drivers/iommu/iommufd/main.c:524-565): an nr outside 0x80..last goes to the
 VFIO compatibility ioctls (only ``VFIO_GET_API_VERSION`` and
 ``VFIO_CHECK_EXTENSION`` are answered, the rest ENOTTY); a request whose full
 value differs from the table's is ENOTTY; ``size`` below
 ``offsetofend(last field)`` is EINVAL; non-zero bytes past the kernel's struct
 are E2BIG. Object ids are allocated lowest-free from 1 (XA_FLAGS_ALLOC1,
-K:main.c:334). ``IOMMU_DESTROY`` of an object that is still used (an IOAS
-under an HWPT, an attached HWPT, a bound device) is EBUSY (K:main.c:263-289).
+K:drivers/iommu/iommufd/main.c:334). ``IOMMU_DESTROY`` of an object that is still used (an IOAS
+under an HWPT, an attached HWPT, a bound device) is EBUSY (K:drivers/iommu/iommufd/main.c:226-313).
 
 The VT-d model: second-stage paging domains with page sizes 4K/2M/1G and a
 48-bit aperture; every device has the MSI window 0xfee00000-0xfeefffff as a
@@ -21,7 +21,7 @@ EOPNOTSUPP). No DMA ever happens, so the dirty bitmap stays clean.
 
 ``IOMMU_IOAS_NOIOMMU_GET_PA`` (nr 0x95 on stock 7.3): the Debian 7.3 config
 has no CONFIG_IOMMUFD_NOIOMMU, so a well-formed call is EOPNOTSUPP
-(K:iommufd_private.h:360-367); an undersized one is EINVAL from the generic
+(K:drivers/iommu/iommufd/iommufd_private.h:360-367); an undersized one is EINVAL from the generic
 dispatch (min size 40; seed-spec 2.2).
 """
 from __future__ import annotations
@@ -279,7 +279,7 @@ class IommufdCtx:
         return 0
 
     def vfio_compat(self, request: int, buf) -> int:
-        """K:vfio_compat.c:513-536 (type-1 container emulation is not modelled)."""
+        """K:drivers/iommu/iommufd/vfio_compat.c:513-536 (type-1 container emulation is not modelled)."""
         request &= 0xffffffff
         if request == VFIO_GET_API_VERSION:
             return 0
@@ -290,7 +290,7 @@ class IommufdCtx:
         if request == VFIO_GET_API_VERSION:
             return 0
         if request == VFIO_CHECK_EXTENSION:
-            # VFIO_TYPE1_IOMMU, VFIO_TYPE1v2_IOMMU, VFIO_UNMAP_ALL (K:vfio_compat.c:266-292)
+            # VFIO_TYPE1_IOMMU, VFIO_TYPE1v2_IOMMU, VFIO_UNMAP_ALL (K:drivers/iommu/iommufd/vfio_compat.c:279-308)
             return 1 if value in (1, 3, 9) else 0
         if (request & 0xff) >= CMD_BASE and (request >> 8) & 0xff == IOMMUFD_TYPE:
             fail(E.EFAULT)      # a struct ioctl given a bogus pointer
@@ -508,7 +508,7 @@ class IommufdCtx:
             fail(E.EOPNOTSUPP)
         if flags & HWPT_FAULT_ID_VALID and flags & HWPT_ALLOC_NEST_PARENT:
             fail(E.EOPNOTSUPP)
-        # intel_iommu_domain_alloc_paging_flags (K:intel/iommu.c:3020-3035)
+        # intel_iommu_domain_alloc_paging_flags (K:drivers/iommu/intel/iommu.c:3020-3035)
         dflags = flags & ~HWPT_FAULT_ID_VALID
         if user_data:
             fail(E.EOPNOTSUPP)
@@ -591,7 +591,7 @@ class IommufdCtx:
         hwpt = self.get_hwpt_paging(int(cmd.hwpt_id))
         iopt = hwpt.ioas.iopt
         iova, length, page_size = int(cmd.iova), int(cmd.length), int(cmd.page_size)
-        # iommufd_check_iova_range (K:io_pagetable.c:600-625)
+        # iommufd_check_iova_range (K:drivers/iommu/iommufd/io_pagetable.c:602-629)
         if not length:
             fail(E.EINVAL)
         last = iova + length - 1

@@ -4,23 +4,23 @@ Follows K:drivers/iommu/iommufd/io_pagetable.c and pages.c of 7.3:
 
 * ``iova_alignment`` starts at 1 (no restriction) and becomes the smallest
   page size of the attached domains (4 KiB for VT-d) when an HWPT is
-  allocated on the IOAS (K:io_pagetable.c:1214-1290); areas that do not fit
+  allocated on the IOAS (K:io_pagetable.c:1222-1298); areas that do not fit
   a larger alignment make that fail with EADDRINUSE.
 * kernel-chosen IOVA (no ``FIXED_IOVA``): first fit in the allowed ranges
   (or [PAGE_SIZE, ULONG_MAX - PAGE_SIZE]) outside reserved ranges and
   areas, aligned to min(roundup_pow_of_two(length), lowest set bit of the
   source address) capped at 2 MiB, keeping the sub-page offset; an
   alignment below the IOAS's is EINVAL; no room is ENOSPC
-  (K:io_pagetable.c:118-178).
+  (K:io_pagetable.c:120-181).
 * ``FIXED_IOVA``: a misaligned IOVA EINVAL, overflow EOVERFLOW, a reserved
   range EINVAL, an existing area EEXIST; allowed ranges are not consulted
-  (K:io_pagetable.c:180-201).
+  (K:io_pagetable.c:183-204).
 * ``length`` 0 or not a multiple of the alignment EINVAL
-  (K:io_pagetable.c:271-274); writing through read-only pages EPERM.
+  (K:io_pagetable.c:273-276); writing through read-only pages EPERM.
 * Pages are pinned only when a domain exists (at map time, or when an HWPT
   is added later): a user VA that is not mapped in this process EFAULT, a
   file that is not a memfd or a range past its end EINVAL.
-* Unmap (K:io_pagetable.c:738-848, K:ioas.c:339-375): areas are removed in
+* Unmap (K:io_pagetable.c:744-839, K:ioas.c:340-376): areas are removed in
   IOVA order; an area that sticks out of the range is ENOENT (the ones
   removed before it stay removed); a range that hits nothing is ENOENT;
   ``iova=0, length=U64_MAX`` unmaps everything and succeeds on an empty IOAS.

@@ -1,6 +1,6 @@
 """Simulated kexec: ``kexec_file_load(2)`` and ``reboot(LINUX_REBOOT_CMD_KEXEC)``.
 
-* ``kexec_file_load`` (K:kernel/kexec_file.c:365-440): not root EPERM
+* ``kexec_file_load`` (K:kernel/kexec_file.c:365-471): not root EPERM
   (CAP_SYS_BOOT; also once ``kexec_load_disabled`` is set); unknown flags
   EINVAL; ``KEXEC_FILE_UNLOAD`` drops the image; a bad kernel fd, or initrd
   fd without ``KEXEC_FILE_NO_INITRAMFS``, EBADF; any readable fd is accepted

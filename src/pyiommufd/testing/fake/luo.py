@@ -9,7 +9,7 @@ Modelled rules, each with its source:
   deserializes the incoming sessions; a preserved file whose handler this
   kernel lacks makes every open fail with EIO (K:luo_core.c:339-343,
   K:luo_file.c:726-741; seed-spec 4.1).
-* ioctl dispatch (K:luo_core.c:377-403, K:luo_session.c:414-437): an nr outside
+* ioctl dispatch (K:luo_core.c:387-417, K:luo_session.c:414-437): an nr outside
   the table is EINVAL (on session fds *and* on /dev/liveupdate); a request
   whose full value differs from the table's is ENOTTY; a session ioctl of the
   wrong direction (PRESERVE_FD on an incoming session, RETRIEVE_FD/FINISH on
@@ -19,13 +19,13 @@ Modelled rules, each with its source:
   an outgoing session of that name exists: EEXIST (K:luo_session.c:195-197).
 * RETRIEVE_SESSION: no incoming session of that name (e.g. no live update
   yet) ENOENT; retrieved already EINVAL (K:luo_session.c:511-523).
-* PRESERVE_FD (K:luo_file.c:223-307): token used in this session EEXIST, then
+* PRESERVE_FD (K:luo_file.c:230-313): token used in this session EEXIST, then
   a bad fd EBADF, then no handler ENOENT, then the same file (memfd: inode)
   preserved in any session EBUSY, then the handler's own errors.
 * RETRIEVE_FD (K:luo_file.c:552-610): unknown token ENOENT; a failed retrieve
   is sticky; a successful one can be repeated and returns a new fd to the
   same file.
-* FINISH (K:luo_file.c:612-717): ``reserved`` must be 0 (EINVAL); EBUSY if
+* FINISH (K:luo_file.c:612-630, 680-717): ``reserved`` must be 0 (EINVAL); EBUSY if
   any handler's ``can_finish`` says no, and then nothing changes (atomic).
   Note: memfd has no ``can_finish``, so an unretrieved memfd does not block
   FINISH on 7.3 (it is discarded); the series' iommufd and vfio handlers

@@ -4,7 +4,7 @@ The bytes, size and seals of a fake memfd are those of a real memfd. The fake
 adds what the host kernel cannot know about:
 
 * **LUO's frozen size** (seed-spec 4.3; ``shmem_freeze`` in
-  K:mm/memfd_luo.c:256-260, enforced at K:mm/shmem.c:1359-1361 and
+  K:mm/memfd_luo.c:267 and 351, enforced at K:mm/shmem.c:1359-1361 and
   3266-3268): while a memfd is preserved, ``ftruncate`` to another size and
   writes that would extend it fail with EPERM.
 * **hugetlb** (``MFD_HUGETLB``): modelled, not real, so tests do not depend
@@ -213,7 +213,7 @@ class MemfdLuoHandler(FileHandler):
     * keyed by inode, so two open files of one memfd collide with EBUSY
       (K:mm/memfd_luo.c:588-591);
     * preserving freezes the size (EPERM on resize) until unpreserve
-      (K:mm/memfd_luo.c:256-260, 335-337);
+      (K:mm/memfd_luo.c:267, 351);
     * seals outside MEMFD_LUO_ALL_SEALS give EOPNOTSUPP (K:mm/memfd_luo.c:276-286);
     * no ``can_finish``: an unretrieved memfd never blocks FINISH;
     * retrieve makes a new memfd (``MFD_ALLOW_SEALING``) with the contents,

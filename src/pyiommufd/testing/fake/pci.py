@@ -55,7 +55,11 @@ class FakePciDevice:
     ``regions`` maps a BAR index (0-5) to its size in bytes; ``irqs`` maps a
     VFIO IRQ index (0 INTx, 1 MSI, 2 MSI-X, 3 ERR, 4 REQ) to its vector
     count. ``driver`` is the driver bound at every boot (``None`` for none;
-    ``"vfio-pci"`` is like booting with ``vfio-pci.ids=``).
+    ``"vfio-pci"`` is like booting with ``vfio-pci.ids=``). ``max_pasids``
+    above 0 makes the function PASID capable; ``msix_bar`` is the BAR
+    holding the MSI-X table (default: the lowest BAR); ``atomic_ops`` is a
+    mask of ``VFIO_PCI_ATOMIC_COMP32/64/128`` the root port completes, which
+    VFIO_DEVICE_GET_INFO reports as a capability (K:drivers/vfio/pci/vfio_pci_core.c:1042-1071).
     """
 
     bdf: str = "0000:00:03.0"
@@ -73,6 +77,7 @@ class FakePciDevice:
     cfg_size: int = 4096
     max_pasids: int = 0
     msix_bar: int | None = None
+    atomic_ops: int = 0
 
     def __post_init__(self) -> None:
         self.bdf = self.bdf.lower()

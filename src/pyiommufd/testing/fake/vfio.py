@@ -7,20 +7,23 @@ Rules:
 * the cdev exists while vfio-pci is bound; opening it never conflicts, but
   everything except ``VFIO_DEVICE_BIND_IOMMUFD`` is EINVAL until this open
   file is bound (K:vfio_main.c:1377-1382), and so are read/write.
-* BIND_IOMMUFD (K:device_cdev.c:90-166): ``argsz`` below
+* BIND_IOMMUFD (K:device_cdev.c:92-180): ``argsz`` below
   offsetofend(out_devid) EINVAL, bytes past the struct must be zero (E2BIG);
   a negative fd or unknown flags EINVAL; this file bound already EINVAL; the
   device bound through another open file EINVAL (K:vfio_main.c:610-611);
   ``FLAG_TOKEN`` on a device without a VF token EINVAL; a bad fd EBADF, not
-  an iommufd EBADFD; then iommufd's bind (K:iommufd/device.c:225-275): no
+  an iommufd EBADFD; then iommufd's bind (K:drivers/iommu/iommufd/device.c:225-276): no
   interrupt remapping EPERM (unless allow_unsafe_interrupts), the group's
   DMA owned by someone else EPERM (after kexec: a device preserved with
   IOMMU state, seed-spec 4.7, S1:4441-4444).
-* ATTACH/DETACH_IOMMUFD_PT (K:device_cdev.c:196-299): argsz below minsz or
+* ATTACH/DETACH_IOMMUFD_PT (K:device_cdev.c:203-303): argsz below minsz or
   unknown flags EINVAL; with ``VFIO_DEVICE_ATTACH_PASID`` the argsz must
   reach ``pasid``. A second RID attach is a replace.
-* GET_INFO, GET_REGION_INFO (argsz-extended capability chain: the MSI-X BAR
-  carries ``VFIO_REGION_INFO_CAP_MSIX_MAPPABLE``), GET_IRQ_INFO, SET_IRQS
+* GET_INFO (with ``FakePciDevice(atomic_ops=...)`` an AtomicOps capability)
+  and GET_REGION_INFO (the MSI-X BAR carries
+  ``VFIO_REGION_INFO_CAP_MSIX_MAPPABLE``) extend ``argsz`` and chain
+  capabilities like VFIO (K:vfio_pci_core.c:1073-1128, K:vfio_main.c:1324-1366);
+  GET_IRQ_INFO, SET_IRQS
   (eventfd triggers; DATA_NONE/BOOL loopback signals the eventfd), RESET
   (EINVAL without reset support), DEVICE_FEATURE (probe semantics of
   ``vfio_check_feature``; migration and dirty logging ENOTTY for plain
@@ -61,6 +64,7 @@ DEVICE_FEATURE, BIND_IOMMUFD, ATTACH_IOMMUFD_PT, DETACH_IOMMUFD_PT = _io(17), _i
 DEVICE_FLAGS_RESET, DEVICE_FLAGS_PCI, DEVICE_FLAGS_CAPS = 1, 2, 1 << 7
 REGION_FLAG_READ, REGION_FLAG_WRITE, REGION_FLAG_MMAP, REGION_FLAG_CAPS = 1, 2, 4, 8
 REGION_INFO_CAP_MSIX_MAPPABLE = 3
+DEVICE_INFO_CAP_PCI_ATOMIC_COMP = 5
 IRQ_INFO_EVENTFD, IRQ_INFO_MASKABLE, IRQ_INFO_AUTOMASKED, IRQ_INFO_NORESIZE = 1, 2, 4, 8
 IRQ_SET_DATA_NONE, IRQ_SET_DATA_BOOL, IRQ_SET_DATA_EVENTFD = 1, 2, 4
 IRQ_SET_ACTION_MASK, IRQ_SET_ACTION_UNMASK, IRQ_SET_ACTION_TRIGGER = 8, 16, 32
@@ -338,9 +342,23 @@ class VfioCdevFile(OpenFile):
         if cmd.argsz < minsz:
             fail(E.EINVAL)
         n = min(int(cmd.argsz), sizeof(struct))
-        cmd.flags = DEVICE_FLAGS_PCI | (DEVICE_FLAGS_RESET if self.vdev.hw.reset_works else 0)
+        hw = self.vdev.hw
+        cmd.flags = DEVICE_FLAGS_PCI | (DEVICE_FLAGS_RESET if hw.reset_works else 0)
         cmd.num_regions = NUM_REGIONS
         cmd.num_irqs = NUM_IRQS
+        caps = b""
+        if hw.atomic_ops:
+            # struct vfio_device_info_cap_pci_atomic_comp
+            caps = (DEVICE_INFO_CAP_PCI_ATOMIC_COMP.to_bytes(2, "little") + (1).to_bytes(2, "little")
+                    + bytes(4) + hw.atomic_ops.to_bytes(4, "little") + bytes(4))
+        if caps:
+            cmd.flags |= DEVICE_FLAGS_CAPS
+            base = sizeof(struct)
+            if cmd.argsz < base + len(caps):
+                cmd.argsz = base + len(caps)
+            else:
+                arg.write(base, caps)
+                cmd.cap_offset = base
         arg.copy_prefix_to_user(n)
 
     def region_info(self, arg: IoctlArg) -> None:
