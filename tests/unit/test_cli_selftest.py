@@ -293,3 +293,64 @@ def test_bad_options_exit_2(series_kernel, capsys, args, message):
     assert message in err
     assert "Traceback" not in r.err
     assert series_kernel.boot_count == 1
+
+
+# -- the vm commands (local "machine": the guest agent runs as host processes) ---------------
+
+@pytest.fixture
+def vm_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("PYIOMMUFD_CACHE", str(tmp_path / "cache"))
+    for name in ("PYIOMMUFD_IN_GUEST", "PYIOMMUFD_VM_SIMULATE", "PYIOMMUFD_VM_RESULTS"):
+        monkeypatch.delenv(name, raising=False)
+    return tmp_path / "cache"
+
+
+def test_vm_run_passes_the_exit_code_through(vm_cache, capsys):
+    r = run_cli(capsys, "vm", "run", "--machine", "local", "--timeout", "60", "--",
+                "sh", "-c", "echo hello from the guest; exit 3")
+    assert r.code == 3
+    assert "hello from the guest" in r.out
+    assert "[vm +" in r.err                          # progress lines go to stderr
+    [err] = error_lines(r.err)
+    assert "exited with status 3 in the guest" in err
+
+
+def test_vm_run_success(vm_cache, capsys):
+    r = run_cli(capsys, "vm", "run", "--machine", "local", "--timeout", "60", "--", "true")
+    assert r.code == 0 and error_lines(r.err) == []
+
+
+def test_vm_selftest_reports_the_guest_stage(vm_cache, capsys):
+    """Under the local simulation the guest half refuses (it would rebind host devices):
+    the host command reports guest stage 1's error line and exit code."""
+    r = run_cli(capsys, "vm", "selftest", "--machine", "local", "--timeout", "60")
+    assert r.code == 2, (r.out, r.err)
+    assert "--- guest stage 1: exit 2" in r.out
+    assert "--- guest stage 2: not run" in r.out
+    [err] = error_lines(r.err)
+    assert err.startswith("pyiommufd: error: guest stage 1: guest-selftest runs only inside")
+
+
+def test_kexec_inside_the_vm_goes_through_the_guest_agent(series_kernel, capsys, monkeypatch, tmp_path):
+    """In the pyiommufd VM, `selftest --kexec <VM kernel>` kexecs via
+    vm.guest.kexec_same_kernel, which leaves kexec.json for the in-guest agent."""
+    from pyiommufd.vm import guest
+
+    monkeypatch.setenv(guest.ENV_IN_GUEST, "1")
+    monkeypatch.setenv(guest.ENV_RESULTS, str(tmp_path))
+    monkeypatch.setenv(guest.ENV_KERNEL, "/boot/vmlinuz-7.3.4")
+    monkeypatch.setenv(guest.ENV_INITRD, "/boot/initrd.img-7.3.4")
+    monkeypatch.setenv(guest.ENV_STAGE, "1")
+    monkeypatch.setenv(guest.ENV_BOOT, "1")
+    monkeypatch.delenv(guest.ENV_SIMULATE, raising=False)
+    monkeypatch.setattr(guest, "dump_dmesg", lambda path: None)
+    bind(capsys)
+    with pytest.raises(SimulatedKexec):
+        run_cli(capsys, "selftest", BDF, "--kexec", "/boot/vmlinuz-7.3.4", "--initrd", "/boot/initrd.img-7.3.4")
+    # kexec.json was written for the agent (and removed again because, on the fake,
+    # reboot() "returned" by raising); the events record who asked for the kexec
+    events = [json.loads(ln) for ln in (tmp_path / guest.EVENTS).read_text().splitlines()]
+    [kx] = [e for e in events if e["ev"] == "kexec"]
+    assert kx["by"] == "selftest" and kx["stage"] == 1
+    assert series_kernel.boot_count == 2
+    assert "kexec into the VM kernel" in capsys.readouterr().out
