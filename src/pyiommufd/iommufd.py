@@ -1322,10 +1322,17 @@ class FaultQueue(_FdObject):
     kind = "fault"
 
     def read_faults(self, max_faults: int = 16) -> list[PageFault]:
-        """Read pending faults (blocks if the fd is blocking and none is pending)."""
+        """Read up to ``max_faults`` pending faults; ``[]`` when none is
+        pending (the kernel's read does not wait: poll the fd for that).
+        Answer each fault group with :meth:`respond` and its cookie."""
         size = ffi.sizeof("struct iommu_hwpt_pgfault")
         max_faults = _int(max_faults, "max_faults", minimum=1, maximum=4096)
-        raw = self._read(size * max_faults, "fault queue")
+        try:
+            raw = self._read(size * max_faults, "fault queue")
+        except errors.KernelError as exc:
+            if exc.errno == E.EAGAIN:
+                return []
+            raise
         out = []
         for off in range(0, len(raw) - size + 1, size):
             f = ffi.from_buffer("struct iommu_hwpt_pgfault *", bytearray(raw[off:off + size]))

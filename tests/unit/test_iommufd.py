@@ -11,6 +11,7 @@ import pytest
 
 from pyiommufd import backend, errors, ioctl, pci
 from pyiommufd._uapi import ffi
+from pyiommufd.backend import Backend
 from pyiommufd.iommufd import (HWPT, IOAS, IOMMUFD, PAGE_SIZE, DirtyBitmap, FaultQueue, IovaRange,
                                Mapping, aligned_buffer, buffer_address)
 from pyiommufd.memfd import MemFD
@@ -738,6 +739,20 @@ def test_fault_queue(env):
         fq.fileno()
 
 
+def test_fault_queue_read_and_respond(env):
+    fq = env.ictx.alloc_fault_queue()
+    assert fq.read_faults() == []                                # nothing pending
+    with pytest.raises(errors.IommufdError):
+        fq.respond(12345)                                         # no fault group with that cookie
+    for call in (lambda: fq.read_faults(0), lambda: fq.respond(-1), lambda: fq.respond(1, code=1 << 32)):
+        with pytest.raises(errors.UsageError):
+            call()
+    fq.close()
+    fq.close()
+    with pytest.raises(errors.UsageError):
+        fq.read_faults()
+
+
 def test_fault_queue_closed_with_the_context(fake_kernel):
     ictx = IOMMUFD.open()
     fq = ictx.alloc_fault_queue()
@@ -821,3 +836,158 @@ def test_enomem_hint_mentions_memlock():
     err = errors.make_error("IOMMU_IOAS_MAP", "iommufd", E.ENOMEM)
     assert "RLIMIT_MEMLOCK" in err.hint and "RLIMIT_MODE" in err.hint
     assert os.strerror(E.ENOMEM) in str(err)
+
+
+# -- a scripted kernel for what the fake VT-d cannot do (vIOMMU, nesting, noiommu) -----------------
+class Scripted(Backend):
+    """Answers iommufd ioctls with handlers that decode the argument bytes."""
+
+    name = "scripted"
+
+    def __init__(self):
+        self.handlers = {}
+        self.closed = []
+        self.reads = {}
+
+    def close(self, fd):
+        self.closed.append(fd)
+
+    def ioctl(self, fd, request, arg):
+        handler = self.handlers.get(request)
+        if handler is None:
+            raise backend.oserror(E.ENOTTY)
+        nr = request & 0xFF
+        struct = {0x80: "iommu_destroy", 0x89: "iommu_hwpt_alloc", 0x8a: "iommu_hw_info",
+                  0x8d: "iommu_hwpt_invalidate", 0x90: "iommu_viommu_alloc", 0x91: "iommu_vdevice_alloc",
+                  0x93: "iommu_veventq_alloc", 0x94: "iommu_hw_queue_alloc",
+                  0x95: "iommu_ioas_noiommu_get_pa"}[nr]
+        return handler(ffi.from_buffer(f"struct {struct} *", arg)) or 0
+
+    def read(self, fd, length):
+        return self.reads.get(fd, b"")[:length]
+
+
+def req(name):
+    return ioctl.const(name)
+
+
+def test_viommu_family_scripted():
+    k = Scripted()
+    seen = {}
+
+    def viommu(cmd):
+        assert (cmd.type, cmd.dev_id, cmd.hwpt_id, cmd.data_len) == (2, 1, 3, 16)
+        data = ffi.cast("struct iommu_viommu_tegra241_cmdqv *", cmd.data_uptr)
+        data.out_vintf_mmap_offset, data.out_vintf_mmap_length = 0x1000, 0x2000
+        cmd.out_viommu_id = 10
+
+    def vdevice(cmd):
+        assert (cmd.viommu_id, cmd.dev_id, cmd.virt_id) == (10, 1, 0x42)
+        cmd.out_vdevice_id = 11
+
+    def veventq(cmd):
+        assert (cmd.viommu_id, cmd.type, cmd.veventq_depth) == (10, 1, 32)
+        cmd.out_veventq_id, cmd.out_veventq_fd = 12, 50
+
+    def hw_queue(cmd):
+        assert (cmd.viommu_id, cmd.type, cmd.index, cmd.nesting_parent_iova, cmd.length) == (10, 1, 0, 1 << 30, 64)
+        cmd.out_hw_queue_id = 13
+
+    def invalidate(cmd):
+        assert (cmd.hwpt_id, cmd.data_type, cmd.entry_len, cmd.entry_num) == (10, 1, 16, 2)
+        raw = bytes(ffi.buffer(ffi.cast("char *", cmd.data_uptr), 32))
+        seen["inv"] = raw
+        cmd.entry_num = 1
+        raise backend.oserror(E.EIO)
+
+    def destroy(cmd):
+        seen.setdefault("destroyed", []).append(int(cmd.id))
+
+    for name, fn in (("IOMMU_VIOMMU_ALLOC", viommu), ("IOMMU_VDEVICE_ALLOC", vdevice),
+                     ("IOMMU_VEVENTQ_ALLOC", veventq), ("IOMMU_HW_QUEUE_ALLOC", hw_queue),
+                     ("IOMMU_HWPT_INVALIDATE", invalidate), ("IOMMU_DESTROY", destroy)):
+        k.handlers[req(name)] = fn
+    ictx = IOMMUFD.from_fd(3, backend=k)
+    parent = HWPT(ictx, 3)
+    ictx._register(parent)
+    vi = ictx.alloc_viommu(1, parent, type="tegra241_cmdqv", data=bytes(16))
+    assert vi.id == 10 and vi.hwpt is parent and vi.kind == "viommu"
+    assert int.from_bytes(vi.data[:8], "little") == 0x1000 and int.from_bytes(vi.data[8:], "little") == 0x2000
+    vd = ictx.alloc_vdevice(vi, 1, 0x42)
+    assert (vd.id, vd.viommu_id, vd.virt_id) == (11, 10, 0x42)
+    q = ictx.alloc_veventq(vi, type="arm_smmuv3", depth=32)
+    assert (q.id, q.fileno(), q.depth) == (12, 50, 32)
+    k.reads[50] = b"\x01" * 40
+    assert q.read(16) == b"\x01" * 16
+    hq = ictx.alloc_hw_queue(vi, type="tegra241_cmdqv", index=0, base_addr=1 << 30, length=64)
+    assert (hq.id, hq.base_addr, hq.length) == (13, 1 << 30, 64)
+    with pytest.raises(errors.IommufdError) as info:
+        vi.invalidate([b"\x01" * 16, b"\x02" * 16], data_type="arm_smmuv3")
+    assert isinstance(info.value, errors.IOFailure) and "1 of 2 entries handled" in info.value.detail
+    assert seen["inv"] == b"\x01" * 16 + b"\x02" * 16
+    with q:
+        pass
+    assert 50 in k.closed and q.destroyed                         # fd closed before DESTROY
+    hq.destroy()
+    vd.destroy()
+    vi.destroy()
+    assert seen["destroyed"] == [12, 13, 11, 10]
+    assert ictx.objects == [parent]
+    ictx.detach()
+
+
+def test_nested_hwpt_and_noiommu_scripted():
+    k = Scripted()
+    seen = {}
+
+    def hwpt_alloc(cmd):
+        seen["data"] = bytes(ffi.buffer(ffi.cast("char *", cmd.data_uptr), cmd.data_len))
+        seen["flags"] = int(cmd.flags)
+        assert (cmd.pt_id, cmd.data_type, cmd.fault_id) == (5, 1, 9)
+        cmd.out_hwpt_id = 6
+
+    def get_pa(cmd):
+        assert (cmd.ioas_id, cmd.iova, cmd.length) == (2, 1 << 32, 3 * PAGE_SIZE)
+        cmd.out_phys, cmd.length = 0x1234000, PAGE_SIZE
+
+    k.handlers[req("IOMMU_HWPT_ALLOC")] = hwpt_alloc
+    k.handlers[req("IOMMU_IOAS_NOIOMMU_GET_PA")] = get_pa
+    ictx = IOMMUFD.from_fd(3, backend=k, owned=False)
+    parent = HWPT(ictx, 5, flags=1)
+    ictx._register(parent)
+    nested = ictx.alloc_hwpt(1, parent, data_type="vtd_s1", fault_queue=9,
+                             data={"flags": 1, "pgtbl_addr": 0x5000, "addr_width": 48})
+    s1 = ffi.from_buffer("struct iommu_hwpt_vtd_s1 *", bytearray(seen["data"]))
+    assert (s1.flags, s1.pgtbl_addr, s1.addr_width) == (1, 0x5000, 48)
+    assert seen["flags"] == 0x4 and nested.nested and nested.parent is parent
+    assert nested.ioas is None and "nested" in repr(nested)
+    with pytest.raises(errors.UsageError):
+        nested.mark_preserved(1, abi="lu-v2")
+    raw = ictx.alloc_hwpt(1, 5, data_type=1, data=bytes(24), fault_queue=9)
+    assert raw.parent is parent
+    ioas = IOAS(ictx, 2)
+    ictx._register(ioas)
+    assert ioas.noiommu_get_pa(1 << 32, 3 * PAGE_SIZE) == (0x1234000, PAGE_SIZE)
+
+
+def test_hw_info_other_types_scripted():
+    k = Scripted()
+    state = {"type": 2, "data": bytes(range(40))}
+
+    def hw_info(cmd):
+        n = min(int(cmd.data_len), len(state["data"]))
+        ffi.buffer(ffi.cast("char *", cmd.data_uptr), n)[:] = state["data"][:n]
+        cmd.data_len = len(state["data"])
+        cmd.out_data_type = state["type"]
+        cmd.out_capabilities = 0x2 | 0x8
+        cmd.out_max_pasid_log2 = 20
+
+    k.handlers[req("IOMMU_GET_HW_INFO")] = hw_info
+    ictx = IOMMUFD.from_fd(3, backend=k, owned=False)
+    info = ictx.get_hw_info(1, buffer_size=16)                       # 40 > 16: asked again
+    assert info.type_name == "arm_smmuv3" and info.data == state["data"] and info.vtd is None
+    assert info.decoded["idr"] == [int.from_bytes(state["data"][8 + 4 * i:12 + 4 * i], "little") for i in range(6)]
+    assert info.capability_names == ["pci_pasid_exec", "pci_ats_not_supported"] and info.max_pasid_log2 == 20
+    state.update(type=77, data=b"\xAA" * 8)
+    odd = ictx.get_hw_info(1)
+    assert odd.type_name == "type77" and odd.data == b"\xAA" * 8 and odd.decoded is None
