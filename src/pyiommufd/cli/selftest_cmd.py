@@ -203,7 +203,12 @@ def _finish(report, cdev, session_name, kexec_kernel, initrd, cmdline, hold, as_
     from .. import agent
 
     h = report.handles
-    client = agent.hand_over(h.liveupdate, h.session, h.files)  # AgentError: exit 7
+    try:
+        client = agent.hand_over(h.liveupdate, h.session, h.files)
+    except agent.AgentError as exc:  # exit 7 (or the agent error's own code)
+        raise CommandError(f"stage 1 passed, but the agent did not take the files ({exc}); closing "
+                           "the session unpreserves everything: run again, or use --kexec",
+                           getattr(exc, "exit_code", exitcodes.AGENT_UNREACHABLE)) from None
     try:
         pid = client.ping().get("pid")
     except agent.AgentError:
