@@ -285,3 +285,16 @@ def test_preserved_file_survives_closing_its_fd(fake_kernel, kt):
     fake_kernel.kexec()
     s2 = kt.retrieve_session(kt.luo(), "a")
     assert fake_kernel.pread(kt.retrieve(s2, 1), 7, 0) == b"payload"
+
+
+def test_by_value_call_of_a_struct_ioctl_is_efault(fake_kernel, kt):
+    luo = kt.luo()
+    assert errno_of(fake_kernel.ioctl_int, luo, D.CREATE_SESSION.request, 0) == errno.EFAULT
+    assert errno_of(fake_kernel.ioctl_int, luo, ioctl.IO(0xBA, 0x05), 0) == errno.EINVAL
+    assert errno_of(fake_kernel.ioctl_int, kt.memfd(), D.CREATE_SESSION.request, 0) == errno.ENOTTY
+
+
+def errno_of(fn, *args):
+    with pytest.raises(OSError) as exc:
+        fn(*args)
+    return exc.value.errno

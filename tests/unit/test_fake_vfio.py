@@ -300,3 +300,18 @@ def test_unbinding_vfio_pci_with_an_open_cdev_is_ebusy(fake_kernel, kt, cdev):
     fake_kernel.close(cdev)
     fake_kernel.write_text("/sys/bus/pci/drivers/vfio-pci/unbind", "0000:00:03.0")
     assert not fake_kernel.exists("/dev/vfio/devices/vfio0")
+
+
+def test_failed_replace_keeps_the_old_attachment(fake_kernel, kt, bound):
+    cdev, iommufd, devid = bound
+    ioas = kt.ioas(iommufd)
+    hwpt = kt.hwpt(iommufd, devid, ioas)
+    kt.attach(cdev, hwpt)
+    other = kt.ioas(iommufd)
+    kt.map_file(iommufd, other, kt.memfd(), iova=0xFEE00000)       # blocks the MSI window
+    with pytest.raises(errors.AddressInUse):
+        kt.attach(cdev, kt.hwpt(iommufd, devid, other))
+    with pytest.raises(errors.Busy):
+        kt.destroy(iommufd, hwpt)           # still attached, still one user more
+    kt.detach(cdev)
+    kt.destroy(iommufd, hwpt)

@@ -95,7 +95,10 @@ class OpenFile:
         fail(E.ENOTTY)
 
     def ioctl_int(self, fd: int, request: int, value: int) -> int:
-        fail(E.ENOTTY)
+        """A by-value ioctl: for a struct ioctl the value is a pointer the
+        fake cannot follow, so the command's first user access is EFAULT."""
+        from .uaccess import UserMemory
+        return self.ioctl(fd, request, value, UserMemory())
 
     def pread(self, fd: int, length: int, offset: int) -> bytes:
         fail(E.EINVAL)

@@ -94,10 +94,10 @@ class Ioas(Obj):
         self.hwpts: list["HwptPaging"] = []
 
     def destroy(self, ctx):
-        try:
-            self.iopt.unmap_all()
-        except OSError:
-            pass
+        # the kernel would WARN and leak an immutable IOAS's areas; the fake
+        # drops them so that no file reference is leaked
+        self.iopt.lu_immutable = False
+        self.iopt.unmap_all()
 
 
 class Domain:
@@ -793,7 +793,6 @@ class IommufdCtx:
             self.hwpt_attach(hwpt, idev, pasid)
         except BaseException:
             self.hwpt_attach(old, idev, pasid)
-            old.users -= 1
             raise
         old.users += 1
         self.hwpt_put(old)
