@@ -223,7 +223,8 @@ HINTS: dict[object, Hint] = {
     ("LIVEUPDATE_IOCTL_RETRIEVE_SESSION", E.ENOENT): "no incoming session of this name: "
         "there was no live update yet, or the previous kernel did not preserve it",
     ("LIVEUPDATE_IOCTL_RETRIEVE_SESSION", E.EINVAL): "this incoming session was retrieved "
-        "already (retrieve it once and keep the fd), or the name is empty or too long",
+        "already (retrieve it once and keep the fd; the agent may hold it: `pyiommufd status`), "
+        "or the name is empty or too long",
     ("LIVEUPDATE_SESSION_PRESERVE_FD", E.EEXIST): "this token is used already in this session",
     ("LIVEUPDATE_SESSION_PRESERVE_FD", E.EBUSY): "this file (for a memfd: this inode) is "
         "preserved already, maybe in another session",
@@ -242,6 +243,8 @@ HINTS: dict[object, Hint] = {
     ("LIVEUPDATE_SESSION_RETRIEVE_FD", E.ENOENT): "no file with this token in the session",
     ("LIVEUPDATE_SESSION_RETRIEVE_FD", E.EOPNOTSUPP): "Phase 1 of the series cannot restore "
         "an iommufd: the preserved HWPTs stay kernel-owned (seed-spec 4.7); the error is sticky",
+    ("LIVEUPDATE_SESSION_RETRIEVE_FD", E.ENODEV): "no VFIO device matches the preserved one: "
+        "bind it to vfio-pci first (`pyiommufd bind BDF`); a failed retrieve is sticky",
     ("LIVEUPDATE_SESSION_RETRIEVE_FD", E.EINVAL): "RETRIEVE_FD needs an incoming (retrieved) session",
     ("LIVEUPDATE_SESSION_FINISH", E.EBUSY): lambda ctx: (
         "a preserved file's handler is not ready to finish (nothing changed; retry later): a "

@@ -220,7 +220,7 @@ token = 0x654321
 
 def test_preserve_rolls_back_on_a_kernel_error(stock):
     # stock 7.3 has no iommufd LUO handler: the iommufd preserve says ENOENT
-    r = stock.run("preserve", "--session", "s", "--memfd", "ram:64K", "--iommufd", code=3)
+    r = stock.run("preserve", "--session", "s", "--memfd", "ram:64K", "--iommufd", code=4)
     assert "no live-update handler" in r.stderr
     assert "released the half-built session 's'" in r.stderr
     assert "Traceback" not in r.stderr

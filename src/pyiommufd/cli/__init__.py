@@ -70,11 +70,6 @@ def exit_codes():
         click.echo(f"{code}  {meaning}")
 
 
-def fail(message: str, code: int) -> "click.exceptions.Exit":
-    click.echo(f"pyiommufd: error: {message}", err=True)
-    return click.exceptions.Exit(code)
-
-
 def _exit_code_for(exc: BaseException) -> int:
     from .. import errors
 
@@ -85,6 +80,8 @@ def _exit_code_for(exc: BaseException) -> int:
     code = getattr(exc, "exit_code", None)
     if isinstance(code, int):
         return code
+    if isinstance(exc, errors.NotFound) and getattr(exc, "op", "") == "LIVEUPDATE_SESSION_PRESERVE_FD":
+        return exitcodes.UNSUPPORTED  # no live-update handler for this file type
     if isinstance(exc, OSError):
         return exitcodes.for_errno(exc.errno)
     return exitcodes.KERNEL_ERROR
