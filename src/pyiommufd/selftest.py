@@ -117,7 +117,8 @@ def format_step_ktap(step: Step) -> str:
 
 def summary_line(report: Report) -> str:
     counts = report.as_dict()["counts"]
-    text = f"# stage {report.stage}: {report.result.upper()} " \
+    stage = f"stage {report.stage}" if report.stage else "before stage detection"
+    text = f"# {stage}: {report.result.upper()} " \
            f"(pass {counts['PASS']}, fail {counts['FAIL']}, skip {counts['SKIP']})"
     if report.lacking:
         text += f": {report.lacking}"

@@ -91,14 +91,14 @@ def main(argv=None) -> None:
     debug = "--debug" in (argv if argv is not None else sys.argv[1:]) or \
         os.environ.get("PYIOMMUFD_DEBUG", "") not in ("", "0")
     try:
-        cli.main(args=argv, prog_name="pyiommufd", standalone_mode=False)
+        rc = cli.main(args=argv, prog_name="pyiommufd", standalone_mode=False)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except click.exceptions.Abort:
         click.echo("pyiommufd: aborted", err=True)
         sys.exit(exitcodes.BAD_INPUT)
     except click.ClickException as exc:
-        exc.show()
+        click.echo(f"pyiommufd: error: {exc.format_message()} (see --help)", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)
@@ -113,4 +113,5 @@ def main(argv=None) -> None:
             sys.exit(exitcodes.KERNEL_ERROR)
         click.echo(f"pyiommufd: error: {exc}", err=True)
         sys.exit(_exit_code_for(exc))
-    sys.exit(0)
+    # standalone_mode=False returns ctx.exit(n) codes instead of raising them
+    sys.exit(rc if isinstance(rc, int) else 0)

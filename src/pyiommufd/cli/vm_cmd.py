@@ -25,7 +25,7 @@ import click
 from . import exitcodes
 from .output import CommandError, exit_with
 
-TIMEOUT_EXIT = 124
+TIMEOUT_EXIT = exitcodes.VM_TIMEOUT
 DEFAULT_TIMEOUT = 600.0
 DEFAULT_SELFTEST_TIMEOUT = 1800.0
 #: virtio-net (modern, disable-legacy=on): the device the runner puts behind the vIOMMU
