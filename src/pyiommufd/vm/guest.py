@@ -163,6 +163,9 @@ def kexec_same_kernel(*, by: str = "stage", backend=None) -> NoReturn:
     stage = int(os.environ.get(ENV_STAGE) or 0)
     boot = int(os.environ.get(ENV_BOOT) or 0)
     cmdline = None
+    if sys.flags.no_site:       # the agent runs with -S; pyiommufd.kexec needs cffi
+        import site
+        site.main()
     if not simulated():
         from pyiommufd import kexec
         cmdline = kexec.load(kernel, initrd=initrd, cmdline=None, backend=backend)

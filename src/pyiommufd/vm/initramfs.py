@@ -14,8 +14,12 @@ so identical inputs give identical bytes) and cached by content hash::
    PYTHONPATH, working directory);
 4. prepares /mnt/root as a chroot: tmpfs on /tmp and /run, the guest's /dev
    (rbind), /proc, /sys, debugfs, and the results share at
-   ``/run/pyiommufd-results``;
-5. runs ``python3 -m pyiommufd.vm.guest`` in the chroot (the checkout has the
+   ``/run/pyiommufd-results``, and the 9p share ``pycache`` (writable, the
+   host's ``<cache_root>/guest-pycache``) at ``/run/pyiommufd-pycache`` as
+   ``PYTHONPYCACHEPREFIX``, so byte code and pytest's rewritten modules are
+   compiled once, not on every boot;
+5. runs ``python3 -S -m pyiommufd.vm.guest`` in the chroot (``-S``: no
+   site-packages, a faster start under TCG) (the checkout has the
    same path as on the host), appends its exit status to
    ``/results/agent-exit``, syncs and powers off.
 """
@@ -32,6 +36,8 @@ from . import debian
 RESULTS_IN_CHROOT = "/run/pyiommufd-results"
 HOSTROOT_TAG = "hostroot"
 RESULTS_TAG = "results"
+PYCACHE_TAG = "pycache"
+PYCACHE_IN_CHROOT = "/run/pyiommufd-pycache"
 MSIZE = 262144
 
 BUSYBOX_CANDIDATES = ("/bin/busybox", "/usr/bin/busybox")
@@ -70,19 +76,28 @@ mount -t sysfs sysfs $R/sys || bye "cannot mount sysfs"
 mount -t debugfs debugfs $R/sys/kernel/debug 2>/dev/null
 mkdir -p $R@RESULTS_IN_CHROOT@
 mount -o bind /results $R@RESULTS_IN_CHROOT@ || bye "cannot bind the results share"
+# Byte-code cache (incl. pytest's rewritten test modules) kept on the host
+# across runs: the host root is read-only. Without it, compile every time.
+PYCACHE_ENV=PYTHONDONTWRITEBYTECODE=1
+mkdir -p /pycache $R@PYCACHE_IN_CHROOT@
+if mount -t 9p -o trans=virtio,version=9p2000.L,msize=@MSIZE@,cache=none @PYCACHE_TAG@ /pycache 2>/dev/null \
+        && mount -o bind /pycache $R@PYCACHE_IN_CHROOT@; then
+    PYCACHE_ENV=PYTHONPYCACHEPREFIX=@PYCACHE_IN_CHROOT@
+fi
 say "Linux $(uname -r) up after $(cut -d' ' -f1 /proc/uptime)s; starting the agent"
 chroot $R /usr/bin/env -i \
     PATH="$PYIOMMUFD_PATH" HOME=/tmp TMPDIR=/tmp LANG=C.UTF-8 TERM=dumb \
-    PYTHONPATH="$PYIOMMUFD_PYTHONPATH" PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
+    PYTHONPATH="$PYIOMMUFD_PYTHONPATH" "$PYCACHE_ENV" PYTHONUNBUFFERED=1 \
+    HYPOTHESIS_STORAGE_DIRECTORY=/tmp/hypothesis \
     PYIOMMUFD_IN_GUEST=1 PYIOMMUFD_VM_RESULTS=@RESULTS_IN_CHROOT@ \
     PYIOMMUFD_CACHE="$PYIOMMUFD_CACHE" \
-    "$PYIOMMUFD_PYTHON" -m pyiommufd.vm.guest
+    "$PYIOMMUFD_PYTHON" -S -m pyiommufd.vm.guest
 rc=$?
 echo "$rc" >> /results/agent-exit
 say "agent exited with status $rc; powering off"
 sync
-umount $R@RESULTS_IN_CHROOT@ 2>/dev/null
-umount /results 2>/dev/null
+umount $R@RESULTS_IN_CHROOT@ $R@PYCACHE_IN_CHROOT@ 2>/dev/null
+umount /results /pycache 2>/dev/null
 sync
 poweroff -f
 sleep 5
@@ -94,6 +109,8 @@ def init_script() -> str:
     return (INIT_SCRIPT.replace("@MSIZE@", str(MSIZE))
             .replace("@RESULTS_TAG@", RESULTS_TAG)
             .replace("@HOSTROOT_TAG@", HOSTROOT_TAG)
+            .replace("@PYCACHE_TAG@", PYCACHE_TAG)
+            .replace("@PYCACHE_IN_CHROOT@", PYCACHE_IN_CHROOT)
             .replace("@RESULTS_IN_CHROOT@", RESULTS_IN_CHROOT))
 
 
@@ -185,7 +202,7 @@ def archive_bytes(busybox: Path | None = None) -> bytes:
     busybox = busybox or find_busybox()
     w = CpioWriter()
     for d in ("bin", "sbin", "usr", "usr/bin", "usr/sbin", "dev", "proc", "sys", "tmp",
-              "run", "mnt", "mnt/root", "results", "etc"):
+              "run", "mnt", "mnt/root", "results", "pycache", "etc"):
         w.directory(d, 0o1777 if d == "tmp" else 0o755)
     w.chardev("dev/console", 5, 1)
     w.chardev("dev/null", 1, 3, 0o666)

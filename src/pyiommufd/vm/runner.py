@@ -219,7 +219,8 @@ def kernel_cmdline(extra: Iterable[str] = ()) -> str:
 def qemu_command(kernel: str | os.PathLike, initrd: str | os.PathLike, share: str | os.PathLike,
                  serial_log: str | os.PathLike, *, cmdline: str | None = None,
                  memory: str = DEFAULT_MEMORY, smp: int = DEFAULT_SMP, qemu: str = QEMU,
-                 host_root: str = "/", extra: Sequence[str] = ()) -> list[str]:
+                 host_root: str = "/", pycache: str | os.PathLike | None = None,
+                 extra: Sequence[str] = ()) -> list[str]:
     """The QEMU command line (TCG only: KVM guests do not boot on our CI hosts)."""
     return [
         qemu, "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
@@ -234,6 +235,8 @@ def qemu_command(kernel: str | os.PathLike, initrd: str | os.PathLike, share: st
                    "security_model=none,readonly=on,multidevs=remap",
         "-virtfs", f"local,path={os.fspath(share)},mount_tag={initramfs.RESULTS_TAG},"
                    "security_model=none,multidevs=remap",
+        *(["-virtfs", f"local,path={os.fspath(pycache)},mount_tag={initramfs.PYCACHE_TAG},"
+                      "security_model=none,multidevs=remap"] if pycache else []),
         # The device handed to vfio-pci in the guest; its DMA goes through the vIOMMU.
         # restrict=on: the user-mode network sends nothing off the machine.
         "-netdev", "user,id=n0,restrict=on",
@@ -273,6 +276,39 @@ def _prune(root: Path, keep: int) -> None:
     runs = sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: p.name)
     for old in runs[:-keep] if len(runs) > keep else []:
         shutil.rmtree(old, ignore_errors=True)
+
+
+# The guest sees the host's / read-only, except these: its own tmpfs, devtmpfs, proc, sysfs.
+GUEST_MASKED = ("/tmp", "/run", "/dev", "/proc", "/sys")
+
+
+def masked_in_guest(path: str | os.PathLike) -> str | None:
+    """The guest mount that hides ``path`` (e.g. ``/tmp``), or None if the guest sees it."""
+    real = os.path.realpath(path)
+    for top in GUEST_MASKED:
+        if real == top or real.startswith(top + "/"):
+            return top
+    return None
+
+
+def check_job_paths(job: "Job") -> None:
+    """Raise :class:`VmError` if the job needs a host path the guest cannot see."""
+    needed = [("the pyiommufd checkout", checkout_src()), ("the Python interpreter",
+                                                          python_executable())]
+    needed += [(f"the working directory of stage {k}", s.cwd)
+               for k, s in enumerate(job.stages, 1) if s.cwd]
+    for what, path in needed:
+        top = masked_in_guest(path)
+        if top:
+            raise VmError(f"{what} ({path}) is under {top}, which the guest replaces with its "
+                          f"own {top}: the guest cannot see it (move it elsewhere)")
+
+
+def guest_pycache_dir() -> Path:
+    """Writable byte-code cache of the guest (its ``PYTHONPYCACHEPREFIX``)."""
+    d = debian.cache_root() / "guest-pycache"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
 
 
 def checkout_src() -> Path:
@@ -327,6 +363,7 @@ def run(job: Job, *, kernel: str | os.PathLike | None = None, timeout: float = D
     initrd: Path | None = None
     if machine == "qemu":
         qemu_path = find_qemu(qemu)
+        check_job_paths(job)
         try:
             kimage = resolve_kernel(kernel, progress=say)
         except KernelBuildError as exc:
@@ -352,8 +389,10 @@ def run(job: Job, *, kernel: str | os.PathLike | None = None, timeout: float = D
     (share / "boot.env").write_text(boot_env())
 
     if machine == "qemu":
+        pycache = guest_pycache_dir()
         cmd = qemu_command(kimage.bzimage, initrd, share, serial, memory=memory, smp=smp,
-                           qemu=qemu_path, cmdline=kernel_cmdline(extra_cmdline))
+                           qemu=qemu_path, cmdline=kernel_cmdline(extra_cmdline),
+                           pycache=pycache)
         (run_dir / "qemu.cmd").write_text(shlex.join(cmd) + "\n")
         starter = _QemuStarter(cmd, run_dir / "qemu.log")
         step(f"starting QEMU (TCG; timeout {timeout:.0f}s; serial log {serial})")

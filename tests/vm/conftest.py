@@ -1,0 +1,68 @@
+"""Fixtures for the VM tier. These tests run inside the QEMU guest (the
+pyiommufd pytest plugin boots it and runs pytest there); on the host they are
+only collected."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import pytest
+
+VIRTIO_VENDOR = 0x1AF4
+NETWORK_CLASS = 0x02          # PCI base class "network controller"
+PCI_DEVICES = "/sys/bus/pci/devices"
+
+
+@pytest.fixture(scope="session")
+def kernel_release() -> str:
+    """``uname -r`` of the kernel the test runs on (printed into the report)."""
+    release = os.uname().release
+    print(f"kernel release: {release}")
+    return release
+
+
+def find_virtio_net() -> str | None:
+    """BDF of the guest's virtio-net device: the one behind the vIOMMU that the
+    VM tier hands to vfio-pci. The virtio-9p devices (same vendor) carry the
+    host root and the results; they must never be touched."""
+    from pyiommufd.pci import PciDevice
+
+    for bdf in sorted(os.listdir(PCI_DEVICES)):
+        dev = PciDevice(bdf)
+        try:
+            if dev.vendor == VIRTIO_VENDOR and dev.class_code >> 16 == NETWORK_CLASS:
+                return dev.bdf
+        except OSError:
+            continue
+    return None
+
+
+@dataclass
+class VfioDevice:
+    bdf: str
+    cdev: str            # /dev/vfio/devices/vfioN
+    binding: object      # pyiommufd.pci.VfioBinding
+
+
+@pytest.fixture
+def vfio_device(request):
+    """The virtio-net device bound to vfio-pci (driver_override + drivers_probe),
+    as ``VfioDevice(bdf, cdev, binding)``; restored to its driver afterwards.
+
+    In ``@pytest.mark.kexec`` tests the device is left on vfio-pci at teardown:
+    a preserved device must stay with vfio-pci through the kexec."""
+    from pyiommufd.pci import PciDevice
+
+    bdf = find_virtio_net()
+    if bdf is None:
+        pytest.fail("no virtio-net PCI device in the guest (the VM runner adds one)")
+    dev = PciDevice(bdf)
+    binding = dev.bind_vfio()
+    cdev = binding.vfio_cdev
+    if cdev is None or not os.path.exists(cdev):
+        binding.restore()
+        pytest.fail(f"{bdf} is on vfio-pci but has no VFIO cdev (CONFIG_VFIO_DEVICE_CDEV?)")
+    print(f"vfio device: {bdf} -> {cdev}")
+    yield VfioDevice(bdf, cdev, binding)
+    if request.node.get_closest_marker("kexec") is None:
+        binding.restore()
