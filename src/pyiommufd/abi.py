@@ -117,7 +117,7 @@ class ProbeResult:
 
     def as_dict(self) -> dict:
         return {"nr": hex(self.nr), "status": self.status, "supported": self.supported,
-                "errnos": {str(k): (E.errorcode.get(v, v) if v else "ok") for k, v in self.errnos.items()},
+                "errnos": {str(k): errors.errname(v) for k, v in self.errnos.items()},
                 "reason": self.reason}
 
 
@@ -173,7 +173,7 @@ def probe_lu_abi(iommufd=None, *, nr: int | None = None, backend: Backend | None
                 result.status, result.reason = "lu-v2", "16-byte MARK_PRESERVE struct (12 bytes refused)"
             else:
                 result.status = "lu-unknown"
-                result.reason = f"an LU ioctl answered size 12 with {E.errorcode.get(second, second)}"
+                result.reason = f"an LU ioctl answered size 12 with {errors.errname(second)}"
         elif first == E.EINVAL:
             result.status = "foreign"
             result.reason = (f"nr {nr:#x} belongs to another ioctl with a larger struct "
@@ -181,7 +181,7 @@ def probe_lu_abi(iommufd=None, *, nr: int | None = None, backend: Backend | None
         elif first == E.ENOTTY:
             result.status, result.reason = "absent", f"no ioctl at nr {nr:#x}"
         else:
-            name = "success" if first is None else E.errorcode.get(first, first)
+            name = "success" if first is None else errors.errname(first)
             result.reason = f"unexpected answer {name} to the size-16 probe"
         return result
     finally:

@@ -18,6 +18,17 @@ import os
 from typing import Callable, Mapping
 
 
+# Linux has one value for ENOTSUP and EOPNOTSUPP; the kernel sources say EOPNOTSUPP.
+_PREFERRED_NAMES = {E.EOPNOTSUPP: "EOPNOTSUPP"}
+
+
+def errname(err: int | None) -> str:
+    """The symbolic name of ``err`` as the kernel sources spell it."""
+    if err is None:
+        return "ok"
+    return _PREFERRED_NAMES.get(err) or E.errorcode.get(err, str(err))
+
+
 class PyiommufdError(Exception):
     """Base of every error pyiommufd raises on purpose."""
 
@@ -51,7 +62,7 @@ class KernelError(PyiommufdError, OSError):
 
     @property
     def errname(self) -> str:
-        return E.errorcode.get(self.errno, str(self.errno))
+        return errname(self.errno)
 
     def __str__(self) -> str:
         text = f"{self.op}: {self.strerror} ({self.errname})"

@@ -53,7 +53,7 @@ class Step:
 
     @property
     def errname(self) -> str | None:
-        return E.errorcode.get(self.errno) if self.errno else None
+        return errors.errname(self.errno) if self.errno else None
 
 
 @dataclass
@@ -167,7 +167,7 @@ class _Runner:
 
     def must_fail(self, name: str, fn, *, expected_errno: int | None = None, why: str = ""):
         """A step the kernel must refuse (with ``expected_errno`` if given)."""
-        expected = f"fails with {E.errorcode[expected_errno]}" if expected_errno else "fails"
+        expected = f"fails with {errors.errname(expected_errno)}" if expected_errno else "fails"
         try:
             value = fn()
         except errors.KernelError as exc:
@@ -175,7 +175,7 @@ class _Runner:
                 note = f"expected failure: {exc.errname}" + (f" ({why})" if why else "")
                 return self.record(name, "PASS", expected, note, exc.errno)
             return self.record(name, "FAIL", expected, f"failed with {exc.errname}, not "
-                               f"{E.errorcode[expected_errno]}: {exc}", exc.errno)
+                               f"{errors.errname(expected_errno)}: {exc}", exc.errno)
         if hasattr(value, "close"):
             self.opened.append(value)
         return self.record(name, "FAIL", expected, "the kernel accepted it")

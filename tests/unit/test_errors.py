@@ -28,7 +28,7 @@ def test_error_is_interface_errno_and_oserror(interface, err, interface_cls, err
     assert isinstance(exc, errno_cls)
     assert isinstance(exc, OSError) and exc.errno == err
     assert exc.op == "OP"
-    assert E.errorcode[err] in str(exc)
+    assert errors.errname(err) in str(exc)
 
 
 # (op, interface, errno, words the hint must contain) -- seed-spec 4 catalogue

@@ -252,7 +252,9 @@ def doctor(as_json):
 # -- caps ---------------------------------------------------------------------
 
 def _errname(err: int | None) -> str:
-    return "ok" if err is None else E.errorcode.get(err, str(err))
+    from ..errors import errname
+
+    return errname(err)
 
 
 def probe_size0(be, fd: int, request: int) -> int | None:

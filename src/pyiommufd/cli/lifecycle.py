@@ -543,9 +543,9 @@ def status(socket_path, as_json):
 
 
 def _errname(err: Any) -> str:
-    if err == E.EOPNOTSUPP:
-        return "EOPNOTSUPP"
-    return E.errorcode.get(err, str(err)) if isinstance(err, int) else str(err)
+    from ..errors import errname
+
+    return errname(err) if isinstance(err, int) else str(err)
 
 
 def _summary(kind: str, meta: dict) -> str:
