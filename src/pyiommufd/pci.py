@@ -117,6 +117,11 @@ class PciDevice:
     def __hash__(self) -> int:
         return hash(self.bdf)
 
+    @staticmethod
+    def list_devices(backend: Backend | None = None) -> list["PciDeviceInfo"]:
+        """Same as the module's :func:`list_devices`."""
+        return list_devices(backend)
+
     # -- reading --------------------------------------------------------------
     def _attr(self, name: str) -> str:
         return f"{self.path}/{name}"

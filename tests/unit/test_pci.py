@@ -129,6 +129,7 @@ def test_info_and_list_devices(two_devices):
                                "driver": "virtio-pci", "driver_override": None, "iommu_group": 3,
                                "vfio_cdev": None}
     assert second.driver is None and second.vendor == 0x8086 and second.iommu_group == 4
+    assert pci.PciDevice.list_devices() == infos
 
 
 def test_list_devices_shows_cdevs(two_devices):
