@@ -56,7 +56,7 @@ import errno as E
 import mmap as _mmap
 import os
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable
 
 from . import errors, ioctl
 from ._uapi import ffi

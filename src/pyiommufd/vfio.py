@@ -29,7 +29,7 @@ from . import errors, ioctl, pci
 from ._uapi import ffi
 from .backend import Backend, get_backend
 from .fdobject import FdObject
-from .iommufd import (IOMMUFD, U32_MAX, U64_MAX, IommufdObject, PAGE_SIZE, _aligned, _int, _length,
+from .iommufd import (IOMMUFD, U32_MAX, U64_MAX, IommufdObject, _aligned, _int, _length,
                       _release, buffer_address)
 
 C = ioctl.const

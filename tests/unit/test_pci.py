@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from pyiommufd import errors, luo, memfd, pci
+from pyiommufd import errors, pci
 from pyiommufd.backend import Backend
-from pyiommufd.iommufd import IOMMUFD
 from pyiommufd.testing import FakeKernel, FakePciDevice
 from pyiommufd.vfio import VfioDevice
 
