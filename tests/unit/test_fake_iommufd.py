@@ -471,3 +471,12 @@ def test_closing_iommufd_releases_mappings(fake_kernel, kt):
     fake_kernel.close(fd)
     fake_kernel.close(mfd)
     assert fake_kernel.known_fds() == {}
+
+
+def test_read_only_argument_faults_on_the_reply(fake_kernel, kt):
+    fd = kt.iommufd()
+    arg = ioctl.new(kt.D.IOAS_ALLOC)
+    with pytest.raises(OSError) as exc:
+        fake_kernel.ioctl(fd, kt.D.IOAS_ALLOC.request, bytes(ioctl.buffer_of(arg)))
+    assert exc.value.errno == errno.EFAULT
+    assert kt.ioas(fd) == 1             # the failed reply did not leak an object

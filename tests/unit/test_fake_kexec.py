@@ -224,3 +224,25 @@ def test_sessions_chain_over_two_kexecs(fake_kernel, kt):
     with pytest.raises(errors.NotFound):
         kt.retrieve_session(luo, "a")
     assert fake_kernel.pread(kt.retrieve(kt.retrieve_session(luo, "b"), 2), 4, 0) == b"gen1"
+
+
+def test_stage1_cleanup_after_the_reboot_does_not_fail(fake_kernel, kt):
+    """Unwinding after SimulatedKexec may close fds the kexec closed already:
+    that is silent, and new fds never take those numbers."""
+    luo = kt.luo()
+    session = kt.create_session(luo, "a")
+    load_image(fake_kernel)
+    try:
+        try:
+            fake_kernel.reboot(LINUX_REBOOT_CMD_KEXEC)
+        finally:
+            fake_kernel.close(session)
+    except SimulatedKexec:
+        pass
+    fresh = [kt.iommufd() for _ in range(4)] + [kt.luo()]
+    assert luo not in fresh
+    fake_kernel.close(luo)                  # the stale close leaves the new files alone
+    for fd in fresh:
+        os.fstat(fd)
+    with pytest.raises(OSError):
+        fake_kernel.close(luo)              # only once

@@ -98,6 +98,8 @@ class Boot:
         """Real files created behind the backend's back that the fake
         understands: memfds and eventfds."""
         if is_real_memfd(fd):
+            if os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:pyiommufd-fake:"):
+                return None         # another FakeKernel's placeholder: foreign here
             return adopt_memfd(fd)
         try:
             if os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]":

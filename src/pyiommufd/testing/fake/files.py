@@ -145,6 +145,9 @@ class FileTable:
         self.files: list[OpenFile] = []
         #: called with an unknown real fd; may return an OpenFile to adopt it
         self.adopt: Callable[[int], OpenFile | None] | None = None
+        #: fd numbers a previous boot's process still believes it owns (see
+        #: FakeKernel.close); new fds the fake creates never take them
+        self.avoid: set[int] = set()
         try:
             self._libc = ctypes.CDLL(None, use_errno=True)
             self._libc.syscall.restype = ctypes.c_long
@@ -157,8 +160,22 @@ class FileTable:
         """A real, otherwise unused memfd standing in for a device file."""
         return os.memfd_create(PLACEHOLDER_PREFIX + what, os.MFD_CLOEXEC)
 
-    def install(self, file: OpenFile, fd: int) -> int:
+    def fresh(self, fd: int) -> int:
+        """Move a newly created fd off the numbers in :attr:`avoid`."""
+        if fd not in self.avoid:
+            return fd
+        import fcntl as _fcntl
+        inheritable = os.get_inheritable(fd)
+        moved = _fcntl.fcntl(fd, _fcntl.F_DUPFD_CLOEXEC, max(self.avoid) + 1)
+        os.close(fd)
+        if inheritable:
+            os.set_inheritable(moved, True)
+        return moved
+
+    def install(self, file: OpenFile, fd: int, *, adopting: bool = False) -> int:
         """Make ``fd`` (a real, fresh fd) the first fd of the new ``file``."""
+        if not adopting:
+            fd = self.fresh(fd)
         st = os.fstat(fd)
         key = (st.st_dev, st.st_ino)
         inode = self.inodes.get(key)
@@ -180,7 +197,8 @@ class FileTable:
         file.fds.add(fd)
 
     def add_fd(self, fd: int, file: OpenFile) -> int:
-        """Record a new fd (dup) of an existing file."""
+        """Record a new fd (a dup the fake just made) of an existing file."""
+        fd = self.fresh(fd)
         self._bind(fd, file)
         return fd
 
@@ -249,7 +267,7 @@ class FileTable:
                 return inode.files[0]
             sibling = inode.files[0].sibling()      # a re-open behind our back
             if sibling is not None:
-                self.install(sibling, fd)
+                self.install(sibling, fd, adopting=True)
                 return sibling
             self._bind(fd, inode.files[0])
             return inode.files[0]
@@ -262,7 +280,7 @@ class FileTable:
 
     def install_existing(self, file: OpenFile, fd: int) -> None:
         """Adopt an fd the fake did not create (a real memfd or eventfd)."""
-        self.install(file, fd)
+        self.install(file, fd, adopting=True)
 
     def get(self, fd: int) -> OpenFile:
         """``fget``: EBADF for a closed fd; a real file the fake does not
@@ -288,8 +306,8 @@ class FileTable:
     def dup(self, fd: int, newfd: int) -> int:
         file = self.lookup(fd)
         if file is not None:
-            self.add_fd(newfd, file)
-        return newfd
+            return self.add_fd(newfd, file)
+        return self.fresh(newfd)
 
     def known_fds(self) -> Iterator[tuple[int, OpenFile]]:
         return iter(sorted(self.by_fd.items()))

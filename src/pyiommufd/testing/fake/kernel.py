@@ -80,6 +80,8 @@ class FakeKernel(Backend):
         self.interrupt_remapping = interrupt_remapping
         self.dirty_tracking = dirty_tracking
         self.boot_count = 1
+        #: fd numbers that were open when the last kexec happened (see close())
+        self.dead_fds: set[int] = set()
         self.fs = FakeFs(self)
         self.closed = False
         self.boot = Boot(1, self._config(cmdline or default_cmdline(release, liveupdate)),
@@ -201,7 +203,20 @@ class FakeKernel(Backend):
         fail(E.ENXIO)           # anonymous inodes cannot be re-opened
 
     def close(self, fd: int) -> None:
+        """``close(2)``. One deliberate deviation: closing an fd number that
+        was open when a simulated kexec happened, and has not been reused,
+        succeeds silently. The kexec closed it already; this lets stage-1
+        code that unwinds after :class:`SimulatedKexec` run its ``finally``
+        and ``__exit__`` blocks without turning the reboot into EBADF. New
+        fds the fake creates never take such numbers."""
         self._check_alive()
+        if fd in self.dead_fds:
+            self.dead_fds.discard(fd)
+            self.boot.table.avoid.discard(fd)
+            try:
+                os.fstat(fd)
+            except OSError:
+                return
         self.boot.table.close(fd)
 
     def dup(self, fd: int) -> int:
@@ -316,9 +331,11 @@ class FakeKernel(Backend):
         if boot.luo.enabled:
             boot.luo.freeze_all()           # a refusal fails the syscall
         kho = boot.handover()
+        self.dead_fds |= set(boot.table.by_fd)
         boot.table.abandon()                # the old kernel and its processes are gone
         self.boot_count += 1
         self.boot = Boot(self.boot_count, self._config(image.cmdline), self.devices, kho)
+        self.boot.table.avoid = set(self.dead_fds)
 
     # -- sysfs, procfs and /dev as files --------------------------------------------------------
     def exists(self, path: str) -> bool:

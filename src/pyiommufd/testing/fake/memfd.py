@@ -253,5 +253,5 @@ class MemfdLuoHandler(FileHandler):
             fail(E.EOPNOTSUPP)
         fd = image.restore()
         file = MemfdFile("", ShmemInode())
-        boot.table.install(file, fd)
+        fd = boot.table.install(file, fd)
         return file, fd

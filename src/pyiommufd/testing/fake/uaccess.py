@@ -170,12 +170,19 @@ class IoctlArg:
 
     def __init__(self, buf, mem: UserMemory) -> None:
         self.mem = mem
+        self.writable = False
         if isinstance(buf, int):
             # a bare integer is a pointer value the fake cannot trust
             self.ubuf = None
             self.length = 0
         else:
-            self.ubuf = ffi.from_buffer(buf, require_writable=True)
+            try:
+                self.ubuf = ffi.from_buffer(buf, require_writable=True)
+                self.writable = True
+            except (TypeError, BufferError):
+                # read-only memory (bytes): the kernel's copy_to_user faults
+                self.ubuf = ffi.from_buffer(buf)
+                self.writable = False
             self.length = len(self.ubuf)
         self.cmd = None
         self.struct: str | None = None
@@ -193,7 +200,7 @@ class IoctlArg:
         return bytes(ffi.buffer(self.ubuf)[offset:offset + length])
 
     def write(self, offset: int, data: bytes) -> None:
-        if self.ubuf is None or offset < 0 or offset + len(data) > self.length:
+        if self.ubuf is None or not self.writable or offset < 0 or offset + len(data) > self.length:
             fail(E.EFAULT)
         ffi.buffer(self.ubuf)[offset:offset + len(data)] = data
 
