@@ -297,6 +297,35 @@ HINTS: dict[object, Hint] = {
     ("IOMMU_DESTROY", E.EBUSY): "the object is still in use (attached device, dependent "
         "HWPT or vIOMMU, or a live-update mark that pins it)",
     ("IOMMU_HWPT_ALLOC", E.EOPNOTSUPP): "the IOMMU driver does not support these flags or data type",
+    ("open(/dev/iommu)", E.ENOENT): "no /dev/iommu: the kernel needs CONFIG_IOMMUFD",
+    ("open(vfio cdev)", E.ENOENT): "no such cdev: bind the device to vfio-pci (`pyiommufd bind "
+        "BDF`); the kernel needs CONFIG_VFIO_DEVICE_CDEV",
+    ("IOMMU_IOAS_MAP", E.EEXIST): "the fixed IOVA range overlaps an existing mapping",
+    ("IOMMU_IOAS_MAP_FILE", E.EEXIST): "the fixed IOVA range overlaps an existing mapping",
+    ("IOMMU_IOAS_MAP", E.EINVAL): "the IOVA or VA is not aligned to the IOAS (page size once a "
+        "domain is attached), or falls in a reserved range such as the MSI window",
+    ("IOMMU_IOAS_MAP_FILE", E.EINVAL): "the file cannot be mapped by file (not a memfd?), or the "
+        "range runs past its end, or the IOVA is unaligned or reserved",
+    ("IOMMU_IOAS_CHANGE_PROCESS", E.EINVAL): "only MAP_FILE mappings can move to another "
+        "process; a user-VA mapping (IOMMU_IOAS_MAP) is present",
+    ("IOMMU_OPTION", E.EBUSY): "RLIMIT_MODE can only change before any object exists",
+    ("IOMMU_VFIO_IOAS", E.ENODEV): "no compat IOAS has been set",
+    ("IOMMU_HWPT_INVALIDATE", E.EINVAL): "only nested HWPTs and vIOMMUs take invalidations",
+    ("IOMMU_HWPT_SET_DIRTY_TRACKING", E.EOPNOTSUPP): "allocate the HWPT with dirty_tracking=True; "
+        "check get_hw_info().dirty_tracking",
+    ("IOMMU_HWPT_GET_DIRTY_BITMAP", E.EOPNOTSUPP): "allocate the HWPT with dirty_tracking=True; "
+        "check get_hw_info().dirty_tracking",
+    ("IOMMU_IOAS_NOIOMMU_GET_PA", E.EOPNOTSUPP): "the kernel has no CONFIG_IOMMUFD_NOIOMMU",
+    ("IOMMU_IOAS_NOIOMMU_GET_PA", E.E2BIG): "nr 0x95 is the IOMMU live-update mark ioctl on "
+        "this kernel, not NOIOMMU_GET_PA (seed-spec 2.2)",
+    ("VFIO_DEVICE_BIND_IOMMUFD", E.EINVAL): "this fd is bound already, or a VF token was given for a non-VF",
+    ("VFIO_DEVICE_RESET", E.EINVAL): "the device has no reset method",
+    ("VFIO_DEVICE_SET_IRQS", E.EINVAL): "only one interrupt type (INTx, MSI, MSI-X) can be active at a time",
+    ("VFIO_DEVICE_FEATURE", E.ENOTTY): "this kernel or driver lacks the feature (DMA_BUF needs "
+        "CONFIG_VFIO_PCI_DMABUF)",
+    ("VFIO_DEVICE_GET_PCI_HOT_RESET_INFO", E.ENODEV): "no slot or bus reset is possible for this device",
+    ("sysfs", E.EACCES): "writing sysfs needs root",
+    ("sysfs", E.ENOENT): "no such PCI device or driver",
     ("iommufd", E.ENOENT): "no object with this id in this iommufd, or of the wrong type",
     ("iommufd", E.ENOTTY): "this kernel does not know this iommufd ioctl: too old, or built "
         "without the option that adds it",
