@@ -410,6 +410,8 @@ class HostSide:
                 if rec.get("kind") == "test":
                     rep = self.config.hook.pytest_report_from_serializable(
                         config=self.config, data=rec["report"])
+                    if isinstance(rep.longrepr, list):   # JSON turned the skip tuple into a list
+                        rep.longrepr = tuple(rep.longrepr)
                     rep._vm_release = rec.get("release")
                     rep._vm_boot = rec.get("boot")
                     out.records[stage].setdefault(rep.nodeid, []).append(rep)
@@ -570,7 +572,10 @@ class HostSide:
         tr.write_line(f"VM tier: {n_run} of {len(self.vm_items)} vm test(s) ran in the guest on "
                       f"Linux {rel} ({res.boot_count} boot(s), {kx} kexec(s); {timing})",
                       bold=True, green=res.ok and n_run == len(self.vm_items))
-        if not res.ok:
-            tr.write_line(f"VM problems: {res.error or ''} "
-                          + "; ".join(s.describe() for s in res.stages if not s.ok), red=True)
+        # pytest exits 1 when tests failed: that is not a VM problem.
+        bad = [s for s in res.stages
+               if not (s.ended_by == "kexec" or (s.ended_by == "exit" and s.exit in (0, 1)))]
+        if res.error or bad:
+            tr.write_line("VM problems: " + "; ".join(
+                ([res.error] if res.error else []) + [s.describe() for s in bad]), red=True)
         tr.write_line(f"VM run directory: {res.run_dir} (serial log: {res.serial_log})")

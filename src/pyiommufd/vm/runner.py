@@ -404,7 +404,10 @@ def run(job: Job, *, kernel: str | os.PathLike | None = None, timeout: float = D
     res.kernel, res.initrd, res.run_dir, res.timings = kimage, initrd, run_dir, {**timings,
                                                                                 **res.timings}
     res.timings["total"] = clock()
-    step(res.summary().splitlines()[0])
+    step(f"VM finished: {res.boot_count} boot(s), "
+         + ", ".join(s.describe() for s in res.stages)
+         + (f"; TIMED OUT after {timeout:.0f}s" if res.timed_out else "")
+         + (f"; {res.error}" if res.error and not res.timed_out else ""))
     return res
 
 

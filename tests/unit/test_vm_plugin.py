@@ -1,0 +1,196 @@
+"""The pyiommufd_vm pytest plugin, driven through pytester with the simulated
+"local" machine (the guest pytest runs as a host process; the kexec is
+simulated), plus the cases where the VM tier cannot run."""
+from __future__ import annotations
+
+import pytest
+
+pytest_plugins = ["pytester"]
+
+TESTS = '''
+import os, pytest
+
+@pytest.mark.vm
+def test_pass():
+    print("hello from guest")
+    assert os.environ["PYIOMMUFD_IN_GUEST"] == "1"
+
+@pytest.mark.vm
+def test_fail():
+    x = 3
+    assert x == 4
+
+@pytest.mark.vm
+def test_skip():
+    pytest.skip("not today")
+
+def test_host():
+    assert "PYIOMMUFD_IN_GUEST" not in os.environ
+
+@pytest.mark.kexec
+def test_two_stages(lu_stage):
+    if lu_stage.stage == 1:
+        lu_stage.save("answer", {"x": 42})
+        lu_stage.keep(object())
+        return
+    assert lu_stage.load("answer") == {"x": 42}
+    assert lu_stage.load("nothing", None) is None
+
+@pytest.mark.kexec
+def test_stage2_fails(lu_stage):
+    assert lu_stage.stage == 1
+
+@pytest.mark.kexec
+def test_stage1_fails(lu_stage):
+    assert lu_stage.stage == 2
+'''
+
+
+@pytest.fixture
+def vm_pytester(pytester, tmp_path, monkeypatch):
+    monkeypatch.setenv("PYIOMMUFD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("CI", raising=False)
+    monkeypatch.delenv("PYIOMMUFD_IN_GUEST", raising=False)
+    pytester.makeini("[pytest]\naddopts = -p no:cacheprovider\n")
+    return pytester
+
+
+def _run(pytester, *args):
+    return pytester.runpytest_subprocess("--vm-machine", "local", "-rA", *args, timeout=180)
+
+
+def test_outcomes_come_from_the_guest(vm_pytester):
+    vm_pytester.makepyfile(test_a=TESTS)
+    result = _run(vm_pytester)
+    result.assert_outcomes(passed=3, failed=3, skipped=1)
+    out = result.stdout.str()
+    # guest traceback and captured output reach the host report
+    assert "assert 3 == 4" in out and "hello from guest" in out
+    result.stdout.fnmatch_lines([
+        "*= VM tier =*",
+        "[[]vm *[]] test_a.py::test_pass PASSED",
+        "[[]vm *[]] test_a.py::test_fail FAILED",
+        "[[]vm *[]] test_a.py::test_skip SKIPPED",
+        "[[]vm * -> kexec -> *[]] test_a.py::test_two_stages PASSED (stage 1 PASSED, stage 2 PASSED)",
+        "[[]vm * -> kexec -> *[]] test_a.py::test_stage2_fails FAILED (stage 1 PASSED, stage 2 FAILED)",
+        "[[]vm *[]] test_a.py::test_stage1_fails FAILED (stage 1 FAILED; stage 2 skipped)",
+        "VM tier: 6 of 6 vm test(s) ran in the guest on Linux * (2 boot(s), 1 kexec(s)*",
+    ])
+    assert "SKIPPED [1] test_a.py:15: not today" in out
+    assert "VM problems" not in out          # pytest's exit 1 is not a VM problem
+    # every vm report carries the kernel release
+    assert "ran in the VM on Linux" in out
+
+
+def test_no_kexec_tests_means_one_stage(vm_pytester):
+    vm_pytester.makepyfile(test_b='''
+        import pytest
+        @pytest.mark.vm
+        def test_one():
+            pass
+    ''')
+    result = _run(vm_pytester)
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["VM tier: 1 of 1 vm test(s) ran in the guest on Linux * "
+                                 "(1 boot(s), 0 kexec(s)*"])
+
+
+def test_no_vm_tests_means_no_vm(vm_pytester):
+    vm_pytester.makepyfile(test_c="def test_host():\n    pass\n")
+    result = _run(vm_pytester)
+    result.assert_outcomes(passed=1)
+    assert "VM tier" not in result.stdout.str()
+    assert "[vm" not in result.stdout.str()
+
+
+def test_no_vm_option_deselects_loudly(vm_pytester):
+    vm_pytester.makepyfile(test_a=TESTS)
+    result = _run(vm_pytester, "--no-vm")
+    result.assert_outcomes(passed=1, deselected=6)
+    result.stdout.fnmatch_lines(["*VM tier NOT run: --no-vm deselected 6 vm test(s)*"])
+
+
+def test_unavailable_vm_skips_outside_ci(vm_pytester):
+    vm_pytester.makepyfile(test_a=TESTS)
+    result = vm_pytester.runpytest_subprocess("--vm-kernel", "/nonexistent/bzImage", "-rs",
+                                              timeout=120)
+    result.assert_outcomes(passed=1, skipped=6)
+    result.stdout.fnmatch_lines([
+        "*VM tier did NOT run: *",
+        "6 vm test(s) SKIPPED.",
+    ])
+    assert "VM tier did not run:" in result.stdout.str()   # the skip reason
+
+
+def test_unavailable_vm_fails_in_ci(vm_pytester, monkeypatch):
+    monkeypatch.setenv("CI", "true")
+    vm_pytester.makepyfile(test_a=TESTS)
+    result = vm_pytester.runpytest_subprocess("--vm-kernel", "/nonexistent/bzImage",
+                                              timeout=120)
+    result.assert_outcomes(passed=1, errors=6)
+    result.stdout.fnmatch_lines(["*VM tier did NOT run: *", "6 vm test(s) FAILED (CI=true)."])
+
+
+def test_host_fixtures_are_torn_down_around_vm_items(vm_pytester):
+    vm_pytester.makepyfile(test_d='''
+        import pytest
+        @pytest.fixture(scope="module")
+        def res():
+            yield 1
+        def test_host_a(res):
+            pass
+        @pytest.mark.vm
+        def test_vm():
+            pass
+    ''', test_e='''
+        def test_host_b():
+            pass
+    ''')
+    result = _run(vm_pytester, "-p", "no:randomly")
+    result.assert_outcomes(passed=3)
+
+
+def test_lu_stage_outside_the_vm(pytester, monkeypatch):
+    monkeypatch.delenv("PYIOMMUFD_IN_GUEST", raising=False)
+    pytester.makepyfile(test_f='''
+        import pytest
+        def test_plain(lu_stage):
+            pass
+    ''')
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", timeout=60)
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*lu_stage fixture is for @pytest.mark.kexec tests only*"])
+
+
+def test_guest_side_reorders_kexec_tests_last(pytester, tmp_path, monkeypatch):
+    share = tmp_path / "share"
+    share.mkdir()
+    monkeypatch.setenv("PYIOMMUFD_IN_GUEST", "1")
+    monkeypatch.setenv("PYIOMMUFD_VM_RESULTS", str(share))
+    monkeypatch.setenv("PYIOMMUFD_VM_PYTEST_REPORT", "pytest-1.jsonl")
+    monkeypatch.setenv("PYIOMMUFD_LU_STAGE", "1")
+    monkeypatch.setenv("PYIOMMUFD_VM_SIMULATE", "1")
+    monkeypatch.delenv("PYIOMMUFD_VM_KERNEL", raising=False)
+    pytester.makepyfile(test_g='''
+        import pytest
+        @pytest.mark.kexec
+        def test_k(lu_stage):
+            assert lu_stage.stage == 1
+        @pytest.mark.vm
+        def test_v():
+            pass
+    ''')
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-v", timeout=60)
+    out = result.stdout.str()
+    assert out.index("test_g.py::test_v") < out.index("test_g.py::test_k")
+    lines = (share / "pytest-1.jsonl").read_text().splitlines()
+    import json
+    recs = [json.loads(line) for line in lines]
+    assert recs[0]["kind"] == "collected" and recs[0]["nodeids"] == ["test_g.py::test_v",
+                                                                     "test_g.py::test_k"]
+    assert {r["report"]["nodeid"] for r in recs if r["kind"] == "test"} == {
+        "test_g.py::test_v", "test_g.py::test_k"}
+    pending = json.loads((share / "kexec-pending.json").read_text())
+    assert pending["nodeids"] == ["test_g.py::test_k"]
+    # no kernel to kexec into outside the runner: the failure is recorded
+    assert "PYIOMMUFD_VM_KERNEL" in (share / "kexec-error.txt").read_text()

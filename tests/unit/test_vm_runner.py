@@ -1,0 +1,237 @@
+"""Host-side tests of the VM runner and the in-guest agent.
+
+``machine="local"`` runs the agent and its stages as host processes; a kexec is
+simulated (the stage exits with a special status after writing kexec.json and
+the runner "boots" again), so the whole stage/kexec bookkeeping is exercised
+without QEMU."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import textwrap
+
+import pytest
+
+from pyiommufd.vm import guest, initramfs, runner
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("PYIOMMUFD_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+# -- command lines and jobs ----------------------------------------------------------
+
+def test_qemu_command_line():
+    cmd = runner.qemu_command("/k/bzImage", "/k/initrd", "/r/share", "/r/serial.log",
+                              pycache="/c/pycache")
+    text = " ".join(cmd)
+    assert cmd[0] == "qemu-system-x86_64"
+    assert "-accel tcg" in text and "kvm" not in text
+    assert "-machine q35,kernel-irqchip=split" in text
+    assert "-no-reboot" in cmd
+    assert cmd.index("intel-iommu,intremap=on") < cmd.index(
+        "virtio-net-pci,disable-legacy=on,iommu_platform=on,netdev=n0")
+    assert "user,id=n0,restrict=on" in cmd
+    assert f"local,path=/,mount_tag={initramfs.HOSTROOT_TAG},security_model=none,readonly=on," \
+           "multidevs=remap" in cmd
+    assert any(a.startswith(f"local,path=/r/share,mount_tag={initramfs.RESULTS_TAG},")
+               and "readonly" not in a for a in cmd)
+    assert any(a.startswith(f"local,path=/c/pycache,mount_tag={initramfs.PYCACHE_TAG},")
+               for a in cmd)
+    assert cmd[cmd.index("-serial") + 1] == "file:/r/serial.log"
+    append = cmd[cmd.index("-append") + 1].split()
+    for word in ("console=ttyS0", "intel_iommu=on", "liveupdate=on", "panic=-1"):
+        assert word in append
+    assert cmd[cmd.index("-kernel") + 1] == "/k/bzImage"
+    assert cmd[cmd.index("-initrd") + 1] == "/k/initrd"
+
+
+def test_kernel_cmdline_extra_words():
+    assert runner.kernel_cmdline(["foo=1"]).endswith(" foo=1")
+
+
+def test_command_job_with_kexec_stages():
+    job = runner.command_job(["a"], cwd="/w")
+    assert [s.to_json() for s in job.stages] == [
+        {"argv": ["a"], "env": {}, "cwd": "/w", "kexec": "none", "needs_kexec": False}]
+    job = runner.command_job(["a"], kexec_stages=2, cwd="/w")
+    assert [(s.argv, s.kexec, s.needs_kexec) for s in job.stages] == [
+        (["a"], "agent", False), (["a"], "agent", True), (["a"], "none", True)]
+    job = runner.command_job(["a"], kexec_stages=[["b"]], cwd="/w")
+    assert [(s.argv, s.kexec, s.needs_kexec) for s in job.stages] == [
+        (["a"], "agent", False), (["b"], "none", True)]
+    with pytest.raises(ValueError):
+        runner.command_job([])
+    with pytest.raises(ValueError):
+        runner.Stage(["x"], kexec="sometimes").to_json()
+
+
+def test_masked_paths_are_refused():
+    assert runner.masked_in_guest("/tmp/x") == "/tmp"
+    assert runner.masked_in_guest("/run") == "/run"
+    assert runner.masked_in_guest("/tmpfoo") is None
+    assert runner.masked_in_guest("/work/main") is None
+    job = runner.Job([runner.Stage(["true"], cwd="/tmp/somewhere")])
+    with pytest.raises(runner.VmError, match="under /tmp"):
+        runner.check_job_paths(job)
+
+
+def test_missing_qemu_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(runner.VmError, match="qemu-system-x86_64 not found"):
+        runner.run_command(["true"], progress=None)
+
+
+def test_boot_env_is_shell_quoted():
+    text = runner.boot_env()
+    keys = dict(line.split("=", 1) for line in text.splitlines())
+    assert set(keys) == {"PYIOMMUFD_PYTHON", "PYIOMMUFD_PYTHONPATH", "PYIOMMUFD_PATH",
+                         "PYIOMMUFD_CACHE"}
+    assert keys["PYIOMMUFD_PYTHONPATH"].strip("'") == str(runner.checkout_src())
+
+
+# -- collecting results ------------------------------------------------------------------
+
+def _share(tmp_path, job, state, stages, **files):
+    share = tmp_path / "run" / "share"
+    share.mkdir(parents=True)
+    guest.write_json(share / guest.JOB, job)
+    guest.write_json(share / guest.STATE, state)
+    for rec in stages:
+        guest.write_json(share / f"stage-{rec['stage']}.json", rec)
+    for name, text in files.items():
+        (share / name.replace("_", "-")).write_text(text)
+    return share
+
+
+def test_collect_merges_stage_records(tmp_path):
+    job = runner.Job([runner.Stage(["a"]), runner.Stage(["b"], needs_kexec=True)]).to_json()
+    state = {"boots": [{"n": 1, "release": "7.3.4", "via": "boot"},
+                       {"n": 2, "release": "7.3.4", "via": "kexec"}], "running": None}
+    stages = [{"stage": 1, "argv": ["a"], "ended_by": "kexec", "exit": None, "release": "7.3.4",
+               "boot": 1, "duration": 3.0},
+              {"stage": 2, "argv": ["b"], "ended_by": "exit", "exit": 0, "release": "7.3.4",
+               "boot": 2, "duration": 1.5}]
+    res = runner.collect(_share(tmp_path, job, state, stages), tmp_path / "serial.log",
+                         returncode=0)
+    assert res.ok and res.exit_code == 0 and res.boot_count == 2
+    assert res.kernel_release == "7.3.4"
+    assert [s.ended_by for s in res.stages] == ["kexec", "exit"]
+    assert res.timings == {"stage1": 3.0, "stage2": 1.5}
+
+
+def test_collect_reports_lost_and_timed_out_stages(tmp_path):
+    job = runner.Job([runner.Stage(["a"], kexec="self"),
+                      runner.Stage(["b"], needs_kexec=True)]).to_json()
+    state = {"boots": [{"n": 1, "release": "7.3.4", "via": "boot"}], "running": 0}
+    stages = [{"stage": 1, "argv": ["a"], "ended_by": None, "boot": 1, "release": "7.3.4"}]
+    share = _share(tmp_path, job, state, stages)
+    guest.write_json(share / guest.KEXEC, {"stage": 1, "boot": 1, "by": "stage", "time": 0})
+    res = runner.collect(share, tmp_path / "serial.log", timeout=60, timed_out=True,
+                         returncode=-9)
+    assert not res.ok and res.exit_code == 124
+    assert [s.ended_by for s in res.stages] == ["lost", "lost"]
+    assert "requested a kexec" in res.stages[0].reason
+    assert "timed out after 60s" in res.stages[1].reason
+
+
+def test_collect_reports_init_errors(tmp_path):
+    job = runner.Job([runner.Stage(["a"])]).to_json()
+    share = _share(tmp_path, job, {"boots": []}, [], init_error="init: cannot mount\n")
+    res = runner.collect(share, tmp_path / "serial.log", returncode=0)
+    assert not res.ok and "cannot mount" in res.error
+
+
+# -- the agent, run locally ------------------------------------------------------------------
+
+def _py(code: str) -> list[str]:
+    return [sys.executable, "-c", textwrap.dedent(code)]
+
+
+def test_local_single_stage(tmp_path):
+    res = runner.run_command(_py("print('hello', __import__('os').environ['PYIOMMUFD_VM_STAGE'])"),
+                             machine="local", progress=None, timeout=60, cwd=str(tmp_path))
+    assert res.ok, res.summary()
+    assert res.stages[0].output() == "hello 1\n"
+    assert res.stages[0].release == os.uname().release
+    assert res.boot_count == 1
+
+
+def test_local_agent_kexec_stages(tmp_path):
+    code = "import os; print(os.environ['PYIOMMUFD_VM_STAGE'], os.environ['PYIOMMUFD_VM_BOOT'])"
+    lines = []
+    res = runner.run_command(_py(code), kexec_stages=2, machine="local", progress=lines.append,
+                             timeout=60, cwd=str(tmp_path))
+    assert res.ok, res.summary()
+    assert [s.output() for s in res.stages] == ["1 1\n", "2 2\n", "3 3\n"]
+    assert [b.via for b in res.boots] == ["boot", "kexec", "kexec"]
+    assert any("kexec requested by agent in stage 1" in line for line in lines)
+    assert any("boot 2 after kexec" in line for line in lines)
+    assert "kexec_2" in res.timings and "first_boot" in res.timings
+
+
+def test_local_failed_stage_stops_the_job(tmp_path):
+    res = runner.run_command(_py("raise SystemExit(3)"), kexec_stages=1, machine="local",
+                             progress=None, timeout=60, cwd=str(tmp_path))
+    assert not res.ok and res.exit_code == 3
+    assert res.stages[0].ended_by == "exit" and res.stages[0].exit == 3
+    assert res.stages[1].ended_by == "not-run"
+    assert "instead of kexec'ing" in res.stages[1].reason
+
+
+def test_local_stage_kexecs_itself(tmp_path):
+    stage1 = _py("""
+        import os
+        print('before kexec', flush=True)
+        from pyiommufd.vm.guest import kexec_same_kernel
+        kexec_same_kernel()
+        print('not reached')
+        """)
+    stage2 = _py("import os; print('after', os.environ['PYIOMMUFD_VM_BOOT'])")
+    job = runner.Job([runner.Stage(stage1, cwd=str(tmp_path), kexec="self"),
+                      runner.Stage(stage2, cwd=str(tmp_path), needs_kexec=True)])
+    res = runner.run(job, machine="local", progress=None, timeout=60)
+    assert res.ok, res.summary()
+    assert res.stages[0].ended_by == "kexec" and res.stages[0].exit is None
+    assert res.stages[0].output() == "before kexec\n"
+    assert res.stages[1].output() == "after 2\n"
+    kx = json.loads((res.share / guest.KEXEC).read_text())
+    assert kx["by"] == "stage" and kx["stage"] == 1 and kx["boot"] == 1
+
+
+def test_local_stage_that_should_kexec_but_exits(tmp_path):
+    job = runner.Job([runner.Stage(_py("pass"), cwd=str(tmp_path), kexec="self"),
+                      runner.Stage(_py("pass"), cwd=str(tmp_path), needs_kexec=True)])
+    res = runner.run(job, machine="local", progress=None, timeout=60)
+    assert res.stages[0].ok and res.stages[1].ended_by == "not-run"
+    assert not res.ok
+
+
+def test_local_timeout_kills_the_machine(tmp_path):
+    t0 = __import__("time").monotonic()
+    res = runner.run_command(_py("import time; print('sleeping', flush=True); time.sleep(60)"),
+                             machine="local", progress=None, timeout=2, cwd=str(tmp_path))
+    assert __import__("time").monotonic() - t0 < 20
+    assert res.timed_out and not res.ok and res.exit_code == 124
+    assert res.stages[0].ended_by == "lost" and "timed out" in res.stages[0].reason
+    assert "sleeping" in res.stages[0].output()
+
+
+def test_kexec_helper_outside_the_vm_is_refused(monkeypatch):
+    monkeypatch.delenv(guest.ENV_KERNEL, raising=False)
+    with pytest.raises(RuntimeError, match="only inside the pyiommufd VM"):
+        guest.kexec_same_kernel()
+
+
+def test_blocked_rules():
+    assert guest._blocked({}, None) is None
+    assert guest._blocked({}, {"stage": 1, "how": "exit", "exit": 0}) is None
+    assert "failed with exit status 2" in guest._blocked({}, {"stage": 1, "how": "exit", "exit": 2})
+    assert guest._blocked({"needs_kexec": True}, {"stage": 1, "how": "kexec", "exit": None}) is None
+    assert "instead of kexec" in guest._blocked({"needs_kexec": True},
+                                                {"stage": 1, "how": "exit", "exit": 0})
+    assert "rebooted unexpectedly" in guest._blocked({}, {"stage": 1, "how": "reboot",
+                                                          "exit": None})
