@@ -336,7 +336,8 @@ HINTS: dict[object, Hint] = {
         "a live update it belongs to the preserved iommufd (retrieve the cdev from its session; "
         "seed-spec 4.7); otherwise MSI cannot be isolated (no interrupt remapping and "
         "iommufd.allow_unsafe_interrupts=0)",
-    ("VFIO_DEVICE_BIND_IOMMUFD", E.EBUSY): "the device is bound to an iommufd already",
+    ("VFIO_DEVICE_BIND_IOMMUFD", E.EBUSY): "the device's group is open through the legacy "
+        "/dev/vfio/N interface",
     ("VFIO_DEVICE_ATTACH_IOMMUFD_PT", E.EBUSY): "the device is being reset, or the PASID is attached already",
     ("open(vfio cdev)", E.EBUSY): "the cdev is open elsewhere, or its group is in use by the legacy container API",
     ("vfio", E.ENOTTY): "this kernel or device does not support this VFIO ioctl",
