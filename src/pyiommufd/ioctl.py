@@ -126,17 +126,28 @@ def _declared_size(arg) -> int | None:
     return None
 
 
+def invoke_raw(backend: Backend, fd: int, idef: IoctlDef, buf, *,
+               context: Mapping[str, object] | None = None, detail: str | None = None) -> int:
+    """Issue ``idef`` with a raw writable buffer and return the syscall's own
+    result (a new fd for VFIO_GROUP_GET_DEVICE_FD and the DMA_BUF feature)."""
+    try:
+        return int(backend.ioctl(fd, idef.request, buf) or 0)
+    except errors.KernelError:
+        raise
+    except OSError as exc:
+        raise errors.from_oserror(exc, idef.name, idef.interface, context=context,
+                                  detail=detail) from None
+
+
 def invoke(backend: Backend, fd: int, idef: IoctlDef, arg=None, *,
            context: Mapping[str, object] | None = None, detail: str | None = None):
     """Issue ``idef`` on ``fd`` with ``arg`` (a cdata struct pointer, an int for
     value-style ioctls, or None). Returns ``arg`` for structs, else the result."""
+    if idef.arg == ARG_STRUCT:
+        invoke_raw(backend, fd, idef, buffer_of(arg), context=context, detail=detail)
+        return arg
     try:
-        if idef.arg == ARG_STRUCT:
-            backend.ioctl(fd, idef.request, buffer_of(arg))
-            return arg
         return backend.ioctl_int(fd, idef.request, 0 if arg is None else int(arg))
-    except errors.KernelError:
-        raise
     except OSError as exc:
         raise errors.from_oserror(exc, idef.name, idef.interface, context=context,
                                   detail=detail) from None

@@ -116,17 +116,6 @@ EXTENSIONS = {"type1": C("VFIO_TYPE1_IOMMU"), "spapr_tce": C("VFIO_SPAPR_TCE_IOM
               "unmap_all": C("VFIO_UNMAP_ALL"), "update_vaddr": C("VFIO_UPDATE_VADDR")}
 
 
-def _ioctl_result(backend: Backend, fd: int, idef: ioctl.IoctlDef, buf, *, detail: str | None = None) -> int:
-    """Issue an ioctl whose *return value* matters (a new fd) on a raw buffer.
-    ``ioctl.invoke`` returns the struct, not the syscall's result."""
-    try:
-        return int(backend.ioctl(fd, idef.request, buf) or 0)
-    except errors.KernelError:
-        raise
-    except OSError as exc:
-        raise errors.from_oserror(exc, idef.name, idef.interface, detail=detail) from None
-
-
 def _write_tail(arg, base: int, data: bytes) -> None:
     if data:
         ffi.buffer(arg, base + len(data))[base:] = data
@@ -725,7 +714,7 @@ class VfioDevice(_FdOwner):
         _, arg = self._feature_arg(feature, flags, data)
         base = ffi.sizeof("struct vfio_device_feature")
         buf = ffi.buffer(arg, base + len(data))
-        result = _ioctl_result(self.backend, self.fileno(), FEATURE, buf)
+        result = ioctl.invoke_raw(self.backend, self.fileno(), FEATURE, buf)
         return result, bytes(buf)[base:]
 
     def feature(self, feature: int | str, data: bytes | None = None, *, op: str = "get",
@@ -1032,7 +1021,7 @@ class VfioGroup(_FdOwner):
         if pci.is_bdf(name):
             bdf = name = pci.normalize_bdf(name)
         raw = ffi.new("char[]", name.encode())
-        fd = _ioctl_result(self.backend, self.fileno(), GROUP_GET_DEVICE_FD, ffi.buffer(raw), detail=name)
+        fd = ioctl.invoke_raw(self.backend, self.fileno(), GROUP_GET_DEVICE_FD, ffi.buffer(raw), detail=name)
         return VfioDevice(fd, backend=self.backend, owned=True, bdf=bdf)
 
 
