@@ -1,18 +1,34 @@
 """Ownership of one file descriptor, shared by every fd-backed object."""
 from __future__ import annotations
 
+import errno as E
+import os
+
+from . import errors
 from .backend import Backend, get_backend
 from .errors import UsageError
+
+
+def open_path(backend: Backend, path: str, op: str, interface: str) -> int:
+    """``open(path, O_RDWR|O_CLOEXEC)`` with the failure as a typed error."""
+    try:
+        return backend.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as exc:
+        raise errors.make_error(op, interface, exc.errno or E.EIO, detail=path) from None
 
 
 class FdObject:
     """Owns ``fd`` (unless ``owned=False``) and closes it through the backend.
 
     ``detach()`` gives the fd away, e.g. to a VMM that inherits it; after
-    that the object no longer closes it and may not be used.
+    that the object no longer closes it and may not be used. Subclasses whose
+    fds may safely close when garbage-collected set ``close_on_gc``; LUO
+    handles never do, because closing a session unpreserves it.
     """
 
     kind = "file"
+    _what = "file"
+    close_on_gc = False
 
     def __init__(self, fd: int, *, backend: Backend | None = None, owned: bool = True):
         if not isinstance(fd, int) or isinstance(fd, bool) or fd < 0:
@@ -22,13 +38,17 @@ class FdObject:
         self.backend = get_backend(backend)
 
     @property
-    def fd(self) -> int:
-        if self._fd is None:
-            raise UsageError(f"{type(self).__name__} is closed or detached")
-        return self._fd
+    def owned(self) -> bool:
+        return self._owned
 
     def fileno(self) -> int:
-        return self.fd
+        if self._fd is None:
+            raise UsageError(f"the {self._what} is closed or detached")
+        return self._fd
+
+    @property
+    def fd(self) -> int:
+        return self.fileno()
 
     @property
     def closed(self) -> bool:
@@ -36,14 +56,38 @@ class FdObject:
 
     def detach(self) -> int:
         """Stop owning the fd and return it."""
-        fd = self.fd
+        fd = self.fileno()
         self._fd = None
         return fd
 
+    def _on_close(self) -> None:
+        """Hook run before the fd is closed."""
+
     def close(self) -> None:
+        """Close the fd (when owned). Idempotent."""
+        if self._fd is None:
+            return
+        self._on_close()
         fd, self._fd = self._fd, None
-        if fd is not None and self._owned:
+        if self._owned:
             self.backend.close(fd)
+
+    def __del__(self):
+        if self.close_on_gc and getattr(self, "_fd", None) is not None and self._owned:
+            try:
+                self.close()
+            except Exception:  # noqa: BLE001 - never raise from a finalizer
+                pass
+
+    def _call(self, idef, *, context=None, detail: str | None = None, **fields):
+        from . import ioctl
+
+        return ioctl.call(self.backend, self.fileno(), idef, context=context, detail=detail, **fields)
+
+    def _invoke(self, idef, arg, *, context=None, detail: str | None = None):
+        from . import ioctl
+
+        return ioctl.invoke(self.backend, self.fileno(), idef, arg, context=context, detail=detail)
 
     def __enter__(self):
         return self

@@ -54,14 +54,13 @@ from __future__ import annotations
 
 import errno as E
 import mmap as _mmap
-import os
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from . import errors, ioctl
 from ._uapi import ffi
 from .backend import Backend, get_backend
-from .fdobject import FdObject
+from .fdobject import FdObject, open_path
 
 DEFAULT_PATH = "/dev/iommu"
 PAGE_SIZE = _mmap.PAGESIZE
@@ -434,6 +433,8 @@ class IOMMUFD(FdObject):
     """An iommufd context (an open ``/dev/iommu``)."""
 
     kind = "iommufd"
+    _what = "iommufd"
+    close_on_gc = True
 
     def __init__(self, fd: int, *, backend: Backend | None = None, owned: bool = True,
                  path: str | None = None):
@@ -445,11 +446,7 @@ class IOMMUFD(FdObject):
     @classmethod
     def open(cls, path: str = DEFAULT_PATH, backend: Backend | None = None) -> "IOMMUFD":
         be = get_backend(backend)
-        try:
-            fd = be.open(path, os.O_RDWR | os.O_CLOEXEC)
-        except OSError as exc:
-            raise errors.make_error(f"open({path})", "iommufd", exc.errno or E.EIO, detail=path) from None
-        return cls(fd, backend=be, owned=True, path=path)
+        return cls(open_path(be, path, f"open({path})", "iommufd"), backend=be, owned=True, path=path)
 
     @classmethod
     def from_fd(cls, fd: int, backend: Backend | None = None, owned: bool = True) -> "IOMMUFD":
@@ -457,29 +454,13 @@ class IOMMUFD(FdObject):
         session). With ``owned=True`` (the default) ``close()`` closes it."""
         return cls(fd, backend=backend, owned=owned)
 
-    @property
-    def owned(self) -> bool:
-        return self._owned
-
-    def fileno(self) -> int:
-        if self._fd is None:
-            raise errors.UsageError("the iommufd is closed or detached")
-        return self._fd
-
-    @property
-    def fd(self) -> int:
-        return self.fileno()
-
-    def close(self) -> None:
-        """Close the fd (when owned). Idempotent. Objects allocated through this
-        wrapper are forgotten (the kernel destroys them with the last
-        reference to the file) and mapped buffers are released."""
-        if self._fd is None:
-            return
+    def _on_close(self) -> None:
+        # Objects allocated through this wrapper are forgotten (the kernel
+        # destroys them with the last reference to the file); mapped buffers
+        # are released.
         for obj in list(self._objects.values()):
             obj._forget()
         self._objects.clear()
-        super().close()
 
     def detach(self) -> int:
         """Give up ownership and return the fd (e.g. to hand it to a VMM).
@@ -493,23 +474,9 @@ class IOMMUFD(FdObject):
         self._fd = None
         return fd
 
-    def __del__(self):
-        try:
-            if getattr(self, "_fd", None) is not None and self._owned:
-                self.close()
-        except Exception:
-            pass
-
     def __repr__(self) -> str:
         state = "closed" if self._fd is None else f"fd={self._fd}"
         return f"<IOMMUFD {state} objects={sorted(self._objects)}>"
-
-    # -- plumbing ------------------------------------------------------------------
-    def _call(self, idef: ioctl.IoctlDef, *, context=None, detail=None, **fields):
-        return ioctl.call(self.backend, self.fileno(), idef, context=context, detail=detail, **fields)
-
-    def _invoke(self, idef: ioctl.IoctlDef, arg, *, context=None, detail=None):
-        return ioctl.invoke(self.backend, self.fileno(), idef, arg, context=context, detail=detail)
 
     def _register(self, obj: "IommufdObject") -> None:
         self._objects[obj.id] = obj

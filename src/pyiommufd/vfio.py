@@ -28,7 +28,7 @@ from typing import Any, Iterable, Sequence
 from . import errors, ioctl, pci
 from ._uapi import ffi
 from .backend import Backend, get_backend
-from .fdobject import FdObject
+from .fdobject import FdObject, open_path
 from .iommufd import (IOMMUFD, U32_MAX, U64_MAX, IommufdObject, _aligned, _int, _length,
                       _release, buffer_address)
 
@@ -237,57 +237,19 @@ def _index(value: Any, table: dict[str, int], what: str) -> int:
 
 
 class _FdOwner(FdObject):
-    """fd ownership shared by the VFIO objects."""
+    """fd ownership shared by the VFIO objects: a path, closed when collected."""
 
     _what = "VFIO fd"
+    close_on_gc = True
 
     def __init__(self, fd: int, *, backend: Backend | None = None, owned: bool = True,
                  path: str | None = None):
         super().__init__(fd, backend=backend, owned=owned)
         self.path = path
 
-    @property
-    def owned(self) -> bool:
-        return self._owned
-
-    @property
-    def fd(self) -> int:
-        return self.fileno()
-
-    def fileno(self) -> int:
-        if self._fd is None:
-            raise errors.UsageError(f"the {self._what} is closed or detached")
-        return self._fd
-
-    def _on_close(self) -> None:
-        pass
-
-    def close(self) -> None:
-        """Close the fd (when owned). Idempotent."""
-        if self._fd is None:
-            return
-        self._on_close()
-        super().close()
-
-    def __del__(self):
-        try:
-            if getattr(self, "_fd", None) is not None and self._owned:
-                self.close()
-        except Exception:
-            pass
-
-    def _call(self, idef: ioctl.IoctlDef, *, detail: str | None = None, **fields):
-        return ioctl.call(self.backend, self.fileno(), idef, detail=detail, **fields)
-
-    def _invoke(self, idef: ioctl.IoctlDef, arg, *, detail: str | None = None):
-        return ioctl.invoke(self.backend, self.fileno(), idef, arg, detail=detail)
-
 
 def _open(backend: Backend, path: str, op: str) -> int:
-    try:
-        return backend.open(path, os.O_RDWR | os.O_CLOEXEC)
-    except OSError as exc:
-        raise errors.make_error(op, "vfio", exc.errno or E.EIO, detail=path) from None
+    return open_path(backend, path, op, "vfio")
 
 
 # -- the device ----------------------------------------------------------------

@@ -27,12 +27,12 @@ dispatch (min size 40; seed-spec 2.2).
 from __future__ import annotations
 
 import errno as E
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 from .files import OpenFile
 from .iopt import Iopt, Pages
-from .uaccess import PAGE_SIZE, U32_MAX, U64_MAX, ULONG_MAX, IoctlArg, UserMemory, fail, getf, offsetofend, setf
+from .uaccess import PAGE_SIZE, U64_MAX, ULONG_MAX, IoctlArg, UserMemory, fail, getf, offsetofend
 
 if TYPE_CHECKING:   # pragma: no cover
     from .boot import Boot

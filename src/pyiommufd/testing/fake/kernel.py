@@ -24,7 +24,7 @@ from .kexec import LINUX_REBOOT_CMD_KEXEC, SimulatedKexec, file_load
 from .memfd import MemfdFile, ShmemInode, check_memfd_flags
 from .pci import FakePciDevice
 from .series import ABIS
-from .sysfs import Attr, DevNode, Dir, FakeFs, Link, is_fake_path
+from .sysfs import Attr, DevNode, Dir, FakeFs, is_fake_path
 from .uaccess import UserMemory, fail
 from .vfio import EventFile
 

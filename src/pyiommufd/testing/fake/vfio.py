@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 from .files import OpenFile
 from .iommufd import IOMMU_NO_PASID, Device, IommufdFile
-from .pci import BAR0, BAR5, CONFIG, INTX, MSI, MSIX, ERR, REQ, NUM_IRQS, NUM_REGIONS, ROM, VGA, DeviceState
+from .pci import BAR0, BAR5, CONFIG, INTX, MSIX, ERR, REQ, NUM_IRQS, NUM_REGIONS, ROM, DeviceState
 from .uaccess import IoctlArg, U32_MAX, fail, offsetofend, sizeof
 
 if TYPE_CHECKING:   # pragma: no cover
