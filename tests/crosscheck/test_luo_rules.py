@@ -1,7 +1,6 @@
 """Upstream 7.3 LUO rules (seed-spec 4.1; the cases of the kernel's
 tools/testing/selftests/liveupdate/liveupdate.c), the same code on the fake
 and on the real kernel."""
-import errno as E
 import os
 
 import pytest

@@ -8,7 +8,6 @@ import pytest
 from pyiommufd import errors, ioctl
 from pyiommufd._uapi import ffi
 from pyiommufd.testing import FakeKernel
-from pyiommufd.backend import use
 
 D = None  # filled from the kt fixture's Defs
 
