@@ -194,3 +194,24 @@ def test_guest_side_reorders_kexec_tests_last(pytester, tmp_path, monkeypatch):
     assert pending["nodeids"] == ["test_g.py::test_k"]
     # no kernel to kexec into outside the runner: the failure is recorded
     assert "PYIOMMUFD_VM_KERNEL" in (share / "kexec-error.txt").read_text()
+
+
+def test_heavy_plugins_load_in_the_guest_only_when_needed(pytester):
+    from pyiommufd.testing import pytest_plugin as plug
+
+    pytester.makepyfile(test_h='''
+        import pytest
+        from hypothesis import given, strategies as st
+        @pytest.mark.vm
+        def test_plain():
+            pass
+        @pytest.mark.vm
+        @given(st.integers())
+        def test_prop(x):
+            pass
+    ''')
+    items, _ = pytester.inline_genitems("-p", "no:cacheprovider")
+    by_name = {it.name: it for it in items}
+    assert plug._uses_hypothesis(by_name["test_prop"])
+    assert not plug._uses_hypothesis(by_name["test_plain"])
+    assert plug._uses_fixture("tmp_path")(by_name["test_plain"]) is False

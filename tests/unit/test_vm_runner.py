@@ -235,3 +235,37 @@ def test_blocked_rules():
                                                 {"stage": 1, "how": "exit", "exit": 0})
     assert "rebooted unexpectedly" in guest._blocked({}, {"stage": 1, "how": "reboot",
                                                           "exit": None})
+
+
+def test_first_boot_that_never_reaches_the_agent_is_retried(tmp_path):
+    class Hanging:
+        can_retry = True
+        starts = 0
+
+        def start(self):
+            Hanging.starts += 1
+            import subprocess
+            if Hanging.starts == 1:       # a boot that hangs
+                return subprocess.Popen(["sleep", "60"], start_new_session=True)
+            return runner._LocalStarter(share, serial).start()
+
+        def restart(self, rc):
+            return False
+
+        def final_rc(self, rc):
+            return 0 if rc in (0, 1) else rc
+
+    share = tmp_path / "share"
+    share.mkdir()
+    serial = tmp_path / "serial.log"
+    serial.write_text("attempt 1 output\n")
+    job = runner.command_job([sys.executable, "-c", "print('ran')"], cwd=str(tmp_path))
+    guest.write_json(share / guest.JOB, job.to_json("/k", "/i"))
+    lines = []
+    res = runner._supervise(Hanging(), share, serial, 60, lines.append, runner._Clock(), 1,
+                            boot_timeout=1.0, boot_retries=1)
+    assert Hanging.starts == 2
+    assert res.ok, res.summary()
+    assert any("booting again" in line for line in lines)
+    assert (tmp_path / "serial.attempt1.log").read_text() == "attempt 1 output\n"
+    assert "boot_attempt1_failed" in res.timings

@@ -271,6 +271,21 @@ def _outcome_word(reports) -> str:
     return "PASSED" if reports else "NO RESULT"
 
 
+def _uses_hypothesis(item) -> bool:
+    return bool(getattr(getattr(item, "obj", None), "is_hypothesis_test", False))
+
+
+def _uses_fixture(name: str):
+    return lambda item: name in getattr(item, "fixturenames", ())
+
+
+# plugin module -> "does this vm item need it?"
+_ON_DEMAND_PLUGINS = {
+    "_hypothesis_pytestplugin": _uses_hypothesis,
+    "pytest_benchmark.plugin": _uses_fixture("benchmark"),
+}
+
+
 class _VmOutcome:
     """What happened to the VM run as a whole."""
 
@@ -363,10 +378,15 @@ class HostSide:
 
     def _plugin_args(self) -> list[str]:
         """``-p`` options that load, in the guest, the plugins this host session
-        loaded from entry points or ``-p`` (ours first)."""
+        loaded from entry points or ``-p`` (ours first). Heavy plugins that only
+        matter to tests using them (:data:`_ON_DEMAND_PLUGINS`) are loaded only
+        if a vm test needs them: importing them costs seconds under TCG."""
         names = [__name__]
         for plugin, _dist in self.config.pluginmanager.list_plugin_distinfo():
             name = getattr(plugin, "__name__", None)
+            needed = _ON_DEMAND_PLUGINS.get(name)
+            if needed is not None and not any(needed(it) for it in self.vm_items):
+                continue
             if name and name not in names:
                 names.append(name)
         for spec in getattr(self.config.option, "plugins", None) or []:
@@ -578,4 +598,6 @@ class HostSide:
         if res.error or bad:
             tr.write_line("VM problems: " + "; ".join(
                 ([res.error] if res.error else []) + [s.describe() for s in bad]), red=True)
+            tr.write_line(f"serial log tail ({res.serial_log}):")
+            tr.write_line(res.serial_tail(20))
         tr.write_line(f"VM run directory: {res.run_dir} (serial log: {res.serial_log})")

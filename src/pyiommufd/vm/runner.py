@@ -34,6 +34,10 @@ Progress = Callable[[str], None]
 
 QEMU = "qemu-system-x86_64"
 DEFAULT_TIMEOUT = 600.0
+# A first boot that has not started the agent after this long is killed and
+# retried (at most DEFAULT_BOOT_RETRIES times): normal boots take 5-15 s.
+DEFAULT_BOOT_TIMEOUT = 90.0
+DEFAULT_BOOT_RETRIES = 1
 DEFAULT_MEMORY = "2G"
 DEFAULT_SMP = 2
 KEEP_RUNS = 20
@@ -343,12 +347,19 @@ class _Clock:
 def run(job: Job, *, kernel: str | os.PathLike | None = None, timeout: float = DEFAULT_TIMEOUT,
         log: str | os.PathLike | None = None, progress: Progress | None = print,
         machine: str = "qemu", memory: str = DEFAULT_MEMORY, smp: int = DEFAULT_SMP,
-        extra_cmdline: Sequence[str] = (), qemu: str = QEMU) -> VmResult:
+        extra_cmdline: Sequence[str] = (), qemu: str = QEMU,
+        boot_timeout: float = DEFAULT_BOOT_TIMEOUT,
+        boot_retries: int = DEFAULT_BOOT_RETRIES) -> VmResult:
     """Run ``job`` in a fresh VM; see the module docstring.
 
     ``machine="local"`` runs the agent and its stages as host processes (a kexec
     becomes "the stage exits, the agent starts again"), for tests of the
     plumbing; ``kernel`` is ignored then.
+
+    A first boot that does not reach the agent within ``boot_timeout`` seconds
+    is killed and started again (``boot_retries`` times at most; no stage has
+    run then, so this is safe). ``timeout`` bounds the whole run, retries
+    included.
 
     Raises :class:`VmError` when the VM cannot be started at all.
     """
@@ -400,7 +411,8 @@ def run(job: Job, *, kernel: str | os.PathLike | None = None, timeout: float = D
         starter = _LocalStarter(share, serial)
         step(f"starting local agent (simulated VM; timeout {timeout:.0f}s)")
 
-    res = _supervise(starter, share, serial, timeout, step, clock, len(job.stages))
+    res = _supervise(starter, share, serial, timeout, step, clock, len(job.stages),
+                     boot_timeout=boot_timeout, boot_retries=boot_retries)
     res.kernel, res.initrd, res.run_dir, res.timings = kimage, initrd, run_dir, {**timings,
                                                                                 **res.timings}
     res.timings["total"] = clock()
@@ -422,6 +434,8 @@ class _QemuStarter:
                                     stderr=subprocess.STDOUT, start_new_session=True)
         finally:
             out.close()
+
+    can_retry = True
 
     def restart(self, rc: int) -> bool:
         return False
@@ -448,6 +462,8 @@ class _LocalStarter:
                                     stderr=subprocess.STDOUT, env=env, start_new_session=True)
         finally:
             out.close()
+
+    can_retry = False
 
     def restart(self, rc: int) -> bool:
         return rc == guest.SIMULATED_KEXEC_EXIT
@@ -499,7 +515,8 @@ class _Events:
 
 
 def _supervise(starter, share: Path, serial: Path, timeout: float, step: Progress,
-               clock: _Clock, nstages: int) -> VmResult:
+               clock: _Clock, nstages: int, boot_timeout: float = DEFAULT_BOOT_TIMEOUT,
+               boot_retries: int = DEFAULT_BOOT_RETRIES) -> VmResult:
     events = _Events(share / guest.EVENTS)
     seen: dict[str, float] = {}
     boots_seen: dict[int, float] = {}
@@ -507,9 +524,28 @@ def _supervise(starter, share: Path, serial: Path, timeout: float, step: Progres
     rc: int | None = None
     t_start = clock()
     deadline = t_start + timeout
+    attempt = 1
+    t_attempt = t_start
     proc = starter.start()
     try:
         while True:
+            if (not boots_seen and attempt <= boot_retries and starter.can_retry
+                    and clock() - t_attempt > boot_timeout and clock() < deadline):
+                # No stage has run yet, so booting again is safe. (Seen under TCG:
+                # a rare early-boot hang; see the serial log kept as serial.attempt<N>.log.)
+                step(f"the guest did not reach the agent within {boot_timeout:.0f}s "
+                     f"(attempt {attempt}); killing QEMU and booting again")
+                _kill(proc)
+                kept = serial.with_name(f"{serial.stem}.attempt{attempt}{serial.suffix}")
+                try:
+                    os.replace(serial, kept)
+                except OSError:
+                    pass
+                seen[f"boot_attempt{attempt}_failed"] = clock() - t_attempt
+                attempt += 1
+                t_attempt = clock()
+                proc = starter.start()
+                continue
             for ev in events.poll():
                 now = clock()
                 kind = ev.get("ev")
@@ -520,7 +556,7 @@ def _supervise(starter, share: Path, serial: Path, timeout: float, step: Progres
                     step(f"boot {ev['n']}{how}: Linux {ev.get('release')} "
                          f"(guest uptime {ev.get('uptime', 0):.1f}s at agent start)")
                     if ev["n"] == 1:
-                        seen["first_boot"] = now - t_start
+                        seen["first_boot"] = now - t_attempt
                     elif "kexec" in seen:
                         seen[f"kexec_{ev['n']}"] = now - seen.pop("kexec")
                 elif kind == "stage-start":
