@@ -420,12 +420,35 @@ def test_attach_to_an_ioas_makes_an_automatic_hwpt_that_dies_on_detach(device, i
     dev_id = device.bind(iommufd)
     auto = device.attach(ioas)
     assert auto not in (ioas.id, dev_id)
+    assert device.attach(ioas) == auto                 # the same IOAS again: same HWPT
     with pytest.raises(errors.Busy):
         _raw(iommufd, IOMMU_DESTROY, id=auto)
     device.detach_pt()
     with pytest.raises(errors.NotFound):
         _raw(iommufd, IOMMU_DESTROY, id=auto)
     assert iommufd.alloc_ioas().id == auto             # its id is free again
+
+
+def test_detach_without_attach_succeeds(device, iommufd):
+    device.bind(iommufd)
+    device.detach_pt()
+    ioas = iommufd.alloc_ioas()
+    device.attach(ioas)
+    device.detach_pt()
+    device.detach_pt()
+    ioas.destroy()
+
+
+def test_huge_pages_off_is_refused_once_a_domain_has_mappings(device, iommufd):
+    ioas = iommufd.alloc_ioas()
+    device.bind(iommufd)
+    device.attach(ioas)
+    ioas.huge_pages(False)                             # a domain but no mapping: fine
+    ioas.huge_pages(True)
+    ioas.map(aligned_buffer(PAGE_SIZE), iova=0x100000)
+    with pytest.raises(errors.InvalidArgument):
+        ioas.huge_pages(False)
+    assert ioas.huge_pages() is True
 
 
 def test_replace_moves_the_device_and_frees_the_old_hwpt(device, iommufd):
@@ -532,6 +555,29 @@ def test_map_file_of_a_pipe_fails_to_pin_into_a_domain(device, iommufd):
         os.close(read_end)
         os.close(write_end)
     assert ioas.unmap_all() == 0                       # nothing was left mapped
+
+
+def test_pinned_memfd_pages_make_f_seal_write_ebusy(device, iommufd, request, kernel):
+    fake_disagrees(kernel, request, "F_SEAL_WRITE succeeds on a memfd whose pages a VT-d domain "
+                   "has pinned through MAP_FILE; 7.3's memfd_wait_for_pins sees the extra page "
+                   "references and answers EBUSY until they are unpinned")
+    ioas = iommufd.alloc_ioas()
+    device.bind(iommufd)
+    device.attach(ioas)
+    with MemFD.create("pinned", 4 * PAGE_SIZE) as memfd:
+        memfd.add_seals(Seal.GROW | Seal.SHRINK)
+        ioas.map_file(memfd, iova=0x200000)
+        with pytest.raises(errors.Busy):
+            memfd.add_seals(Seal.WRITE)
+        ioas.unmap_all()
+        memfd.add_seals(Seal.WRITE)
+
+
+def test_hw_info_of_another_input_type_is_eopnotsupp(device, iommufd):
+    device.bind(iommufd)
+    with pytest.raises(errors.NotSupported):
+        iommufd.get_hw_info(device, data_type=ioctl.const("IOMMU_HW_INFO_TYPE_ARM_SMMUV3"))
+    assert iommufd.get_hw_info(device, buffer_size=8) == iommufd.get_hw_info(device)
 
 
 def test_reset_works_iff_get_info_says_so(device, iommufd):
