@@ -127,7 +127,7 @@ def test_unavailable_vm_fails_in_ci(vm_pytester, monkeypatch):
     vm_pytester.makepyfile(test_a=TESTS)
     result = vm_pytester.runpytest_subprocess("--vm-kernel", "/nonexistent/bzImage",
                                               timeout=120)
-    result.assert_outcomes(passed=1, errors=6)
+    result.assert_outcomes(passed=1, failed=6)
     result.stdout.fnmatch_lines(["*VM tier did NOT run: *", "6 vm test(s) FAILED (CI=true)."])
 
 

@@ -269,3 +269,17 @@ def test_first_boot_that_never_reaches_the_agent_is_retried(tmp_path):
     assert any("booting again" in line for line in lines)
     assert (tmp_path / "serial.attempt1.log").read_text() == "attempt 1 output\n"
     assert "boot_attempt1_failed" in res.timings
+
+
+def test_prune_keeps_recent_runs(tmp_path):
+    import time as _time
+    root = tmp_path / "runs"
+    for k in range(5):
+        d = root / f"2026010{k}-000000-1"
+        d.mkdir(parents=True)
+        if k < 2:
+            old = _time.time() - 7 * 3600
+            os.utime(d, (old, old))
+    runner._prune(root, keep=2)
+    assert sorted(p.name for p in root.iterdir()) == [
+        "20260102-000000-1", "20260103-000000-1", "20260104-000000-1"]

@@ -463,7 +463,8 @@ class HostSide:
     def _not_run_reports(self, item, reason: str):
         if os.environ.get("CI") == "true":
             msg = f"VM tier did not run (CI=true makes this a failure): {reason}"
-            return [self._synthetic(item, "setup", "failed", msg),
+            return [self._synthetic(item, "setup", "passed", None),
+                    self._synthetic(item, "call", "failed", msg),
                     self._synthetic(item, "teardown", "passed", None)]
         return [self._synthetic(item, "setup", "skipped", f"VM tier did not run: {reason}"),
                 self._synthetic(item, "teardown", "passed", None)]

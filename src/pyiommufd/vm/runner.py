@@ -10,7 +10,8 @@ progress, kills QEMU when the hard timeout expires and returns a
 Run directory: ``<cache_root>/runs/<UTC time>-<pid>/`` holding ``share/`` (the
 results share: job.json, state.json, stage-N.json/.log, events.jsonl,
 dmesg-N.txt, pytest reports), ``serial.log``, ``qemu.log`` (QEMU's own
-stdout/stderr) and ``qemu.cmd``. The newest :data:`KEEP_RUNS` runs are kept.
+stdout/stderr) and ``qemu.cmd``. The newest :data:`KEEP_RUNS` runs are kept
+(older ones are removed once they are 6 hours old).
 """
 from __future__ import annotations
 
@@ -279,9 +280,17 @@ def new_run_dir() -> Path:
     return d
 
 
-def _prune(root: Path, keep: int) -> None:
+def _prune(root: Path, keep: int, min_age: float = 6 * 3600) -> None:
+    """Remove all but the newest ``keep`` runs; never one younger than
+    ``min_age`` seconds (it may belong to a VM that is still running)."""
     runs = sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: p.name)
+    now = time.time()
     for old in runs[:-keep] if len(runs) > keep else []:
+        try:
+            if now - old.stat().st_mtime < min_age:
+                continue
+        except OSError:
+            continue
         shutil.rmtree(old, ignore_errors=True)
 
 
