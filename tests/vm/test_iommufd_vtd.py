@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import pytest
 
 from pyiommufd import errors, ioctl
+from pyiommufd._uapi import ffi
 from pyiommufd.iommufd import (HW_INFO_TYPES, IOMMU_IOAS_MAP, IOMMUFD, MAP_FIXED_IOVA, MAP_READABLE,
                                MAP_WRITEABLE, PAGE_SIZE, U64_MAX, IovaRange, aligned_buffer)
 from pyiommufd.memfd import MemFD, Seal
@@ -102,7 +103,7 @@ def test_unaligned_buffers_are_refused_once_a_domain_is_attached(attached):
     with pytest.raises(errors.InvalidArgument) as info:
         ioas.map(memoryview(buf)[0x800:0x800 + PAGE_SIZE])
     assert "not page aligned" in (info.value.detail or "")
-    addr = ioctl.ffi.cast("uintptr_t", ioctl.ffi.from_buffer(buf))
+    addr = ffi.cast("uintptr_t", ffi.from_buffer(buf))
     with pytest.raises(errors.InvalidArgument):       # IOVA not page aligned
         ioctl.call(bound.iommufd.backend, bound.iommufd.fileno(), IOMMU_IOAS_MAP, ioas_id=ioas.id,
                    flags=MAP_READABLE | MAP_WRITEABLE | MAP_FIXED_IOVA, user_va=int(addr),
