@@ -172,12 +172,17 @@ class Overflow(KernelError):
     """EOVERFLOW / ERANGE"""
 
 
+class NoSpace(KernelError):
+    """ENOSPC: e.g. no free IOVA range fits"""
+
+
 ERRNO_CLASSES: dict[int, type[KernelError]] = {
     E.ENOENT: NotFound, E.EBUSY: Busy, E.EPERM: PermissionDenied, E.EACCES: PermissionDenied,
     E.EINVAL: InvalidArgument, E.E2BIG: TooBig, E.ENOTTY: NoSuchIoctl, E.EMSGSIZE: MessageSize,
     E.EEXIST: AlreadyExists, E.EADDRINUSE: AddressInUse, E.EOPNOTSUPP: NotSupported,
     E.EBADF: BadFd, E.ENOMEM: OutOfMemory, E.EFAULT: BadAddress, E.EIO: IOFailure,
     E.ENODEV: NoDevice, E.ENXIO: NoDevice, E.EOVERFLOW: Overflow, E.ERANGE: Overflow,
+    E.ENOSPC: NoSpace,
 }
 
 _combined: dict[tuple[type, type], type[KernelError]] = {}
@@ -308,6 +313,9 @@ HINTS: dict[object, Hint] = {
         "range runs past its end, or the IOVA is unaligned or reserved",
     ("IOMMU_IOAS_CHANGE_PROCESS", E.EINVAL): "only MAP_FILE mappings can move to another "
         "process; a user-VA mapping (IOMMU_IOAS_MAP) is present",
+    ("IOMMU_IOAS_MAP", E.ENOSPC): "no free IOVA range of this size fits in the allowed IOVAs",
+    ("IOMMU_IOAS_MAP_FILE", E.ENOSPC): "no free IOVA range of this size fits in the allowed IOVAs",
+    ("IOMMU_IOAS_COPY", E.ENOSPC): "no free IOVA range of this size fits in the allowed IOVAs",
     ("IOMMU_OPTION", E.EBUSY): "RLIMIT_MODE can only change before any object exists",
     ("IOMMU_VFIO_IOAS", E.ENODEV): "no compat IOAS has been set",
     ("IOMMU_HWPT_INVALIDATE", E.EINVAL): "only nested HWPTs and vIOMMUs take invalidations",

@@ -540,16 +540,24 @@ class IOMMUFD(FdObject):
         self._register(ioas)
         return ioas
 
+    def _wrap(self, cls: type, obj_id: int, owned: bool):
+        obj_id = _int(obj_id, f"{cls.__name__} id", minimum=1, maximum=U32_MAX)
+        known = self._objects.get(obj_id)
+        if isinstance(known, cls):
+            return known
+        obj = cls(self, obj_id, owned=owned)
+        self._register(obj)
+        return obj
+
     def ioas(self, ioas_id: int, *, owned: bool = False) -> "IOAS":
         """Wrap an existing IOAS id (e.g. the VFIO compat IOAS). Not destroyed
         on context exit unless ``owned``."""
-        ioas_id = _int(ioas_id, "ioas id", minimum=1, maximum=U32_MAX)
-        known = self._objects.get(ioas_id)
-        if isinstance(known, IOAS):
-            return known
-        ioas = IOAS(self, ioas_id, owned=owned)
-        self._register(ioas)
-        return ioas
+        return self._wrap(IOAS, ioas_id, owned)
+
+    def hwpt(self, hwpt_id: int, *, owned: bool = False) -> "HWPT":
+        """Wrap an existing paging HWPT id, e.g. the automatic HWPT that
+        ``VfioDevice.attach(ioas)`` returns. Not destroyed unless ``owned``."""
+        return self._wrap(HWPT, hwpt_id, owned)
 
     def change_process(self) -> None:
         """IOMMU_IOAS_CHANGE_PROCESS: move the pinned-page accounting of every

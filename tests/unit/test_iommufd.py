@@ -991,3 +991,26 @@ def test_hw_info_other_types_scripted():
     state.update(type=77, data=b"\xAA" * 8)
     odd = ictx.get_hw_info(1)
     assert odd.type_name == "type77" and odd.data == b"\xAA" * 8 and odd.decoded is None
+
+
+def test_wrapping_an_existing_hwpt_id(series_kernel):
+    from pyiommufd import pci
+    from pyiommufd.iommufd import HWPT, IOMMUFD
+    from pyiommufd.vfio import VfioDevice
+
+    pci.PciDevice("0000:00:03.0").bind_vfio()
+    with IOMMUFD.open() as iommufd, VfioDevice.open("0000:00:03.0") as dev:
+        dev.bind(iommufd)
+        ioas = iommufd.alloc_ioas()
+        auto_id = dev.attach(ioas)  # the kernel allocates an automatic HWPT
+        hwpt = iommufd.hwpt(auto_id)
+        assert isinstance(hwpt, HWPT) and hwpt.id == auto_id and not hwpt.owned
+        assert iommufd.hwpt(auto_id) is hwpt
+        dev.detach_pt()
+
+
+def test_enospc_has_its_own_class():
+    from pyiommufd import errors
+
+    exc = errors.make_error("IOMMU_IOAS_MAP", "iommufd", 28)
+    assert isinstance(exc, errors.NoSpace) and "allowed IOVAs" in exc.hint
