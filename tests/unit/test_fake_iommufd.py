@@ -271,9 +271,33 @@ def test_iova_ranges(fake_kernel, kt, dev):
     ioas = kt.ioas(iommufd)
     assert ranges(fake_kernel, kt, iommufd, ioas) == ([(0, U64_MAX)], 1)
     hwpt = kt.hwpt(iommufd, devid, ioas)
-    assert ranges(fake_kernel, kt, iommufd, ioas) == ([(0, (1 << 48) - 1)], 4096)
+    # QEMU's intel-iommu: MGAW 39, so the second-stage domain ends at 2^39-1
+    assert ranges(fake_kernel, kt, iommufd, ioas) == ([(0, (1 << 39) - 1)], 4096)
     kt.attach(cdev, hwpt)
-    assert ranges(fake_kernel, kt, iommufd, ioas)[0] == [(0, 0xFEDFFFFF), (0xFEF00000, (1 << 48) - 1)]
+    assert ranges(fake_kernel, kt, iommufd, ioas)[0] == [(0, 0xFEDFFFFF), (0xFEF00000, (1 << 39) - 1)]
+
+
+@pytest.mark.parametrize("mgaw, sagaw, bits", [
+    (39, 0b00010, 39),      # QEMU's default: 3-level tables only
+    (48, 0b00110, 48),      # 4-level: the whole MGAW
+    (46, 0b00100, 46),      # fewer bits than the 4-level table covers
+    (48, 0b00010, 39),      # MGAW 48 but only 3-level tables: 39 bits
+    (57, 0b01110, 57),
+    (57, 0b00100, 48),
+    (30, 0b00010, 0),       # nothing fits
+])
+def test_vtd_second_stage_width_follows_mgaw_and_sagaw(mgaw, sagaw, bits):
+    from pyiommufd.testing.fake.iommufd import cap_mgaw, vtd_ss_vasz_lg2
+    cap = ((mgaw - 1) << 16) | (sagaw << 8)
+    assert cap_mgaw(cap) == mgaw
+    assert vtd_ss_vasz_lg2(cap) == bits
+
+
+def test_vtd_second_stage_page_sizes_follow_sslps():
+    from pyiommufd.testing.fake.iommufd import VTD_CAP, vtd_ss_pgsizes
+    assert vtd_ss_pgsizes(VTD_CAP) == (1 << 12) | (1 << 21) | (1 << 30)
+    assert vtd_ss_pgsizes(VTD_CAP & ~(0xF << 34)) == 1 << 12
+    assert vtd_ss_pgsizes((VTD_CAP & ~(0xF << 34)) | (1 << 34)) == (1 << 12) | (1 << 21)
 
 
 def test_iova_ranges_emsgsize(fake_kernel, kt, dev):

@@ -11,8 +11,15 @@ are E2BIG. Object ids are allocated lowest-free from 1 (XA_FLAGS_ALLOC1,
 K:drivers/iommu/iommufd/main.c:334). ``IOMMU_DESTROY`` of an object that is still used (an IOAS
 under an HWPT, an attached HWPT, a bound device) is EBUSY (K:drivers/iommu/iommufd/main.c:226-313).
 
-The VT-d model: second-stage paging domains with page sizes 4K/2M/1G and a
-48-bit aperture; every device has the MSI window 0xfee00000-0xfeefffff as a
+The VT-d model: second-stage paging domains (scalable mode off). Their
+geometry comes from the capability register, as
+``intel_iommu_domain_alloc_second_stage`` derives it: the IOVA width is the
+largest table size both MGAW and SAGAW support (``compute_vasz_lg2_ss``,
+K:drivers/iommu/intel/iommu.c:2913-2935), so QEMU's MGAW 39 gives an aperture
+ending at 2^39-1 (K:drivers/iommu/generic_pt/iommu_pt.h:1238-1252, reserved
+above it by K:drivers/iommu/iommufd/io_pagetable.c:1262-1273); the page sizes
+are 4K plus 2M/1G where SSLPS says so (K:drivers/iommu/intel/iommu.c:3000-3004).
+Every device has the MSI window 0xfee00000-0xfeefffff as a
 reserved region (so IOVA_RANGES shows the hole once a device is attached);
 no nesting and no vIOMMU (``VIOMMU_ALLOC`` is EOPNOTSUPP: VT-d has no
 ``viommu_init`` in 7.3); dirty tracking only if ``FakeKernel(dirty_tracking=True)``
@@ -64,7 +71,6 @@ VFIO_CHECK_EXTENSION = 0x3B65
 #: a QEMU intel-iommu (scalable mode off) capability / extended capability
 VTD_CAP = 0x00D2008C22260286
 VTD_ECAP = 0x0000000000F00F5E
-VTD_APERTURE_END = (1 << 48) - 1
 VTD_PGSIZES = (1 << 12) | (1 << 21) | (1 << 30)
 MSI_WINDOW = (0xFEE00000, 0xFEEFFFFF)
 
@@ -100,13 +106,53 @@ class Ioas(Obj):
         self.iopt.unmap_all()
 
 
-class Domain:
-    """The VT-d paging domain behind an HWPT."""
+def cap_mgaw(cap: int) -> int:
+    """``cap_mgaw`` (K:drivers/iommu/intel/iommu.h:177)."""
+    return ((cap >> 16) & 0x3F) + 1
 
-    def __init__(self, dirty: bool) -> None:
-        self.pgsize_bitmap = VTD_PGSIZES
+
+def cap_sagaw(cap: int) -> int:
+    """``cap_sagaw`` (K:drivers/iommu/intel/iommu.h:178)."""
+    return (cap >> 8) & 0x1F
+
+
+def vtd_ss_vasz_lg2(cap: int) -> int:
+    """``compute_vasz_lg2_ss`` (K:drivers/iommu/intel/iommu.c:2913-2935): the
+    second-stage IOVA width in bits (0 when no table size fits)."""
+    mgaw, sagaw = cap_mgaw(cap), cap_sagaw(cap)
+    if mgaw > 48 and sagaw >= 1 << 3:
+        return min(57, mgaw)
+    if mgaw > 39 and sagaw >= 1 << 2:
+        return min(48, mgaw)
+    if mgaw > 30 and sagaw >= 1 << 1:
+        return min(39, mgaw)
+    return 0
+
+
+def vtd_ss_pgsizes(cap: int) -> int:
+    """The second-stage ``pgsize_bitmap``: 4K, 2M if SSLPS bit 0, 1G if bit 1
+    (K:drivers/iommu/intel/iommu.c:3000-3004, cap_super_page_val at
+    K:drivers/iommu/intel/iommu.h:169)."""
+    sslps = (cap >> 34) & 0xF
+    pgsizes = VTD_PGSIZES
+    if not sslps & 1:
+        pgsizes &= ~(1 << 21)
+    if not sslps & 2:
+        pgsizes &= ~(1 << 30)
+    return pgsizes
+
+
+class Domain:
+    """The VT-d paging domain behind an HWPT; its geometry comes from the
+    IOMMU's capability register (see the module docstring)."""
+
+    def __init__(self, dirty: bool, cap: int = VTD_CAP) -> None:
+        vasz = vtd_ss_vasz_lg2(cap)
+        if not vasz:    # a configuration error of the fake, not a modelled answer
+            raise ValueError(f"VT-d cap {cap:#x}: MGAW/SAGAW allow no second-stage table")
+        self.pgsize_bitmap = vtd_ss_pgsizes(cap)
         self.aperture_start = 0
-        self.aperture_end = VTD_APERTURE_END
+        self.aperture_end = min((1 << vasz) - 1, ULONG_MAX)
         self.dirty_ops = dirty
         self.dirty_enabled = False
         self.preserved_state: Any = None        # series: set while preserved
@@ -514,7 +560,8 @@ class IommufdCtx:
             fail(E.EOPNOTSUPP)
         if dflags & HWPT_ALLOC_NEST_PARENT and not self.boot.iommu_caps.nesting:
             fail(E.EOPNOTSUPP)
-        hwpt = HwptPaging(ioas, Domain(bool(dflags & HWPT_ALLOC_DIRTY_TRACKING)))
+        hwpt = HwptPaging(ioas, Domain(bool(dflags & HWPT_ALLOC_DIRTY_TRACKING),
+                                        self.boot.iommu_caps.cap))
         hwpt.pasid_compat = bool(flags & HWPT_ALLOC_PASID)
         hwpt.nest_parent = bool(flags & HWPT_ALLOC_NEST_PARENT)
         ioas.users += 1
