@@ -418,6 +418,37 @@ def test_hw_info(fake_kernel, kt, dev):
         ioctl.call(fake_kernel, iommufd, kt.D.HW_INFO, dev_id=99)
 
 
+def test_hw_info_reports_a_device_without_ats(fake_kernel, kt, dev):
+    """device.c:1709-1711: the default virtio-net has no ATS capability."""
+    iommufd, cdev, devid = dev
+    arg = ioctl.call(fake_kernel, iommufd, kt.D.HW_INFO, dev_id=devid)
+    assert arg.out_capabilities == 1 << 3           # IOMMU_HW_CAP_PCI_ATS_NOT_SUPPORTED
+
+
+def test_hw_info_of_a_device_with_ats(kt):
+    from pyiommufd.testing import FakePciDevice
+    with FakeKernel(devices=[FakePciDevice(ats=True, cfg_size=4096)]) as k, use(k):
+        t = type(kt)(k)
+        t.vfio_pci()
+        iommufd, cdev = t.iommufd(), t.cdev()
+        devid = t.bind(cdev, iommufd)
+        assert ioctl.call(k, iommufd, t.D.HW_INFO, dev_id=devid).out_capabilities == 0
+        ext = k.pread(cdev, 4, (7 << 40) + 0x100)   # the ATS extended capability
+        assert int.from_bytes(ext, "little") & 0xFFFF == 0x0F
+    with FakeKernel(devices=[FakePciDevice(ats=True, cfg_size=4096)], dirty_tracking=True) as k, use(k):
+        t = type(kt)(k)
+        t.vfio_pci()
+        iommufd, cdev = t.iommufd(), t.cdev()
+        devid = t.bind(cdev, iommufd)
+        assert ioctl.call(k, iommufd, t.D.HW_INFO, dev_id=devid).out_capabilities == 1
+
+
+def test_ats_needs_pcie_config_space():
+    from pyiommufd.testing import FakePciDevice
+    with pytest.raises(ValueError):
+        FakePciDevice(ats=True, cfg_size=256)
+
+
 def test_dirty_tracking_unsupported_by_default(fake_kernel, kt, dev):
     iommufd, cdev, devid = dev
     hwpt = kt.hwpt(iommufd, devid, kt.ioas(iommufd))

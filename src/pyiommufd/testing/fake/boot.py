@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field
 
 from .files import FileTable, OpenFile
-from .iommufd import VTD_CAP, VTD_ECAP
+from .iommufd import VTD_CAP, VTD_ECAP, ecap_dev_iotlb_support
 from .luo import HandoverSession, Luo
 from .memfd import MemfdLuoHandler, adopt_memfd, is_real_memfd
 from .pci import FakePciDevice, LuoOwner, PciBus
@@ -26,6 +26,12 @@ class IommuCaps:
     ecap: int = VTD_ECAP
     dirty_tracking: bool = False
     nesting: bool = False
+
+    def ats_supported(self, hw: FakePciDevice) -> bool:
+        """``IOMMU_CAP_PCI_ATS_SUPPORTED`` of a device: the VT-d's ECAP has
+        Device-TLB support and the function has ATS (integrated devices
+        pass ``dmar_ats_supported``; K:drivers/iommu/intel/iommu.c:3300-3303)."""
+        return ecap_dev_iotlb_support(self.ecap) and hw.ats
 
 
 @dataclass

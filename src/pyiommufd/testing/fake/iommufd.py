@@ -58,6 +58,7 @@ VFIO_IOAS_GET, VFIO_IOAS_SET, VFIO_IOAS_CLEAR = 0, 1, 2
 HW_INFO_FLAG_INPUT_TYPE = 1
 HW_INFO_TYPE_DEFAULT, HW_INFO_TYPE_INTEL_VTD = 0, 1
 HW_CAP_DIRTY_TRACKING = 1
+HW_CAP_PCI_ATS_NOT_SUPPORTED = 1 << 3
 HW_INFO_VTD_ERRATA_772415_SPR17 = 1
 DIRTY_TRACKING_ENABLE = 1
 GET_DIRTY_BITMAP_NO_CLEAR = 1
@@ -104,6 +105,11 @@ class Ioas(Obj):
         # drops them so that no file reference is leaked
         self.iopt.lu_immutable = False
         self.iopt.unmap_all()
+
+
+def ecap_dev_iotlb_support(ecap: int) -> bool:
+    """``ecap_dev_iotlb_support`` (K:drivers/iommu/intel/iommu.h:216)."""
+    return bool((ecap >> 2) & 1)
 
 
 def cap_mgaw(cap: int) -> int:
@@ -696,6 +702,10 @@ class IommufdCtx:
         caps = 0
         if self.boot.iommu_caps.dirty_tracking:
             caps |= HW_CAP_DIRTY_TRACKING
+        # K:drivers/iommu/iommufd/device.c:1709-1711: a device the IOMMU cannot
+        # use ATS with (see FakePciDevice.ats) says so
+        if not self.boot.iommu_caps.ats_supported(idev.vdev.state.hw):
+            caps |= HW_CAP_PCI_ATS_NOT_SUPPORTED
         cmd.out_capabilities = caps
         max_pasids = idev.vdev.state.hw.max_pasids
         cmd.out_max_pasid_log2 = max_pasids.bit_length() - 1 if max_pasids else 0

@@ -35,6 +35,9 @@ from .uaccess import fail
 
 BDF_RE = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
 
+#: PCI_EXT_CAP_ID_ATS (K:include/uapi/linux/pci_regs.h)
+PCI_EXT_CAP_ID_ATS = 0x0F
+
 # VFIO region and IRQ indexes (H:vfio.h)
 BAR0, BAR5, ROM, CONFIG, VGA = 0, 5, 6, 7, 8
 NUM_REGIONS = 9
@@ -60,6 +63,14 @@ class FakePciDevice:
     holding the MSI-X table (default: the lowest BAR); ``atomic_ops`` is a
     mask of ``VFIO_PCI_ATOMIC_COMP32/64/128`` the root port completes, which
     VFIO_DEVICE_GET_INFO reports as a capability (K:drivers/vfio/pci/vfio_pci_core.c:1042-1071).
+    ``ats`` gives the function an ATS extended capability (``pci_ats_supported``;
+    needs PCIe config space, ``cfg_size=4096``): the VT-d then reports
+    ``IOMMU_CAP_PCI_ATS_SUPPORTED`` for it if its ECAP has Device-TLB support
+    (K:drivers/iommu/intel/iommu.c:3300-3303, 3263-3264), and IOMMU_GET_HW_INFO
+    stops saying ``IOMMU_HW_CAP_PCI_ATS_NOT_SUPPORTED``
+    (K:drivers/iommu/iommufd/device.c:1709-1711). The fake's functions are all
+    integrated on the root bus, which ``dmar_ats_supported`` allows
+    (K:drivers/iommu/intel/iommu.c:2285-2289).
     """
 
     bdf: str = "0000:00:03.0"
@@ -78,11 +89,14 @@ class FakePciDevice:
     max_pasids: int = 0
     msix_bar: int | None = None
     atomic_ops: int = 0
+    ats: bool = False
 
     def __post_init__(self) -> None:
         self.bdf = self.bdf.lower()
         if not BDF_RE.match(self.bdf):
             raise ValueError(f"not a PCI address: {self.bdf!r}")
+        if self.ats and self.cfg_size < 4096:
+            raise ValueError("ATS is a PCIe extended capability: it needs cfg_size=4096")
         if self.regions is None:
             # a virtio-net-pci with disable-legacy=on: MSI-X table in BAR1,
             # the modern virtio structures in the 64-bit BAR4
@@ -117,6 +131,9 @@ class FakePciDevice:
             cfg[0x34] = 0x40                                 # capabilities pointer
             cfg[0x40] = 0x11                                 # MSI-X
             cfg[0x42:0x44] = (self.irqs[MSIX] - 1).to_bytes(2, "little")
+        if self.ats:
+            # extended capability header at 0x100: ATS (id 0x0f), version 1, last
+            cfg[0x100:0x104] = (PCI_EXT_CAP_ID_ATS | (1 << 16)).to_bytes(4, "little")
         return cfg
 
     def bar(self, index: int) -> bytearray:
