@@ -3,7 +3,9 @@ pyiommufd pytest plugin boots it and runs pytest there); on the host they are
 only collected."""
 from __future__ import annotations
 
+import gc
 import os
+import warnings
 from dataclasses import dataclass
 
 import pytest
@@ -64,5 +66,17 @@ def vfio_device(request):
         pytest.fail(f"{bdf} is on vfio-pci but has no VFIO cdev (CONFIG_VFIO_DEVICE_CDEV?)")
     print(f"vfio device: {bdf} -> {cdev}")
     yield VfioDevice(bdf, cdev, binding)
-    if request.node.get_closest_marker("kexec") is None:
-        binding.restore()
+    if request.node.get_closest_marker("kexec") is not None:
+        return
+    # Unbinding vfio-pci blocks until every fd of the device is closed: a test
+    # that failed with the cdev still open (its frames keep the objects alive)
+    # would hang the guest here. Leave the device on vfio-pci then.
+    gc.collect()
+    from pyiommufd.luo import holders_of
+    from pyiommufd.backend import get_backend
+
+    holders = holders_of(get_backend(), cdev)
+    if holders:
+        warnings.warn(f"{cdev} is still open (pids {holders}); {bdf} left on vfio-pci")
+        return
+    binding.restore()

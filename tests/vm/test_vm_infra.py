@@ -69,6 +69,26 @@ def test_vfio_fixture_yields_a_cdev(vfio_device):
     os.close(fd)
 
 
+_LEAKED: list[tuple[str, int]] = []
+
+
+def test_vfio_fixture_teardown_with_a_leaked_cdev_fd(vfio_device):
+    # Unbinding vfio-pci waits for every fd of the device: the fixture must see
+    # the open fd and leave the device alone instead of hanging the guest.
+    _LEAKED.append((vfio_device.bdf, os.open(vfio_device.cdev, os.O_RDWR | os.O_CLOEXEC)))
+
+
+def test_leaked_cdev_fd_closed_and_device_restored():
+    from pyiommufd.pci import PciDevice
+
+    assert _LEAKED, "runs after test_vfio_fixture_teardown_with_a_leaked_cdev_fd"
+    bdf, fd = _LEAKED.pop()
+    dev = PciDevice(bdf)
+    assert dev.driver == "vfio-pci"          # the fixture left it there
+    os.close(fd)
+    assert dev.restore() == "virtio-pci"
+
+
 SESSION = "pyiommufd-vm-infra"
 TOKEN = 0x5EED
 SIZE = 64 * 1024
