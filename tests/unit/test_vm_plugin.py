@@ -24,6 +24,11 @@ def test_fail():
 def test_skip():
     pytest.skip("not today")
 
+@pytest.mark.vm
+def test_warns():
+    import warnings
+    warnings.warn(UserWarning("careful in the guest"))
+
 def test_host():
     assert "PYIOMMUFD_IN_GUEST" not in os.environ
 
@@ -62,7 +67,7 @@ def _run(pytester, *args):
 def test_outcomes_come_from_the_guest(vm_pytester):
     vm_pytester.makepyfile(test_a=TESTS)
     result = _run(vm_pytester)
-    result.assert_outcomes(passed=3, failed=3, skipped=1)
+    result.assert_outcomes(passed=4, failed=3, skipped=1, warnings=None)
     out = result.stdout.str()
     # guest traceback and captured output reach the host report
     assert "assert 3 == 4" in out and "hello from guest" in out
@@ -74,8 +79,10 @@ def test_outcomes_come_from_the_guest(vm_pytester):
         "[[]vm * -> kexec -> *[]] test_a.py::test_two_stages PASSED (stage 1 PASSED, stage 2 PASSED)",
         "[[]vm * -> kexec -> *[]] test_a.py::test_stage2_fails FAILED (stage 1 PASSED, stage 2 FAILED)",
         "[[]vm *[]] test_a.py::test_stage1_fails FAILED (stage 1 FAILED; stage 2 skipped)",
-        "VM tier: 6 of 6 vm test(s) ran in the guest on Linux * (2 boot(s), 1 kexec(s)*",
+        "VM tier: 7 of 7 vm test(s) ran in the guest on Linux * (2 boot(s), 1 kexec(s)*",
     ])
+    result.stdout.fnmatch_lines(["[[]vm[]] guest warning (stage 1) test_a.py::test_warns: "
+                                 "UserWarning: careful in the guest (*test_a.py:*)"])
     assert "SKIPPED [1] test_a.py:15: not today" in out
     assert "VM problems" not in out          # pytest's exit 1 is not a VM problem
     # every vm report carries the kernel release
@@ -106,18 +113,18 @@ def test_no_vm_tests_means_no_vm(vm_pytester):
 def test_no_vm_option_deselects_loudly(vm_pytester):
     vm_pytester.makepyfile(test_a=TESTS)
     result = _run(vm_pytester, "--no-vm")
-    result.assert_outcomes(passed=1, deselected=6)
-    result.stdout.fnmatch_lines(["*VM tier NOT run: --no-vm deselected 6 vm test(s)*"])
+    result.assert_outcomes(passed=1, deselected=7)
+    result.stdout.fnmatch_lines(["*VM tier NOT run: --no-vm deselected 7 vm test(s)*"])
 
 
 def test_unavailable_vm_skips_outside_ci(vm_pytester):
     vm_pytester.makepyfile(test_a=TESTS)
     result = vm_pytester.runpytest_subprocess("--vm-kernel", "/nonexistent/bzImage", "-rs",
                                               timeout=120)
-    result.assert_outcomes(passed=1, skipped=6)
+    result.assert_outcomes(passed=1, skipped=7)
     result.stdout.fnmatch_lines([
         "*VM tier did NOT run: *",
-        "6 vm test(s) SKIPPED.",
+        "7 vm test(s) SKIPPED.",
     ])
     assert "VM tier did not run:" in result.stdout.str()   # the skip reason
 
@@ -127,8 +134,8 @@ def test_unavailable_vm_fails_in_ci(vm_pytester, monkeypatch):
     vm_pytester.makepyfile(test_a=TESTS)
     result = vm_pytester.runpytest_subprocess("--vm-kernel", "/nonexistent/bzImage",
                                               timeout=120)
-    result.assert_outcomes(passed=1, failed=6)
-    result.stdout.fnmatch_lines(["*VM tier did NOT run: *", "6 vm test(s) FAILED (CI=true)."])
+    result.assert_outcomes(passed=1, failed=7)
+    result.stdout.fnmatch_lines(["*VM tier did NOT run: *", "7 vm test(s) FAILED (CI=true)."])
 
 
 def test_host_fixtures_are_torn_down_around_vm_items(vm_pytester):

@@ -219,6 +219,12 @@ class GuestSide:
             self.kexec_items[report.nodeid].append(
                 "passed" if report.passed and not hasattr(report, "wasxfail") else report.outcome)
 
+    def pytest_warning_recorded(self, warning_message, when, nodeid, location) -> None:
+        self._append({"kind": "warning", "nodeid": nodeid, "when": when,
+                      "category": type(warning_message.message).__name__,
+                      "message": str(warning_message.message),
+                      "where": f"{warning_message.filename}:{warning_message.lineno}"})
+
     def pytest_collectreport(self, report) -> None:
         if report.failed:
             data = self.config.hook.pytest_report_to_serializable(config=self.config,
@@ -298,6 +304,7 @@ class _VmOutcome:
         self.guest_release: dict[int, str] = {}
         self.guest_boot: dict[int, int] = {}
         self.kexec_error: str | None = None
+        self.warnings: list[tuple[int, dict]] = []
         self.seconds = 0.0
 
 
@@ -435,6 +442,8 @@ class HostSide:
                     rep._vm_release = rec.get("release")
                     rep._vm_boot = rec.get("boot")
                     out.records[stage].setdefault(rep.nodeid, []).append(rep)
+                elif rec.get("kind") == "warning":
+                    out.warnings.append((stage, rec))
                 elif rec.get("kind") == "collect":
                     rep = self.config.hook.pytest_report_from_serializable(
                         config=self.config, data=rec["report"])
@@ -571,6 +580,12 @@ class HostSide:
         tr.write_sep("=", "VM tier", bold=True)
         for line in self.lines:
             tr.write_line(line)
+        for stage, w in out.warnings[:20]:
+            tr.write_line(f"[vm] guest warning (stage {stage}) {w.get('nodeid') or ''}: "
+                          f"{w.get('category')}: {w.get('message')} ({w.get('where')})",
+                          yellow=True)
+        if len(out.warnings) > 20:
+            tr.write_line(f"[vm] ... and {len(out.warnings) - 20} more guest warnings", yellow=True)
         for rep in out.collect_errors:
             tr.write_line(f"[vm] guest collection error in {rep.nodeid}:", red=True)
             tr.write_line(str(rep.longreprtext)[-2000:])
