@@ -283,3 +283,16 @@ def test_prune_keeps_recent_runs(tmp_path):
     runner._prune(root, keep=2)
     assert sorted(p.name for p in root.iterdir()) == [
         "20260102-000000-1", "20260103-000000-1", "20260104-000000-1"]
+
+
+def test_collect_names_a_kernel_panic(tmp_path):
+    job = runner.Job([runner.Stage(["a"])]).to_json()
+    state = {"boots": [{"n": 1, "release": "7.3.4", "via": "boot"}], "running": 0}
+    share = _share(tmp_path, job, state, [{"stage": 1, "argv": ["a"], "ended_by": None}])
+    serial = tmp_path / "serial.log"
+    serial.write_text("[ 1.0] x\n[ 12.9] Kernel panic - not syncing: sysrq triggered crash\n"
+                      "[ 12.9] CPU: 1 ...\n")
+    res = runner.collect(share, serial, returncode=0)
+    assert not res.ok
+    assert res.error.startswith("guest kernel panic: sysrq triggered crash")
+    assert res.stages[0].reason == "guest kernel panic: sysrq triggered crash"

@@ -671,6 +671,12 @@ def collect(share: Path, serial: Path, *, timeout: float = 0.0, timed_out: bool 
         stages.append(StageResult(k, rec.get("argv", argv), ended, rec.get("exit"),
                                   rec.get("release"), rec.get("boot"), rec.get("duration"),
                                   rec.get("reason"), log if log.exists() else None))
+    panic = _kernel_panic(serial)
+    if panic:
+        problems.insert(0, f"guest kernel panic: {panic}")
+        for st in stages:
+            if st.ended_by == "lost":
+                st.reason = f"guest kernel panic: {panic}"
     ok = (not timed_out and bool(stages) and all(s.ok for s in stages) and not problems
           and (returncode in (0, None)))
     error = None
@@ -688,6 +694,17 @@ def collect(share: Path, serial: Path, *, timeout: float = 0.0, timed_out: bool 
         if s.duration is not None:
             res.timings[f"stage{s.number}"] = s.duration
     return res
+
+
+def _kernel_panic(serial: Path) -> str | None:
+    """The reason of the last ``Kernel panic - not syncing: ...`` in the serial log."""
+    text = _tail(serial, 400)
+    marker = "Kernel panic - not syncing: "
+    for line in reversed(text.splitlines()):
+        k = line.find(marker)
+        if k >= 0:
+            return line[k + len(marker):].strip() or "(no reason given)"
+    return None
 
 
 # -- convenience -----------------------------------------------------------------------
