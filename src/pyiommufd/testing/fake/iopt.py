@@ -20,6 +20,10 @@ Follows K:drivers/iommu/iommufd/io_pagetable.c and pages.c of 7.3:
 * Pages are pinned only when a domain exists (at map time, or when an HWPT
   is added later): a user VA that is not mapped in this process EFAULT, a
   file that is not a memfd or a range past its end EINVAL.
+* The pins of MAP_FILE pages (``memfd_pin_folios``, K:pages.c:839) are
+  extra folio references, counted on the memfd's inode while an area is
+  pinned (from the pin until its unmap, or until the IOAS's last domain
+  goes away): they make ``F_SEAL_WRITE`` EBUSY (see :mod:`.memfd`).
 * Unmap (K:io_pagetable.c:744-839, K:ioas.c:340-376): areas are removed in
   IOVA order; an area that sticks out of the range is ENOENT (the ones
   removed before it stay removed); a range that hits nothing is ENOENT;
@@ -85,6 +89,12 @@ class Pages:
         size = self.file.size()
         if last_byte // PAGE_SIZE * PAGE_SIZE >= size or first_page * PAGE_SIZE >= size:
             fail(E.EINVAL)
+        self.file.shmem.pins += 1
+
+    def unpin(self) -> None:
+        """Drop the pins one :meth:`pin` took (``unpin_folios``)."""
+        if self.kind == "file" and self.file is not None:
+            self.file.shmem.pins -= 1
 
 
 @dataclass
@@ -94,6 +104,16 @@ class Area:
     pages: Pages
     start_byte: int
     prot_write: bool
+    pinned: bool = False
+
+    def pin(self, mem: UserMemory) -> None:
+        self.pages.pin(self.start_byte, self.length, mem)
+        self.pinned = True
+
+    def unpin(self) -> None:
+        if self.pinned:
+            self.pinned = False
+            self.pages.unpin()
 
     @property
     def length(self) -> int:
@@ -210,6 +230,7 @@ class Iopt:
                   write: bool, mem: UserMemory) -> int:
         """``iopt_map_pages``: elems are (pages, start_byte, length); ``iova``
         None means kernel-chosen. Consumes one reference of each pages."""
+        new: list[Area] = []
         try:
             if self.lu_immutable:
                 fail(E.EBUSY)
@@ -221,7 +242,6 @@ class Iopt:
                 iova = self.alloc_iova(hint, length)
             else:
                 self.check_iova(iova, length)
-            new: list[Area] = []
             cur = iova
             for pages, start_byte, elen in elems:
                 if write and not pages.writable:
@@ -234,8 +254,10 @@ class Iopt:
                 cur += elen
             if self.domains:
                 for area in new:
-                    area.pages.pin(area.start_byte, area.length, mem)
+                    area.pin(mem)
         except BaseException:
+            for area in new:
+                area.unpin()
             for pages, _, _ in elems:
                 pages.put()
             raise
@@ -251,6 +273,7 @@ class Iopt:
                 self._unmapped_partial = unmapped
                 fail(E.ENOENT)
             self.areas.remove(area)
+            area.unpin()
             area.pages.put()
             unmapped += area.length
         return unmapped
@@ -315,8 +338,11 @@ class Iopt:
                 self.reserve(domain.aperture_end + 1, ULONG_MAX, domain)
             if not self.domains:
                 for a in self.areas:
-                    a.pages.pin(a.start_byte, a.length, mem)
+                    a.pin(mem)
         except BaseException:
+            if not self.domains:
+                for a in self.areas:
+                    a.unpin()
             self.remove_reserved(domain)
             raise
         self.iova_alignment = new_align
@@ -325,6 +351,9 @@ class Iopt:
     def remove_domain(self, domain) -> None:
         if domain in self.domains:
             self.domains.remove(domain)
+            if not self.domains:        # the last domain held the pins
+                for a in self.areas:
+                    a.unpin()
         self.remove_reserved(domain)
         self._recalc_alignment()
 

@@ -12,6 +12,18 @@ adds what the host kernel cannot know about:
   marks as hugetlb: LUO refuses it (no handler, ENOENT; K:mm/memfd_luo.c:580-586),
   ``ftruncate`` needs a multiple of 2 MiB (EINVAL) and ``write``/``pwrite``
   fail with EINVAL (hugetlbfs has no write_iter).
+* **pinned folios**: ``F_ADD_SEALS`` adding ``F_SEAL_WRITE`` (or
+  ``F_SEAL_EXEC`` on an executable memfd, which implies it) waits for
+  folios with extra references and gives up with EBUSY
+  (``memfd_wait_for_pins``, K:mm/memfd.c:157-209, called at 294-304;
+  F_SEAL_EXEC at 288-292). The host kernel cannot see the fake's pins, so
+  the fake counts them on the inode (:attr:`ShmemInode.pins`): an IOAS with
+  a domain pins its MAP_FILE pages (``memfd_pin_folios`` in
+  K:drivers/iommu/iommufd/pages.c:839, see :mod:`.iopt`) and memfd LUO pins
+  every folio of a non-empty memfd it preserves until unpreserve
+  (K:mm/memfd_luo.c:133, 231-256). The errors ``memfd_add_seals`` returns
+  before that (EPERM for a read-only file or F_SEAL_SEAL, EINVAL for unknown
+  seals) still come from the host.
 
 The enforcement covers calls made through the backend only; a direct
 ``os.ftruncate`` on the fd bypasses it.
@@ -55,6 +67,8 @@ class ShmemInode:
     def __init__(self, hugetlb: bool = False) -> None:
         self.hugetlb = hugetlb
         self.frozen = False         # SHMEM_F_MAPPING_FROZEN
+        #: long-term pins on the folios (IOAS domains, memfd LUO)
+        self.pins = 0
 
 
 class MemfdFile(OpenFile):
@@ -110,7 +124,25 @@ class MemfdFile(OpenFile):
 
     def fcntl(self, fd, cmd, arg):
         import fcntl as _fcntl
+        if cmd == F_ADD_SEALS and self.shmem.pins and self._adds_write_seal(fd, arg):
+            fail(E.EBUSY)       # memfd_wait_for_pins (K:mm/memfd.c:298-303)
         return _fcntl.fcntl(fd, cmd, arg)
+
+    def _adds_write_seal(self, fd: int, seals: int) -> bool:
+        """Would ``memfd_add_seals`` (K:mm/memfd.c:232-312) get as far as
+        ``memfd_wait_for_pins``? False when an earlier check fails (the host
+        then gives that error) or F_SEAL_WRITE is there already."""
+        import fcntl as _fcntl
+        if _fcntl.fcntl(fd, _fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY:
+            return False                                    # EPERM (270-271)
+        if seals & ~LUO_ALL_SEALS:
+            return False                                    # EINVAL (272-273)
+        current = _fcntl.fcntl(fd, F_GET_SEALS)
+        if current & F_SEAL_SEAL:
+            return False                                    # EPERM (283-286)
+        if seals & F_SEAL_EXEC and os.fstat(fd).st_mode & 0o111:
+            seals |= F_SEAL_WRITE                           # 288-292
+        return bool(seals & F_SEAL_WRITE and not current & F_SEAL_WRITE)
 
     def mmap(self, fd, length, offset, prot):
         return _mmap.mmap(fd, length, flags=_mmap.MAP_SHARED, prot=prot, offset=offset)
@@ -238,9 +270,17 @@ class MemfdLuoHandler(FileHandler):
         if -(-file.size() // 4096) > 0xffffffff:
             file.shmem.frozen = False
             fail(E.EFBIG)
+        # memfd_luo_preserve_folios pins every folio (K:mm/memfd_luo.c:133);
+        # an empty memfd has none
+        lf.private = file.size() > 0       # "the folios are pinned"
+        if lf.private:
+            file.shmem.pins += 1
 
     def unpreserve(self, lf, session):
         lf.file.shmem.frozen = False
+        if lf.private:                      # memfd_luo_unpreserve_folios
+            lf.private = False
+            lf.file.shmem.pins -= 1
 
     def handover(self, lf):
         return lf.file.snapshot()
