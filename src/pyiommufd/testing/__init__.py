@@ -13,6 +13,14 @@ hands the open LUO sessions to a new boot and raises
 :class:`SimulatedKexec`; ``FakeKernel.kexec()`` does the same from a test
 and returns normally.
 """
-from .fake import FakeKernel, FakePciDevice, SimulatedKexec
-
+# Lazy: the pytest plugin lives in this package and loads in every pytest
+# run, which should not pay for importing the whole fake kernel.
 __all__ = ["FakeKernel", "FakePciDevice", "SimulatedKexec"]
+
+
+def __getattr__(name: str):
+    if name in __all__:
+        from . import fake
+
+        return getattr(fake, name)
+    raise AttributeError(f"module 'pyiommufd.testing' has no attribute {name!r}")
