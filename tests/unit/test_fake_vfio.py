@@ -166,9 +166,12 @@ def test_pasid_attach_on_a_pasid_device(kt):
 def test_get_info_and_regions(fake_kernel, kt, bound):
     cdev, _, _ = bound
     info = ioctl.call(fake_kernel, cdev, kt.D.GET_INFO)
-    assert info.flags == 3 and info.num_regions == 9 and info.num_irqs == 5
+    # QEMU's virtio-net-pci: PCI, no reset method
+    assert info.flags == 2 and info.num_regions == 9 and info.num_irqs == 5
     cfg = ioctl.call(fake_kernel, cdev, kt.D.REGION_INFO, index=7)
-    assert cfg.size == 4096 and cfg.offset == CONFIG_OFFSET and cfg.flags == 3
+    assert cfg.size == 256 and cfg.offset == CONFIG_OFFSET and cfg.flags == 3
+    rom = ioctl.call(fake_kernel, cdev, kt.D.REGION_INFO, index=6)
+    assert rom.size == 256 * 1024 and rom.offset == 6 << 40 and rom.flags == 1
     assert ioctl.call(fake_kernel, cdev, kt.D.REGION_INFO, index=0).size == 0
     assert ioctl.call(fake_kernel, cdev, kt.D.REGION_INFO, index=4).flags == 7
     with pytest.raises(errors.InvalidArgument):
@@ -226,7 +229,7 @@ def test_irq_info(fake_kernel, kt, bound):
     intx = ioctl.call(fake_kernel, cdev, kt.D.IRQ_INFO, index=0)
     assert intx.count == 1 and intx.flags == 1 | 2 | 4
     msix = ioctl.call(fake_kernel, cdev, kt.D.IRQ_INFO, index=2)
-    assert msix.count == 3 and msix.flags == 1
+    assert msix.count == 4 and msix.flags == 1
     assert ioctl.call(fake_kernel, cdev, kt.D.IRQ_INFO, index=1).flags == 1 | 8
     with pytest.raises(errors.InvalidArgument):
         ioctl.call(fake_kernel, cdev, kt.D.IRQ_INFO, index=5)
@@ -251,7 +254,7 @@ def test_set_irqs_eventfd_trigger_and_loopback(fake_kernel, kt, bound):
     with pytest.raises(errors.InvalidArgument):                      # MSI while MSI-X is on
         set_irqs(fake_kernel, kt, cdev, 1, 4 | 32, fds=[efd])
     with pytest.raises(errors.InvalidArgument):                      # past the vector count
-        set_irqs(fake_kernel, kt, cdev, 2, 4 | 32, start=2, fds=[efd, efd])
+        set_irqs(fake_kernel, kt, cdev, 2, 4 | 32, start=3, fds=[efd, efd])
     with pytest.raises(errors.InvalidArgument):                      # not an eventfd
         set_irqs(fake_kernel, kt, cdev, 2, 4 | 32, fds=[kt.memfd()])
     with pytest.raises(errors.BadFd):
@@ -261,11 +264,128 @@ def test_set_irqs_eventfd_trigger_and_loopback(fake_kernel, kt, bound):
     set_irqs(fake_kernel, kt, cdev, 2, 1 | 32, data=b"")             # count 0: disable
 
 
-def test_reset_and_features(fake_kernel, kt, bound):
+def _resettable(kt):
+    """A kernel whose device has a reset method (FLR), bound: (kernel, KTest, cdev)."""
+    k = FakeKernel(devices=[FakePciDevice(reset_works=True)])
+    t = type(kt)(k)
+    t.vfio_pci()
+    cdev = t.cdev()
+    t.bind(cdev, t.iommufd())
+    return k, t, cdev
+
+
+def test_reset_of_a_device_with_a_reset_method(kt):
+    k, t, cdev = _resettable(kt)
+    with k, use(k):
+        assert ioctl.call(k, cdev, t.D.GET_INFO).flags == 3          # RESET | PCI
+        k.pwrite(cdev, b"\x06\x00", CONFIG_OFFSET + 4)
+        k.pwrite(cdev, b"junk", (4 << 40) + 0x10)
+        ioctl.invoke(k, cdev, t.D.RESET)
+        assert k.pread(cdev, 2, CONFIG_OFFSET + 4) == b"\0\0"
+        assert k.pread(cdev, 4, (4 << 40) + 0x10) == bytes(4)
+        assert k.exists("/sys/bus/pci/devices/0000:00:03.0/reset")
+
+
+def test_reset_of_the_default_virtio_net_is_einval(fake_kernel, kt, bound):
+    """QEMU's virtio-net-pci has no reset method: no VFIO_DEVICE_FLAGS_RESET,
+    VFIO_DEVICE_RESET is EINVAL and sysfs has no reset attribute."""
     cdev, _, _ = bound
+    with pytest.raises(errors.InvalidArgument):
+        ioctl.invoke(fake_kernel, cdev, kt.D.RESET)
+    assert not fake_kernel.exists("/sys/bus/pci/devices/0000:00:03.0/reset")
+
+
+def test_close_restores_config_and_resets_only_a_resettable_device(fake_kernel, kt, bound):
+    cdev, iommufd, _ = bound
     fake_kernel.pwrite(cdev, b"\x06\x00", CONFIG_OFFSET + 4)
-    ioctl.invoke(fake_kernel, cdev, kt.D.RESET)
-    assert fake_kernel.pread(cdev, 2, CONFIG_OFFSET + 4) == b"\0\0"
+    fake_kernel.pwrite(cdev, b"kept", (4 << 40) + 0x10)
+    fake_kernel.close(cdev)
+    cdev = kt.cdev()
+    kt.bind(cdev, iommufd)
+    assert fake_kernel.pread(cdev, 2, CONFIG_OFFSET + 4) == b"\0\0"   # saved state restored
+    assert fake_kernel.pread(cdev, 4, (4 << 40) + 0x10) == b"kept"      # no reset: BAR as it was
+    k, t, rcdev = _resettable(kt)
+    with k, use(k):
+        k.pwrite(rcdev, b"gone", (4 << 40) + 0x10)
+        k.close(rcdev)
+        rcdev = t.cdev()
+        t.bind(rcdev, t.iommufd())
+        assert k.pread(rcdev, 4, (4 << 40) + 0x10) == bytes(4)
+
+
+def test_config_space_of_a_conventional_pci_function_is_256_bytes(fake_kernel, kt, bound):
+    cdev, _, _ = bound
+    assert len(fake_kernel.pread(cdev, 256, CONFIG_OFFSET)) == 256
+    for offset, length in ((255, 2), (256, 1), (0x100, 4)):
+        with pytest.raises(OSError) as exc:
+            fake_kernel.pread(cdev, length, CONFIG_OFFSET + offset)
+        assert exc.value.errno == errno.EFAULT
+
+
+ROM_OFFSET = 6 << 40
+
+
+def test_rom_region_reads_the_image_then_0xff(fake_kernel, kt, bound):
+    cdev, _, _ = bound
+    head = fake_kernel.pread(cdev, 0x1C + 4, ROM_OFFSET)
+    assert head[:2] == b"\x55\xaa" and head[0x1C:] == b"PCIR"
+    image_len = fake_kernel.devices[0].rom_len()
+    assert 0 < image_len < 256 * 1024
+    assert fake_kernel.pread(cdev, 16, ROM_OFFSET + image_len) == b"\xff" * 16
+    assert fake_kernel.pread(cdev, 64, ROM_OFFSET + 256 * 1024 - 8) == b"\xff" * 8   # short at the end
+    with pytest.raises(OSError) as exc:
+        fake_kernel.pread(cdev, 4, ROM_OFFSET + 256 * 1024)
+    assert exc.value.errno == errno.EINVAL
+    with pytest.raises(OSError) as exc:
+        fake_kernel.pwrite(cdev, b"\0", ROM_OFFSET)
+    assert exc.value.errno == errno.EINVAL
+    with pytest.raises(OSError) as exc:
+        fake_kernel.mmap(cdev, 4096, ROM_OFFSET)
+    assert exc.value.errno == errno.EINVAL
+
+
+@pytest.mark.parametrize("rom_size, rom, size, flags, read_errno", [
+    (0, None, 0, 0, errno.EINVAL),                      # no ROM BAR
+    (64 * 1024, b"\xff" * 1024, 0, 0, errno.ENOMEM),     # a BAR without a valid image
+])
+def test_rom_region_without_a_usable_rom(kt, rom_size, rom, size, flags, read_errno):
+    with FakeKernel(devices=[FakePciDevice(rom_size=rom_size, rom=rom)]) as k, use(k):
+        t = type(kt)(k)
+        t.vfio_pci()
+        cdev = t.cdev()
+        t.bind(cdev, t.iommufd())
+        info = ioctl.call(k, cdev, t.D.REGION_INFO, index=6)
+        assert (info.size, info.flags) == (size, flags)
+        with pytest.raises(OSError) as exc:
+            k.pread(cdev, 4, ROM_OFFSET)
+        assert exc.value.errno == read_errno
+
+
+def test_rom_image_size_walks_the_image_chain():
+    from pyiommufd.testing.fake.pci import option_rom, rom_image_size
+    one = option_rom(0x1AF4, 0x1041, 0x020000, sectors=4)
+    assert rom_image_size(one, 64 * 1024) == 4 * 512
+    assert rom_image_size(one, 1024) == 1024            # never more than the window
+    first = bytearray(one)
+    first[0x1C + 0x15] = 0                              # not the last image...
+    assert rom_image_size(bytes(first), 64 * 1024) == 4 * 512     # ...but nothing follows
+    two = bytes(first) + option_rom(0x1AF4, 0x1041, 0x020000, sectors=2)
+    assert rom_image_size(two, 64 * 1024) == 6 * 512
+    bad = bytearray(one)
+    bad[0x1C:0x20] = b"PCIX"
+    assert rom_image_size(bytes(bad), 64 * 1024) == 0
+    assert rom_image_size(b"", 64 * 1024) == 0
+
+
+@pytest.mark.parametrize("kw", [dict(cfg_size=1024), dict(rom_size=3000), dict(rom_size=1024),
+                                dict(rom_size=2048, rom=b"\x55" * 4096)])
+def test_bad_device_descriptions(kw):
+    with pytest.raises(ValueError):
+        FakePciDevice(**kw)
+
+
+def test_features(fake_kernel, kt, bound):
+    cdev, _, _ = bound
     probe, get, set_ = 1 << 18, 1 << 16, 1 << 17
     ioctl.call(fake_kernel, cdev, kt.D.FEATURE, flags=probe | set_ | 3)       # LOW_POWER_ENTRY
     with pytest.raises(errors.InvalidArgument):

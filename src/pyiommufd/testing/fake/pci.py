@@ -51,6 +51,62 @@ MANAGED_DMA_DRIVERS = ("vfio-pci", "pci-stub")
 PCI_PF_STUB_IDS = {(0x1d0f, 0x0053)}
 
 
+def rom_image_size(rom: bytes, window: int) -> int:
+    """``pci_get_rom_size`` (K:drivers/pci/rom.c:185-229, with the header and
+    data structure checks of K:drivers/pci/rom.c:99-181): the length of the
+    chain of valid expansion ROM images at the start of a ROM BAR of
+    ``window`` bytes whose contents are ``rom`` (0 when there is none)."""
+    data = rom[:window].ljust(window, b"\xff")
+    end = window - 1
+
+    def u16(off: int) -> int:
+        return int.from_bytes(data[off:off + 2], "little")
+
+    def header_valid(image: int) -> bool:
+        return (image % 512 == 0 and image + 0x1A - 1 <= end
+                and u16(image) == 0xAA55)
+
+    image = 0
+    while True:
+        if not header_valid(image):
+            break
+        pds = image + u16(image + 0x18)
+        if pds % 4 or pds + 0x0A + 1 > end or data[pds:pds + 4] != b"PCIR":
+            break
+        data_len = u16(pds + 0x0A)
+        if data_len < 0x18 or data_len == 0xFFFF or pds + data_len - 1 > end:
+            break
+        last_image = bool(data[pds + 0x15] & 0x80)
+        length = u16(pds + 0x10)
+        image += length * 512
+        if not last_image and not header_valid(image):
+            break
+        if not length or last_image:
+            break
+    return min(image, window)
+
+
+def option_rom(vendor: int, device: int, class_code: int, sectors: int = 0x80) -> bytes:
+    """A minimal, valid expansion ROM image (one x86 image of ``sectors``
+    512-byte sectors: 55 AA, the pointer to a "PCIR" data structure with
+    the IDs, its length and the last-image indicator)."""
+    rom = bytearray(b"\xff" * (sectors * 512))
+    rom[0:2] = b"\x55\xaa"
+    rom[2] = min(sectors, 0xFF)             # initialization size, 512-byte units
+    rom[0x18:0x1A] = (0x1C).to_bytes(2, "little")
+    pcir = bytearray(0x18)
+    pcir[0:4] = b"PCIR"
+    pcir[4:6] = vendor.to_bytes(2, "little")
+    pcir[6:8] = device.to_bytes(2, "little")
+    pcir[0x0A:0x0C] = (0x18).to_bytes(2, "little")
+    pcir[0x0D:0x10] = class_code.to_bytes(3, "little")
+    pcir[0x10:0x12] = sectors.to_bytes(2, "little")
+    pcir[0x14] = 0x00                       # code type: x86
+    pcir[0x15] = 0x80                       # last image
+    rom[0x1C:0x1C + len(pcir)] = pcir
+    return bytes(rom)
+
+
 @dataclass
 class FakePciDevice:
     """A PCI function behind the (fake) VT-d IOMMU.
@@ -71,6 +127,16 @@ class FakePciDevice:
     (K:drivers/iommu/iommufd/device.c:1709-1711). The fake's functions are all
     integrated on the root bus, which ``dmar_ats_supported`` allows
     (K:drivers/iommu/intel/iommu.c:2285-2289).
+
+    The default is what VFIO reports for QEMU's ``virtio-net-pci`` with
+    ``disable-legacy=on,iommu_platform=on`` on q35's root bus: a conventional
+    PCI function (256 bytes of config space, ``cfg_size``), no reset method
+    (``reset_works=False``: no FLR, no PM reset with NoSoftRst-, no slot or
+    bus to reset), MSI-X with 4 vectors (2 per queue pair + config + 2) in
+    BAR1, the modern virtio structures in the 64-bit BAR4, and a 256 KiB
+    expansion ROM BAR (``rom_size``; 0 for none) holding ``rom`` (default: a
+    minimal valid image, :func:`option_rom`; the rest of the BAR reads as
+    0xff, as VFIO fills it, K:drivers/vfio/pci/vfio_pci_rdwr.c:226-240).
     """
 
     bdf: str = "0000:00:03.0"
@@ -84,25 +150,36 @@ class FakePciDevice:
     subsystem_vendor: int = 0x1af4
     subsystem_device: int = 0x1100
     revision: int = 0x01
-    reset_works: bool = True
-    cfg_size: int = 4096
+    reset_works: bool = False
+    cfg_size: int = 256
     max_pasids: int = 0
     msix_bar: int | None = None
     atomic_ops: int = 0
     ats: bool = False
+    rom_size: int = 256 * 1024
+    rom: bytes | None = None
 
     def __post_init__(self) -> None:
         self.bdf = self.bdf.lower()
         if not BDF_RE.match(self.bdf):
             raise ValueError(f"not a PCI address: {self.bdf!r}")
+        if self.cfg_size not in (256, 4096):
+            raise ValueError(f"cfg_size is 256 (PCI) or 4096 (PCIe), not {self.cfg_size}")
         if self.ats and self.cfg_size < 4096:
             raise ValueError("ATS is a PCIe extended capability: it needs cfg_size=4096")
+        if self.rom_size and (self.rom_size & (self.rom_size - 1) or self.rom_size < 2048):
+            raise ValueError(f"a ROM BAR is a power of two of at least 2 KiB, not {self.rom_size}")
+        if self.rom_size and self.rom is None:
+            self.rom = option_rom(self.vendor, self.device, self.class_code,
+                                  min(0x80, self.rom_size // 512))
+        if self.rom is not None and len(self.rom) > self.rom_size:
+            raise ValueError("the ROM contents do not fit the ROM BAR")
         if self.regions is None:
             # a virtio-net-pci with disable-legacy=on: MSI-X table in BAR1,
             # the modern virtio structures in the 64-bit BAR4
             self.regions = {1: 0x1000, 4: 0x4000}
         if self.irqs is None:
-            self.irqs = {INTX: 1, MSI: 0, MSIX: 3, ERR: 1, REQ: 1}
+            self.irqs = {INTX: 1, MSI: 0, MSIX: 4, ERR: 1, REQ: 1}
         for index in self.regions:
             if not BAR0 <= index <= BAR5:
                 raise ValueError(f"BAR index {index} is not 0-5")
@@ -126,6 +203,9 @@ class FakePciDevice:
             addr += max(size, 0x1000)
         cfg[0x2c:0x2e] = self.subsystem_vendor.to_bytes(2, "little")
         cfg[0x2e:0x30] = self.subsystem_device.to_bytes(2, "little")
+        if self.rom_size:                                    # ROM BAR, decode off
+            addr = (addr + self.rom_size - 1) & ~(self.rom_size - 1)
+            cfg[0x30:0x34] = addr.to_bytes(4, "little")
         cfg[0x3d] = 1 if self.irqs.get(INTX) else 0          # interrupt pin
         if self.irqs.get(MSIX):
             cfg[0x34] = 0x40                                 # capabilities pointer
@@ -139,11 +219,26 @@ class FakePciDevice:
     def bar(self, index: int) -> bytearray:
         return self._bars[index]
 
+    def rom_len(self) -> int:
+        """What ``pci_map_rom`` finds in the ROM BAR (0: no valid image)."""
+        if not self.rom_size or self.rom is None:
+            return 0
+        return rom_image_size(self.rom, self.rom_size)
+
+    def read_rom(self, pos: int, length: int) -> bytes:
+        data = self.rom[:self.rom_len()] if self.rom is not None else b""
+        return data[pos:pos + length].ljust(length, b"\xff")
+
     def reset(self) -> None:
         """Function level reset: config space and BAR contents start over."""
         self.config = self._initial_config()
         for data in self._bars.values():
             data[:] = bytes(len(data))
+
+    def restore_config(self) -> None:
+        """``pci_restore_state`` of the state saved when VFIO enabled the
+        device: config space only, BAR contents stay."""
+        self.config = self._initial_config()
 
     def modalias_match(self, ids: set[tuple[int, int]]) -> bool:
         return (self.vendor, self.device) in ids

@@ -8,8 +8,10 @@ The tree is computed from the current boot on every call:
   with ``vendor``, ``device``, ``subsystem_*``, ``class``, ``revision``,
   ``config`` (binary), ``driver`` (symlink, only when bound),
   ``driver_override`` (rw; ``(null)`` when unset), ``iommu_group`` (symlink
-  to ``/sys/kernel/iommu_groups/N``), ``iommu``, ``reset`` (w) and
-  ``vfio-dev/vfioN`` while vfio-pci is bound;
+  to ``/sys/kernel/iommu_groups/N``), ``iommu``, ``reset`` (w; only for a
+  function with a reset method, ``FakePciDevice(reset_works=True)``,
+  K:drivers/pci/pci-sysfs.c:1584-1593) and ``vfio-dev/vfioN`` while
+  vfio-pci is bound;
 * ``/sys/bus/pci/drivers/<drv>/{bind,unbind,new_id,remove_id,<bdf>}``,
   ``/sys/bus/pci/drivers_probe``, ``/sys/bus/pci/drivers_autoprobe``;
 * ``/sys/kernel/iommu_groups/N/{devices,type,reserved_regions}``,
@@ -339,10 +341,11 @@ class FakeFs:
                 "iommu_group": Link(f"../../../kernel/iommu_groups/{hw.iommu_group}"),
                 "iommu": Link("../../virtual/iommu/dmar0"),
                 "subsystem": Link("../../../bus/pci"),
-                "reset": Attr(None, lambda text: hw.reset()),
                 "numa_node": Attr(lambda: "-1\n"),
                 "enable": Attr(lambda: "1\n" if state.driver else "0\n"),
             }
+            if hw.reset_works:      # pci_dev_reset_attr_is_visible (K:drivers/pci/pci-sysfs.c:1584-1593)
+                out["reset"] = Attr(None, lambda text: hw.reset())
             if state.driver is not None:
                 out["driver"] = Link(f"../../../bus/pci/drivers/{state.driver}")
             vdev = self.boot.vfio.by_state(state)

@@ -30,6 +30,15 @@ Rules:
   vfio-pci), unknown ioctls ENOTTY.
 * read/write at ``index << 40``: config space (EFAULT past cfg_size),
   BARs (EINVAL past the end, short reads at the end).
+* the ROM region (K:vfio_pci_core.c:1166-1196): readable and the size of
+  the ROM BAR when ``pci_map_rom`` finds a valid image in it, else size 0
+  and no flags; reads (K:vfio_pci_rdwr.c:201-240) are EINVAL without a ROM
+  BAR or past its end, ENOMEM without a valid image, 0xff past the image;
+  writes EINVAL (K:vfio_pci_core.c:1657-1662); no mmap.
+* closing the last bound file (``vfio_pci_core_disable``,
+  K:vfio_pci_core.c:764-806): a device with a reset method is reset; one
+  without (QEMU's virtio-net) only gets its saved config space back, BAR
+  contents stay.
 
 Not modelled: the legacy group/container API, hot reset (ENODEV: the fake
 device has no resettable slot or bus), ioeventfds, dma-buf export (GET of
@@ -209,7 +218,10 @@ class VfioCdevFile(OpenFile):
             vdev.idev.unbind()
             vdev.idev = None
         vdev.disable_irqs()
-        vdev.hw.reset()
+        if vdev.hw.reset_works:
+            vdev.hw.reset()
+        else:
+            vdev.hw.restore_config()
         vdev.bound_file = None
         self.access_granted = False
         if self.iommufd is not None:
@@ -389,6 +401,8 @@ class VfioCdevFile(OpenFile):
                                 + (1).to_bytes(2, "little") + bytes(4))
         elif index == ROM:
             cmd.offset, cmd.size, cmd.flags = index << INDEX_SHIFT, 0, 0
+            if hw.rom_len():            # "Report the BAR size, not the ROM size."
+                cmd.size, cmd.flags = hw.rom_size, REGION_FLAG_READ
         else:       # no VGA, no device-specific regions
             fail(E.EINVAL)
         if caps:
@@ -621,6 +635,12 @@ class VfioCdevFile(OpenFile):
             if pos >= len(bar):
                 fail(E.EINVAL)
             return bytes(bar[pos:pos + length])
+        if index == ROM and hw.rom_size:
+            if pos >= hw.rom_size:
+                fail(E.EINVAL)
+            if not hw.rom_len():
+                fail(E.ENOMEM)          # pci_map_rom found no image
+            return hw.read_rom(pos, min(length, hw.rom_size - pos))
         fail(E.EINVAL)
 
     def pwrite(self, fd, data, offset):
