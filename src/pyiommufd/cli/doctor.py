@@ -197,11 +197,15 @@ def run_checks(be) -> list[Check]:
                   "boot with intel_iommu=on for VT-d"))
 
     try:
-        units = [n for n in be.listdir("/sys/class/iommu")]
+        units = be.listdir("/sys/class/iommu")
     except OSError:
         units = []
     dmar = [n for n in units if n.startswith("dmar")]
-    add(Check("VT-d units", OK if dmar else WARN, ", ".join(units) if units else "none",
+    others = [n for n in units if not n.startswith("dmar")]
+    value = ", ".join(dmar) or "none"
+    if others:
+        value += f" (other IOMMU units: {', '.join(others)})"
+    add(Check("VT-d units", OK if dmar else WARN, value,
               "" if dmar else "the series preserves Intel VT-d domains only "
               "(QEMU: -device intel-iommu,intremap=on)"))
 

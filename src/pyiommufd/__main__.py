@@ -1,0 +1,4 @@
+"""``python -m pyiommufd``: the same as the ``pyiommufd`` command."""
+from .cli import main
+
+main()
