@@ -19,7 +19,8 @@ import pytest
 
 from pyiommufd import agent
 from pyiommufd.backend import use
-from pyiommufd.cli import COMMANDS, main
+import cli_support
+from pyiommufd.cli import COMMANDS
 from pyiommufd.testing import FakeKernel, FakePciDevice
 
 LONG = "x" * 64
@@ -211,15 +212,7 @@ def _kernel(setup: str) -> FakeKernel:
 
 
 def run_cli(capsys, argv):
-    capsys.readouterr()
-    try:
-        main(list(argv))
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    else:  # pragma: no cover - main() always exits
-        code = 0
-    out, err = capsys.readouterr()
-    return code, out, err
+    return tuple(cli_support.run_cli(capsys, *argv))
 
 
 @pytest.mark.parametrize("case", [

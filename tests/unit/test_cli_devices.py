@@ -2,35 +2,15 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 
 import pytest
 
 from pyiommufd.backend import use
-from pyiommufd.cli import main
+from cli_support import run_cli
 from pyiommufd.testing import FakeKernel, FakePciDevice
 
 BDF = "0000:00:03.0"
 CDEV = "/dev/vfio/devices/vfio0"
-
-
-@dataclass
-class Result:
-    code: int
-    out: str
-    err: str
-
-
-def run_cli(capsys, *argv: str) -> Result:
-    capsys.readouterr()
-    try:
-        main(list(argv))
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    else:  # pragma: no cover
-        code = 0
-    out, err = capsys.readouterr()
-    return Result(code, out, err)
 
 
 @pytest.fixture

@@ -5,33 +5,13 @@ import errno as E
 import gzip
 import json
 import os
-from dataclasses import dataclass
 
 import pytest
 
 from pyiommufd.backend import use
 from pyiommufd.cli import doctor as doctor_mod
-from pyiommufd.cli import main
+from cli_support import Result, run_cli
 from pyiommufd.testing import FakeKernel
-
-
-@dataclass
-class Result:
-    code: int
-    out: str
-    err: str
-
-
-def run_cli(capsys, *argv: str) -> Result:
-    capsys.readouterr()
-    try:
-        main(list(argv))
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    else:  # pragma: no cover
-        code = 0
-    out, err = capsys.readouterr()
-    return Result(code, out, err)
 
 
 def checks_of(r: Result) -> dict[str, dict]:

@@ -7,42 +7,17 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass
 
 import pytest
 
 from pyiommufd import agent, luo
 from pyiommufd.backend import use
-from pyiommufd.cli import main
+from cli_support import error_lines, run_cli
 from pyiommufd.testing import FakeKernel, FakePciDevice, SimulatedKexec
 
 BDF = "0000:00:03.0"
 CDEV = "/dev/vfio/devices/vfio0"
 KTAP_LINE = re.compile(r"^(ok|not ok) (\d+) \S.*$")
-
-
-@dataclass
-class Result:
-    code: int
-    out: str
-    err: str
-
-
-def run_cli(capsys, *argv: str) -> Result:
-    """``pyiommufd ARGV`` through ``cli.main()`` (which maps errors to exit codes)."""
-    capsys.readouterr()
-    try:
-        main(list(argv))
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    else:  # pragma: no cover - main() always exits
-        code = 0
-    out, err = capsys.readouterr()
-    return Result(code, out, err)
-
-
-def error_lines(err: str) -> list[str]:
-    return [ln for ln in err.splitlines() if ln.startswith("pyiommufd: error:")]
 
 
 @pytest.fixture(autouse=True)
