@@ -414,7 +414,6 @@ def test_vfio_compat_container_on_an_iommufd(fake_kernel):
             container.check_extension("spam")
 
 
-@pytest.mark.xfail(strict=True, reason="fake kernel lacks the legacy /dev/vfio/vfio container and group nodes")
 def test_legacy_container_and_group_on_the_fake(on_vfio):
     with VfioContainer.open() as container, VfioGroup.open(3) as group:
         assert group.status().viable

@@ -27,6 +27,7 @@ from .series import ABIS
 from .sysfs import Attr, DevNode, Dir, FakeFs, is_fake_path
 from .uaccess import UserMemory, fail
 from .vfio import EventFile
+from .vfio_group import open_container, open_group
 
 _UNSET = object()
 F_DUPFD = 0
@@ -121,7 +122,8 @@ class FakeKernel(Backend):
             "CONFIG_LIVEUPDATE=y", "CONFIG_LIVEUPDATE_MEMFD=y",
             "CONFIG_IOMMU_SUPPORT=y", "CONFIG_INTEL_IOMMU=y", "CONFIG_IRQ_REMAP=y",
             "CONFIG_IOMMUFD=y", "CONFIG_IOMMUFD_DRIVER_CORE=y",
-            "CONFIG_VFIO=y", "CONFIG_VFIO_DEVICE_CDEV=y", "CONFIG_VFIO_PCI=y",
+            "CONFIG_VFIO=y", "CONFIG_VFIO_DEVICE_CDEV=y", "CONFIG_VFIO_GROUP=y",
+            "CONFIG_VFIO_CONTAINER=y", "CONFIG_VFIO_IOMMU_TYPE1=y", "CONFIG_VFIO_PCI=y",
             "# CONFIG_VFIO_NOIOMMU is not set",
         ]
         if self.lu_abi is not None:
@@ -153,6 +155,13 @@ class FakeKernel(Backend):
             fail(E.ENODEV)
         return self._install(self.boot.vfio.open_cdev(vdev), path, flags)
 
+    def _open_vfio_container(self, path: str, flags: int) -> int:
+        return self._install(open_container(self.boot), path, flags)
+
+    def _open_vfio_group(self, path: str, flags: int) -> int:
+        number = int(path.rsplit("/", 1)[1])
+        return self._install(open_group(self.boot.vfio, number), path, flags)
+
     def open(self, path: str, flags: int = os.O_RDWR | os.O_CLOEXEC) -> int:
         self._check_alive()
         path = posixpath.normpath(path)
@@ -168,7 +177,8 @@ class FakeKernel(Backend):
         except OSError as exc:
             raise oserror(exc.errno or E.ENOENT, path) from None
         if isinstance(node, DevNode):
-            self._require_root()
+            if not node.public:
+                self._require_root()
             return node.opener(canon, flags)
         if isinstance(node, Dir):
             if flags & _WRITE_FLAGS:
@@ -198,7 +208,7 @@ class FakeKernel(Backend):
             return table.install(file.sibling(), fd)
         if isinstance(file, IommufdFile):
             return self.open("/dev/iommu", flags)
-        if file.path.startswith("/dev/vfio/devices/"):
+        if file.path.startswith("/dev/vfio/"):       # cdevs, the container, groups
             return self.open(file.path, flags)
         fail(E.ENXIO)           # anonymous inodes cannot be re-opened
 

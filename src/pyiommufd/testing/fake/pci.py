@@ -273,6 +273,15 @@ class IommuGroup:
         self.owner = owner
         self.owner_cnt = 1
 
+    def claim_exclusive(self, owner: Any) -> None:
+        """``iommu_group_claim_dma_owner`` (the VFIO group path): EPERM if
+        anyone, even ``owner``, uses the group already
+        (K:drivers/iommu/iommu.c:3423-3441)."""
+        if self.owner_cnt:
+            fail(E.EPERM)
+        self.owner = owner
+        self.owner_cnt = 1
+
     def release(self, owner: Any) -> None:
         if self.owner is owner and self.owner_cnt:
             self.owner_cnt -= 1

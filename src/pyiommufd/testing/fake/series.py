@@ -184,7 +184,7 @@ class VfioLuoHandler(FileHandler):
 
     def can_preserve(self, file):
         from .vfio import VfioCdevFile
-        return isinstance(file, VfioCdevFile)
+        return isinstance(file, VfioCdevFile) and file.group_file is None     # no group fds
 
     def preserve(self, lf, session):
         vdev = lf.file.vdev

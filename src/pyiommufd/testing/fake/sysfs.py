@@ -23,7 +23,9 @@ The tree is computed from the current boot on every call:
   fake path: ``/dev/iommu``, ``/dev/liveupdate``, ``/memfd:name (deleted)``,
   ``anon_inode:[luo_session] name``...);
 * ``/dev/iommu``, ``/dev/liveupdate`` (only with live update enabled),
-  ``/dev/vfio/devices/vfioN``;
+  ``/dev/vfio/devices/vfioN``, ``/dev/vfio/vfio`` (the legacy container,
+  0666) and ``/dev/vfio/<group>`` while a device of the group is on
+  vfio-pci (see :mod:`.vfio_group`);
 * ``/boot/config-<release>`` (IOMMUFD, VFIO, LIVEUPDATE, KEXEC_HANDOVER;
   ``CONFIG_IOMMU_LIVEUPDATE=y`` only on a series kernel),
   ``/boot/vmlinuz-<release>``, ``/boot/initrd.img-<release>``.
@@ -79,8 +81,9 @@ class Attr(Node):
 class DevNode(Node):
     """A character device node; ``open`` creates the fake file."""
 
-    def __init__(self, opener: Callable[[str], object]) -> None:
+    def __init__(self, opener: Callable[[str], object], public: bool = False) -> None:
         self.opener = opener
+        self.public = public        # mode 0666: no root needed to open it
 
 
 class Link(Node):
@@ -200,8 +203,15 @@ class FakeFs:
             out: dict[str, Node] = {"iommu": DevNode(k._open_iommu)}
             if self.boot.luo.enabled:
                 out["liveupdate"] = DevNode(k._open_liveupdate)
-            out["vfio"] = Dir(lambda: {"devices": Dir(lambda: {
-                f"vfio{v.index}": DevNode(k._open_vfio) for v in self.boot.vfio.devices.values()})})
+            def vfio():
+                nodes: dict[str, Node] = {"vfio": DevNode(k._open_vfio_container, public=True)}
+                for number, group in self.boot.vfio.groups.items():
+                    if group.iommu_group is not None:
+                        nodes[str(number)] = DevNode(k._open_vfio_group)
+                nodes["devices"] = Dir(lambda: {
+                    f"vfio{v.index}": DevNode(k._open_vfio) for v in self.boot.vfio.devices.values()})
+                return nodes
+            out["vfio"] = Dir(vfio)
             return out
         return Dir(entries)
 

@@ -40,7 +40,9 @@ Rules:
   without (QEMU's virtio-net) only gets its saved config space back, BAR
   contents stay.
 
-Not modelled: the legacy group/container API, hot reset (ENODEV: the fake
+The legacy group/container API is :mod:`.vfio_group`; a device fd from
+``VFIO_GROUP_GET_DEVICE_FD`` is a :class:`VfioCdevFile` with ``group_file``
+set (``df->group``). Not modelled: hot reset (ENODEV: the fake
 device has no resettable slot or bus), ioeventfds, dma-buf export (GET of
 ``VFIO_DEVICE_FEATURE_DMA_BUF`` is EOPNOTSUPP; PROBE works).
 """
@@ -118,6 +120,15 @@ class VfioDevice:
         self.irq_type = IRQ_NONE
         self.triggers: dict[int, dict[int, EventFile]] = {}
         self.intx_masked = False
+        self.group_opens = 0            # open_count through the group path
+
+    def close_device(self) -> None:
+        """``vfio_pci_core_close_device`` -> ``vfio_pci_core_disable``."""
+        self.disable_irqs()
+        if self.hw.reset_works:
+            self.hw.reset()
+        else:
+            self.hw.restore_config()
 
     @property
     def hw(self):
@@ -148,12 +159,20 @@ class VfioRegistry:
         self.boot = boot
         self.devices: dict[int, VfioDevice] = {}
         self._group_attach: dict[int, dict[int, tuple[Any, set]]] = {}
+        #: legacy VFIO groups by IOMMU group number (:mod:`.vfio_group`)
+        self.groups: dict[int, Any] = {}
 
     def register(self, state: DeviceState) -> None:
+        from .vfio_group import VfioGroup
         index = 0
         while index in self.devices:
             index += 1
         self.devices[index] = VfioDevice(self, state, index)
+        # vfio_device_set_group -> vfio_group_find_or_alloc (K:group.c:638-695)
+        group = self.groups.get(state.group.number)
+        if group is None or group.iommu_group is None:
+            group = self.groups[state.group.number] = VfioGroup(self, state.group)
+        group.drivers += 1
 
     def unregister(self, state: DeviceState) -> None:
         for index, vdev in list(self.devices.items()):
@@ -161,6 +180,16 @@ class VfioRegistry:
                 if vdev.files:
                     fail(E.EBUSY)
                 del self.devices[index]
+                group = self.groups.get(state.group.number)
+                if group is not None and group.iommu_group is not None:
+                    group.drivers -= 1
+                    if not group.drivers:       # vfio_device_remove_group (K:group.c:697-741)
+                        group.remove()
+                        del self.groups[state.group.number]
+
+    def vfio_group(self, state: DeviceState):
+        group = self.groups.get(state.group.number)
+        return group if group is not None and group.iommu_group is not None else None
 
     def by_state(self, state: DeviceState) -> VfioDevice | None:
         return next((v for v in self.devices.values() if v.state is state), None)
@@ -185,13 +214,15 @@ class VfioCdevFile(OpenFile):
 
     kind = "vfio-cdev"
 
-    def __init__(self, vdev: VfioDevice, path: str) -> None:
+    def __init__(self, vdev: VfioDevice, path: str, group_file=None) -> None:
         super().__init__()
         self.vdev = vdev
         self.path = path
         self.access_granted = False
         self.iommufd: IommufdFile | None = None
         self.devid = 0
+        #: the group file for a VFIO_GROUP_GET_DEVICE_FD fd (``df->group``)
+        self.group_file = group_file
 
     @property
     def boot(self) -> "Boot":
@@ -199,8 +230,25 @@ class VfioCdevFile(OpenFile):
 
     # -- lifetime -------------------------------------------------------------------------
     def release(self) -> None:
-        self.unbind()
+        if self.group_file is not None:
+            self.group_close()
+        else:
+            self.unbind()
         self.vdev.files.discard(self)
+
+    def group_close(self) -> None:
+        """``vfio_df_group_close``: the last close of the device closes it and
+        stops using the group's container (K:group.c:238-253, K:vfio_main.c:582-597,
+        K:group.c:774-785, K:container.c:522-529)."""
+        vdev = self.vdev
+        self.access_granted = False
+        vdev.group_opens -= 1
+        if vdev.group_opens:
+            return
+        vdev.close_device()
+        gfile, self.group_file = self.group_file, None
+        gfile.group.container_users -= 1
+        gfile.put()
 
     def unbind(self) -> None:
         """``vfio_df_unbind_iommufd`` + ``close_device``."""
@@ -217,12 +265,11 @@ class VfioCdevFile(OpenFile):
                 vdev.iommufd_attached = False
             vdev.idev.unbind()
             vdev.idev = None
-        vdev.disable_irqs()
-        if vdev.hw.reset_works:
-            vdev.hw.reset()
-        else:
-            vdev.hw.restore_config()
+        vdev.close_device()
         vdev.bound_file = None
+        group = self.vdev.registry.vfio_group(vdev.state)
+        if group is not None:
+            group.cdev_device_open_cnt -= 1          # vfio_device_unblock_group
         self.access_granted = False
         if self.iommufd is not None:
             self.iommufd.put()
@@ -237,12 +284,13 @@ class VfioCdevFile(OpenFile):
         if not self.access_granted:
             fail(E.EINVAL)
         handlers = {
-            ATTACH_IOMMUFD_PT: self.attach_pt, DETACH_IOMMUFD_PT: self.detach_pt,
             DEVICE_FEATURE: self.feature, GET_REGION_INFO: self.region_info,
             GET_INFO: self.get_info, GET_IRQ_INFO: self.irq_info, SET_IRQS: self.set_irqs,
             RESET: self.reset, GET_PCI_HOT_RESET_INFO: self.hot_reset,
             PCI_HOT_RESET: self.hot_reset, IOEVENTFD: self.ioeventfd,
         }
+        if self.group_file is None:     # cdev-only ioctls (K:vfio_main.c:1388-1399)
+            handlers.update({ATTACH_IOMMUFD_PT: self.attach_pt, DETACH_IOMMUFD_PT: self.detach_pt})
         handler = handlers.get(request)
         if handler is None:
             fail(E.ENOTTY)
@@ -254,6 +302,8 @@ class VfioCdevFile(OpenFile):
         if request == RESET and self.access_granted:
             self.reset(None)
             return 0
+        if self.group_file is not None and request in (ATTACH_IOMMUFD_PT, DETACH_IOMMUFD_PT):
+            fail(E.ENOTTY)
         if request in (BIND_IOMMUFD, ATTACH_IOMMUFD_PT, DETACH_IOMMUFD_PT, GET_INFO,
                        GET_REGION_INFO, GET_IRQ_INFO, SET_IRQS, DEVICE_FEATURE):
             fail(E.EFAULT if self.access_granted or request == BIND_IOMMUFD else E.EINVAL)
@@ -269,7 +319,12 @@ class VfioCdevFile(OpenFile):
         cmd = arg.copy_struct_from_user(struct, user_size)
         if cmd.iommufd < 0 or cmd.flags & ~BIND_FLAG_TOKEN:
             fail(E.EINVAL)
+        if self.group_file is not None:
+            fail(E.EINVAL)          # BIND_IOMMUFD only for cdev fds (K:device_cdev.c:117-119)
         vdev = self.vdev
+        group = self.vdev.registry.vfio_group(vdev.state)
+        if group is not None and group.opened_file is not None:
+            fail(E.EBUSY)           # vfio_device_block_group (K:group.c:384-400)
         if self.access_granted:
             fail(E.EINVAL)
         if cmd.flags & BIND_FLAG_TOKEN:
@@ -278,7 +333,7 @@ class VfioCdevFile(OpenFile):
         file = self.boot.table.get(int(cmd.iommufd))            # EBADF
         if not isinstance(file, IommufdFile):
             fail(E.EBADFD)
-        if vdev.bound_file is not None:
+        if vdev.bound_file is not None or vdev.group_opens:
             fail(E.EINVAL)          # vfio_df_open: cdev opens are exclusive
         ctx = file.ctx
         # iommufd_device_bind -> iommufd_bind_iommu
@@ -293,6 +348,8 @@ class VfioCdevFile(OpenFile):
         self.iommufd = file.get()
         self.devid = idev.id
         self.access_granted = True
+        if group is not None:
+            group.cdev_device_open_cnt += 1
         cmd.out_devid = idev.id
         try:
             arg.copy_field_to_user("out_devid")
