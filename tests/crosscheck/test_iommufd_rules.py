@@ -2,9 +2,8 @@
 on the fake kernel and on the real one in the VM.
 
 Where the fake answers differently, the test asserts the real kernel's answer
-and is marked ``xfail(strict=True)`` for the fake parameter only (see
-:func:`fake_disagrees`), so the discrepancy stays visible until the fake is
-fixed.
+and the fake is fixed (pyiommufd.testing); until then the fake parameter is
+marked ``xfail(strict=True)`` so the discrepancy stays visible.
 
 The device tests bind "the first virtio-net (1af4:1041) PCI function" in both
 worlds: 0000:00:03.0 in the fake, whatever the QEMU guest has (0000:00:04.0
@@ -29,13 +28,6 @@ RW = MAP_READABLE | MAP_WRITEABLE
 OP_SET, OP_GET = ioctl.const("IOMMU_OPTION_OP_SET"), ioctl.const("IOMMU_OPTION_OP_GET")
 VIRTIO_NET = (0x1AF4, 0x1041)
 MSI_WINDOW = IovaRange(0xFEE00000, 0xFEEFFFFF)
-
-
-def fake_disagrees(kernel, request, reason: str) -> None:
-    """The fake is known to answer differently from real 7.3 here: the test
-    asserts the real answer and must fail on the fake (strict xfail)."""
-    if kernel.name == "fake":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=f"fake: {reason}"))
 
 
 @pytest.fixture
