@@ -69,14 +69,23 @@ def test_command_job_with_kexec_stages():
         runner.Stage(["x"], kexec="sometimes").to_json()
 
 
-def test_masked_paths_are_refused():
+def test_masked_paths_are_refused_or_bound_back(tmp_path):
     assert runner.masked_in_guest("/tmp/x") == "/tmp"
     assert runner.masked_in_guest("/run") == "/run"
     assert runner.masked_in_guest("/tmpfoo") is None
     assert runner.masked_in_guest("/work/main") is None
-    job = runner.Job([runner.Stage(["true"], cwd="/tmp/somewhere")])
-    with pytest.raises(runner.VmError, match="under /tmp"):
-        runner.check_job_paths(job)
+    with pytest.raises(runner.VmError, match="under /proc"):
+        runner.check_job_paths(runner.Job([runner.Stage(["true"], cwd="/proc/self")]))
+    # a checkout under /tmp (as CI may clone it) is bind-mounted back into the guest
+    inner = tmp_path / "clone" / "tests"
+    inner.mkdir(parents=True)
+    job = runner.Job([runner.Stage(["true"], cwd=str(tmp_path / "clone")),
+                      runner.Stage(["true"], cwd=str(inner))])
+    runner.check_job_paths(job)
+    binds = runner.guest_binds(job)
+    assert str((tmp_path / "clone").resolve()) in binds
+    assert str(inner.resolve()) not in binds  # nested in the clone: one bind covers it
+    assert "PYIOMMUFD_BINDS=" in runner.boot_env(binds)
 
 
 def test_missing_qemu_is_a_clear_error(monkeypatch):
@@ -89,7 +98,7 @@ def test_boot_env_is_shell_quoted():
     text = runner.boot_env()
     keys = dict(line.split("=", 1) for line in text.splitlines())
     assert set(keys) == {"PYIOMMUFD_PYTHON", "PYIOMMUFD_PYTHONPATH", "PYIOMMUFD_PATH",
-                         "PYIOMMUFD_CACHE"}
+                         "PYIOMMUFD_CACHE", "PYIOMMUFD_BINDS"}
     assert keys["PYIOMMUFD_PYTHONPATH"].strip("'") == str(runner.checkout_src())
 
 

@@ -68,8 +68,20 @@ mount -t 9p -o trans=virtio,version=9p2000.L,msize=@MSIZE@,ro,cache=loose @HOSTR
 [ -f /results/boot.env ] || bye "no boot.env in the results share"
 . /results/boot.env
 R=/mnt/root
+# Host dirs under /tmp or /run the job needs (e.g. a CI checkout): keep a view
+# of each before the guest's own tmpfs hides them, and bind them back after.
+n=0
+for p in $PYIOMMUFD_BINDS; do
+    mkdir -p /keep/$n && mount -o bind "$R$p" /keep/$n || bye "cannot keep $p"
+    n=$((n + 1))
+done
 mount -t tmpfs -o mode=1777 tmpfs $R/tmp || bye "cannot mount tmpfs on $R/tmp"
 mount -t tmpfs -o mode=755 tmpfs $R/run || bye "cannot mount tmpfs on $R/run"
+n=0
+for p in $PYIOMMUFD_BINDS; do
+    mkdir -p "$R$p" && mount -o bind /keep/$n "$R$p" || bye "cannot bind $p back"
+    n=$((n + 1))
+done
 mount -o rbind /dev $R/dev || bye "cannot bind /dev"
 mount -t proc proc $R/proc || bye "cannot mount proc"
 mount -t sysfs sysfs $R/sys || bye "cannot mount sysfs"

@@ -296,6 +296,9 @@ def _prune(root: Path, keep: int, min_age: float = 6 * 3600) -> None:
 
 # The guest sees the host's / read-only, except these: its own tmpfs, devtmpfs, proc, sysfs.
 GUEST_MASKED = ("/tmp", "/run", "/dev", "/proc", "/sys")
+# Host paths under these tmpfs mounts are bind-mounted back into the guest (a
+# CI checkout in /tmp works); paths under the other three cannot be shown.
+GUEST_BINDABLE = ("/tmp", "/run")
 
 
 def masked_in_guest(path: str | os.PathLike) -> str | None:
@@ -307,14 +310,40 @@ def masked_in_guest(path: str | os.PathLike) -> str | None:
     return None
 
 
+def _job_paths(job: "Job") -> list[tuple[str, str]]:
+    needed = [("the pyiommufd checkout", str(checkout_src())),
+              ("the Python interpreter", python_executable())]
+    needed += [(f"the working directory of stage {k}", str(s.cwd))
+               for k, s in enumerate(job.stages, 1) if s.cwd]
+    return needed
+
+
+def guest_binds(job: "Job") -> list[str]:
+    """Host directories under /tmp or /run the guest must see: bind-mounted
+    back over its tmpfs by /init, outermost first, none nested in another."""
+    binds: list[str] = []
+    for _what, path in _job_paths(job):
+        real = os.path.realpath(path)
+        if masked_in_guest(real) not in GUEST_BINDABLE or real in GUEST_BINDABLE:
+            continue
+        if not os.path.isdir(real):
+            real = os.path.dirname(real)
+        binds.append(real)
+    binds.sort(key=len)
+    kept: list[str] = []
+    for b in binds:
+        if not any(b == k or b.startswith(k + "/") for k in kept):
+            kept.append(b)
+    return kept
+
+
 def check_job_paths(job: "Job") -> None:
     """Raise :class:`VmError` if the job needs a host path the guest cannot see."""
-    needed = [("the pyiommufd checkout", checkout_src()), ("the Python interpreter",
-                                                          python_executable())]
-    needed += [(f"the working directory of stage {k}", s.cwd)
-               for k, s in enumerate(job.stages, 1) if s.cwd]
-    for what, path in needed:
+    for what, path in _job_paths(job):
         top = masked_in_guest(path)
+        real = os.path.realpath(path)
+        if top in GUEST_BINDABLE and real != top and not any(c.isspace() for c in real):
+            continue
         if top:
             raise VmError(f"{what} ({path}) is under {top}, which the guest replaces with its "
                           f"own {top}: the guest cannot see it (move it elsewhere)")
@@ -337,12 +366,13 @@ def python_executable() -> str:
     return os.path.realpath(sys.executable)
 
 
-def boot_env() -> str:
+def boot_env(binds: Sequence[str] = ()) -> str:
     py = python_executable()
     path = os.pathsep.join([os.path.dirname(py), "/usr/local/sbin", "/usr/local/bin",
                             "/usr/sbin", "/usr/bin", "/sbin", "/bin"])
     values = {"PYIOMMUFD_PYTHON": py, "PYIOMMUFD_PYTHONPATH": str(checkout_src()),
-              "PYIOMMUFD_PATH": path, "PYIOMMUFD_CACHE": str(debian.cache_root())}
+              "PYIOMMUFD_PATH": path, "PYIOMMUFD_CACHE": str(debian.cache_root()),
+              "PYIOMMUFD_BINDS": " ".join(binds)}
     return "".join(f"{k}={shlex.quote(v)}\n" for k, v in values.items())
 
 
@@ -409,7 +439,7 @@ def run(job: Job, *, kernel: str | os.PathLike | None = None, timeout: float = D
     guest.write_json(share / guest.JOB, job.to_json(
         str(kimage.bzimage) if kimage else "/simulated/bzImage",
         str(initrd) if initrd else "/simulated/initrd"))
-    (share / "boot.env").write_text(boot_env())
+    (share / "boot.env").write_text(boot_env(guest_binds(job) if machine == "qemu" else ()))
 
     if machine == "qemu":
         pycache = guest_pycache_dir()
