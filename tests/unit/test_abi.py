@@ -46,3 +46,48 @@ def test_v1_tokens_are_u32():
     abi.LU_V2.check_token((1 << 64) - 1)
     with pytest.raises(UsageError):
         abi.LU_V2.check_token(-1)
+
+
+# -- the probe against the fake kernel, each kernel flavour ---------------------------------
+import errno as E  # noqa: E402
+
+from pyiommufd.backend import use  # noqa: E402
+from pyiommufd.iommufd import IOMMUFD  # noqa: E402
+from pyiommufd.testing import FakeKernel  # noqa: E402
+
+
+@pytest.mark.parametrize("flavour, nr, status, errnos", [
+    (None, None, "foreign", {16: E.EINVAL}),
+    ("lu-v1", None, "lu-v1", {16: E.ENOENT, 12: E.ENOENT}),
+    ("lu-v2", None, "lu-v2", {16: E.ENOENT, 12: E.EINVAL}),
+    ("lu-v2", 0x96, "lu-v2", {16: E.ENOENT, 12: E.EINVAL}),   # a rebased series on a new nr
+])
+def test_probe_classifies_each_kernel(flavour, nr, status, errnos):
+    with FakeKernel(lu_abi=flavour, lu_nr=nr or 0x95) as fake, use(fake), IOMMUFD.open() as iommufd:
+        result = abi.probe_lu_abi(iommufd, nr=nr)
+        assert (result.status, result.errnos) == (status, errnos), result.reason
+        if result.supported:
+            assert abi.select_lu_abi("probe", iommufd=iommufd, nr=nr) == result.abi
+            assert result.abi.nr == (nr or 0x95)
+
+
+def test_probe_on_a_moved_series_sees_nothing_at_0x95():
+    with FakeKernel(lu_abi="lu-v2", lu_nr=0x96) as fake, use(fake), IOMMUFD.open() as iommufd:
+        # 7.3's NOIOMMU_GET_PA still owns 0x95 there
+        assert abi.probe_lu_abi(iommufd).status == "foreign"
+
+
+def test_probe_never_runs_noiommu_get_pa():
+    # the size-16 probe must stop at the size check of the 40-byte ioctl
+    with FakeKernel() as fake, use(fake), IOMMUFD.open() as iommufd:
+        calls = []
+        real_ioctl = fake.ioctl
+
+        def spy(fd, request, buf):
+            calls.append((request, int.from_bytes(bytes(buf)[:4], "little")))
+            return real_ioctl(fd, request, buf)
+
+        fake.ioctl = spy
+        abi.probe_lu_abi(iommufd)
+        assert calls == [(0x3B95, 16)]
+
