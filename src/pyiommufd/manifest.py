@@ -48,7 +48,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable
 
 from .backend import Backend, get_backend
+from . import memfd
 from .errors import UsageError
+from .memfd import seal_names
 
 FORMAT = "pyiommufd-manifest"
 VERSION = 1
@@ -64,7 +66,6 @@ KIND_ORDER = {"memfd": 0, "iommufd": 1, "vfio-cdev": 2, "other": 3}
 #: fails with EOPNOTSUPP in Phase 1 of the series, seed-spec 4.7), as the
 #: series' selftest does (seed-spec 3.4)
 RETRIEVE_ORDER = {"memfd": 0, "vfio-cdev": 1, "iommufd": 2, "other": 3}
-SEAL_NAMES = ("seal", "shrink", "grow", "write", "future_write", "exec")
 PROTS = ("read", "write")
 
 
@@ -207,8 +208,8 @@ class Entry:
             entry.size = _uint(data.get("size"), f"{where}.size")
             seals = _list(data.get("seals"), f"{where}.seals")
             for s in seals:
-                if s not in SEAL_NAMES:
-                    raise _fail(f"{where}.seals", f"unknown seal {s!r} (known: {', '.join(SEAL_NAMES)})")
+                if s not in memfd.SEAL_NAMES:
+                    raise _fail(f"{where}.seals", f"unknown seal {s!r} (known: {', '.join(memfd.SEAL_NAMES)})")
             entry.seals = list(seals)
             digest = _str(data.get("sha256"), f"{where}.sha256", optional=True)
             if digest is not None and (len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest)):
@@ -431,12 +432,6 @@ def read_from_fd(fd, backend: Backend | None = None) -> Manifest:
         chunks.append(chunk)
         done += len(chunk)
     return Manifest.from_json(b"".join(chunks))
-
-
-def seal_names(seals: int) -> list[str]:
-    from .memfd import Seal
-
-    return [s.name.lower() for s in Seal if s.value & int(seals)]
 
 
 def sorted_entries(entries: Iterable[Entry]) -> list[Entry]:

@@ -12,6 +12,7 @@ import enum
 import hashlib
 import mmap as _mmap
 import os
+import re
 
 from . import errors, ioctl
 from .backend import Backend, get_backend
@@ -38,19 +39,48 @@ F_ADD_SEALS = ioctl.const("F_ADD_SEALS")
 F_GET_SEALS = ioctl.const("F_GET_SEALS")
 
 
-def parse_seals(text: str) -> Seal:
-    """``"seal,grow,shrink"`` (or ``"live-update"``) to :class:`Seal` flags."""
+#: every seal 7.3 memfd LUO can preserve (MEMFD_LUO_ALL_SEALS, seed-spec 4.3); others: EOPNOTSUPP
+LUO_PRESERVABLE_SEALS = Seal.SEAL | Seal.SHRINK | Seal.GROW | Seal.WRITE | Seal.FUTURE_WRITE | Seal.EXEC
+WRITE_SEALS = Seal.WRITE | Seal.FUTURE_WRITE
+SEAL_NAMES = tuple(s.name.lower() for s in Seal)
+
+
+def parse_seals(value) -> Seal:
+    """Seals from a string (``"seal,grow|shrink"``, ``"live-update"``,
+    ``"none"``, ``F_SEAL_*`` names), a list of names, or an int bit mask."""
+    if isinstance(value, bool):
+        raise UsageError(f"not seals: {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise UsageError(f"not seals: {value!r}")
+        return Seal(value)
+    if isinstance(value, str):
+        words = re.split(r"[,|\s]+", value.strip())
+    elif isinstance(value, list) and all(isinstance(w, str) for w in value):
+        words = value
+    else:
+        raise UsageError(f"not seals: {value!r}")
     result = Seal(0)
-    for word in filter(None, (w.strip().lower() for w in text.replace("|", ",").split(","))):
-        if word in ("live-update", "lu"):
-            result |= LIVE_UPDATE_SEALS
+    for word in words:
+        word = word.strip().lower().replace("-", "_").removeprefix("f_seal_")
+        if word in ("", "none"):
             continue
-        try:
-            result |= Seal[word.upper().replace("-", "_")]
-        except KeyError:
-            names = ", ".join(s.name.lower() for s in Seal)
-            raise UsageError(f"unknown seal {word!r} (known: {names}, live-update)") from None
+        if word in ("live_update", "lu"):
+            result |= LIVE_UPDATE_SEALS
+        elif word in SEAL_NAMES:
+            result |= Seal[word.upper()]
+        else:
+            raise UsageError(f"unknown seal {word!r} (known: {', '.join(SEAL_NAMES)}, live-update, none)")
     return result
+
+
+def seal_names(seals: int) -> list[str]:
+    """Lower-case names of the set seal bits; unknown bits as one hex number."""
+    names = [s.name.lower() for s in Seal if s.value & int(seals)]
+    rest = int(seals) & ~int(LUO_PRESERVABLE_SEALS)
+    if rest:
+        names.append(f"{rest:#x}")
+    return names
 
 
 class MemFD(FdObject):

@@ -52,21 +52,23 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable
 
 from .errors import UsageError
+from .abi import REVISIONS as ABI_REVISIONS
+from .abi import lookup as abi_lookup
+from .luo import check_session_name
 from .manifest import MANIFEST_TOKEN
+from .memfd import LIVE_UPDATE_SEALS, LUO_PRESERVABLE_SEALS, seal_names
+from .memfd import WRITE_SEALS as MEMFD_WRITE_SEALS
+from .memfd import parse_seals as memfd_parse_seals
 
 PAGE_SIZE = 4096
 U32_MAX = (1 << 32) - 1
 U64_MAX = (1 << 64) - 1
 
-SEAL_BITS = {"seal": 0x1, "shrink": 0x2, "grow": 0x4, "write": 0x8, "future_write": 0x10, "exec": 0x20}
 #: what IOMMU live update needs at MAP_FILE time (seed-spec 4.4)
-LU_SEALS = SEAL_BITS["seal"] | SEAL_BITS["grow"] | SEAL_BITS["shrink"]
-#: what 7.3 memfd LUO can preserve (MEMFD_LUO_ALL_SEALS, seed-spec 4.3); anything else: EOPNOTSUPP
-LUO_SEALS = sum(SEAL_BITS.values())
-WRITE_SEALS = SEAL_BITS["write"] | SEAL_BITS["future_write"]
-ABI_TOKEN_BITS = {"lu-v1": 32, "lu-v2": 64}
-_ABI_ALIASES = {"v1": "lu-v1", "v2": "lu-v2", "lu-v1": "lu-v1", "lu-v2": "lu-v2", "probe": "probe",
-                "set": "lu-v1", "mark": "lu-v2"}
+LU_SEALS = int(LIVE_UPDATE_SEALS)
+#: what 7.3 memfd LUO can preserve (seed-spec 4.3); anything else: EOPNOTSUPP
+LUO_SEALS = int(LUO_PRESERVABLE_SEALS)
+WRITE_SEALS = int(MEMFD_WRITE_SEALS)
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.+-]{1,64}$")
 
 
@@ -247,42 +249,10 @@ def parse_token(value: Any, where: str) -> int | None:
 def parse_seals(value: Any, where: str) -> int:
     """A list of names, a comma/pipe string (``"seal,grow,shrink"``,
     ``"live-update"``, ``"none"``) or an integer bit mask."""
-    if isinstance(value, bool):
-        raise UsageError(f"{where}: not seals: {value!r}")
-    if isinstance(value, int):
-        if value < 0:
-            raise UsageError(f"{where}: not seals: {value!r}")
-        return value
-    if isinstance(value, str):
-        words = [w for w in re.split(r"[,|\s]+", value.strip().lower()) if w]
-    elif isinstance(value, list):
-        words = []
-        for w in value:
-            if not isinstance(w, str):
-                raise UsageError(f"{where}: seal names are strings, not {w!r}")
-            words.append(w.strip().lower())
-    else:
-        raise UsageError(f"{where}: not seals: {value!r}")
-    bits = 0
-    for word in words:
-        word = word.replace("-", "_").removeprefix("f_seal_")
-        if word in ("live_update", "lu"):
-            bits |= LU_SEALS
-        elif word in ("none", ""):
-            continue
-        elif word in SEAL_BITS:
-            bits |= SEAL_BITS[word]
-        else:
-            raise UsageError(f"{where}: unknown seal {word!r} (known: {', '.join(SEAL_BITS)}, live-update, none)")
-    return bits
-
-
-def seal_names(bits: int) -> list[str]:
-    names = [n for n, b in SEAL_BITS.items() if bits & b]
-    rest = bits & ~LUO_SEALS
-    if rest:
-        names.append(f"{rest:#x}")
-    return names
+    try:
+        return int(memfd_parse_seals(value))
+    except UsageError as exc:
+        raise UsageError(f"{where}: {exc}") from None
 
 
 def parse_contents(value: Any, where: str, *, base_dir: str | None = None) -> Contents:
@@ -632,11 +602,13 @@ def errors_in(problems: Iterable[Problem]) -> list[Problem]:
 
 
 def abi_name(plan: Plan) -> str | None:
-    """The LU ABI the plan asks for, normalized; None for probe/unspecified."""
-    if plan.lu_abi is None:
+    """The LU ABI the plan asks for, normalized; None for probe, unspecified or unknown."""
+    if plan.lu_abi is None or plan.lu_abi.lower() == "probe":
         return None
-    name = _ABI_ALIASES.get(plan.lu_abi.lower())
-    return None if name in (None, "probe") else name
+    try:
+        return abi_lookup(plan.lu_abi).name
+    except UsageError:
+        return None
 
 
 def marked_hwpts(plan: Plan) -> list[tuple[IommufdSpec, HwptSpec]]:
@@ -674,17 +646,13 @@ def validate(plan: Plan) -> list[Problem]:
         problems.append(Problem("warning", code, message, where, ref))
 
     # session and ABI
-    raw = plan.session.encode()
-    if not 1 <= len(raw) <= 63 or b"\0" in raw:
-        err("session-name", f"session names are 1 to 63 bytes without NUL, {plan.session!r} is {len(raw)}",
-            "session", "4.1")
-    abi = None
-    if plan.lu_abi is not None:
-        key = _ABI_ALIASES.get(plan.lu_abi.lower())
-        if key is None:
-            err("lu-abi", f"unknown LU ABI revision {plan.lu_abi!r} (lu-v1, lu-v2, probe)", "lu_abi", "2.1, 2.3")
-        elif key != "probe":
-            abi = key
+    try:
+        check_session_name(plan.session)
+    except UsageError as exc:
+        err("session-name", str(exc), "session", "4.1")
+    abi = abi_name(plan)
+    if plan.lu_abi is not None and abi is None and plan.lu_abi.lower() != "probe":
+        err("lu-abi", f"unknown LU ABI revision {plan.lu_abi!r} (lu-v1, lu-v2, probe)", "lu_abi", "2.1, 2.3")
     for where, obj in ([(f"memfd {m.name!r}", m) for m in plan.memfds]
                        + [(f"iommufd {i.name!r}", i) for i in plan.iommufds]
                        + [(f"device {d.name!r}", d) for d in plan.devices]):
@@ -819,7 +787,7 @@ def validate(plan: Plan) -> list[Problem]:
             if not h.mark:
                 continue
             if h.lu_token is not None:
-                bits = ABI_TOKEN_BITS.get(abi or "", None)
+                bits = ABI_REVISIONS[abi].token_bits if abi else None
                 if bits is not None and h.lu_token >= 1 << bits:
                     err("hwpt-token-width", f"LU token {h.lu_token:#x} does not fit {abi}'s u{bits} "
                         "hwpt_token", w, "2.1, 2.3")
