@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 import click
 
 from . import exitcodes
+from ..errors import errname
 from .output import CommandError, echo_json, echo_table, exit_with
 
 OK, WARN, FAIL, INFO = "ok", "warn", "fail", "info"
@@ -255,12 +256,6 @@ def doctor(as_json):
 
 # -- caps ---------------------------------------------------------------------
 
-def _errname(err: int | None) -> str:
-    from ..errors import errname
-
-    return errname(err)
-
-
 def probe_size0(be, fd: int, request: int) -> int | None:
     """Issue ``request`` with a struct whose ``size`` is 0: the dispatcher
     refuses it (EINVAL: known, ENOTTY: unknown) before any handler runs."""
@@ -277,7 +272,7 @@ def _verdict(err: int | None) -> str:
         return "known"
     if err == E.ENOTTY:
         return "unknown"
-    return f"unexpected ({_errname(err)})"
+    return f"unexpected ({errname(err)})"
 
 
 def run_caps(be) -> tuple[dict, int]:
@@ -301,7 +296,7 @@ def run_caps(be) -> tuple[dict, int]:
     try:
         fd = be.open("/dev/iommu", os.O_RDWR | os.O_CLOEXEC)
     except OSError as exc:
-        iommufd["open"] = _errname(exc.errno)
+        iommufd["open"] = errname(exc.errno)
         code = exitcodes.UNSUPPORTED if exc.errno == E.ENOENT else exitcodes.for_errno(exc.errno)
         report["lu_abi"] = None
         for d in defs:
@@ -314,7 +309,7 @@ def run_caps(be) -> tuple[dict, int]:
             for d in defs:
                 err = probe_size0(be, fd, d.request)
                 entry = {"name": d.name, "nr": f"{d.nr:#04x}", "status": _verdict(err),
-                         "errno": _errname(err)}
+                         "errno": errname(err)}
                 if d.nr == lu_probe.nr and lu_probe.supported:
                     entry["status"] = "shadowed"
                     entry["note"] = (f"nr {d.nr:#04x} is the series' LU ioctl here "
@@ -332,7 +327,7 @@ def run_caps(be) -> tuple[dict, int]:
     try:
         fd = be.open(luo.DEVICE, os.O_RDWR | os.O_CLOEXEC)
     except OSError as exc:
-        lu["open"] = _errname(exc.errno)
+        lu["open"] = errname(exc.errno)
         if exc.errno == E.EBUSY:
             holders = luo.holders_of(be)
             lu["held_by"] = holders
@@ -345,7 +340,7 @@ def run_caps(be) -> tuple[dict, int]:
             for d in device_level:
                 err = probe_size0(be, fd, d.request)
                 lu["ioctls"].append({"name": d.name, "nr": f"{d.nr:#04x}", "status": _verdict(err),
-                                     "errno": _errname(err)})
+                                     "errno": errname(err)})
         finally:
             be.close(fd)
         for d in session_level:
