@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from . import debian, guest, initramfs
-from .kernel import KernelBuildError, KernelImage, resolve_kernel
+from .kernel import STOCK, KernelBuildError, KernelImage, KernelRecipe, resolve_kernel
 
 Progress = Callable[[str], None]
 
@@ -391,8 +391,11 @@ def run(job: Job, *, kernel: str | os.PathLike | None = None, timeout: float = D
         machine: str = "qemu", memory: str = DEFAULT_MEMORY, smp: int = DEFAULT_SMP,
         extra_cmdline: Sequence[str] = (), qemu: str = QEMU,
         boot_timeout: float = DEFAULT_BOOT_TIMEOUT,
-        boot_retries: int = DEFAULT_BOOT_RETRIES) -> VmResult:
-    """Run ``job`` in a fresh VM; see the module docstring.
+        boot_retries: int = DEFAULT_BOOT_RETRIES,
+        recipe: KernelRecipe = STOCK) -> VmResult:
+    """Run ``job`` in a fresh VM; see the module docstring. The kernel is
+    ``kernel`` (a bzImage) if given, else the cached or built kernel of
+    ``recipe`` (patches and config fragments on the pristine 7.3 tree).
 
     ``machine="local"`` runs the agent and its stages as host processes (a kexec
     becomes "the stage exits, the agent starts again"), for tests of the
@@ -418,7 +421,7 @@ def run(job: Job, *, kernel: str | os.PathLike | None = None, timeout: float = D
         qemu_path = find_qemu(qemu)
         check_job_paths(job)
         try:
-            kimage = resolve_kernel(kernel, progress=say)
+            kimage = resolve_kernel(kernel, progress=say, recipe=recipe)
         except KernelBuildError as exc:
             raise VmError(f"kernel build failed: {exc}", log=exc.log) from exc
         timings["kernel"] = clock()
@@ -743,12 +746,14 @@ def run_command(argv: Sequence[str], *, kernel: str | os.PathLike | None = None,
                 timeout: float = DEFAULT_TIMEOUT, kexec_stages=None,
                 progress: Progress | None = print, cwd: str | None = None,
                 env: dict[str, str] | None = None, log: str | os.PathLike | None = None,
-                machine: str = "qemu") -> VmResult:
+                machine: str = "qemu", recipe: KernelRecipe = STOCK, **options) -> VmResult:
     """Run ``argv`` in the guest (cwd: the current directory, same path in the
-    guest). ``kexec_stages``: see :func:`command_job`. Raises :class:`VmError`
-    when the VM cannot start."""
+    guest). ``kexec_stages``: see :func:`command_job`; ``options`` go to
+    :func:`run` (memory, smp, extra_cmdline...). Raises :class:`VmError` when
+    the VM cannot start."""
     job = command_job(argv, kexec_stages=kexec_stages, cwd=cwd, env=env)
-    return run(job, kernel=kernel, timeout=timeout, progress=progress, log=log, machine=machine)
+    return run(job, kernel=kernel, timeout=timeout, progress=progress, log=log, machine=machine,
+               recipe=recipe, **options)
 
 
 __all__ = ["run", "run_command", "command_job", "collect", "qemu_command", "kernel_cmdline",
