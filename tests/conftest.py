@@ -17,3 +17,7 @@ def pytest_collection_modifyitems(config, items):
         marker = _TIERS.get(tier)
         if marker and not item.get_closest_marker(marker):
             item.add_marker(getattr(pytest.mark, marker))
+        if item.get_closest_marker("pyiommufd_vm") and not item.get_closest_marker("vm"):
+            item.add_marker(pytest.mark.vm)          # the tier, for -m vm
+        elif marker == "vm":
+            item.add_marker(pytest.mark.pyiommufd_vm)  # what the VM plugin acts on

@@ -10,21 +10,21 @@ pytest_plugins = ["pytester"]
 TESTS = '''
 import os, pytest
 
-@pytest.mark.vm
+@pytest.mark.pyiommufd_vm
 def test_pass():
     print("hello from guest")
     assert os.environ["PYIOMMUFD_IN_GUEST"] == "1"
 
-@pytest.mark.vm
+@pytest.mark.pyiommufd_vm
 def test_fail():
     x = 3
     assert x == 4
 
-@pytest.mark.vm
+@pytest.mark.pyiommufd_vm
 def test_skip():
     pytest.skip("not today")
 
-@pytest.mark.vm
+@pytest.mark.pyiommufd_vm
 def test_warns():
     import warnings
     warnings.warn(UserWarning("careful in the guest"))
@@ -32,7 +32,7 @@ def test_warns():
 def test_host():
     assert "PYIOMMUFD_IN_GUEST" not in os.environ
 
-@pytest.mark.kexec
+@pytest.mark.pyiommufd_kexec
 def test_two_stages(lu_stage):
     if lu_stage.stage == 1:
         lu_stage.save("answer", {"x": 42})
@@ -41,11 +41,11 @@ def test_two_stages(lu_stage):
     assert lu_stage.load("answer") == {"x": 42}
     assert lu_stage.load("nothing", None) is None
 
-@pytest.mark.kexec
+@pytest.mark.pyiommufd_kexec
 def test_stage2_fails(lu_stage):
     assert lu_stage.stage == 1
 
-@pytest.mark.kexec
+@pytest.mark.pyiommufd_kexec
 def test_stage1_fails(lu_stage):
     assert lu_stage.stage == 2
 '''
@@ -56,7 +56,7 @@ def vm_pytester(pytester, tmp_path, monkeypatch):
     monkeypatch.setenv("PYIOMMUFD_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("CI", raising=False)
     monkeypatch.delenv("PYIOMMUFD_IN_GUEST", raising=False)
-    pytester.makeini("[pytest]\naddopts = -p no:cacheprovider\n")
+    pytester.makeini("[pytest]\naddopts = -p no:cacheprovider -p pyiommufd.testing.pytest_plugin\n")
     return pytester
 
 
@@ -79,26 +79,27 @@ def test_outcomes_come_from_the_guest(vm_pytester):
         "[[]vm * -> kexec -> *[]] test_a.py::test_two_stages PASSED (stage 1 PASSED, stage 2 PASSED)",
         "[[]vm * -> kexec -> *[]] test_a.py::test_stage2_fails FAILED (stage 1 PASSED, stage 2 FAILED)",
         "[[]vm *[]] test_a.py::test_stage1_fails FAILED (stage 1 FAILED; stage 2 skipped)",
-        "VM tier: 7 of 7 vm test(s) ran in the guest on Linux * (2 boot(s), 1 kexec(s)*",
+        "VM tier on kernel stock (pristine 7.3.4): 7 of 7 vm test(s) ran in the guest on Linux * "
+        "(2 boot(s), 1 kexec(s)*",
     ])
-    result.stdout.fnmatch_lines(["[[]vm[]] guest warning (stage 1) test_a.py::test_warns: "
+    result.stdout.fnmatch_lines(["[[]vm stock[]] guest warning (stage 1) test_a.py::test_warns: "
                                  "UserWarning: careful in the guest (*test_a.py:*)"])
     assert "SKIPPED [1] test_a.py:15: not today" in out
     assert "VM problems" not in out          # pytest's exit 1 is not a VM problem
     # every vm report carries the kernel release
-    assert "ran in the VM on Linux" in out
+    assert "ran in the VM on kernel stock, Linux" in out
 
 
 def test_no_kexec_tests_means_one_stage(vm_pytester):
     vm_pytester.makepyfile(test_b='''
         import pytest
-        @pytest.mark.vm
+        @pytest.mark.pyiommufd_vm
         def test_one():
             pass
     ''')
     result = _run(vm_pytester)
     result.assert_outcomes(passed=1)
-    result.stdout.fnmatch_lines(["VM tier: 1 of 1 vm test(s) ran in the guest on Linux * "
+    result.stdout.fnmatch_lines(["VM tier on kernel stock (pristine 7.3.4): 1 of 1 vm test(s) ran in the guest on Linux * "
                                  "(1 boot(s), 0 kexec(s)*"])
 
 
@@ -123,7 +124,7 @@ def test_unavailable_vm_skips_outside_ci(vm_pytester):
                                               timeout=120)
     result.assert_outcomes(passed=1, skipped=7)
     result.stdout.fnmatch_lines([
-        "*VM tier did NOT run: *",
+        "*VM tier did NOT run on kernel user: *",
         "7 vm test(s) SKIPPED.",
     ])
     assert "VM tier did not run:" in result.stdout.str()   # the skip reason
@@ -135,7 +136,7 @@ def test_unavailable_vm_fails_in_ci(vm_pytester, monkeypatch):
     result = vm_pytester.runpytest_subprocess("--vm-kernel", "/nonexistent/bzImage",
                                               timeout=120)
     result.assert_outcomes(passed=1, failed=7)
-    result.stdout.fnmatch_lines(["*VM tier did NOT run: *", "7 vm test(s) FAILED (CI=true)."])
+    result.stdout.fnmatch_lines(["*VM tier did NOT run on kernel user: *", "7 vm test(s) FAILED (CI=true)."])
 
 
 def test_host_fixtures_are_torn_down_around_vm_items(vm_pytester):
@@ -146,7 +147,7 @@ def test_host_fixtures_are_torn_down_around_vm_items(vm_pytester):
             yield 1
         def test_host_a(res):
             pass
-        @pytest.mark.vm
+        @pytest.mark.pyiommufd_vm
         def test_vm():
             pass
     ''', test_e='''
@@ -164,9 +165,9 @@ def test_lu_stage_outside_the_vm(pytester, monkeypatch):
         def test_plain(lu_stage):
             pass
     ''')
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", timeout=60)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "pyiommufd.testing.pytest_plugin", timeout=60)
     result.assert_outcomes(errors=1)
-    result.stdout.fnmatch_lines(["*lu_stage fixture is for @pytest.mark.kexec tests only*"])
+    result.stdout.fnmatch_lines(["*lu_stage fixture is for @pytest.mark.pyiommufd_kexec tests only*"])
 
 
 def test_guest_side_reorders_kexec_tests_last(pytester, tmp_path, monkeypatch):
@@ -180,14 +181,14 @@ def test_guest_side_reorders_kexec_tests_last(pytester, tmp_path, monkeypatch):
     monkeypatch.delenv("PYIOMMUFD_VM_KERNEL", raising=False)
     pytester.makepyfile(test_g='''
         import pytest
-        @pytest.mark.kexec
+        @pytest.mark.pyiommufd_kexec
         def test_k(lu_stage):
             assert lu_stage.stage == 1
-        @pytest.mark.vm
+        @pytest.mark.pyiommufd_vm
         def test_v():
             pass
     ''')
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-v", timeout=60)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "pyiommufd.testing.pytest_plugin", "-v", timeout=60)
     out = result.stdout.str()
     assert out.index("test_g.py::test_v") < out.index("test_g.py::test_k")
     lines = (share / "pytest-1.jsonl").read_text().splitlines()
@@ -209,10 +210,10 @@ def test_heavy_plugins_load_in_the_guest_only_when_needed(pytester):
     pytester.makepyfile(test_h='''
         import pytest
         from hypothesis import given, strategies as st
-        @pytest.mark.vm
+        @pytest.mark.pyiommufd_vm
         def test_plain():
             pass
-        @pytest.mark.vm
+        @pytest.mark.pyiommufd_vm
         @given(st.integers())
         def test_prop(x):
             pass
@@ -222,3 +223,104 @@ def test_heavy_plugins_load_in_the_guest_only_when_needed(pytester):
     assert plug._uses_hypothesis(by_name["test_prop"])
     assert not plug._uses_hypothesis(by_name["test_plain"])
     assert plug._uses_fixture("tmp_path")(by_name["test_plain"]) is False
+
+
+def _ini(pytester, kernels: str) -> None:
+    pytester.makeini("[pytest]\naddopts = -p no:cacheprovider -p pyiommufd.testing.pytest_plugin\n"
+                     f"pyiommufd_vm_kernels =\n{kernels}")
+
+
+ONE_VM_TEST = '''
+import pytest
+@pytest.mark.pyiommufd_vm
+def test_one():
+    pass
+'''
+
+
+def test_every_vm_test_runs_on_every_listed_kernel(vm_pytester):
+    # a "patched" kernel whose patch exists; the local machine ignores the kernel itself
+    vm_pytester.makefile(".patch", fix="--- a/x\n+++ b/x\n")
+    _ini(vm_pytester, "    stock\n    patched fix.patch PYIOMMUFD_LU_NR=0x96\n")
+    vm_pytester.makepyfile(test_k='''
+import os, pytest
+@pytest.mark.pyiommufd_vm
+def test_env():
+    if os.environ["PYIOMMUFD_VM_TARGET"] == "patched":
+        assert os.environ["PYIOMMUFD_LU_NR"] == "0x96"
+    else:
+        assert "PYIOMMUFD_LU_NR" not in os.environ
+@pytest.mark.pyiommufd_kexec
+def test_k(lu_stage):
+    pass
+''')
+    result = _run(vm_pytester)
+    result.assert_outcomes(passed=4)
+    result.stdout.fnmatch_lines([
+        "*= VM tier =*",
+        "kernels: stock (pristine 7.3.4); patched (7.3.4 + fix.patch)",
+        "[[]vm stock *[]] test_k.py::test_env PASSED",
+        "*test_k.py::test_k PASSED*",
+        "VM tier on kernel stock (pristine 7.3.4): 2 of 2 vm test(s) ran*",
+        "[[]vm patched *[]] test_k.py::test_env@patched PASSED",
+        "*test_k.py::test_k@patched PASSED*",
+        "VM tier on kernel patched (7.3.4 + fix.patch): 2 of 2 vm test(s) ran*",
+    ])
+
+
+def test_a_kernel_whose_patch_is_missing_is_skipped_loudly(vm_pytester):
+    _ini(vm_pytester, "    stock\n    series ../nowhere/series.patch\n")
+    vm_pytester.makepyfile(test_m=ONE_VM_TEST)
+    result = _run(vm_pytester)
+    result.assert_outcomes(passed=1, skipped=1)
+    result.stdout.fnmatch_lines([
+        "*VM tier did NOT run on kernel series: kernel series: patch ../nowhere/series.patch "
+        "not found*",
+        "1 vm test(s) SKIPPED.",
+    ])
+
+
+def test_a_missing_patch_fails_in_ci(vm_pytester, monkeypatch):
+    monkeypatch.setenv("CI", "true")
+    _ini(vm_pytester, "    stock\n    series ../nowhere/series.patch\n")
+    vm_pytester.makepyfile(test_m=ONE_VM_TEST)
+    result = _run(vm_pytester)
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["1 vm test(s) FAILED (CI=true)."])
+
+
+def test_vm_kernels_option_selects_and_rejects_names(vm_pytester):
+    vm_pytester.makefile(".patch", fix="--- a/x\n+++ b/x\n")
+    _ini(vm_pytester, "    stock\n    patched fix.patch\n")
+    vm_pytester.makepyfile(test_s=ONE_VM_TEST)
+    result = _run(vm_pytester, "--vm-kernels", "patched")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["kernels: patched (7.3.4 + fix.patch)"])
+    bad = _run(vm_pytester, "--vm-kernels", "nope")
+    assert bad.ret != 0
+    bad.stderr.fnmatch_lines(["*--vm-kernels: unknown kernel(s) nope; pyiommufd_vm_kernels has "
+                              "stock, patched*"])
+
+
+def test_another_projects_vm_marker_boots_nothing(vm_pytester):
+    vm_pytester.makepyfile(test_other='''
+import pytest
+@pytest.mark.vm
+def test_theirs():
+    pass
+''')
+    vm_pytester.makeini("[pytest]\naddopts = -p no:cacheprovider -p pyiommufd.testing.pytest_plugin\n"
+                        "markers = vm: their own marker\n")
+    result = vm_pytester.runpytest_subprocess("-rA", "--vm-kernel", "/nonexistent/bzImage",
+                                              timeout=60)
+    result.assert_outcomes(passed=1)
+    assert "VM tier" not in result.stdout.str()
+
+
+def test_the_plugin_is_not_loaded_unless_asked_for(pytester):
+    pytester.makepyfile(test_p='''
+def test_plugin_absent(pytestconfig):
+    assert not pytestconfig.pluginmanager.has_plugin("pyiommufd.testing.pytest_plugin")
+''')
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", timeout=60)
+    result.assert_outcomes(passed=1)

@@ -242,7 +242,7 @@ def _agent_memfd_sha256(pid: int, name: str) -> str:
     return hits[0]
 
 
-@pytest.mark.kexec
+@pytest.mark.pyiommufd_kexec
 def test_cli_preserve_restore_finish_across_kexec(lu_stage):
     from pyiommufd.agent import AgentClient
 

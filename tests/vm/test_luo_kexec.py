@@ -36,7 +36,7 @@ import pytest
 from pyiommufd import errors, ioctl, luo
 from pyiommufd.memfd import LIVE_UPDATE_SEALS, MemFD, Seal
 
-pytestmark = pytest.mark.kexec
+pytestmark = pytest.mark.pyiommufd_kexec
 
 KiB, MiB = 1 << 10, 1 << 20
 

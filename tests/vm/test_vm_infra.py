@@ -94,7 +94,7 @@ TOKEN = 0x5EED
 SIZE = 64 * 1024
 
 
-@pytest.mark.kexec
+@pytest.mark.pyiommufd_kexec
 def test_memfd_survives_kexec(lu_stage, kernel_release):
     from pyiommufd.memfd import MemFD
 

@@ -1,28 +1,40 @@
-"""pytest plugin for the real-kernel VM tier (entry point ``pyiommufd_vm``).
+"""pytest plugin for the real-kernel VM tier. Opt-in: a project loads it with
+``-p pyiommufd.testing.pytest_plugin`` (pyiommufd's own pyproject does); it
+acts only on tests marked ``pyiommufd_vm`` or ``pyiommufd_kexec``, so another
+project's ``vm`` marker never boots a VM.
 
 On the host
-    Tests marked ``vm`` (or ``kexec``, which implies ``vm``) are not run in the
-    host process. If any are selected, the plugin boots one VM for the whole
-    session (:mod:`pyiommufd.vm.runner`) and runs pytest *inside the guest* on
-    exactly those node ids, then reports every host item with the guest's
-    outcome, traceback and captured output, plus a ``vm`` report section with
-    the kernel release it ran on. The "VM tier" terminal summary lists each vm
-    test as ``[vm 7.3.4] nodeid PASSED`` or says loudly that the tier did not
-    run and why. If the VM cannot run at all (no QEMU, kernel build failed, the
-    guest never came up), the vm tests are skipped with that reason, or fail
-    when ``$CI`` is ``true``.
+    Tests marked ``pyiommufd_vm`` (or ``pyiommufd_kexec``, which implies it)
+    are not run in the host process. If any are selected, the plugin boots one
+    VM per kernel (:mod:`pyiommufd.vm.runner`) and runs pytest *inside the
+    guest* on exactly those node ids, then reports every host item with the
+    guest's outcome, traceback and captured output, plus a ``vm`` report
+    section with the kernel it ran on. The "VM tier" terminal summary lists
+    each kernel, and each vm test as ``[vm stock 7.3.4] nodeid PASSED``, or says
+    loudly that a kernel's run did not happen and why. If the VM cannot run at
+    all (no QEMU, kernel build failed, a patch is missing, the guest never came
+    up), that kernel's tests are skipped with the reason, or fail when ``$CI``
+    is ``true``.
 
-    Options: ``--vm-kernel PATH`` (boot this bzImage, e.g. one with the IOMMU
-    live-update series), ``--vm-timeout S`` (hard limit for the VM),
-    ``--no-vm`` (deselect the vm tests, with a loud summary line),
-    ``--vm-machine local`` (run the "guest" pytest as host processes with a
-    simulated kexec: for tests of this plugin only).
+    Kernels: the ini option ``pyiommufd_vm_kernels`` lists them, one a line:
+    ``NAME [PATCH ...] [VAR=VALUE ...]``: a name, the patches to apply to the
+    pristine 7.3 tree (paths relative to the rootdir) and environment for the
+    guest's pytest (e.g. ``PYIOMMUFD_LU_NR=0x96`` where the series moved its
+    ioctl). Without it, one kernel: ``stock``. The first kernel's run reports
+    under the tests' own node ids; every other kernel's under
+    ``nodeid@NAME``.
+
+    Options: ``--vm-kernel PATH`` (boot this bzImage instead of the listed
+    kernels), ``--vm-kernels NAME,...`` (run only these), ``--vm-timeout S``
+    (hard limit per VM), ``--no-vm`` (deselect the vm tests, with a loud
+    summary line), ``--vm-machine local`` (run the "guest" pytest as host
+    processes with a simulated kexec: for tests of this plugin only).
 
 In the guest (``$PYIOMMUFD_IN_GUEST=1`` and ``$PYIOMMUFD_VM_PYTEST_REPORT``)
     vm tests run normally and each phase report is appended to the JSON-lines
     report in the results share.
 
-Two-stage kexec tests (``@pytest.mark.kexec``)
+Two-stage kexec tests (``@pytest.mark.pyiommufd_kexec``)
     One test function holds both stages and branches on the ``lu_stage``
     fixture (``.stage`` is 1 or 2; ``.save(key, value)``/``.load(key)`` persist
     JSON data across the kexec; ``.keep(*objs)`` keeps objects and their fds
@@ -65,12 +77,17 @@ def _results() -> Path:
     return Path(os.environ.get(ENV_RESULTS) or "/run/pyiommufd-results")
 
 
+VM_MARK = "pyiommufd_vm"
+KEXEC_MARK = "pyiommufd_kexec"
+ENV_TARGET = "PYIOMMUFD_VM_TARGET"    # the kernel's name, for reports only
+
+
 def _is_vm(item) -> bool:
-    return item.get_closest_marker("vm") is not None or item.get_closest_marker("kexec") is not None
+    return item.get_closest_marker(VM_MARK) is not None or _is_kexec(item)
 
 
 def _is_kexec(item) -> bool:
-    return item.get_closest_marker("kexec") is not None
+    return item.get_closest_marker(KEXEC_MARK) is not None
 
 
 # -- hooks shared by both sides -------------------------------------------------------
@@ -78,7 +95,9 @@ def _is_kexec(item) -> bool:
 def pytest_addoption(parser) -> None:
     group = parser.getgroup("pyiommufd-vm", "pyiommufd VM tier (real Linux 7.3 in QEMU)")
     group.addoption("--vm-kernel", metavar="PATH", default=None,
-                    help="boot this bzImage instead of the cached/built VM kernel")
+                    help="boot this bzImage instead of the kernels of pyiommufd_vm_kernels")
+    group.addoption("--vm-kernels", metavar="NAME,...", default=None,
+                    help="run the vm tier only on these kernels of pyiommufd_vm_kernels")
     group.addoption("--vm-timeout", metavar="S", type=float, default=DEFAULT_VM_TIMEOUT,
                     help=f"hard time limit for the VM (default {DEFAULT_VM_TIMEOUT:.0f}s)")
     group.addoption("--no-vm", action="store_true", default=False,
@@ -88,10 +107,16 @@ def pytest_addoption(parser) -> None:
                          "kexec (for tests of the plugin itself)")
 
 
+    parser.addini("pyiommufd_vm_kernels", type="linelist", default=[],
+                  help="kernels for the vm tier, one a line: NAME [PATCH ...] [VAR=VALUE ...]")
+
+
 def pytest_configure(config) -> None:
-    config.addinivalue_line("markers", "vm: runs inside a QEMU guest on the real Linux 7.3 kernel")
     config.addinivalue_line(
-        "markers", "kexec: two-stage test around a real kexec (implies vm); use the lu_stage fixture")
+        "markers", f"{VM_MARK}: runs inside a QEMU guest on a real Linux 7.3 kernel (pyiommufd)")
+    config.addinivalue_line(
+        "markers", f"{KEXEC_MARK}: two-stage test around a real kexec (implies {VM_MARK}); "
+                   "use the lu_stage fixture")
     if _in_guest():
         if os.environ.get(ENV_REPORT):
             config.pluginmanager.register(GuestSide(config), "pyiommufd-vm-guest")
@@ -163,9 +188,10 @@ class LuStage:
 
 @pytest.fixture
 def lu_stage(request) -> LuStage:
-    """Stage handle for ``@pytest.mark.kexec`` tests (1 before, 2 after the kexec)."""
-    if request.node.get_closest_marker("kexec") is None:
-        pytest.fail("the lu_stage fixture is for @pytest.mark.kexec tests only", pytrace=False)
+    """Stage handle for ``@pytest.mark.pyiommufd_kexec`` tests (1 before, 2 after the kexec)."""
+    if request.node.get_closest_marker(KEXEC_MARK) is None:
+        pytest.fail(f"the lu_stage fixture is for @pytest.mark.{KEXEC_MARK} tests only",
+                    pytrace=False)
     stage = os.environ.get(ENV_LU_STAGE)
     if not _in_guest() or stage not in ("1", "2"):
         pytest.skip("two-stage kexec tests run only inside the pyiommufd VM (driven by pytest "
@@ -291,6 +317,67 @@ _ON_DEMAND_PLUGINS = {
 }
 
 
+class KernelTarget:
+    """One kernel the vm tier runs on: a name, patches on the pristine tree,
+    guest environment; ``unavailable`` says why it cannot be built."""
+
+    def __init__(self, name: str, patches: tuple[Path, ...] = (), env: dict[str, str] | None = None,
+                 user_kernel: str | None = None, unavailable: str | None = None) -> None:
+        self.name = name
+        self.patches = patches
+        self.env = dict(env or {})
+        self.user_kernel = user_kernel
+        self.unavailable = unavailable
+
+    @classmethod
+    def parse(cls, line: str, rootdir: Path) -> "KernelTarget":
+        words = line.split()
+        if not words or "=" in words[0] or "/" in words[0]:
+            raise pytest.UsageError(f"pyiommufd_vm_kernels: {line!r} does not start with a name")
+        patches: list[Path] = []
+        env: dict[str, str] = {}
+        missing = []
+        for word in words[1:]:
+            if "=" in word:
+                var, _, value = word.partition("=")
+                env[var] = value
+                continue
+            path = (rootdir / word).resolve()
+            patches.append(path)
+            if not path.is_file():
+                missing.append(word)
+        why = (f"patch {', '.join(missing)} not found (relative to {rootdir})" if missing else None)
+        return cls(words[0], tuple(patches), env, unavailable=why)
+
+    def describe(self) -> str:
+        if self.user_kernel:
+            return f"{self.name} ({self.user_kernel})"
+        if not self.patches:
+            return f"{self.name} (pristine 7.3.4)"
+        return f"{self.name} (7.3.4 + {' + '.join(p.name for p in self.patches)})"
+
+
+def kernel_targets(config) -> list[KernelTarget]:
+    """The kernels this session's vm tier runs on, in order."""
+    user = config.getoption("vm_kernel")
+    if user:
+        return [KernelTarget("user", user_kernel=user)]
+    lines = config.getini("pyiommufd_vm_kernels") or ["stock"]
+    targets = [KernelTarget.parse(line, Path(config.rootpath)) for line in lines]
+    names = [t.name for t in targets]
+    if len(set(names)) != len(names):
+        raise pytest.UsageError(f"pyiommufd_vm_kernels: duplicate kernel names in {names}")
+    only = config.getoption("vm_kernels")
+    if only:
+        wanted = [n.strip() for n in only.split(",") if n.strip()]
+        unknown = [n for n in wanted if n not in names]
+        if unknown:
+            raise pytest.UsageError(f"--vm-kernels: unknown kernel(s) {', '.join(unknown)}; "
+                                    f"pyiommufd_vm_kernels has {', '.join(names)}")
+        targets = [t for t in targets if t.name in wanted]
+    return targets
+
+
 class _VmOutcome:
     """What happened to the VM run as a whole."""
 
@@ -307,21 +394,36 @@ class _VmOutcome:
         self.seconds = 0.0
 
 
+def _clone(item, target: str):
+    """A host item standing for ``item`` run on another kernel (never run on
+    the host: the plugin reports the guest's outcome for it)."""
+    clone = type(item).from_parent(
+        item.parent, name=f"{item.name}@{target}", callspec=getattr(item, "callspec", None),
+        callobj=getattr(item, "obj", None), fixtureinfo=getattr(item, "_fixtureinfo", None),
+        originalname=getattr(item, "originalname", None), keywords=dict(item.keywords))
+    for mark in item.own_markers:
+        if mark not in clone.own_markers:
+            clone.own_markers.append(mark)
+            clone.keywords[mark.name] = mark
+    return clone
+
+
 class HostSide:
     def __init__(self, config) -> None:
         self.config = config
-        self.vm_items: list = []
-        self.vm_ids: set[str] = set()
+        self.targets: list[KernelTarget] = []
+        self.vm_items: list = []          # the tests' own items (what the guest collects)
+        self.placement: dict[str, tuple[KernelTarget, Any]] = {}   # host nodeid -> (kernel, item)
         self.deselected = 0
-        self.outcome: _VmOutcome | None = None
-        self.lines: list[str] = []
+        self.outcomes: dict[str, _VmOutcome] = {}
+        self.lines: dict[str, list[str]] = {}
 
     # collection
     @pytest.hookimpl(trylast=True)
     def pytest_collection_modifyitems(self, session, config, items) -> None:
         for it in items:
-            if _is_kexec(it) and it.get_closest_marker("vm") is None:
-                it.add_marker(pytest.mark.vm)
+            if _is_kexec(it) and it.get_closest_marker(VM_MARK) is None:
+                it.add_marker(VM_MARK)
         vm = [it for it in items if _is_vm(it)]
         if not vm:
             return
@@ -330,19 +432,29 @@ class HostSide:
             items[:] = [it for it in items if not _is_vm(it)]
             self.deselected = len(vm)
             return
+        self.targets = kernel_targets(config)
         self.vm_items = vm
-        self.vm_ids = {it.nodeid for it in vm}
+        first, *others = self.targets
+        for it in vm:
+            self.placement[it.nodeid] = (first, it)
+        for target in others:
+            for it in vm:
+                clone = _clone(it, target.name)
+                self.placement[clone.nodeid] = (target, it)
+                items.append(clone)
 
     # running
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_protocol(self, item, nextitem):
-        if item.nodeid not in self.vm_ids:
+        placed = self.placement.get(item.nodeid)
+        if placed is None:
             return None
-        if self.outcome is None:
-            self.outcome = self._run_vm(item.session)
+        target, original = placed
+        if target.name not in self.outcomes:
+            self.outcomes[target.name] = self._run_vm(target)
         ihook = item.ihook
         ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
-        reports = self._reports_for(item)
+        reports = self._reports_for(item, original, target)
         for rep in reports:
             ihook.pytest_runtest_logreport(report=rep)
         ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
@@ -360,7 +472,7 @@ class HostSide:
         else:
             print(msg, flush=True)
 
-    def _job(self):
+    def _job(self, target: KernelTarget):
         from pyiommufd.vm import runner
         rootdir = str(self.config.rootpath)
         base = [runner.python_executable(), "-m", "pytest", "-p", "no:cacheprovider", "-v",
@@ -380,7 +492,7 @@ class HostSide:
                                        env={**env, ENV_LU_STAGE: "2",
                                             ENV_REPORT: "pytest-2.jsonl"},
                                        cwd=rootdir, needs_kexec=True))
-        return runner.Job(stages)
+        return runner.Job(stages, env={**target.env, ENV_TARGET: target.name})
 
     def _plugin_args(self) -> list[str]:
         """``-p`` options that load, in the guest, the plugins this host session
@@ -403,20 +515,25 @@ class HostSide:
             out += ["-p", name]
         return out
 
-    def _run_vm(self, session) -> _VmOutcome:
+    def _run_vm(self, target: KernelTarget) -> _VmOutcome:
         out = _VmOutcome()
         t0 = time.monotonic()
+        if target.unavailable:
+            out.unavailable = f"kernel {target.name}: {target.unavailable}"
+            return out
         n = len(self.vm_items)
         nk = sum(1 for it in self.vm_items if _is_kexec(it))
-        self._say(f"[vm] running {n} vm test(s) in the guest"
+        self._say(f"[vm] kernel {target.describe()}: running {n} vm test(s) in the guest"
                   + (f" ({nk} two-stage kexec test(s))" if nk else ""))
         try:
-            from pyiommufd.vm import runner
-            res = runner.run(self._job(), kernel=self.config.getoption("vm_kernel"),
+            from pyiommufd.vm import kernel as vmkernel, runner
+            recipe = vmkernel.KernelRecipe.of(target.patches)
+            res = runner.run(self._job(target), kernel=target.user_kernel, recipe=recipe,
                              timeout=self.config.getoption("vm_timeout"), progress=self._say,
                              machine=self.config.getoption("vm_machine"))
         except Exception as exc:   # VmError and anything unexpected: the tier did not run
-            out.unavailable = str(getattr(exc, "reason", None) or exc) or type(exc).__name__
+            why = str(getattr(exc, "reason", None) or exc) or type(exc).__name__
+            out.unavailable = f"kernel {target.name}: {why}"
             out.seconds = time.monotonic() - t0
             return out
         out.result = res
@@ -477,8 +594,7 @@ class HostSide:
         return [self._synthetic(item, "setup", "skipped", f"VM tier did not run: {reason}"),
                 self._synthetic(item, "teardown", "passed", None)]
 
-    def _missing_reason(self, stage: int) -> str:
-        out = self.outcome
+    def _missing_reason(self, out: _VmOutcome, stage: int) -> str:
         res = out.result
         if stage == 2 and out.kexec_error:
             return f"the kexec failed: {out.kexec_error}"
@@ -493,18 +609,19 @@ class HostSide:
             return f"no result from the guest: VM timed out after {res.timeout:.0f}s"
         return "no result from the guest (not collected there? see the collection errors)"
 
-    def _complete(self, item, reps: list, stage: int) -> list:
+    def _complete(self, item, reps: list, stage: int, vm: _VmOutcome) -> list:
         """Pad a partial set of phase reports (the guest died mid-test)."""
         whens = [r.when for r in reps]
         out = list(reps)
         if not reps:
-            return [self._synthetic(item, "setup", "failed", self._missing_reason(stage)),
+            return [self._synthetic(item, "setup", "failed", self._missing_reason(vm, stage)),
                     self._synthetic(item, "teardown", "passed", None)]
         if "teardown" not in whens:
             if reps[-1].passed and reps[-1].when == "setup":
-                out.append(self._synthetic(item, "call", "failed", self._missing_reason(stage)))
+                out.append(self._synthetic(item, "call", "failed", self._missing_reason(vm, stage)))
             elif reps[-1].passed:
-                out.append(self._synthetic(item, "teardown", "failed", self._missing_reason(stage)))
+                out.append(self._synthetic(item, "teardown", "failed",
+                                           self._missing_reason(vm, stage)))
                 return out
             out.append(self._synthetic(item, "teardown", "passed", None))
         return out
@@ -515,55 +632,66 @@ class HostSide:
             rel = getattr(r, "_vm_release", None)
             r.user_properties = list(r.user_properties) + [("vm_kernel", rel or "?")]
 
-    def _reports_for(self, item) -> list:
-        out = self.outcome
+    def _reports_for(self, item, original, target: KernelTarget) -> list:
+        reps = self._guest_reports(item, original, target)
+        for r in reps:   # a clone reports the guest's outcome under its own id
+            r.nodeid, r.location = item.nodeid, item.location
+        return reps
+
+    def _guest_reports(self, item, original, target: KernelTarget) -> list:
+        out = self.outcomes[target.name]
+        lines = self.lines.setdefault(target.name, [])
+        tag = target.name
         if out.unavailable:
             reps = self._not_run_reports(item, out.unavailable)
-            self.lines.append(f"[vm -] {item.nodeid} {_outcome_word(reps)} (VM tier did not run)")
+            lines.append(f"[vm {tag} -] {item.nodeid} {_outcome_word(reps)} (VM tier did not run)")
             return reps
-        r1 = out.records[1].get(item.nodeid, [])
+        nodeid = original.nodeid
+        r1 = out.records[1].get(nodeid, [])
         rel1 = out.guest_release.get(1) or "?"
         if not _is_kexec(item):
-            reps = self._complete(item, r1, 1)
-            self._annotate(reps, f"ran in the VM on Linux {rel1} (boot {out.guest_boot.get(1)})")
+            reps = self._complete(item, r1, 1, out)
+            self._annotate(reps, f"ran in the VM on kernel {target.name}, Linux {rel1} "
+                                 f"(boot {out.guest_boot.get(1)})")
             word = _outcome_word(reps)
-            self.lines.append(f"[vm {rel1}] {item.nodeid} {word}")
+            lines.append(f"[vm {tag} {rel1}] {item.nodeid} {word}")
             return reps
         # two-stage kexec test
-        reps1 = self._complete(item, r1, 1)
+        reps1 = self._complete(item, r1, 1, out)
         word1 = _outcome_word(reps1)
         if word1 != "PASSED":
-            self._annotate(reps1, f"stage 1 ran in the VM on Linux {rel1}; it did not pass, so "
-                                  "stage 2 (after the kexec) was skipped")
-            self.lines.append(f"[vm {rel1}] {item.nodeid} {word1} (stage 1 {word1}; "
-                              "stage 2 skipped)")
+            self._annotate(reps1, f"stage 1 ran in the VM on kernel {target.name}, Linux {rel1}; "
+                                  "it did not pass, so stage 2 (after the kexec) was skipped")
+            lines.append(f"[vm {tag} {rel1}] {item.nodeid} {word1} (stage 1 {word1}; "
+                         "stage 2 skipped)")
             return reps1
-        r2 = out.records[2].get(item.nodeid, [])
+        r2 = out.records[2].get(nodeid, [])
         rel2 = out.guest_release.get(2) or "?"
         if not r2:
-            reason = self._missing_reason(2)
+            reason = self._missing_reason(out, 2)
             call1 = next((r for r in reps1 if r.when == "call"), None)
             fail = self._synthetic(item, "call", "failed",
                                    f"stage 1 passed on Linux {rel1}, but stage 2 (after the kexec) "
                                    f"did not run: {reason}",
                                    sections=call1.sections if call1 else ())
             reps = [reps1[0], fail, reps1[-1]]
-            self._annotate(reps, f"stage 1 PASSED on Linux {rel1}; stage 2 did not run")
-            self.lines.append(f"[vm {rel1}] {item.nodeid} FAILED (stage 1 PASSED; stage 2 did not "
-                              f"run: {reason})")
+            self._annotate(reps, f"stage 1 PASSED on kernel {target.name}, Linux {rel1}; "
+                                 "stage 2 did not run")
+            lines.append(f"[vm {tag} {rel1}] {item.nodeid} FAILED (stage 1 PASSED; stage 2 did not "
+                         f"run: {reason})")
             return reps
-        reps2 = self._complete(item, r2, 2)
+        reps2 = self._complete(item, r2, 2, out)
         word2 = _outcome_word(reps2)
         for r in reps2:
             r1same = next((x for x in reps1 if x.when == r.when), None)
             if r1same is not None:
                 r.sections[:0] = [(f"stage 1: {name}", text) for name, text in r1same.sections]
                 r.duration = (r.duration or 0) + (r1same.duration or 0)
-        self._annotate(reps2, f"stage 1 PASSED on Linux {rel1} (boot {out.guest_boot.get(1)}); "
-                              f"stage 2 {word2} on Linux {rel2} (boot {out.guest_boot.get(2)}, "
-                              "after kexec)")
-        self.lines.append(f"[vm {rel1} -> kexec -> {rel2}] {item.nodeid} {word2} "
-                          f"(stage 1 PASSED, stage 2 {word2})")
+        self._annotate(reps2, f"stage 1 PASSED on kernel {target.name}, Linux {rel1} (boot "
+                              f"{out.guest_boot.get(1)}); stage 2 {word2} on Linux {rel2} (boot "
+                              f"{out.guest_boot.get(2)}, after kexec)")
+        lines.append(f"[vm {tag} {rel1} -> kexec -> {rel2}] {item.nodeid} {word2} "
+                     f"(stage 1 PASSED, stage 2 {word2})")
         return reps2
 
     # summary
@@ -573,24 +701,33 @@ class HostSide:
             tr.write_sep("!", f"VM tier NOT run: --no-vm deselected {self.deselected} vm test(s)",
                          yellow=True, bold=True)
             return
-        if not self.vm_items or self.outcome is None:
+        if not self.vm_items or not self.outcomes:
             return
-        out = self.outcome
         tr.write_sep("=", "VM tier", bold=True)
-        for line in self.lines:
-            tr.write_line(line)
+        tr.write_line("kernels: " + "; ".join(t.describe() for t in self.targets))
+        for target in self.targets:
+            out = self.outcomes.get(target.name)
+            if out is None:
+                continue
+            for line in self.lines.get(target.name, []):
+                tr.write_line(line)
+            self._summarize(tr, target, out)
+
+    def _summarize(self, tr, target: KernelTarget, out: _VmOutcome) -> None:
         for stage, w in out.warnings[:20]:
-            tr.write_line(f"[vm] guest warning (stage {stage}) {w.get('nodeid') or ''}: "
+            tr.write_line(f"[vm {target.name}] guest warning (stage {stage}) {w.get('nodeid') or ''}: "
                           f"{w.get('category')}: {w.get('message')} ({w.get('where')})",
                           yellow=True)
         if len(out.warnings) > 20:
-            tr.write_line(f"[vm] ... and {len(out.warnings) - 20} more guest warnings", yellow=True)
+            tr.write_line(f"[vm {target.name}] ... and {len(out.warnings) - 20} more guest warnings",
+                          yellow=True)
         for rep in out.collect_errors:
-            tr.write_line(f"[vm] guest collection error in {rep.nodeid}:", red=True)
+            tr.write_line(f"[vm {target.name}] guest collection error in {rep.nodeid}:", red=True)
             tr.write_line(str(rep.longreprtext)[-2000:])
         res = out.result
         if out.unavailable:
-            tr.write_sep("!", f"VM tier did NOT run: {out.unavailable}", red=True, bold=True)
+            tr.write_sep("!", f"VM tier did NOT run on kernel {target.name}: {out.unavailable}",
+                         red=True, bold=True)
             verdict = "FAILED (CI=true)" if os.environ.get("CI") == "true" else "SKIPPED"
             tr.write_line(f"{len(self.vm_items)} vm test(s) {verdict}.", red=True, bold=True)
             if res is not None and res.serial_log:
@@ -604,9 +741,9 @@ class HostSide:
             ("boot", "first_boot"), ("stage 1", "stage1"), ("kexec+boot", "kexec_2"),
             ("stage 2", "stage2"), ("VM total", "total")) if key in t)
         kx = max(0, res.boot_count - 1)
-        tr.write_line(f"VM tier: {n_run} of {len(self.vm_items)} vm test(s) ran in the guest on "
-                      f"Linux {rel} ({res.boot_count} boot(s), {kx} kexec(s); {timing})",
-                      bold=True, green=res.ok and n_run == len(self.vm_items))
+        tr.write_line(f"VM tier on kernel {target.describe()}: {n_run} of {len(self.vm_items)} vm "
+                      f"test(s) ran in the guest on Linux {rel} ({res.boot_count} boot(s), {kx} "
+                      f"kexec(s); {timing})", bold=True, green=res.ok and n_run == len(self.vm_items))
         # pytest exits 1 when tests failed: that is not a VM problem.
         bad = [s for s in res.stages
                if not (s.ended_by == "kexec" or (s.ended_by == "exit" and s.exit in (0, 1)))]
