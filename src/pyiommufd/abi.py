@@ -89,6 +89,15 @@ def parse_nr(text: str | int | None) -> int | None:
     return nr
 
 
+def configured_nr() -> int:
+    """The LU ioctl's nr: ``$PYIOMMUFD_LU_NR`` (e.g. 0x96 on the rebased series), else 0x95."""
+    try:
+        nr = parse_nr(os.environ.get(ENV_NR))
+    except UsageError as exc:
+        raise UsageError(f"${ENV_NR}: {exc}") from None
+    return DEFAULT_NR if nr is None else nr
+
+
 def lookup(name: str) -> LuAbi:
     key = _ALIASES.get(name.lower(), name.lower())
     try:
@@ -145,11 +154,14 @@ def probe_lu_abi(iommufd=None, *, nr: int | None = None, backend: Backend | None
     | size 12, after ENOENT | EINVAL | lu-v2 (16-byte struct) |
 
     ``iommufd`` is an open ``/dev/iommu`` (object or fd); None opens one.
+    ``nr`` defaults to ``$PYIOMMUFD_LU_NR``, else 0x95: only that one number is
+    probed, never a scan (a foreign handler with a small struct could run).
     """
     from .fdobject import fd_of
 
     be = get_backend(backend)
-    nr = DEFAULT_NR if nr is None else nr
+    if nr is None:
+        nr = configured_nr()
     request = ioctl.IO(IOMMUFD_TYPE, nr)
     own_fd = None
     if iommufd is None:
@@ -193,8 +205,8 @@ def select_lu_abi(name: str | LuAbi | None = None, *, iommufd=None, nr: int | No
                   backend: Backend | None = None) -> LuAbi:
     """The revision to use: ``name`` (or ``$PYIOMMUFD_LU_ABI``); ``probe`` or
     nothing at all asks the kernel. ``nr`` (or ``$PYIOMMUFD_LU_NR``) moves it."""
-    if nr is None:
-        nr = parse_nr(os.environ.get(ENV_NR))
+    if nr is None and os.environ.get(ENV_NR):
+        nr = configured_nr()
     if isinstance(name, LuAbi):
         return name if nr is None else name.with_nr(nr)
     name = name or os.environ.get(ENV_ABI) or "probe"
@@ -209,4 +221,4 @@ def select_lu_abi(name: str | LuAbi | None = None, *, iommufd=None, nr: int | No
 
 
 __all__ = ["LuAbi", "LU_V1", "LU_V2", "REVISIONS", "ProbeResult", "probe_lu_abi", "select_lu_abi",
-           "lookup", "parse_nr"]
+           "lookup", "parse_nr", "configured_nr"]

@@ -229,3 +229,34 @@ def test_caps_agrees_with_doctor(capsys, lu_abi):
         caps = json.loads(run_cli(capsys, "caps", "--json").out)
         c = checks_of(run_cli(capsys, "doctor", "--json"))
     assert c["LU ABI"]["value"].startswith(caps["lu_abi"]["status"])
+
+
+# -- the configured LU nr ($PYIOMMUFD_LU_NR) ----------------------------------------------------
+
+def test_doctor_and_caps_probe_the_configured_nr(capsys, monkeypatch):
+    """A kernel that moved the LU ioctl to 0x96 (the series rebased on 7.3): with
+    PYIOMMUFD_LU_NR=0x96 both commands find lu-v1 there; without it they probe
+    0x95, which is 7.3's NOIOMMU_GET_PA, and say so."""
+    with FakeKernel(lu_abi="lu-v1", lu_nr=0x96) as k, use(k):
+        monkeypatch.delenv("PYIOMMUFD_LU_NR", raising=False)
+        caps = json.loads(run_cli(capsys, "caps", "--json").out)
+        assert caps["lu_abi"]["nr"] == "0x95" and caps["lu_abi"]["status"] == "foreign"
+        lu = checks_of(run_cli(capsys, "doctor", "--json"))["LU ABI"]
+        assert lu["value"] == "foreign at nr 0x95"
+        assert "PYIOMMUFD_LU_NR" in lu["hint"] and "NOIOMMU_GET_PA" in lu["hint"]
+
+        monkeypatch.setenv("PYIOMMUFD_LU_NR", "0x96")
+        caps = json.loads(run_cli(capsys, "caps", "--json").out)
+        assert caps["lu_abi"]["nr"] == "0x96" and caps["lu_abi"]["status"] == "lu-v1"
+        ioctls = {e["name"]: e for e in caps["iommufd"]["ioctls"]}
+        assert ioctls["IOMMU_IOAS_NOIOMMU_GET_PA"]["status"] == "known"   # 0x95 is 7.3's again
+        lu = checks_of(run_cli(capsys, "doctor", "--json"))["LU ABI"]
+        assert lu["status"] == "ok" and lu["value"] == "lu-v1 at nr 0x96"
+
+
+def test_a_bad_configured_nr_is_one_error_line(capsys, monkeypatch, series_kernel):
+    monkeypatch.setenv("PYIOMMUFD_LU_NR", "banana")
+    for cmd in ("caps", "doctor"):
+        r = run_cli(capsys, cmd)
+        assert r.code == 2, (cmd, r.err)
+        assert r.err.strip() == "pyiommufd: error: $PYIOMMUFD_LU_NR: not an ioctl nr: 'banana' (use e.g. 0x96)"

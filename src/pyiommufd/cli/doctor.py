@@ -227,9 +227,11 @@ def _lu_abi_check(be, iommu_present: bool) -> Check:
     result = abi.probe_lu_abi(backend=be)
     if result.supported:
         return Check("LU ABI", OK, f"{result.status} at nr {result.nr:#x}", result.reason)
+    upstream = " (upstream 7.3 gives 0x95 to IOMMU_IOAS_NOIOMMU_GET_PA)" \
+        if result.nr == abi.DEFAULT_NR else ""
     hint = {
-        "foreign": "kernel lacks the series' IOMMU_HWPT_LU_* ioctl (stock 7.3: nr 0x95 is "
-                   "IOMMU_IOAS_NOIOMMU_GET_PA)",
+        "foreign": f"kernel lacks the series' IOMMU_HWPT_LU_* ioctl at nr {result.nr:#x}{upstream}; "
+                   f"a kernel that moved it is probed with ${abi.ENV_NR}",
         "absent": "kernel lacks the series' IOMMU_HWPT_LU_* ioctl (or CONFIG_IOMMU_LIVEUPDATE=n)",
     }.get(result.status, result.reason)
     return Check("LU ABI", WARN, f"{result.status} at nr {result.nr:#x}", hint)
