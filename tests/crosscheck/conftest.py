@@ -15,7 +15,7 @@ class Kernel:
 
 
 @pytest.fixture(params=[pytest.param("fake", marks=pytest.mark.unit),
-                        pytest.param("real", marks=pytest.mark.vm)])
+                        pytest.param("real", marks=pytest.mark.pyiommufd_vm)])
 def kernel(request):
     if request.param == "fake":
         from pyiommufd.testing import FakeKernel
@@ -30,47 +30,75 @@ def kernel(request):
             yield Kernel("real", real)
 
 
-# -- the cross-check summary: every rule with its fake and real outcome ---------------------
+# -- the cross-check summary: every rule with its outcome on each kernel -----------------------
+# side -> {rule -> outcome}; a side is a fake flavour ("fake", "fake-stock",
+# "fake-series") or "real@<kernel>" for each kernel of the vm tier.
 _OUTCOMES: dict[str, dict[str, str]] = {}
+_FAKE_SIDES = ("fake-series", "fake-stock", "fake")
 
 
-def _rule_and_side(nodeid: str) -> tuple[str, str] | None:
+def _first_vm_kernel(config) -> str:
+    host = config.pluginmanager.get_plugin("pyiommufd-vm-host")
+    targets = getattr(host, "targets", None)
+    return targets[0].name if targets else "vm"
+
+
+def _rule_and_side(nodeid: str, first_kernel: str) -> tuple[str, str] | None:
     if "/crosscheck/" not in nodeid or "[" not in nodeid:
         return None
+    kernel = first_kernel
+    if "]@" in nodeid:
+        nodeid, kernel = nodeid.rsplit("@", 1)
     base, params = nodeid[:-1].split("[", 1)
-    side, _, rest = params.partition("-")
-    if side not in ("fake", "real"):
-        return None
-    return (f"{base}[{rest}]" if rest else base), side
+    for side in ("real",) + _FAKE_SIDES:
+        if params == side or params.startswith(side + "-"):
+            rest = params[len(side) + 1:]
+            base = base.split("/crosscheck/", 1)[1]
+            rule = f"{base}[{rest}]" if rest else base
+            return rule, (f"real@{kernel}" if side == "real" else side)
+    return None
 
 
 def pytest_runtest_logreport(report):
-    key = _rule_and_side(report.nodeid)
+    key = _rule_and_side(report.nodeid, _KERNEL[0])
     if key is None or (report.when != "call" and report.outcome == "passed"):
         return
     rule, side = key
-    if report.when == "call" or report.outcome != "passed":
-        _OUTCOMES.setdefault(rule, {})[side] = report.outcome
+    _OUTCOMES.setdefault(rule, {})[side] = report.outcome
+
+
+_KERNEL = ["vm"]
+
+
+def pytest_collection_finish(session):
+    _KERNEL[0] = _first_vm_kernel(session.config)
+
+
+def _short(outcome: str | None) -> str:
+    return {"passed": "pass", "failed": "FAIL", "skipped": "skip", None: "-"}.get(outcome, outcome)
 
 
 def pytest_terminal_summary(terminalreporter):
     if not _OUTCOMES:
         return
-    both = [r for r, o in _OUTCOMES.items() if o.get("fake") == "passed" and o.get("real") == "passed"]
-    apart = {r: o for r, o in _OUTCOMES.items()
-             if len(o) == 2 and o["fake"] != o["real"]}
-    one_sided = {side: sum(1 for o in _OUTCOMES.values() if list(o) == [side]) for side in ("fake", "real")}
+    sides = [s for s in _FAKE_SIDES[::-1] if any(s in o for o in _OUTCOMES.values())]
+    sides += sorted({s for o in _OUTCOMES.values() for s in o if s.startswith("real@")})
+    everywhere = [r for r, o in _OUTCOMES.items() if all(v == "passed" for v in o.values())]
+    real_sides = [s for s in sides if s.startswith("real@")]
     tr = terminalreporter
-    tr.section("cross-check: fake kernel vs real Linux 7.3")
-    tr.write_line(f"{len(_OUTCOMES)} rules; {len(both)} passed on both the fake and the real kernel")
-    for path in sorted({r.split("::")[0] for r in _OUTCOMES}):
-        rules = [r for r in _OUTCOMES if r.startswith(path + "::")]
-        agreed = [r for r in rules if r in both]
-        tr.write_line(f"  {path}: {len(rules)} rules, {len(agreed)} on both")
-    for side, count in one_sided.items():
-        if count:
-            other = "real kernel (vm tier)" if side == "fake" else "fake kernel (unit tier)"
-            tr.write_line(f"  the {other} side did not run for {count} rules: not cross-checked")
-    for rule, outcome in sorted(apart.items()):
-        tr.write_line(f"  {rule}: fake {outcome.get('fake', 'not run')}, "
-                      f"real {outcome.get('real', 'not run')}")
+    tr.section("cross-check: the fake kernel vs the real kernels")
+    tr.write_line(f"{len(_OUTCOMES)} rules on {', '.join(sides)}; {len(everywhere)} passed on every "
+                  "side they ran on")
+    if not real_sides:
+        tr.write_line("  the real kernels (vm tier) did not run: nothing was cross-checked",
+                      red=True, bold=True)
+    width = max(len(r) for r in _OUTCOMES)
+    tr.write_line("  " + "rule".ljust(width) + "  " + "  ".join(s.ljust(11) for s in sides))
+    for rule in sorted(_OUTCOMES):
+        outcome = _OUTCOMES[rule]
+        row = "  ".join(_short(outcome.get(s)).ljust(11) for s in sides)
+        bad = any(v != "passed" for v in outcome.values())
+        tr.write_line(f"  {rule.ljust(width)}  {row}", red=bad)
+    apart = sorted(r for r in _OUTCOMES if r not in everywhere)
+    if apart:
+        tr.write_line(f"{len(apart)} rule(s) disagree: " + ", ".join(apart), red=True, bold=True)

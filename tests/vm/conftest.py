@@ -51,7 +51,7 @@ def vfio_device(request):
     """The virtio-net device bound to vfio-pci (driver_override + drivers_probe),
     as ``VfioDevice(bdf, cdev, binding)``; restored to its driver afterwards.
 
-    In ``@pytest.mark.kexec`` tests the device is left on vfio-pci at teardown:
+    In ``@pytest.mark.pyiommufd_kexec`` tests the device is left on vfio-pci at teardown:
     a preserved device must stay with vfio-pci through the kexec."""
     from pyiommufd.pci import PciDevice
 
@@ -66,7 +66,7 @@ def vfio_device(request):
         pytest.fail(f"{bdf} is on vfio-pci but has no VFIO cdev (CONFIG_VFIO_DEVICE_CDEV?)")
     print(f"vfio device: {bdf} -> {cdev}")
     yield VfioDevice(bdf, cdev, binding)
-    if request.node.get_closest_marker("kexec") is not None:
+    if request.node.get_closest_marker("pyiommufd_kexec") is not None:
         return
     # Unbinding vfio-pci blocks until every fd of the device is closed: a test
     # that failed with the cdev still open (its frames keep the objects alive)
@@ -80,3 +80,36 @@ def vfio_device(request):
         warnings.warn(f"{cdev} is still open (pids {holders}); {bdf} left on vfio-pci")
         return
     binding.restore()
+
+
+@pytest.fixture(scope="session")
+def kernel_caps():
+    """What this kernel has (pyiommufd.testing.capabilities.KernelCaps): the LU
+    ioctl at the configured nr, an iommufd and a vfio-pci live-update handler.
+    Probed once in stage 1 with the test device on vfio-pci, and kept in the
+    results share for stage 2 (after a kexec a preserved device cannot be used
+    for probing)."""
+    from pathlib import Path
+
+    from pyiommufd.pci import PciDevice
+    from pyiommufd.testing import pytest_plugin
+    from pyiommufd.testing.capabilities import KernelCaps, probe
+
+    saved = Path(os.environ.get("PYIOMMUFD_VM_RESULTS") or "/run/pyiommufd-results") / "kernel-caps.json"
+    if os.environ.get("PYIOMMUFD_LU_STAGE") == "2" and saved.exists():
+        caps = KernelCaps.load(saved)
+    else:
+        bdf = find_virtio_net()
+        binding = PciDevice(bdf).bind_vfio() if bdf else None
+        try:
+            caps = probe(liveupdate=pytest_plugin._SHARED.get("liveupdate"),
+                         vfio_cdev=binding.vfio_cdev if binding else None)
+        finally:
+            if binding is not None:
+                binding.restore()
+        try:
+            caps.save(saved)
+        except OSError:
+            pass
+    print(f"kernel capabilities: {caps.describe()}")
+    return caps

@@ -15,13 +15,14 @@ import os
 import subprocess
 import sys
 
-import pytest
 
-LACKING = ("kernel lacks an iommufd live-update handler "
-           "(ENOENT from LIVEUPDATE_SESSION_PRESERVE_FD)")
+LACKING_IOMMUFD = ("kernel lacks an iommufd live-update handler "
+                   "(ENOENT from LIVEUPDATE_SESSION_PRESERVE_FD)")
+LACKING_VFIO = ("kernel lacks a vfio-pci live-update handler "
+                "(ENOENT from LIVEUPDATE_SESSION_PRESERVE_FD)")
 
-#: stage 1 on stock 7.3: (step name, status, errno)
-EXPECTED = [
+#: stage 1 up to the mark, on every kernel: (step name, status, errno)
+COMMON = [
     ("open /dev/liveupdate", "PASS", None),
     ("retrieve session 'iommufd-test'", "PASS", None),
     ("create session 'iommufd-test'", "PASS", None),
@@ -35,16 +36,45 @@ EXPECTED = [
     ("IOMMU_HWPT_ALLOC", "PASS", None),
     ("VFIO_DEVICE_ATTACH_IOMMUFD_PT", "PASS", None),
     ("IOMMU_IOAS_MAP_FILE of the sealed memfd", "PASS", None),
+]
+#: then, without the series (no mark ioctl at the configured nr, no iommufd handler)
+WITHOUT_SERIES = [
     ("mark HWPT for preservation", "SKIP", None),
     ("preserve cdev before its iommufd fails", "PASS", E.ENOENT),
     ("preserve iommufd before its memfd fails", "PASS", E.ENOENT),
     ("preserve memfd", "PASS", None),
     ("preserve iommufd", "SKIP", E.ENOENT),
 ]
+#: with the series' mark ioctl and iommufd handler ({mark}: the ioctl and revision)
+WITH_SERIES = [
+    ("{mark}", "PASS", None),
+    ("preserve cdev before its iommufd fails", "PASS", E.ENOENT),
+    ("preserve iommufd before its memfd fails", "PASS", E.ENOENT),
+    ("preserve memfd", "PASS", None),
+    ("preserve iommufd", "PASS", None),
+]
+#: the cdev, without and with a vfio-pci live-update handler
+NO_VFIO_HANDLER = [("preserve cdev", "SKIP", E.ENOENT)]
+VFIO_HANDLER = [
+    ("preserve cdev", "PASS", None),
+    ("close the session (unpreserves everything)", "PASS", None),
+    ("create session 'iommufd-test' again", "PASS", None),
+    ("preserve memfd again", "PASS", None),
+    ("preserve iommufd again", "PASS", None),
+    ("preserve cdev again", "PASS", None),
+]
 
 
-def _expected(cdev: str) -> list[tuple[str, str, int | None]]:
-    return [(name.format(cdev=cdev), status, err) for name, status, err in EXPECTED]
+def expected_stage1(caps, cdev: str) -> tuple[list[tuple[str, str, int | None]], str, str | None]:
+    """The steps, result and lacking text that follow from what the kernel has."""
+    steps = list(COMMON)
+    if not caps.series:
+        return [*steps, *WITHOUT_SERIES], "unsupported", LACKING_IOMMUFD
+    mark = f"{caps.lu_abi.ioctl_name} token 0x789012 ({caps.lu_abi.name})"
+    steps += [(name.format(mark=mark), status, err) for name, status, err in WITH_SERIES]
+    if caps.vfio_handler:
+        return [*steps, *VFIO_HANDLER], "pass", None
+    return [*steps, *NO_VFIO_HANDLER], "unsupported", LACKING_VFIO
 
 
 def _config_has(option: str) -> bool:
@@ -91,11 +121,14 @@ def _nothing_preserved(cdev: str) -> None:
         assert device.bind(iommufd) > 0
 
 
-def test_seed_selftest_stops_where_stock_73_lacks_the_series(vfio_device, kernel_release):
+def test_seed_selftest_stage1_follows_the_kernels_capabilities(vfio_device, kernel_caps):
+    """Stage 1 runs up to the first thing this kernel lacks and says what that
+    is; with every handler it passes. Either way, after closing, nothing is left
+    open or preserved."""
     from pyiommufd import selftest
 
-    if not kernel_release.startswith("7.3") or _config_has("IOMMU_LIVEUPDATE"):
-        pytest.skip(f"expectations are for stock 7.3 (without the series), this is {kernel_release}")
+    steps, result, lacking = expected_stage1(kernel_caps, vfio_device.cdev)
+    print(kernel_caps.describe())
     before = _my_fds()
     streamed = []
     report = selftest.run(vfio_device.cdev, on_step=streamed.append)
@@ -105,35 +138,42 @@ def test_seed_selftest_stops_where_stock_73_lacks_the_series(vfio_device, kernel
 
     assert streamed == report.steps, "every step is reported as it completes"
     got = [(s.name, s.status, s.errno) for s in report.steps]
-    assert got == _expected(vfio_device.cdev)
-    assert report.stage == 1
-    assert report.result == "unsupported" and not report.passed
-    assert report.lacking == LACKING
-    assert report.steps[-1].detail == LACKING
-    mark = report.steps[13]
-    assert mark.detail.startswith("kernel lacks IOMMU_HWPT_LU_SET_PRESERVE/MARK_PRESERVE at nr 0x95"), mark
+    assert got == [(name.format(cdev=vfio_device.cdev), st, err) for name, st, err in steps]
+    assert report.stage == 1 and report.result == result and report.lacking == lacking
+    if lacking:
+        assert report.steps[-1].detail == lacking and report.handles is None
+    if not kernel_caps.series:
+        mark = report.steps[13]
+        assert mark.detail.startswith("kernel lacks IOMMU_HWPT_LU_SET_PRESERVE/MARK_PRESERVE at nr "
+                                      f"{kernel_caps.lu_nr:#x}"), mark
+        assert report.lu_abi is None
+    else:
+        assert report.lu_abi == kernel_caps.lu_abi.name
     for step in report.steps[14:16]:
         assert step.detail.startswith("expected failure: ENOENT"), step
-    assert report.as_dict()["counts"] == {"PASS": 16, "FAIL": 0, "SKIP": 2}
-    assert report.lu_abi is None and report.handles is None
+    report.close()      # a passing stage 1 holds its files: closing unpreserves them
 
     # nothing left open by the run, nothing left preserved
     assert _my_fds() == before
     _nothing_preserved(vfio_device.cdev)
-    print(f"selftest.run({vfio_device.cdev}): 16 PASS, 2 SKIP (mark: no LU ioctl at 0x95; preserve "
-          "iommufd: ENOENT), result unsupported; no fd leaked, nothing preserved")
+    counts = report.as_dict()["counts"]
+    print(f"selftest.run({vfio_device.cdev}): {counts}, result {result}; no fd leaked, "
+          "nothing preserved")
 
     # the same through the command, by BDF
-    proc = subprocess.run(_cli() + ["selftest", vfio_device.bdf, "--json"],
+    proc = subprocess.run(_cli() + ["selftest", vfio_device.bdf, "--json", "--no-hold"],
                           capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
-    print(f"$ pyiommufd selftest {vfio_device.bdf} --json -> exit {proc.returncode}")
-    assert proc.returncode == 4, (proc.stdout, proc.stderr)
+    print(f"$ pyiommufd selftest {vfio_device.bdf} --json --no-hold -> exit {proc.returncode}")
+    assert proc.returncode == (4 if lacking else 0), (proc.stdout, proc.stderr)
     out = json.loads(proc.stdout)
-    assert out["result"] == "unsupported" and out["lacking"] == LACKING and out["stage"] == 1
+    assert out["result"] == result and out["lacking"] == lacking and out["stage"] == 1
     assert out["device"] == vfio_device.cdev and out["session"] == "iommufd-test"
-    assert out["after"] is None
     assert [(s["name"], s["status"], s["errno"]) for s in out["steps"]] == got
-    assert out["counts"] == {"PASS": 16, "FAIL": 0, "SKIP": 2}
-    assert proc.stderr.strip() == f"pyiommufd: error: {LACKING}"
+    assert out["counts"] == counts
+    if lacking:
+        assert out["after"] is None
+        assert proc.stderr.strip() == f"pyiommufd: error: {lacking}"
+    else:
+        assert out["after"] == "closed"
     _nothing_preserved(vfio_device.cdev)
-    print("pyiommufd selftest --json: exit 4, same steps, one error line; nothing preserved after it")
+    print("pyiommufd selftest --json: same steps and exit code; nothing preserved after it")

@@ -50,6 +50,7 @@ class BootConfig:
     interrupt_remapping: bool
     dirty_tracking: bool
     cmdline: str
+    vfio_lu_handler: bool = True
 
 
 def cmdline_flag(cmdline: str, name: str) -> bool | None:
@@ -81,7 +82,8 @@ class Boot:
         self.table = FileTable()
         self.table.adopt = self._adopt
         self.liveupdate = bool(cmdline_flag(config.cmdline, "liveupdate"))
-        self.series = Series(self, config.lu_abi, config.lu_nr) if config.lu_abi else None
+        self.series = Series(self, config.lu_abi, config.lu_nr, config.vfio_lu_handler) \
+            if config.lu_abi else None
         handlers = [MemfdLuoHandler()] + (self.series.handlers() if self.series else [])
         kho = kho or Kho()
         self.luo = Luo(self, self.liveupdate, handlers,

@@ -58,6 +58,9 @@ class FakeKernel(Backend):
     ``interrupt_remapping=False`` makes ``VFIO_DEVICE_BIND_IOMMUFD`` fail with
     EPERM (unless ``allow_unsafe_interrupts`` is set in sysfs).
     ``dirty_tracking`` gives the fake VT-d second-stage dirty tracking.
+    ``vfio_lu_handler=False`` is the series without patch 13 (and the VFIO
+    cdev series it depends on): LUO has no handler for a VFIO cdev, as on the
+    series rebased onto 7.3.4.
     """
 
     name = "fake"
@@ -65,7 +68,8 @@ class FakeKernel(Backend):
     def __init__(self, *, lu_abi: str | None = None, lu_nr: int = 0x95, liveupdate: bool = True,
                  devices: list[FakePciDevice] | None = None, euid: int = 0,
                  release: str = "7.3.4", interrupt_remapping: bool = True,
-                 dirty_tracking: bool = False, cmdline: str | None = None) -> None:
+                 dirty_tracking: bool = False, cmdline: str | None = None,
+                 vfio_lu_handler: bool = True) -> None:
         if lu_abi is not None and lu_abi not in ABIS:
             raise ValueError(f"lu_abi must be None, 'lu-v1' or 'lu-v2', not {lu_abi!r}")
         if not 0x80 <= lu_nr <= 0xff:
@@ -80,6 +84,7 @@ class FakeKernel(Backend):
         self.euid = euid
         self.interrupt_remapping = interrupt_remapping
         self.dirty_tracking = dirty_tracking
+        self.vfio_lu_handler = vfio_lu_handler
         self.boot_count = 1
         #: fd numbers that were open when the last kexec happened (see close())
         self.dead_fds: set[int] = set()
@@ -90,7 +95,8 @@ class FakeKernel(Backend):
 
     def _config(self, cmdline: str) -> BootConfig:
         return BootConfig(self.lu_abi, self.lu_nr, self.release, self.euid,
-                          self.interrupt_remapping, self.dirty_tracking, cmdline)
+                          self.interrupt_remapping, self.dirty_tracking, cmdline,
+                          self.vfio_lu_handler)
 
     def __repr__(self) -> str:
         return (f"<FakeKernel {self.release} lu_abi={self.lu_abi} boot={self.boot_count} "

@@ -80,13 +80,14 @@ class PreservedDevice:
 
 
 class Series:
-    def __init__(self, boot: "Boot", abi: str, lu_nr: int) -> None:
+    def __init__(self, boot: "Boot", abi: str, lu_nr: int, vfio_lu_handler: bool = True) -> None:
         if abi not in ABIS:
             raise ValueError(f"unknown LU ABI revision {abi!r} (lu-v1 or lu-v2)")
         self.boot = boot
         self.abi = abi
         self.lu_nr = lu_nr
         self.struct = ABIS[abi]
+        self.vfio_lu_handler = vfio_lu_handler
 
     # -- the mark ioctl ----------------------------------------------------------------
     def mark_ioctl(self, ctx: IommufdCtx, arg, cmd) -> None:
@@ -106,7 +107,10 @@ class Series:
         hwpt.lu_preserve = False
 
     def handlers(self) -> list[FileHandler]:
-        return [IommufdLuoHandler(self), VfioLuoHandler(self)]
+        handlers: list[FileHandler] = [IommufdLuoHandler(self)]
+        if self.vfio_lu_handler:      # patch 13 and the VFIO cdev series it needs
+            handlers.append(VfioLuoHandler(self))
+        return handlers
 
     @staticmethod
     def flb_handover(sessions: list[HandoverSession]) -> list[PreservedDevice]:
