@@ -18,7 +18,6 @@ when a command runs.
 from __future__ import annotations
 
 import os
-import sys
 
 import click
 
@@ -80,21 +79,51 @@ def vm():
     """Run commands or the seed flow in a QEMU guest on a real Linux 7.3 kernel."""
 
 
+def _recipe(patches, fragments):
+    """The kernel recipe of ``--patch``/``--config`` (exit 2 for a missing file)."""
+    from ..vm import kernel
+
+    try:
+        return kernel.KernelRecipe.of(patches, fragments)
+    except kernel.KernelBuildError as exc:
+        raise CommandError(str(exc)) from None
+
+
+def _kernel_error(exc) -> CommandError:
+    from ..vm import kernel
+
+    if isinstance(exc, kernel.PatchError):
+        return CommandError(str(exc), exitcodes.BAD_INPUT)
+    first = str(exc).splitlines()[0] if str(exc) else "kernel build failed"
+    log = f" (log: {exc.log})" if exc.log else ""
+    return CommandError(f"{first}{log}", exitcodes.KERNEL_ERROR)
+
+
+_PATCH_HELP = ("A patch to apply (-p1, no fuzz) to the pristine 7.3 tree; repeat for a series, "
+               "in order.")
+_CONFIG_HELP = "A config fragment (CONFIG_X=y lines) on top of the VM tier's; repeatable."
+
+
 @vm.command("build-kernel")
+@click.option("--patch", "patches", multiple=True, metavar="FILE", help=_PATCH_HELP)
+@click.option("--config", "fragments", multiple=True, metavar="FRAGMENT", help=_CONFIG_HELP)
 @click.option("--force", is_flag=True, help="Rebuild even if the cache has the kernel.")
 @click.option("--jobs", "-j", type=int, default=None, help="make -j (default: all CPUs).")
-def build_kernel(force, jobs):
-    """Build (or find in the cache) the guest kernel and print its bzImage path."""
+def build_kernel(patches, fragments, force, jobs):
+    """Build (or find in the cache) a guest kernel and print its bzImage path:
+    Debian's 7.3.4 with the VM tier's config, plus --patch files applied in
+    order (a hunk that needs fuzz is refused) and --config fragments. A tree
+    that has CONFIG_IOMMU_LIVEUPDATE gets it. Cached by base version, config
+    and patch hashes."""
     from ..vm import kernel
 
     if jobs is not None and jobs < 1:
         raise CommandError(f"--jobs must be at least 1, not {jobs}")
+    recipe = _recipe(patches, fragments)
     try:
-        image = kernel.build_kernel(force=force, jobs=jobs, progress=_progress)
+        image = kernel.build_kernel(force=force, jobs=jobs, progress=_progress, recipe=recipe)
     except kernel.KernelBuildError as exc:
-        first = str(exc).splitlines()[0] if str(exc) else "kernel build failed"
-        log = f" (log: {exc.log})" if exc.log else ""
-        raise CommandError(f"{first}{log}", exitcodes.KERNEL_ERROR) from None
+        raise _kernel_error(exc) from None
     _progress(f"[kernel] {image.describe()}")
     click.echo(str(image.bzimage))
 
@@ -154,33 +183,52 @@ def _last_error_line(text: str) -> str | None:
 
 @vm.command("selftest")
 @click.option("--kernel", default=None, metavar="PATH", help="bzImage to boot and kexec into "
-              "(default: the cached build).")
+              "(default: the cached build of --patch/--config, or of the pristine tree).")
+@click.option("--patch", "patches", multiple=True, metavar="FILE", help=_PATCH_HELP)
+@click.option("--config", "fragments", multiple=True, metavar="FRAGMENT", help=_CONFIG_HELP)
+@click.option("--program", type=click.Choice(["pyiommufd", "c"]), default="pyiommufd",
+              show_default=True, help="Which selftest runs: ours, or patch 14's C test built "
+              "from the patched tree.")
+@click.option("--c-selftest", default=None, metavar="PATH",
+              help="With --program c and --kernel: the C selftest binary to run.")
 @click.option("--lu-abi", default=None, metavar="v1|v2|probe", help="Passed to the guest's selftest.")
+@click.option("--lu-nr", default=None, metavar="NR",
+              help="The LU ioctl's nr in that kernel (e.g. 0x96), as $PYIOMMUFD_LU_NR in the guest.")
 @click.option("--session", "session_name", default="iommufd-test", show_default=True)
 @click.option("--timeout", type=float, default=DEFAULT_SELFTEST_TIMEOUT, show_default=True,
               help="Hard limit in seconds for the whole run (two boots under TCG).")
 @click.option("--machine", type=click.Choice(["qemu", "local"]), default="qemu", hidden=True)
-def selftest(kernel, lu_abi, session_name, timeout, machine):
-    """Boot the VM, bind its virtio-net device to vfio-pci and run the series'
-    selftest: stage 1, kexec into the same kernel, stage 2."""
+def selftest(kernel, patches, fragments, program, c_selftest, lu_abi, lu_nr, session_name,
+             timeout, machine):
+    """Boot the VM and run the series' selftest in the cover letter's order:
+    bind the virtio-net device to vfio-pci, stage 1, kexec into the same
+    kernel, try a non-VFIO driver (must be refused while the device is
+    preserved), bind vfio-pci again, stage 2."""
     from .. import abi, luo
+    from ..vm import kernel as vmkernel, seedflow
 
     _check_timeout(timeout)
     _check_kernel(kernel)
+    if kernel is not None and (patches or fragments):
+        raise CommandError("--kernel boots a bzImage as it is: --patch and --config build one")
+    if c_selftest is not None and not os.path.isfile(c_selftest):
+        raise CommandError(f"--c-selftest {c_selftest}: no such file")
     luo.check_session_name(session_name)
     if lu_abi is not None and lu_abi.lower() != "probe":
         lu_abi = abi.lookup(lu_abi).name
-    runner = _runner(machine)
-    base = _pyiommufd_argv() + ["vm", "guest-selftest", "--session", session_name]
-    if lu_abi:
-        base += ["--lu-abi", lu_abi]
-    job = runner.Job([
-        runner.Stage(base + ["--stage", "1"], cwd="/", kexec="self"),
-        runner.Stage(base + ["--stage", "2"], cwd="/", needs_kexec=True),
-    ])
-    res = _run_vm(lambda: runner.run(job, kernel=kernel, timeout=timeout, progress=_progress,
-                                     machine=machine))
+    env = {}
+    if lu_nr is not None:
+        env[abi.ENV_NR] = f"{abi.parse_nr(lu_nr):#x}"
+    recipe = _recipe(patches, fragments)
+    _runner(machine)   # exit 4 when QEMU is missing
+    try:
+        result, res = _run_vm(lambda: seedflow.run(
+            program, kernel=kernel, recipe=recipe, c_selftest=c_selftest, timeout=timeout,
+            progress=_progress, session=session_name, lu_abi=lu_abi, env=env, machine=machine))
+    except vmkernel.KernelBuildError as exc:
+        raise _kernel_error(exc) from None
     _print_stage_output(res)
+    click.echo(f"# vm selftest ({result.kernel}): {result.describe()}")
     code = _exit_for(res)
     if code == 0:
         click.echo(f"# vm selftest: PASS (stage 1 kexec'd, stage 2 passed on "
@@ -193,7 +241,9 @@ def selftest(kernel, lu_abi, session_name, timeout, machine):
     elif failed is None:
         why = res.error or "the VM run failed"
     elif failed.ended_by == "exit":
-        why = f"guest stage {failed.number}: {detail or f'exit status {failed.exit}'}"
+        outcome = result.stage(failed.number)
+        why = f"guest stage {failed.number}: " + (
+            detail or (outcome.describe() if outcome else f"exit status {failed.exit}"))
     else:
         why = f"guest {failed.describe()} (serial log: {res.serial_log})"
     click.echo(f"pyiommufd: error: {why}", err=True)
@@ -214,35 +264,27 @@ def find_test_device(backend=None) -> str:
 @vm.command("guest-selftest", hidden=True)
 @click.option("--stage", type=click.IntRange(1, 2), required=True)
 @click.option("--session", "session_name", default="iommufd-test")
+@click.option("--program", type=click.Choice(["pyiommufd", "c"]), default="pyiommufd")
 @click.option("--lu-abi", default=None)
 @click.option("--device", default=None, help="BDF (default: the virtio-net device).")
-def guest_selftest(stage, session_name, lu_abi, device):
-    """(in the guest) bind the test device to vfio-pci, then exec `pyiommufd selftest`."""
+def guest_selftest(stage, session_name, program, lu_abi, device):
+    """(in the guest) one stage of the seed flow (pyiommufd.vm.seedflow)."""
     from .. import pci
     from ..backend import get_backend
-    from ..vm import guest
+    from ..vm import guest, seedflow
 
     if not guest.in_guest() or guest.simulated():
         raise CommandError("guest-selftest runs only inside the QEMU guest of `pyiommufd vm selftest` "
                            "(it rebinds a PCI device and kexecs)")
     be = get_backend()
     bdf = pci.normalize_bdf(device) if device else find_test_device(be)
-    dev = pci.PciDevice(bdf, be)
-    click.echo(f"+ pyiommufd bind {bdf}   # was: {dev.driver or 'no driver'}")
-    dev.bind_vfio()
-    click.echo(f"  {bdf}: vfio-pci, cdev {dev.vfio_cdev}")
-    args = ["selftest", bdf, "--session", session_name]
-    if lu_abi:
-        args += ["--lu-abi", lu_abi]
-    if stage == 1:
-        kernel = os.environ.get(guest.ENV_KERNEL)
-        initrd = os.environ.get(guest.ENV_INITRD)
-        if not kernel:
-            raise CommandError(f"${guest.ENV_KERNEL} is not set: guest-selftest runs inside "
-                               "`pyiommufd vm selftest` only")
-        args += ["--kexec", kernel] + (["--initrd", initrd] if initrd else [])
-    click.echo("+ pyiommufd " + " ".join(args))
-    sys.stdout.flush()
-    sys.stderr.flush()
-    argv = _pyiommufd_argv()
-    os.execv(argv[0], argv + args)
+    kernel = os.environ.get(guest.ENV_KERNEL)
+    if stage == 1 and program == "pyiommufd" and not kernel:
+        raise CommandError(f"${guest.ENV_KERNEL} is not set: guest-selftest runs inside "
+                           "`pyiommufd vm selftest` only")
+    code = seedflow.guest_stage(stage, program, bdf, session=session_name, lu_abi=lu_abi,
+                                argv0=_pyiommufd_argv(), kexec_kernel=kernel,
+                                initrd=os.environ.get(guest.ENV_INITRD),
+                                c_selftest=os.environ.get(seedflow.ENV_C_SELFTEST),
+                                say=click.echo)
+    exit_with(code)
