@@ -91,3 +91,163 @@ def test_user_kernel_skips_the_build(tmp_path):
     assert k.origin == "user" and k.release == "7.3.4-lu-series" and k.config == tmp_path / ".config"
     with pytest.raises(kernel.KernelBuildError, match="no such file"):
         kernel.user_kernel(tmp_path / "nope")
+
+
+# -- kernels from a base plus patches --------------------------------------------------------
+
+TREE = {
+    "Makefile": "all:\n",
+    "drivers/iommu/Kconfig": "config IOMMU_SUPPORT\n\tbool\n",
+    "drivers/iommu/a.c": "".join(f"line {n}\n" for n in range(1, 21)),
+}
+
+
+def _tree(root):
+    for rel, text in TREE.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return root
+
+
+def _patch(tmp_path, name, body):
+    path = tmp_path / name
+    path.write_text(body)
+    return path
+
+
+GOOD = """a header paragraph, as a posted patch has
+diff --git a/drivers/iommu/a.c b/drivers/iommu/a.c
+--- a/drivers/iommu/a.c
++++ b/drivers/iommu/a.c
+@@ -9,7 +9,7 @@
+ line 9
+ line 10
+ line 11
+-line 12
++line twelve
+ line 13
+ line 14
+ line 15
+diff --git a/drivers/iommu/Kconfig b/drivers/iommu/Kconfig
+--- a/drivers/iommu/Kconfig
++++ b/drivers/iommu/Kconfig
+@@ -1,2 +1,5 @@
+ config IOMMU_SUPPORT
+ \tbool
++
++config IOMMU_LIVEUPDATE
++\tbool "live update"
+"""
+
+# the same change, but its context only matches with fuzz (line 11 changed)
+FUZZY = GOOD.replace(" line 11\n-line 12", " line eleven\n-line 12").split("diff --git a/drivers/iommu/Kconfig")[0]
+
+
+def test_patches_apply_to_a_copy_and_never_touch_the_pristine_tree(tmp_path):
+    pristine = _tree(tmp_path / "pristine")
+    patch = _patch(tmp_path, "good.patch", GOOD)
+    out = kernel.prepare_tree(pristine, tmp_path / "key" / "src", [patch], tmp_path / "log")
+    assert "line twelve\n" in (out / "drivers/iommu/a.c").read_text()
+    assert kernel.tree_has_option(out, "IOMMU_LIVEUPDATE")
+    assert (pristine / "drivers/iommu/a.c").read_text() == TREE["drivers/iommu/a.c"]
+    assert (pristine / "drivers/iommu/Kconfig").read_text() == TREE["drivers/iommu/Kconfig"]
+    assert not kernel.tree_has_option(pristine, "IOMMU_LIVEUPDATE")
+    # unpatched files stay hard links to the pristine tree (cheap copies)
+    assert (out / "Makefile").stat().st_ino == (pristine / "Makefile").stat().st_ino
+    assert (out / "drivers/iommu/a.c").stat().st_ino != (pristine / "drivers/iommu/a.c").stat().st_ino
+
+
+def test_a_patch_that_needs_fuzz_is_refused_naming_the_hunk(tmp_path):
+    pristine = _tree(tmp_path / "pristine")
+    bad = _patch(tmp_path, "fuzzy.patch", FUZZY)
+    with pytest.raises(kernel.PatchError) as info:
+        kernel.prepare_tree(pristine, tmp_path / "key" / "src", [bad], tmp_path / "log")
+    assert info.value.patch == bad
+    assert info.value.rejects == [("drivers/iommu/a.c", "hunk #1 at line 9")]
+    assert "fuzzy.patch does not apply to the pristine 7.3 tree without fuzz: " \
+           "drivers/iommu/a.c: hunk #1 at line 9" in str(info.value)
+    assert not (tmp_path / "key" / "src").exists()                   # nothing half-patched
+    assert (pristine / "drivers/iommu/a.c").read_text() == TREE["drivers/iommu/a.c"]
+
+
+def test_patches_apply_in_order(tmp_path):
+    pristine = _tree(tmp_path / "pristine")
+    first = _patch(tmp_path, "1.patch", GOOD)
+    second = _patch(tmp_path, "2.patch", GOOD.split("diff --git a/drivers/iommu/Kconfig")[0]
+                    .replace("-line 12\n+line twelve", "-line twelve\n+line XII"))
+    out = kernel.prepare_tree(pristine, tmp_path / "src", [first, second], tmp_path / "log")
+    assert "line XII\n" in (out / "drivers/iommu/a.c").read_text()
+    with pytest.raises(kernel.PatchError):       # the other order does not apply
+        kernel.prepare_tree(pristine, tmp_path / "src2", [second, first], tmp_path / "log")
+
+
+def test_rejected_hunks_reads_patch_output():
+    out = ("checking file drivers/a.c\nHunk #2 FAILED at 120.\nHunk #3 succeeded at 200 with fuzz 2.\n"
+           "checking file include/b.h\ncan't find file to patch at input line 40\n")
+    assert kernel.rejected_hunks(out) == [("drivers/a.c", "hunk #2 at line 120"),
+                                          ("drivers/a.c", "hunk #3 at line 200"),
+                                          ("include/b.h", "the file is not in the tree")]
+
+
+def test_cache_key_carries_the_patches_and_the_option_they_add(tmp_path):
+    good = _patch(tmp_path, "good.patch", GOOD)
+    other = _patch(tmp_path, "other.patch", GOOD.replace("twelve", "XII"))
+    stock = kernel.cache_key()
+    with_good = kernel.cache_key(recipe=kernel.KernelRecipe.of([good]))
+    assert with_good.startswith(debian.LINUX_PACKAGE_VERSION + "-") and "-p" in with_good
+    # the config part differs too: the patch adds IOMMU_LIVEUPDATE, which the build turns on
+    assert with_good.split("-p")[0] != stock
+    assert kernel.cache_key(recipe=kernel.KernelRecipe.of([other])) != with_good
+    assert kernel.cache_key(recipe=kernel.KernelRecipe.of([good, other])) != \
+        kernel.cache_key(recipe=kernel.KernelRecipe.of([other, good]))
+    assert kernel.KernelRecipe.of([good]).label("7.3.4-1~bpo13+1") == "7.3.4 + good.patch"
+
+
+def test_config_text_adds_the_series_option_only_when_the_tree_has_it(tmp_path):
+    pristine = _tree(tmp_path / "pristine")
+    assert "CONFIG_IOMMU_LIVEUPDATE=y" not in kernel.config_text(kernel.STOCK, pristine)
+    out = kernel.prepare_tree(pristine, tmp_path / "src", [_patch(tmp_path, "g.patch", GOOD)],
+                              tmp_path / "log")
+    frag = _patch(tmp_path, "extra.config", "CONFIG_EXTRA=y\n")
+    text = kernel.config_text(kernel.KernelRecipe.of([], [frag]), out)
+    assert "CONFIG_IOMMU_LIVEUPDATE=y\n" in text and text.rstrip().endswith("CONFIG_EXTRA=y")
+    assert kernel.parse_config(text)["CONFIG_IOMMUFD"] == "y"
+
+
+def test_recipe_of_missing_files_is_a_clear_error(tmp_path):
+    with pytest.raises(kernel.KernelBuildError, match="--patch /nonexistent.patch: no such file"):
+        kernel.KernelRecipe.of(["/nonexistent.patch"])
+    with pytest.raises(kernel.KernelBuildError, match="--config nope.config: no such file"):
+        kernel.KernelRecipe.of([], ["nope.config"])
+
+
+def test_waiting_for_the_build_lock_says_who_holds_it_and_gives_up(tmp_path):
+    import multiprocessing
+
+    lock = tmp_path / "k.lock"
+    held, release = multiprocessing.Event(), multiprocessing.Event()
+
+    def holder():
+        with kernel._locked(lock, "building kernel X", progress=lambda _m: None):
+            held.set()
+            release.wait(30)
+
+    proc = multiprocessing.Process(target=holder)
+    proc.start()
+    try:
+        assert held.wait(30)
+        said = []
+        with pytest.raises(kernel.KernelBuildError) as info:
+            with kernel._locked(lock, "me", progress=said.append, timeout=0.3, poll=0.1,
+                                report_every=0.2):
+                pass
+        assert f"held by pid {proc.pid} (building kernel X, for " in str(info.value)
+        assert "gave up after 0s waiting for" in str(info.value)
+        assert said and said[0].startswith(f"[kernel] waiting for k.lock: held by pid {proc.pid} "
+                                           "(building kernel X, for ")
+    finally:
+        release.set()
+        proc.join(30)
+    with kernel._locked(lock, "me", progress=pytest.fail, timeout=1):
+        pass                                             # free again once the holder is done

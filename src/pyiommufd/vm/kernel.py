@@ -443,9 +443,14 @@ def prepare_tree(pristine: Path, dest: Path, patches: Sequence[Path], log: Path)
     tmp = dest.with_name(dest.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
     _run_logged(["cp", "-al", str(pristine), str(tmp)], log)
-    for patch in patches:
-        apply_patch(tmp, patch, log)
+    try:
+        for patch in patches:
+            apply_patch(tmp, patch, log)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     tmp.rename(dest)
     return dest
 

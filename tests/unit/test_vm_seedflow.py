@@ -1,0 +1,119 @@
+"""pyiommufd.vm.seedflow on the host: step names of both programs, outcomes,
+the records a guest stage prints, and the VM job it builds."""
+from __future__ import annotations
+
+import errno as E
+import json
+
+from pyiommufd.vm import seedflow
+
+# A C test shaped like patch 14's (our own text): asserts after each call, the
+# early preserves that must fail, then the real ones, then a second session.
+C_SOURCE = """\
+int setup(int iommufd, int cdev_fd)
+{
+\tret = ioctl(cdev_fd, VFIO_DEVICE_BIND_IOMMUFD, &bind);
+\tksft_assert(!ret);
+\tret = ioctl(iommufd, IOMMU_IOAS_ALLOC, &alloc);
+\tksft_assert(!ret);
+\tret = ioctl(iommufd, IOMMU_HWPT_LU_SET_PRESERVE, &mark);
+\tksft_assert(!ret);
+}
+int main(void)
+{
+\tret = luo_session_preserve_fd(session, cdev_fd, cdev_token);
+\tksft_assert(ret);
+\tret = luo_session_preserve_fd(session, iommufd, token);
+\tksft_assert(ret);
+\tret = luo_session_preserve_fd(session, memfd, memfd_token);
+\tksft_assert(!ret);
+\tret = luo_session_preserve_fd(session, iommufd, token);
+\tksft_assert(!ret);
+\tret = luo_session_preserve_fd(session, cdev_fd, cdev_token);
+\tksft_assert(!ret);
+\tret = luo_session_preserve_fd(session, memfd, memfd_token);
+\tksft_assert(!ret);
+\tret = luo_session_preserve_fd(session, iommufd, token);
+\tksft_assert(!ret);
+\tret = luo_session_preserve_fd(session, cdev_fd, cdev_token);
+\tksft_assert(!ret);
+\tcdev_fd = luo_session_retrieve_fd(session, cdev_token);
+\tksft_assert(cdev_fd > 0);
+\tiommufd = luo_session_retrieve_fd(session, token);
+\tksft_assert(iommufd < 0);
+\tret = luo_session_finish(session);
+\tksft_assert(ret);
+}
+"""
+
+
+def test_c_asserts_map_to_the_operation_before_them():
+    steps = seedflow.c_assert_steps(C_SOURCE)
+    assert [steps[n] for n in sorted(steps)] == [
+        "bind", "ioas_alloc", "mark",
+        "preserve_cdev_first", "preserve_iommufd_first", "preserve_memfd", "preserve_iommufd",
+        "preserve_cdev", "preserve_memfd_again", "preserve_iommufd_again", "preserve_cdev_again",
+        "retrieve_cdev", "retrieve_iommufd", "finish"]
+
+
+def test_pyiommufd_step_names_map_to_the_same_operations():
+    names = {
+        "VFIO_DEVICE_BIND_IOMMUFD": "bind",
+        "IOMMU_HWPT_LU_SET_PRESERVE token 0x789012 (lu-v1)": "mark",
+        "mark HWPT for preservation": "mark",
+        "preserve cdev before its iommufd fails": "preserve_cdev_first",
+        "preserve iommufd before its memfd fails": "preserve_iommufd_first",
+        "preserve memfd": "preserve_memfd",
+        "preserve cdev": "preserve_cdev",
+        "preserve iommufd again": "preserve_iommufd_again",
+        "retrieve cdev (token 0x654321)": "retrieve_cdev",
+        "retrieve iommufd (token 0x123456) fails": "retrieve_iommufd",
+        "bind the retrieved cdev to a new iommufd fails": "bind_new_iommufd",
+        "finish the session fails": "finish",
+    }
+    assert {n: seedflow.canonical_step(n) for n in names} == names
+
+
+def test_c_outcome_reads_bail_out_lines():
+    line = sorted(n for n, op in seedflow.c_assert_steps(C_SOURCE).items() if op == "preserve_cdev")[0]
+    out = ("# [STAGE 1] ...\n"
+           f"Bail out! Failed: !ret at iommufd_liveupdate.c {line}: No such file or directory\n")
+    got = seedflow.c_outcome(out, 1, 1, C_SOURCE)
+    assert (got.passed, got.first_failure, got.errno) == (False, "preserve_cdev", E.ENOENT)
+    assert seedflow.c_outcome("", 0, 2, C_SOURCE).passed
+
+
+def test_python_outcome_is_the_first_step_that_did_not_pass():
+    report = {"stage": 1, "result": "unsupported", "steps": [
+        {"name": "preserve memfd", "status": "PASS", "errno": None, "detail": ""},
+        {"name": "preserve cdev", "status": "SKIP", "errno": E.ENOENT,
+         "detail": "kernel lacks a vfio-pci live-update handler"}]}
+    got = seedflow.python_outcome(report, 4)
+    assert (got.passed, got.first_failure, got.errno, got.exit) == (False, "preserve_cdev", E.ENOENT, 4)
+    report = {"stage": 2, "result": "pass", "steps": [
+        {"name": "retrieve cdev (token 0x1)", "status": "PASS", "errno": None, "detail": ""}]}
+    assert seedflow.python_outcome(report, 0).passed
+
+
+def test_records_round_trip_and_a_kexec_counts_as_a_passed_stage_1(capsys):
+    seedflow.emit("non-vfio-bind", driver="pci-pf-stub", result="EBUSY", errno=E.EBUSY)
+    seedflow.emit("stage", stage=2, exit=0, passed=True, first_failure=None, errno=None)
+    text = "noise\n" + capsys.readouterr().out + "# seedflow {broken\n"
+    res = seedflow.result_from_records("c", "7.3.4 + x.patch", seedflow.parse_records(text),
+                                       kexec_after_stage1=True)
+    assert [(s.stage, s.passed) for s in res.stages] == [(1, True), (2, True)]
+    assert res.non_vfio_bind_errno == E.EBUSY
+    assert res.describe() == ("c: stage 1: pass; pci-pf-stub bind after kexec: EBUSY; stage 2: pass")
+
+
+def test_the_job_kexecs_from_the_holder_for_pyiommufd_and_from_the_agent_for_c():
+    py = seedflow.job("pyiommufd", python="/usr/bin/python3")
+    c = seedflow.job("c", python="/usr/bin/python3", c_selftest="/k/iommufd_liveupdate",
+                     env={"PYIOMMUFD_LU_NR": "0x96"})
+    assert [s.kexec for s in py.stages] == ["self", "none"]
+    assert [s.kexec for s in c.stages] == ["agent", "none"]
+    assert all(s.needs_kexec for s in c.stages[1:])
+    assert c.stages[0].env == {seedflow.ENV_C_SELFTEST: "/k/iommufd_liveupdate"}
+    assert c.env == {"PYIOMMUFD_LU_NR": "0x96"}
+    assert json.dumps(c.to_json())        # what the guest agent reads
+    assert "--program" in c.stages[1].argv and c.stages[1].argv[-1] == "2"
