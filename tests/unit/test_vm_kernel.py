@@ -251,3 +251,16 @@ def test_waiting_for_the_build_lock_says_who_holds_it_and_gives_up(tmp_path):
         proc.join(30)
     with kernel._locked(lock, "me", progress=pytest.fail, timeout=1):
         pass                                             # free again once the holder is done
+
+
+def test_a_tree_patched_the_same_way_is_reused(tmp_path):
+    pristine = _tree(tmp_path / "pristine")
+    patch = _patch(tmp_path, "good.patch", GOOD)
+    out = kernel.prepare_tree(pristine, tmp_path / "src", [patch], tmp_path / "log")
+    marker = out / "build-output-kept"
+    marker.write_text("x")
+    assert kernel.prepare_tree(pristine, tmp_path / "src", [patch], tmp_path / "log") == out
+    assert marker.exists()
+    patch.write_text(GOOD.replace("twelve", "XII"))        # other patches: a fresh tree
+    kernel.prepare_tree(pristine, tmp_path / "src", [patch], tmp_path / "log")
+    assert not marker.exists() and "line XII\n" in (out / "drivers/iommu/a.c").read_text()

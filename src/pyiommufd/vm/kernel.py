@@ -436,8 +436,16 @@ def _unlink_copy(path: Path) -> None:
         os.replace(tmp, path)
 
 
+PATCHED_STAMP = ".pyiommufd-patches"
+
+
 def prepare_tree(pristine: Path, dest: Path, patches: Sequence[Path], log: Path) -> Path:
-    """A tree at ``dest``: hard links to ``pristine``, with ``patches`` applied."""
+    """A tree at ``dest``: hard links to ``pristine``, with ``patches`` applied.
+    A tree left by an earlier build of the same patches is reused as it is (a
+    rebuild stays incremental: unchanged files keep their times)."""
+    stamp = "".join(hashlib.sha256(p.read_bytes()).hexdigest() + "\n" for p in patches)
+    if (dest / PATCHED_STAMP).is_file() and (dest / PATCHED_STAMP).read_text() == stamp:
+        return dest
     if dest.exists():
         shutil.rmtree(dest)
     tmp = dest.with_name(dest.name + ".tmp")
@@ -451,6 +459,7 @@ def prepare_tree(pristine: Path, dest: Path, patches: Sequence[Path], log: Path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    (tmp / PATCHED_STAMP).write_text(stamp)
     tmp.rename(dest)
     return dest
 
@@ -570,7 +579,7 @@ def build_c_selftest(src: Path, build: Path, out: Path, log: Path, make: list[st
     selftests = src / "tools" / "testing" / "selftests"
     lib = src / C_SELFTEST_LIB
     tmp = out.with_name(out.name + ".tmp")
-    _run_logged(["gcc", "-O2", "-static", "-I", str(src / "tools" / "include"),
+    _run_logged(["gcc", "-O2", "-static", "-D_GNU_SOURCE=", "-I", str(src / "tools" / "include"),
                  "-I", str(lib / "include"), "-isystem", str(build / "usr" / "include"),
                  str(src / C_SELFTEST_SOURCE), *map(str, sorted(lib.glob("*.c"))),
                  "-o", str(tmp)], log, cwd=selftests)

@@ -1,0 +1,74 @@
+"""The seed flow, both stages around a real kexec, in the cover letter's order,
+by ``pyiommufd selftest`` and by patch 14's C selftest built from the same
+kernel tree. They must agree at every step: the same stages, the same first
+step that does not pass, the same errno, and the same answer to a non-VFIO
+driver bind after the kexec."""
+from __future__ import annotations
+
+import errno as E
+import os
+
+import pytest
+
+from pyiommufd.testing.pytest_plugin import KernelTarget, kernel_targets
+from pyiommufd.vm import kernel as vmkernel, runner, seedflow
+
+from seedflow_results import record
+
+TIMEOUT = 900.0
+
+
+def pytest_generate_tests(metafunc):
+    if "target" in metafunc.fixturenames:
+        targets = kernel_targets(metafunc.config)
+        metafunc.parametrize("target", targets, ids=[t.name for t in targets])
+
+
+def _unavailable(why: str):
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"the seed flow did not run (CI=true makes this a failure): {why}")
+    pytest.skip(f"the seed flow did not run: {why}")
+
+
+def _run(target: KernelTarget, program: str):
+    if target.unavailable:
+        _unavailable(f"kernel {target.name}: {target.unavailable}")
+    try:
+        runner.find_qemu()
+        image = vmkernel.resolve_kernel(target.user_kernel, progress=print,
+                                        recipe=vmkernel.KernelRecipe.of(target.patches))
+    except (runner.VmError, vmkernel.KernelBuildError) as exc:
+        _unavailable(str(exc))
+    if program == "c" and image.c_selftest is None:
+        return image, None
+    result, res = seedflow.run(program, kernel=str(image.bzimage), c_selftest=(
+        str(image.c_selftest) if image.c_selftest else None), timeout=TIMEOUT, progress=print,
+        env=target.env)
+    print(result.log)
+    print(f"VM: {res.summary()}")
+    return image, result
+
+
+def test_both_programs_agree_at_every_step(target):
+    image, ours = _run(target, "pyiommufd")
+    label = f"{target.name} ({image.label or image.release})"
+    assert ours is not None and ours.stages, ours and ours.log[-3000:]
+    record(label, "pyiommufd", ours.describe())
+    # Every kernel gets a verdict of pass, or "lacks X": never a failed rule.
+    for stage in ours.stages:
+        assert stage.passed or stage.detail.startswith("kernel lacks"), stage
+    if ours.stage(1).passed:
+        # the whole flow ran: after the kexec only vfio-pci may take the device
+        assert ours.non_vfio_bind_result == "EBUSY", ours.describe()
+        assert ours.stage(2) is not None and ours.stage(2).passed, ours.describe()
+
+    image, theirs = _run(target, "c")
+    if theirs is None:
+        record(label, "c", "c: not run: this kernel's tree has no iommufd_liveupdate.c (patch 14)")
+        assert not target.patches, "a patched tree with the series has patch 14's selftest"
+        return
+    record(label, "c", theirs.describe())
+    assert theirs.steps() == ours.steps(), f"\n  {ours.describe()}\n  {theirs.describe()}"
+    assert theirs.non_vfio_bind_result == ours.non_vfio_bind_result
+    if not ours.stage(1).passed:
+        assert ours.stage(1).errno == E.ENOENT        # a missing handler, in both
