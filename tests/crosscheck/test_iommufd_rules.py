@@ -253,11 +253,11 @@ def test_zero_tail_past_the_kernel_struct_is_accepted(iommufd):
 
 
 @pytest.mark.parametrize("request_value", [
-    ioctl.IO(0x3B, 0x96),            # a hole after the last 7.3 command
+    ioctl.IO(0x3B, 0x97),            # a hole: past 7.3's last command and the series' 0x96
     ioctl.IO(0x3B, 0xEE),            # past the table: VFIO compat, which does not know it
     ioctl.IO(0x3C, 0x81),            # IOAS_ALLOC's nr with another type
     ioctl.IO(0x3B, 0x81) | (12 << 16) | (3 << 30),   # _IOWR(';', 0x81, 12): sized encoding
-], ids=["hole-0x96", "nr-0xee", "type-0x3c", "iowr-0x81"])
+], ids=["hole-0x97", "nr-0xee", "type-0x3c", "iowr-0x81"])
 def test_unknown_request_is_enotty(iommufd, request_value):
     idef = ioctl.IoctlDef(f"{request_value:#x}", request_value, "struct iommu_ioas_alloc", "iommufd")
     with pytest.raises(errors.NoSuchIoctl):
