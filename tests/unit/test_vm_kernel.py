@@ -264,3 +264,15 @@ def test_a_tree_patched_the_same_way_is_reused(tmp_path):
     patch.write_text(GOOD.replace("twelve", "XII"))        # other patches: a fresh tree
     kernel.prepare_tree(pristine, tmp_path / "src", [patch], tmp_path / "log")
     assert not marker.exists() and "line XII\n" in (out / "drivers/iommu/a.c").read_text()
+
+
+def test_the_lu_nr_comes_from_the_trees_uapi_header(tmp_path):
+    tree = _tree(tmp_path / "t")
+    assert kernel.tree_lu_nr(tree) is None
+    uapi = tree / "include/uapi/linux/iommufd.h"
+    uapi.parent.mkdir(parents=True)
+    uapi.write_text("enum {\n\tIOMMUFD_CMD_IOAS_NOIOMMU_GET_PA = 0x95,\n"
+                    "\tIOMMUFD_CMD_HWPT_LU_SET_PRESERVE = 0x96,\n};\n")
+    assert kernel.tree_lu_nr(tree) == 0x96
+    uapi.write_text("enum {\n\tIOMMUFD_CMD_HWPT_LU_MARK_PRESERVE = 0x95,\n};\n")
+    assert kernel.tree_lu_nr(tree) == 0x95

@@ -23,6 +23,7 @@ Cache layout (``debian.cache_root()`` is ``$PYIOMMUFD_CACHE`` or ``~/.cache/pyio
         release      `uname -r` of that kernel
         label        what it is, e.g. "7.3.4 + series-v1-on-7.3.4.patch"
         iommufd_liveupdate   the series' C selftest, when the tree has it (static binary)
+        lu_nr        the LU ioctl's nr in the tree's UAPI header, when it has one
         build.log    output of every patch/configure/make step of the last build
         src/         the patched tree (hard links to the pristine tree where unchanged)
         build/       the O= directory (kept, so a rebuild is incremental)
@@ -94,6 +95,8 @@ class KernelImage:
     label: str | None = None     # "7.3.4", "7.3.4 + series-v1-on-7.3.4.patch", a user path
     #: the series' C selftest (patch 14), built against the tree's own UAPI headers
     c_selftest: Path | None = None
+    #: the LU ioctl's nr as the tree's UAPI header declares it (None: it has none)
+    lu_nr: int | None = None
 
     def describe(self) -> str:
         rel = self.release or "unknown release"
@@ -187,6 +190,21 @@ def config_text(recipe: KernelRecipe = STOCK, tree: Path | None = None) -> str:
     return "\n".join(p if p.endswith("\n") else p + "\n" for p in parts)
 
 
+_LU_CMD = re.compile(r"IOMMUFD_CMD_HWPT_LU_(?:SET|MARK)_PRESERVE\s*=\s*(0x[0-9a-fA-F]+|\d+)")
+
+
+def tree_lu_nr(tree: Path) -> int | None:
+    """The LU mark ioctl's nr, as the tree's ``include/uapi/linux/iommufd.h``
+    declares it: a fact of the kernel's source, so nothing has to be probed
+    for it (the series rebased onto 7.3 moved it to 0x96)."""
+    try:
+        text = (tree / "include" / "uapi" / "linux" / "iommufd.h").read_text(errors="replace")
+    except OSError:
+        return None
+    m = _LU_CMD.search(text)
+    return int(m.group(1), 0) if m else None
+
+
 def patch_adds_option(patch_text: str, option: str) -> bool:
     """Does a patch add ``config OPTION`` to a Kconfig file?"""
     return re.search(rf"^\+\s*config\s+{re.escape(option)}\s*$", patch_text, re.M) is not None
@@ -256,9 +274,10 @@ def cached_kernel(key: str | None = None) -> KernelImage | None:
     if image.is_file() and config.is_file() and release.is_file():
         label = (d / "label").read_text().strip() if (d / "label").is_file() else None
         selftest = d / C_SELFTEST_NAME
+        lu_nr = int((d / "lu_nr").read_text(), 0) if (d / "lu_nr").is_file() else None
         return KernelImage(image, release.read_text().strip() or None, config,
                            d.name, "cache", label=label,
-                           c_selftest=selftest if selftest.is_file() else None)
+                           c_selftest=selftest if selftest.is_file() else None, lu_nr=lu_nr)
     return None
 
 
@@ -562,11 +581,17 @@ def _build(key: str, d: Path, jobs: int, progress: Progress, source_tree: Path |
         shutil.copyfile(srcpath, tmp)
         os.replace(tmp, d / name)
     (d / "label").write_text(label + "\n")
+    lu_nr = tree_lu_nr(src)
+    if lu_nr is not None:
+        (d / "lu_nr").write_text(f"{lu_nr:#x}\n")
+    else:
+        (d / "lu_nr").unlink(missing_ok=True)
     (d / ".release.tmp").write_text((release or "") + "\n")
     os.replace(d / ".release.tmp", d / "release")
     took = time.monotonic() - start
     say(f"built Linux {release} ({label}) in {took:.0f}s: {d / 'bzImage'}")
-    return KernelImage(d / "bzImage", release, d / "config", key, "built", took, label, selftest)
+    return KernelImage(d / "bzImage", release, d / "config", key, "built", took, label, selftest,
+                       lu_nr)
 
 
 def build_c_selftest(src: Path, build: Path, out: Path, log: Path, make: list[str],

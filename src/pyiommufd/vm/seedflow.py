@@ -369,6 +369,9 @@ def run(program: str, *, kernel: str | None = None, recipe=None, c_selftest: str
                                     recipe=recipe or vmkernel.STOCK) if machine == "qemu" else None
     if program == "c" and c_selftest is None and image is not None and image.c_selftest:
         c_selftest = str(image.c_selftest)
+    env = dict(env or {})
+    if image is not None and image.lu_nr is not None:
+        env.setdefault("PYIOMMUFD_LU_NR", f"{image.lu_nr:#x}")   # what the tree declares
     j = job(program, python=runner.python_executable(), session=session, lu_abi=lu_abi,
             c_selftest=c_selftest, env=env)
     res = runner.run(j, kernel=str(image.bzimage) if image else kernel, timeout=timeout,
