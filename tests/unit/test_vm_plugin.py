@@ -324,3 +324,23 @@ def test_plugin_absent(pytestconfig):
 ''')
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", timeout=60)
     result.assert_outcomes(passed=1)
+
+
+@pytest.mark.parametrize("form", [["--vm-kernel", "{k}"], ["--vm-kernel={k}"]])
+def test_vm_kernel_takes_its_value_in_both_forms(vm_pytester, form):
+    """The two-word form must not make pytest collect the bzImage as a test path."""
+    kernel_file = vm_pytester.path / "bzImage-not-a-test"
+    kernel_file.write_bytes(b"\0" * 64)
+    vm_pytester.makepyfile(test_only='''
+import pytest
+@pytest.mark.pyiommufd_vm
+def test_in_vm():
+    pass
+def test_on_host():
+    pass
+''')
+    args = [a.format(k=kernel_file) for a in form]
+    result = vm_pytester.runpytest_subprocess(*args, "test_only.py", "-rs", timeout=120)
+    result.assert_outcomes(passed=1, skipped=1)
+    assert "ERROR: file or directory not found" not in result.stdout.str() + result.stderr.str()
+    result.stdout.fnmatch_lines(["kernels: user (*bzImage-not-a-test)"])
