@@ -272,27 +272,45 @@ def guest_stage(stage: int, program: str, bdf: str, *, session: str, lu_abi: str
         args += ["--kexec", kexec_kernel] + (["--initrd", initrd] if initrd else [])
     say("+ pyiommufd " + " ".join(args))
     sys.stdout.flush()
-    # A stage 1 that passes kexecs from the child and never returns here, so its
-    # output is passed on as it comes; the host reads a kexec as a pass.
+    # A stage 1 that passes prints its report and kexecs from the child, never
+    # returning here: the report is rendered as soon as it is complete.
     proc = subprocess.Popen(argv0 + args, stdout=subprocess.PIPE, text=True,
                             stdin=subprocess.DEVNULL)
-    lines = []
+    lines: list[str] = []
+    out: StageOutcome | None = None
     assert proc.stdout is not None
     for line in proc.stdout:
         lines.append(line)
-        sys.stdout.write(line)
-        sys.stdout.flush()
+        if out is None and line.rstrip() == "}":
+            try:
+                report = json.loads("".join(lines))
+            except ValueError:
+                continue
+            out = _render(report, stage, say)
     proc.wait()
-    try:
-        report = json.loads("".join(lines))
-    except ValueError:
+    if out is None:
+        say("".join(lines).rstrip())
         emit("stage", stage=stage, exit=proc.returncode, passed=False, first_failure=None,
              errno=None, detail="".join(lines).strip()[-300:])
         return proc.returncode or 1
-    out = python_outcome(report, proc.returncode)
-    emit("stage", stage=out.stage or stage, exit=proc.returncode, passed=out.passed,
-         first_failure=out.first_failure, errno=out.errno, detail=out.detail)
+    if out.exit is None:
+        out.exit = proc.returncode
     return proc.returncode
+
+
+def _render(report: dict[str, Any], stage: int, say: Callable[[str], None]) -> StageOutcome:
+    """Print a ``pyiommufd selftest --json`` report as KTAP result lines and
+    emit its stage record."""
+    for s in report.get("steps", []):
+        ok = "ok" if s["status"] in ("PASS", "SKIP") else "not ok"
+        directive = " # SKIP " if s["status"] == "SKIP" else (" # " if s.get("detail") else "")
+        say(f"{ok} {s['index']} {s['name']}{directive}{s.get('detail') or ''}".rstrip())
+    counts = report.get("counts", {})
+    say(f"# stage {report.get('stage')}: {str(report.get('result')).upper()} {counts}")
+    out = python_outcome(report, None)
+    emit("stage", stage=out.stage or stage, exit=None, passed=out.passed,
+         first_failure=out.first_failure, errno=out.errno, detail=out.detail)
+    return out
 
 
 def _c_stage(stage: int, cdev: str, binary: str | None, say: Callable[[str], None]) -> int:
