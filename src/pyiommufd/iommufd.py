@@ -54,10 +54,10 @@ from __future__ import annotations
 
 import errno as E
 import mmap as _mmap
-from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from . import errors, ioctl
+from ._record import factory, hidden, record
 from ._uapi import ffi
 from .backend import Backend, get_backend
 from .fdobject import FdObject, open_path
@@ -258,7 +258,7 @@ def _release(pin: Any) -> None:
 
 
 # -- records ---------------------------------------------------------------------
-@dataclass(frozen=True)
+@record(frozen=True)
 class IovaRange:
     """An inclusive IOVA range, as the kernel reports it (``start``..``last``)."""
 
@@ -273,7 +273,7 @@ class IovaRange:
         return self.start <= iova <= self.last
 
 
-@dataclass
+@record
 class Mapping:
     """One mapping pyiommufd made in an IOAS.
 
@@ -292,9 +292,9 @@ class Mapping:
     start: int | None = None
     user_va: int | None = None
     copied_from: tuple[int, int] | None = None  # (src ioas id, src iova)
-    file: Any = field(default=None, repr=False, compare=False)
-    buffer: Any = field(default=None, repr=False, compare=False)
-    pin: Any = field(default=None, repr=False, compare=False)
+    file: Any = hidden()
+    buffer: Any = hidden()
+    pin: Any = hidden()
 
     @property
     def last(self) -> int:
@@ -304,7 +304,7 @@ class Mapping:
         return self.iova <= iova and iova + length - 1 <= self.last
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class HwInfoVtd:
     """Decoded ``struct iommu_hw_info_vtd``."""
 
@@ -317,7 +317,7 @@ class HwInfoVtd:
         return bool(self.flags & C("IOMMU_HW_INFO_VTD_ERRATA_772415_SPR17"))
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class HwInfo:
     """The answer of IOMMU_GET_HW_INFO.
 
@@ -345,7 +345,7 @@ class HwInfo:
         return bool(self.capabilities & HW_CAPABILITIES["dirty_tracking"])
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class DirtyBitmap:
     """IOMMU_HWPT_GET_DIRTY_BITMAP's answer: bit i covers ``iova + i*page_size``."""
 
@@ -376,7 +376,7 @@ class DirtyBitmap:
         return len(self.dirty_iovas())
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class PageFault:
     """One ``struct iommu_hwpt_pgfault`` read from a fault queue."""
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import errno as E
 import os
-from dataclasses import dataclass
 
 from . import errors, ioctl
+from ._record import record
 from .backend import Backend
 from .errors import UsageError
 from .fdobject import FdObject, fd_of
@@ -125,7 +125,7 @@ class LiveUpdate(FdObject):
             return None
 
 
-@dataclass
+@record
 class PreservedFile:
     token: int
     fd: int
