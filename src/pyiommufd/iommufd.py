@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import errno as E
 import mmap as _mmap
+from bisect import bisect_left, bisect_right, insort
 from typing import Any, Iterable
 
 from . import errors, ioctl
@@ -139,8 +140,15 @@ VIOMMU_TYPES = {"default": C("IOMMU_VIOMMU_TYPE_DEFAULT"), "arm_smmuv3": C("IOMM
                 "tegra241_cmdqv": C("IOMMU_VIOMMU_TYPE_TEGRA241_CMDQV")}
 VEVENTQ_TYPES = {"default": C("IOMMU_VEVENTQ_TYPE_DEFAULT"), "arm_smmuv3": C("IOMMU_VEVENTQ_TYPE_ARM_SMMUV3"),
                  "tegra241_cmdqv": C("IOMMU_VEVENTQ_TYPE_TEGRA241_CMDQV")}
+_UINTPTR = ffi.typeof("uintptr_t")
+_PAGE_MASK = PAGE_SIZE - 1
+
 HW_QUEUE_TYPES = {"default": C("IOMMU_HW_QUEUE_TYPE_DEFAULT"),
                   "tegra241_cmdqv": C("IOMMU_HW_QUEUE_TYPE_TEGRA241_CMDQV")}
+
+# The ioctls whose types an open iommufd builds at once (see ioctl.prepare).
+_HOT_IOCTLS = (IOMMU_DESTROY, IOMMU_IOAS_ALLOC, IOMMU_IOAS_MAP, IOMMU_IOAS_MAP_FILE, IOMMU_IOAS_UNMAP,
+               IOMMU_HWPT_ALLOC)
 
 # Buffers of mappings whose iommufd was detach()ed to another owner: they must
 # outlive this process's interest in them, since the kernel may still DMA there.
@@ -221,7 +229,7 @@ def buffer_address(buffer: Any, *, writable: bool, length: int | None = None):
             size = length
         else:
             raise errors.UsageError(f"cannot map a cffi {ffi.typeof(buffer).cname}")
-        addr = int(ffi.cast("uintptr_t", buffer))
+        addr = int(ffi.cast(_UINTPTR, buffer))
         pin = None  # the caller's own cffi object: referenced, never released by us
     else:
         try:
@@ -233,7 +241,7 @@ def buffer_address(buffer: Any, *, writable: bool, length: int | None = None):
             raise errors.UsageError(f"cannot map a {type(buffer).__name__}: need a buffer "
                                     "(mmap.mmap, bytearray, memoryview) or a cffi array") from None
         size = len(pin)
-        addr = int(ffi.cast("uintptr_t", pin))
+        addr = int(ffi.cast(_UINTPTR, pin))
     if length is not None:
         length = _int(length, "length")
         if length > size:
@@ -441,6 +449,7 @@ class IOMMUFD(FdObject):
         super().__init__(fd, backend=backend, owned=owned)
         self.path = path
         self._objects: dict[int, IommufdObject] = {}
+        ioctl.prepare(*_HOT_IOCTLS)  # once per process: the first call then costs no more
 
     # -- construction and fd ownership -----------------------------------------
     @classmethod
@@ -535,9 +544,11 @@ class IOMMUFD(FdObject):
 
     # -- IOAS ----------------------------------------------------------------------
     def alloc_ioas(self) -> "IOAS":
-        arg = self._call(IOMMU_IOAS_ALLOC)
-        ioas = IOAS(self, int(arg.out_ioas_id))
-        self._register(ioas)
+        pair = IOMMU_IOAS_ALLOC.take()
+        ioctl.issue(self.backend, self.fileno(), IOMMU_IOAS_ALLOC, pair[1])
+        ioas = IOAS(self, pair[0].out_ioas_id)
+        IOMMU_IOAS_ALLOC.give(pair)
+        self._objects[ioas.id] = ioas
         return ioas
 
     def _wrap(self, cls: type, obj_id: int, owned: bool):
@@ -835,7 +846,11 @@ class IommufdObject:
             self._forget()
             return
         self._before_destroy()
-        self.iommufd._call(IOMMU_DESTROY, id=self.id, detail=f"{self.kind} {self.id}")
+        arg, buf = pair = IOMMU_DESTROY.take()
+        arg.id = self.id
+        ioctl.issue(self.iommufd.backend, self.iommufd.fileno(), IOMMU_DESTROY, buf,
+                    detail=lambda: f"{self.kind} {self.id}")
+        IOMMU_DESTROY.give(pair)
         self.iommufd._unregister(self)
         self._forget()
 
@@ -867,7 +882,11 @@ class IOAS(IommufdObject):
 
     def __init__(self, iommufd: IOMMUFD, obj_id: int, *, owned: bool = True):
         super().__init__(iommufd, obj_id, owned=owned)
+        # Tracking is O(log n) per map and unmap: the mappings by IOVA, and
+        # their IOVAs kept sorted so an unmap finds what lies in its range
+        # by bisection instead of scanning every mapping.
         self._mappings: dict[int, Mapping] = {}
+        self._iovas: list[int] = []
 
     def __repr__(self) -> str:
         state = " destroyed" if self.destroyed else ""
@@ -876,7 +895,13 @@ class IOAS(IommufdObject):
     @property
     def mappings(self) -> list[Mapping]:
         """What pyiommufd mapped into this IOAS, by IOVA."""
-        return [self._mappings[k] for k in sorted(self._mappings)]
+        return [self._mappings[k] for k in self._iovas]
+
+    def _track(self, mapping: Mapping) -> None:
+        iova = mapping.iova
+        if iova not in self._mappings:
+            insort(self._iovas, iova)
+        self._mappings[iova] = mapping
 
     def _pins(self) -> list[Any]:
         return [(m.pin, m.buffer, m.file) for m in self._mappings.values()]
@@ -887,6 +912,7 @@ class IOAS(IommufdObject):
             for m in self._mappings.values():
                 _release(m.pin)
         self._mappings.clear()
+        self._iovas.clear()
 
     def _map_flags(self, readable: bool, writeable: bool, fixed: bool) -> int:
         if not (readable or writeable):
@@ -895,6 +921,9 @@ class IOAS(IommufdObject):
                 | (MAP_FIXED_IOVA if fixed else 0))
 
     def _check_iova(self, iova: int | None, length: int, hint: int | None = None) -> int:
+        if (hint is None and iova.__class__ is int and iova >= 0 and not iova & _PAGE_MASK
+                and iova + length - 1 <= U64_MAX):
+            return iova  # the common case, checked in one go
         if iova is None:
             if hint is None:
                 return 0
@@ -922,25 +951,32 @@ class IOAS(IommufdObject):
         IOMMU also maps whole pages, so the device could reach the bytes
         around an unaligned buffer. User-VA mappings cannot be preserved across a live
         update (seed-spec 4.4): use :meth:`map_file` with a sealed memfd."""
-        self._check()
+        ictx = self.iommufd
+        if self.destroyed or ictx._fd is None:
+            self._check()
         flags = self._map_flags(readable, writeable, iova is not None)
         addr, size, pin = buffer_address(buffer, writable=writeable, length=length)
         detail = None
-        if addr % PAGE_SIZE:
+        if addr & _PAGE_MASK:
             detail = (f"user_va {addr:#x} is not page aligned: once a domain is attached the IOVA "
                       "must be page aligned and keeps the buffer's page offset; map page-aligned "
                       "memory (mmap.mmap, pyiommufd.iommufd.aligned_buffer())")
         try:
             _aligned(size, "length")
             iova_in = self._check_iova(iova, size, hint_iova)
-            arg = self.iommufd._call(IOMMU_IOAS_MAP, flags=flags, ioas_id=self.id, user_va=addr,
-                                     length=size, iova=iova_in, detail=detail)
+            arg, buf = pair = IOMMU_IOAS_MAP.take()
+            arg.flags = flags
+            arg.ioas_id = self.id
+            arg.user_va = addr
+            arg.length = size
+            arg.iova = iova_in
+            ioctl.issue(ictx.backend, ictx._fd, IOMMU_IOAS_MAP, buf, None, detail)
+            got = arg.iova
+            IOMMU_IOAS_MAP.give(pair)
         except BaseException:
             _release(pin)
             raise
-        got = int(arg.iova)
-        self._mappings[got] = Mapping(iova=got, length=size, kind="va", readable=readable,
-                                      writeable=writeable, user_va=addr, buffer=buffer, pin=pin)
+        self._track(Mapping(got, size, "va", readable, writeable, None, None, addr, None, None, buffer, pin))
         return got
 
     def map_file(self, file_or_fd: Any, start: int = 0, length: int | None = None,
@@ -969,30 +1005,59 @@ class IOAS(IommufdObject):
         _range_end(start, length, "file range")
         iova_in = self._check_iova(iova, length, hint_iova)
         flags = self._map_flags(readable, writeable, iova is not None)
-        arg = self.iommufd._call(IOMMU_IOAS_MAP_FILE, flags=flags, ioas_id=self.id, fd=fd, start=start,
-                                 length=length, iova=iova_in)
-        got = int(arg.iova)
-        self._mappings[got] = Mapping(iova=got, length=length, kind="file", readable=readable,
-                                      writeable=writeable, fd=fd, start=start,
-                                      file=None if isinstance(file_or_fd, int) else file_or_fd)
+        arg, buf = pair = IOMMU_IOAS_MAP_FILE.take()
+        arg.flags = flags
+        arg.ioas_id = self.id
+        arg.fd = fd
+        arg.start = start
+        arg.length = length
+        arg.iova = iova_in
+        ioctl.issue(self.iommufd.backend, self.iommufd.fileno(), IOMMU_IOAS_MAP_FILE, buf)
+        got = arg.iova
+        IOMMU_IOAS_MAP_FILE.give(pair)
+        self._track(Mapping(got, length, "file", readable, writeable, fd, start, None, None,
+                            None if isinstance(file_or_fd, int) else file_or_fd))
         return got
 
     def _drop_tracked(self, iova: int, length: int) -> None:
+        """Forget every tracked mapping fully inside ``[iova, iova+length)``."""
         last = iova + length - 1
-        for key in [k for k, m in self._mappings.items() if iova <= m.iova and m.last <= last]:
-            _release(self._mappings.pop(key).pin)
+        iovas, mappings = self._iovas, self._mappings
+        lo, hi = bisect_left(iovas, iova), bisect_right(iovas, last)
+        if lo == hi:
+            return
+        kept = []
+        for key in iovas[lo:hi]:
+            m = mappings[key]
+            if m.iova + m.length - 1 <= last:
+                del mappings[key]
+                _release(m.pin)
+            else:
+                kept.append(key)
+        iovas[lo:hi] = kept
 
     def unmap(self, iova: int, length: int) -> int:
         """IOMMU_IOAS_UNMAP of every mapping fully inside ``[iova, iova+length)``.
         Returns the bytes unmapped. Nothing mapped there:
         :class:`~pyiommufd.errors.NotFound`. Releases the buffers."""
-        self._check()
-        iova = _aligned(_int(iova, "iova"), "iova")
-        length = _length(length)
-        _range_end(iova, length, "IOVA range")
-        arg = self.iommufd._call(IOMMU_IOAS_UNMAP, ioas_id=self.id, iova=iova, length=length)
+        ictx = self.iommufd
+        if self.destroyed or ictx._fd is None:
+            self._check()
+        if not (iova.__class__ is int and length.__class__ is int and iova >= 0 and length > 0
+                and not (iova | length) & _PAGE_MASK and iova + length - 1 <= U64_MAX):
+            # not the common case: the full checks, which say what is wrong
+            iova = _aligned(_int(iova, "iova"), "iova")
+            length = _length(length)
+            _range_end(iova, length, "IOVA range")
+        arg, buf = pair = IOMMU_IOAS_UNMAP.take()
+        arg.ioas_id = self.id
+        arg.iova = iova
+        arg.length = length
+        ioctl.issue(ictx.backend, ictx._fd, IOMMU_IOAS_UNMAP, buf)
+        done = arg.length
+        IOMMU_IOAS_UNMAP.give(pair)
         self._drop_tracked(iova, length)
-        return int(arg.length)
+        return done
 
     def unmap_all(self) -> int:
         """IOMMU_IOAS_UNMAP with iova 0, length U64_MAX: everything. Returns the bytes unmapped."""
@@ -1001,6 +1066,7 @@ class IOAS(IommufdObject):
         for m in self._mappings.values():
             _release(m.pin)
         self._mappings.clear()
+        self._iovas.clear()
         return int(arg.length)
 
     def copy(self, src_ioas: "IOAS | int", src_iova: int, length: int, dst_iova: int | None = None, *,
@@ -1024,15 +1090,15 @@ class IOAS(IommufdObject):
             origin = next((m for m in src._mappings.values() if m.covers(src_iova, length)), None)
         if origin is not None:
             delta = src_iova - origin.iova
-            self._mappings[got] = Mapping(
+            self._track(Mapping(
                 iova=got, length=length, kind=origin.kind, readable=readable, writeable=writeable,
                 fd=origin.fd, start=None if origin.start is None else origin.start + delta,
                 user_va=None if origin.user_va is None else origin.user_va + delta,
                 copied_from=(src_id, src_iova), file=origin.file, buffer=origin.buffer,
-                pin=None if origin.pin is None else ffi.from_buffer(origin.buffer))
+                pin=None if origin.pin is None else ffi.from_buffer(origin.buffer)))
         else:
-            self._mappings[got] = Mapping(iova=got, length=length, kind="unknown", readable=readable,
-                                          writeable=writeable, copied_from=(src_id, src_iova))
+            self._track(Mapping(iova=got, length=length, kind="unknown", readable=readable,
+                                writeable=writeable, copied_from=(src_id, src_iova)))
         return got
 
     # -- IOVA ranges -------------------------------------------------------------

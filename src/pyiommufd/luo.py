@@ -89,10 +89,19 @@ def holders_of(backend: Backend, path: str = DEVICE) -> list[int]:
     return pids
 
 
+# Built when /dev/liveupdate opens, so that after a kexec the first
+# retrieve (inside the blackout) does not pay for building cffi types.
+_HOT_IOCTLS = (CREATE_SESSION, RETRIEVE_SESSION, PRESERVE_FD, RETRIEVE_FD, FINISH)
+
+
 class LiveUpdate(FdObject):
     """The one open ``/dev/liveupdate`` of this process."""
 
     kind = "liveupdate"
+
+    def __init__(self, fd: int, *, backend: Backend | None = None, owned: bool = True):
+        super().__init__(fd, backend=backend, owned=owned)
+        ioctl.prepare(*_HOT_IOCTLS)
 
     @classmethod
     def open(cls, path: str = DEVICE, *, backend: Backend | None = None) -> "LiveUpdate":
@@ -108,13 +117,13 @@ class LiveUpdate(FdObject):
 
     def create_session(self, name: str) -> "Session":
         raw = check_session_name(name)
-        arg = ioctl.call(self.backend, self.fd, CREATE_SESSION, name=raw, detail=f"session {name!r}")
-        return Session(int(arg.fd), name, incoming=False, backend=self.backend)
+        arg = ioctl.call(self.backend, self.fd, CREATE_SESSION, name=raw, detail=lambda: f"session {name!r}")
+        return Session(arg.fd, name, incoming=False, backend=self.backend)
 
     def retrieve_session(self, name: str) -> "Session":
         raw = check_session_name(name)
-        arg = ioctl.call(self.backend, self.fd, RETRIEVE_SESSION, name=raw, detail=f"session {name!r}")
-        return Session(int(arg.fd), name, incoming=True, backend=self.backend)
+        arg = ioctl.call(self.backend, self.fd, RETRIEVE_SESSION, name=raw, detail=lambda: f"session {name!r}")
+        return Session(arg.fd, name, incoming=True, backend=self.backend)
 
     def try_retrieve_session(self, name: str) -> "Session | None":
         """Retrieve ``name``, or None when there is no such incoming session
@@ -165,9 +174,14 @@ class Session(FdObject):
             raise UsageError(f"session {self.name!r} is incoming (retrieved): it takes retrieve/finish, not preserve")
         fd = fd_of(obj)
         kind = getattr(obj, "kind", None) if not isinstance(obj, int) else None
-        ioctl.call(self.backend, self.fd, PRESERVE_FD, fd=fd, token=token,
-                   context={"kind": describe_fd(self.backend, fd) if kind is None else f"a {kind}"},
-                   detail=f"session {self.name!r}, token {token:#x}")
+        arg, buf = pair = PRESERVE_FD.take()
+        arg.fd = fd
+        arg.token = token
+        # what the file is (a /proc read) only matters for the error message
+        ioctl.issue(self.backend, self.fileno(), PRESERVE_FD, buf,
+                    lambda: {"kind": describe_fd(self.backend, fd) if kind is None else f"a {kind}"},
+                    lambda: f"session {self.name!r}, token {token:#x}")
+        PRESERVE_FD.give(pair)
         record = PreservedFile(token, fd, kind)
         self.preserved[token] = record
         return record
@@ -177,9 +191,12 @@ class Session(FdObject):
         check_token(token)
         if not self.incoming:
             raise UsageError(f"session {self.name!r} is outgoing (created): it takes preserve, not retrieve")
-        arg = ioctl.call(self.backend, self.fd, RETRIEVE_FD, token=token,
-                         detail=f"session {self.name!r}, token {token:#x}")
-        fd = int(arg.fd)
+        arg, buf = pair = RETRIEVE_FD.take()
+        arg.token = token
+        ioctl.issue(self.backend, self.fileno(), RETRIEVE_FD, buf,
+                    detail=lambda: f"session {self.name!r}, token {token:#x}")
+        fd = arg.fd
+        RETRIEVE_FD.give(pair)
         self.retrieved[token] = fd
         return fd
 
@@ -187,10 +204,9 @@ class Session(FdObject):
         """Tell the kernel the live update of this session is complete."""
         if not self.incoming:
             raise UsageError(f"session {self.name!r} is outgoing: only retrieved sessions can finish")
-        unretrieved = sorted(self.expected_tokens - set(self.retrieved))
         ioctl.call(self.backend, self.fd, FINISH,
-                   context={"unretrieved": [hex(t) for t in unretrieved]},
-                   detail=f"session {self.name!r}")
+                   context=lambda: {"unretrieved": [hex(t) for t in sorted(self.expected_tokens - set(self.retrieved))]},
+                   detail=lambda: f"session {self.name!r}")
 
     def __repr__(self) -> str:
         direction = "incoming" if self.incoming else "outgoing"
