@@ -150,6 +150,20 @@ class IoctlDef:
     def give(self, pair) -> None:
         self._free.append(pair)
 
+    # Bulk calls build every struct first, in one array, then only issue.
+    def array(self, n: int):
+        """``n`` zeroed structs in one allocation, each with its size field set."""
+        if self._ptype is None:
+            self.prepare()
+        array = ffi.new(f"{self.struct}[]", n)
+        if n and self.size_field:
+            ffi.buffer(array)[:] = self._template * n
+        return array
+
+    def buffers(self, array, n: int) -> list:
+        """The buffer of each struct of :meth:`array`."""
+        return [ffi.buffer(array + i) for i in range(n)]
+
 
 REGISTRY: dict[str, IoctlDef] = {}
 

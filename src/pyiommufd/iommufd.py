@@ -990,6 +990,85 @@ class IOAS(IommufdObject):
         For live update the memfd must be sealed F_SEAL_SEAL|GROW|SHRINK
         **before** this call; the kernel samples the seals here (seed-spec 4.4)."""
         self._check()
+        fd, start, length, iova_in, flags = self._map_file_args(file_or_fd, start, length, iova, readable,
+                                                                 writeable, hint_iova)
+        arg, buf = pair = IOMMU_IOAS_MAP_FILE.take()
+        arg.flags = flags
+        arg.ioas_id = self.id
+        arg.fd = fd
+        arg.start = start
+        arg.length = length
+        arg.iova = iova_in
+        ioctl.issue(self.iommufd.backend, self.iommufd.fileno(), IOMMU_IOAS_MAP_FILE, buf)
+        got = arg.iova
+        IOMMU_IOAS_MAP_FILE.give(pair)
+        self._track(Mapping(got, length, "file", readable, writeable, fd, start, None, None,
+                            None if isinstance(file_or_fd, int) else file_or_fd))
+        return got
+
+    def map_file_many(self, items) -> list[int]:
+        """IOMMU_IOAS_MAP_FILE of every item, in order; returns their IOVAs.
+
+        Each item is a dict of :meth:`map_file`'s arguments (``file`` plus
+        ``start``, ``length``, ``iova``, ``readable``, ``writeable``,
+        ``hint_iova``) or a tuple ``(file, start, length, iova)``. Every item
+        is checked and its struct built before the first ioctl (bad input:
+        :class:`~pyiommufd.errors.UsageError` naming the item, nothing
+        mapped). If the kernel refuses item ``i``, the error is that map's
+        typed error, its detail names the item and the mappings made before
+        it, and it carries ``index`` and ``done`` (the IOVAs of items
+        ``0..i-1``, which stay mapped and tracked)."""
+        self._check()
+        prepared = []
+        for index, item in enumerate(items):
+            try:
+                if isinstance(item, dict):
+                    kw = dict(item)
+                    file_or_fd = kw.pop("file")
+                    args = self._map_file_args(file_or_fd, kw.pop("start", 0), kw.pop("length", None),
+                                               kw.pop("iova", None), kw.pop("readable", True),
+                                               kw.pop("writeable", True), kw.pop("hint_iova", None))
+                    if kw:
+                        raise errors.UsageError(f"unknown map_file arguments {sorted(kw)}")
+                    readable, writeable = item.get("readable", True), item.get("writeable", True)
+                else:
+                    file_or_fd, start, length, iova = item
+                    args = self._map_file_args(file_or_fd, start, length, iova, True, True, None)
+                    readable = writeable = True
+            except (errors.UsageError, KeyError, TypeError, ValueError) as exc:
+                what = f"missing {exc}" if isinstance(exc, KeyError) else str(exc)
+                if isinstance(exc, (TypeError, ValueError)) and not isinstance(exc, errors.UsageError):
+                    what = f"not a map_file item (dict, or (file, start, length, iova)): {item!r}"
+                raise errors.UsageError(f"map_file_many: item {index + 1}: {what}") from None
+            prepared.append((args, readable, writeable, None if isinstance(file_or_fd, int) else file_or_fd))
+        n = len(prepared)
+        array = IOMMU_IOAS_MAP_FILE.array(n)
+        for i, ((fd, start, length, iova_in, flags), _, _, _) in enumerate(prepared):
+            a = array[i]
+            a.flags, a.ioas_id, a.fd, a.start, a.length, a.iova = flags, self.id, fd, start, length, iova_in
+        bufs = IOMMU_IOAS_MAP_FILE.buffers(array, n)
+        do_ioctl, ifd, request = self.backend.ioctl, self.iommufd.fileno(), IOMMU_IOAS_MAP_FILE.request
+        i = 0
+        try:
+            for i in range(n):
+                do_ioctl(ifd, request, bufs[i])
+        except OSError as exc:
+            done = self._track_files(prepared, array, i)
+            error = ioctl.failure(exc, IOMMU_IOAS_MAP_FILE)
+            raise errors.partial(error, i, n, "mapped", [f"iova {v:#x}" for v in done], done) from None
+        return self._track_files(prepared, array, n)
+
+    def _track_files(self, prepared, array, count: int) -> list[int]:
+        out = []
+        for i in range(count):
+            (fd, start, length, _, _), readable, writeable, file = prepared[i]
+            got = array[i].iova
+            self._track(Mapping(got, length, "file", readable, writeable, fd, start, None, None, file))
+            out.append(got)
+        return out
+
+    def _map_file_args(self, file_or_fd, start, length, iova, readable, writeable, hint_iova):
+        """map_file's checks, in its order: ``(fd, start, length, iova, flags)``."""
         fd = _fd_of(file_or_fd)
         start = _aligned(_int(start, "start"), "start")
         if length is None:
@@ -1005,19 +1084,7 @@ class IOAS(IommufdObject):
         _range_end(start, length, "file range")
         iova_in = self._check_iova(iova, length, hint_iova)
         flags = self._map_flags(readable, writeable, iova is not None)
-        arg, buf = pair = IOMMU_IOAS_MAP_FILE.take()
-        arg.flags = flags
-        arg.ioas_id = self.id
-        arg.fd = fd
-        arg.start = start
-        arg.length = length
-        arg.iova = iova_in
-        ioctl.issue(self.iommufd.backend, self.iommufd.fileno(), IOMMU_IOAS_MAP_FILE, buf)
-        got = arg.iova
-        IOMMU_IOAS_MAP_FILE.give(pair)
-        self._track(Mapping(got, length, "file", readable, writeable, fd, start, None, None,
-                            None if isinstance(file_or_fd, int) else file_or_fd))
-        return got
+        return fd, start, length, iova_in, flags
 
     def _drop_tracked(self, iova: int, length: int) -> None:
         """Forget every tracked mapping fully inside ``[iova, iova+length)``."""

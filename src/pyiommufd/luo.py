@@ -186,6 +186,96 @@ class Session(FdObject):
         self.preserved[token] = record
         return record
 
+    def preserve_many(self, items) -> list[PreservedFile]:
+        """Preserve each ``(obj, token)`` of ``items``, in order: the bulk
+        :meth:`preserve` for the critical path.
+
+        Every item is checked and its struct built before the first ioctl
+        (bad input: :class:`UsageError` naming the item, nothing preserved);
+        then only the ioctls run. If the kernel refuses item ``i``, the error
+        is that item's own typed error, its detail says which item failed and
+        which were preserved before it, and it carries ``index`` (of the
+        failed item) and ``done`` (the :class:`PreservedFile` records of
+        items ``0..i-1``, which stay preserved and are in ``self.preserved``).
+        """
+        if self.incoming:
+            raise UsageError(f"session {self.name!r} is incoming (retrieved): it takes retrieve/finish, not preserve")
+        prepared = []
+        for index, item in enumerate(items):
+            try:
+                obj, token = item
+            except (TypeError, ValueError):
+                raise UsageError(f"preserve_many: item {index + 1} is not an (object, token) pair: {item!r}") from None
+            try:
+                check_token(token)
+                fd = fd_of(obj)
+            except UsageError as exc:
+                raise UsageError(f"preserve_many: item {index + 1}: {exc}") from None
+            prepared.append((fd, token, getattr(obj, "kind", None) if not isinstance(obj, int) else None))
+        n = len(prepared)
+        array = PRESERVE_FD.array(n)
+        for i, (fd, token, _) in enumerate(prepared):
+            array[i].fd = fd
+            array[i].token = token
+        bufs = PRESERVE_FD.buffers(array, n)
+        do_ioctl, sfd, request = self.backend.ioctl, self.fileno(), PRESERVE_FD.request
+        i = 0
+        try:
+            for i in range(n):
+                do_ioctl(sfd, request, bufs[i])
+        except OSError as exc:
+            done = self._record_preserved(prepared[:i])
+            fd, token, kind = prepared[i]
+            error = ioctl.failure(exc, PRESERVE_FD,
+                                  lambda: {"kind": describe_fd(self.backend, fd) if kind is None else f"a {kind}"},
+                                  lambda: f"session {self.name!r}, token {token:#x}")
+            raise errors.partial(error, i, n, "preserved", [r.token for r in done], done) from None
+        return self._record_preserved(prepared)
+
+    def _record_preserved(self, prepared) -> list[PreservedFile]:
+        out = []
+        for fd, token, kind in prepared:
+            record = self.preserved[token] = PreservedFile(token, fd, kind)
+            out.append(record)
+        return out
+
+    def retrieve_all(self, tokens) -> dict[int, int]:
+        """Retrieve every token of ``tokens``, in order; returns ``{token: fd}``
+        (the caller owns the fds). The bulk :meth:`retrieve` for the blackout
+        window: the structs are built before the first ioctl.
+
+        If the kernel refuses token ``i``, the error is that retrieve's typed
+        error; its detail names the failed item and those retrieved before
+        it, and it carries ``index`` and ``done`` (``{token: fd}`` of the
+        ones retrieved, also in ``self.retrieved``: close or use them)."""
+        if not self.incoming:
+            raise UsageError(f"session {self.name!r} is outgoing (created): it takes preserve, not retrieve")
+        tokens = list(tokens)
+        for index, token in enumerate(tokens):
+            try:
+                check_token(token)
+            except UsageError as exc:
+                raise UsageError(f"retrieve_all: item {index + 1}: {exc}") from None
+        n = len(tokens)
+        array = RETRIEVE_FD.array(n)
+        for i, token in enumerate(tokens):
+            array[i].token = token
+        bufs = RETRIEVE_FD.buffers(array, n)
+        do_ioctl, sfd, request = self.backend.ioctl, self.fileno(), RETRIEVE_FD.request
+        i = 0
+        try:
+            for i in range(n):
+                do_ioctl(sfd, request, bufs[i])
+        except OSError as exc:
+            done = {tokens[k]: array[k].fd for k in range(i)}
+            self.retrieved.update(done)
+            token = tokens[i]
+            error = ioctl.failure(exc, RETRIEVE_FD, None, lambda: f"session {self.name!r}, token {token:#x}")
+            raise errors.partial(error, i, n, "retrieved", list(done), done) from None
+        out = {tokens[k]: array[k].fd for k in range(n)}
+        self.retrieved.update(out)
+        return out
+
     def retrieve(self, token: int) -> int:
         """Retrieve the file preserved under ``token``; the caller owns the new fd."""
         check_token(token)
