@@ -360,11 +360,18 @@ HINTS: dict[object, Hint] = {
     ("kexec", E.EPERM): "kexec needs CAP_SYS_BOOT, and kexec_load_disabled must be 0",
     ("kexec", E.EINVAL): "a preserved file refused to freeze (a vfio device with interrupts "
         "still enabled, seed-spec 4.5), or the kernel image is not loadable",
+    E.EMFILE: lambda ctx: _emfile_hint(),
     E.EACCES: "permission denied: run as root",
     E.EPERM: "operation not permitted: run as root (CAP_SYS_ADMIN, CAP_SYS_BOOT)",
     E.ENOTTY: "the kernel does not know this ioctl",
     E.E2BIG: "our struct is larger than the kernel's and the tail is not zero: ABI mismatch",
 }
+
+
+def _emfile_hint() -> str:
+    from .rlimits import emfile_hint  # resource is imported only when EMFILE happens
+
+    return emfile_hint()
 
 
 def hint_for(op: str, interface: str, err: int, context: Mapping[str, object] | None = None) -> str | None:

@@ -230,6 +230,9 @@ class AgentServer:
 
     # -- lifecycle -------------------------------------------------------------
     def start(self) -> "AgentServer":
+        from ..rlimits import raise_nofile
+
+        raise_nofile()  # the agent holds every preserved and retrieved fd
         self._bind()
         if self.open_liveupdate:
             self._try_open_liveupdate()

@@ -229,6 +229,10 @@ def preserve(plan_file, session, memfds, devices, hwpt_tokens, device_tokens, io
         raise PlanError([x.describe() for x in errs])
     be = get_backend()
     _preflight_devices(p, be)
+    from ..rlimits import raise_nofile
+
+    # each memfd, iommufd and device is open here until the agent holds it
+    raise_nofile(len(p.memfds) + len(p.iommufds) + len(p.devices) + 64)
     client = ensure_running(socket_path, backend=be)
     done = planner.execute(p, client, backend=be, ops=ops, notify=warn)
     info = client.ping()
