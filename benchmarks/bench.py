@@ -176,8 +176,10 @@ def compile_c(dest: Path | None = None) -> Path:
 
 
 def run_c(binary: Path, *args) -> list[int]:
-    out = subprocess.run([str(binary), *map(str, args)], check=True, capture_output=True, text=True).stdout
-    return json.loads(out.splitlines()[-1])["ns"]
+    proc = subprocess.run([str(binary), *map(str, args)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{binary.name} {' '.join(map(str, args))}: {proc.stderr.strip()}")
+    return json.loads(proc.stdout.splitlines()[-1])["ns"]
 
 
 def wall(argv: list[str], reps: int, env: dict | None = None) -> list[float]:
@@ -277,10 +279,15 @@ def stage1(out: Path, c_binary: Path, *, quick: bool = False, kexec: bool = True
     ictx.close()
     note("alloc_destroy")
 
+    save(out, "stage1", res)
+    sizes = ((1, False), (64, True), (1000, True))
+    preserve_reps = {n: (5 if quick else 20) if n == 1000 else (10 if quick else 50) for n, _ in sizes}
+    # /dev/liveupdate has one opener at a time: the C twin goes first
+    c_preserve = {n: run_c(c_binary, "preserve", n, preserve_reps[n]) for n, _ in sizes}
     lu = LiveUpdate.open()
-    for n, bulk_too in ((1, False), (64, True), (1000, True)):
+    for n, bulk_too in sizes:
         files = [MemFD.create("bench-pres", 4096) for _ in range(n)]
-        r = (5 if quick else 20) if n == 1000 else (10 if quick else 50)
+        r = preserve_reps[n]
         counter = iter(range(1 << 30))
 
         def one_by_one():
@@ -301,12 +308,13 @@ def stage1(out: Path, c_binary: Path, *, quick: bool = False, kexec: bool = True
                 samples.append(time.perf_counter_ns() - t0)
                 s.close()   # unpreserves, untimed
             res[f"preserve_{n}{variant}"] = {"py": samples[1:]}
-        c = run_c(c_binary, "preserve", n, r)
+        c = c_preserve[n]
         for variant in ("", "_bulk") if bulk_too else ("",):
             res[f"preserve_{n}{variant}"]["c"] = c
         for m in files:
             m.close()
         note(f"preserve_{n}")
+        save(out, "stage1", res)
     res.update(startup(c_binary, reps=5 if quick else 10))
     note("startup")
     save(out, "stage1", res)

@@ -113,12 +113,23 @@ def cases(be: StubBackend):
     def preserve_int():
         session.preserve(memfd, 1)
 
+    many = [(memfd, i + 1) for i in range(64)]
+
+    def preserve_64_one_by_one():
+        for obj, token in many:
+            session.preserve(obj, token)
+
+    def preserve_64_bulk():
+        session.preserve_many(many)
+
     yield "map+unmap 4K (public)", map_unmap
     yield "map+unmap 4K, 1000 mapped", map_unmap_busy
     yield "map+unmap 4K (ioctl.call)", map_unmap_call_layer
     yield "map+unmap 4K (floor)", map_unmap_floor
     yield "ioas alloc+destroy", alloc_destroy
     yield "session.preserve(int)", preserve_int
+    yield "preserve 64, one by one", preserve_64_one_by_one
+    yield "preserve 64, preserve_many", preserve_64_bulk
 
 
 def main() -> int:

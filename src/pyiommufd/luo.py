@@ -207,16 +207,21 @@ class Session(FdObject):
             except (TypeError, ValueError):
                 raise UsageError(f"preserve_many: item {index + 1} is not an (object, token) pair: {item!r}") from None
             try:
-                check_token(token)
+                # plain ints are the common case: checked inline, else by the full checks
+                if token.__class__ is not int or not 0 <= token <= TOKEN_MAX:
+                    check_token(token)
+                if obj.__class__ is int and obj >= 0:
+                    prepared.append((obj, token, None))
+                    continue
                 fd = fd_of(obj)
             except UsageError as exc:
                 raise UsageError(f"preserve_many: item {index + 1}: {exc}") from None
             prepared.append((fd, token, getattr(obj, "kind", None) if not isinstance(obj, int) else None))
         n = len(prepared)
         array = PRESERVE_FD.array(n)
-        for i, (fd, token, _) in enumerate(prepared):
-            array[i].fd = fd
-            array[i].token = token
+        for entry, (fd, token, _) in zip(array, prepared):
+            entry.fd = fd
+            entry.token = token
         bufs = PRESERVE_FD.buffers(array, n)
         do_ioctl, sfd, request = self.backend.ioctl, self.fileno(), PRESERVE_FD.request
         i = 0
@@ -233,10 +238,8 @@ class Session(FdObject):
         return self._record_preserved(prepared)
 
     def _record_preserved(self, prepared) -> list[PreservedFile]:
-        out = []
-        for fd, token, kind in prepared:
-            record = self.preserved[token] = PreservedFile(token, fd, kind)
-            out.append(record)
+        out = [PreservedFile(token, fd, kind) for fd, token, kind in prepared]
+        self.preserved.update(zip((r.token for r in out), out))
         return out
 
     def retrieve_all(self, tokens) -> dict[int, int]:
