@@ -24,6 +24,7 @@
 
 #include <linux/iommufd.h>
 #include <linux/liveupdate.h>
+#include <linux/vfio.h>
 #include <openssl/sha.h>
 
 #define IOVA 0x100000ULL
@@ -130,10 +131,22 @@ static void case_map_unmap(const char *name, int busy, int reps)
 	close(ictx);
 }
 
-static void case_map_file(const char *name, size_t size, int reps)
+/* with `cdev`, the IOAS has the device's domain attached: the map pins and maps every page */
+static void case_map_file(const char *name, size_t size, int reps, const char *cdev)
 {
 	int ictx = open_or_die("/dev/iommu");
 	uint32_t ioas = ioas_alloc(ictx);
+
+	if (cdev) {
+		int dev = open_or_die(cdev);
+		struct vfio_device_bind_iommufd bind = { .argsz = sizeof(bind), .iommufd = ictx };
+		struct vfio_device_attach_iommufd_pt attach = { .argsz = sizeof(attach), .pt_id = ioas };
+
+		if (ioctl(dev, VFIO_DEVICE_BIND_IOMMUFD, &bind))
+			die("VFIO_DEVICE_BIND_IOMMUFD");
+		if (ioctl(dev, VFIO_DEVICE_ATTACH_IOMMUFD_PT, &attach))
+			die("VFIO_DEVICE_ATTACH_IOMMUFD_PT");
+	}
 	int mfd = memfd_of("bench-ram", size);
 	struct iommu_ioas_map_file map = { .size = sizeof(map), .ioas_id = ioas, .fd = mfd,
 		.flags = IOMMU_IOAS_MAP_FIXED_IOVA | IOMMU_IOAS_MAP_READABLE | IOMMU_IOAS_MAP_WRITEABLE,
@@ -306,7 +319,7 @@ int main(int argc, char **argv)
 	if (!strcmp(c, "map_unmap"))
 		case_map_unmap(argc > 4 ? argv[4] : "map_unmap", a, b);
 	else if (!strcmp(c, "map_file"))
-		case_map_file("map_file", (size_t)a << 20, b);
+		case_map_file("map_file", (size_t)a << 20, b, argc > 4 ? argv[4] : NULL);
 	else if (!strcmp(c, "alloc_destroy"))
 		case_alloc_destroy("alloc_destroy", a);
 	else if (!strcmp(c, "preserve"))
@@ -320,8 +333,8 @@ int main(int argc, char **argv)
 	else if (!strcmp(c, "noop"))
 		return 0;
 	else {
-		fprintf(stderr, "usage: bench_c map_unmap BUSY REPS [NAME] | map_file MIB REPS | "
-			"alloc_destroy REPS | preserve N REPS [NAME] | retrieve SESSION N | "
+		fprintf(stderr, "usage: bench_c map_unmap BUSY REPS [NAME] | "
+			"map_file MIB REPS [CDEV] | alloc_destroy REPS | preserve N REPS [NAME] | retrieve SESSION N | "
 			"restore SESSION N EXPECTED | rss | noop\n");
 		return 2;
 	}

@@ -17,12 +17,13 @@ only version signal the kernel gets.
 from __future__ import annotations
 
 import errno as E
+import fcntl
 from typing import Iterator, Mapping
 
 from . import errors
 from ._record import record
 from ._uapi import ffi
-from .backend import Backend
+from .backend import Backend, LinuxBackend
 
 _IOC_NRBITS, _IOC_TYPEBITS, _IOC_SIZEBITS = 8, 8, 14
 _IOC_NRSHIFT = 0
@@ -230,6 +231,14 @@ def _declared_size(arg) -> int | None:
         if name in names:
             return int(getattr(arg, name))
     return None
+
+
+def raw_ioctl(backend: Backend):
+    """The function the hot paths call as ``f(fd, request, buffer)``: for the
+    real kernel ``fcntl.ioctl`` itself (which mutates a writable buffer by
+    default, as ``LinuxBackend.ioctl`` asks), one Python frame fewer per
+    ioctl; for any other backend (the fake, a subclass) its ``ioctl``."""
+    return fcntl.ioctl if type(backend) is LinuxBackend else backend.ioctl
 
 
 def failure(exc: OSError, idef: IoctlDef, context=None, detail=None) -> errors.KernelError:

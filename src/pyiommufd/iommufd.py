@@ -150,6 +150,9 @@ HW_QUEUE_TYPES = {"default": C("IOMMU_HW_QUEUE_TYPE_DEFAULT"),
 _HOT_IOCTLS = (IOMMU_DESTROY, IOMMU_IOAS_ALLOC, IOMMU_IOAS_MAP, IOMMU_IOAS_MAP_FILE, IOMMU_IOAS_UNMAP,
                IOMMU_HWPT_ALLOC)
 
+_MAP_POOL, _MAP_REQUEST = IOMMU_IOAS_MAP._free, IOMMU_IOAS_MAP.request
+_UNMAP_POOL, _UNMAP_REQUEST = IOMMU_IOAS_UNMAP._free, IOMMU_IOAS_UNMAP.request
+
 # Buffers of mappings whose iommufd was detach()ed to another owner: they must
 # outlive this process's interest in them, since the kernel may still DMA there.
 _KEEPALIVE: list[Any] = []
@@ -450,6 +453,7 @@ class IOMMUFD(FdObject):
         self.path = path
         self._objects: dict[int, IommufdObject] = {}
         ioctl.prepare(*_HOT_IOCTLS)  # once per process: the first call then costs no more
+        self._ioctl = ioctl.raw_ioctl(self.backend)
 
     # -- construction and fd ownership -----------------------------------------
     @classmethod
@@ -962,21 +966,37 @@ class IOAS(IommufdObject):
                       "must be page aligned and keeps the buffer's page offset; map page-aligned "
                       "memory (mmap.mmap, pyiommufd.iommufd.aligned_buffer())")
         try:
-            _aligned(size, "length")
-            iova_in = self._check_iova(iova, size, hint_iova)
-            arg, buf = pair = IOMMU_IOAS_MAP.take()
+            if size & _PAGE_MASK:
+                _aligned(size, "length")
+            if (hint_iova is None and iova.__class__ is int and iova >= 0 and not iova & _PAGE_MASK
+                    and iova + size - 1 <= U64_MAX):
+                iova_in = iova
+            else:
+                iova_in = self._check_iova(iova, size, hint_iova)
+            # the pool rule (docs/architecture.md); every field is set here, so
+            # a struct from the pool needs no zeroing
+            try:
+                arg, buf = pair = _MAP_POOL.pop()
+            except IndexError:
+                arg, buf = pair = IOMMU_IOAS_MAP.take()
             arg.flags = flags
             arg.ioas_id = self.id
             arg.user_va = addr
             arg.length = size
             arg.iova = iova_in
-            ioctl.issue(ictx.backend, ictx._fd, IOMMU_IOAS_MAP, buf, None, detail)
+            try:
+                ictx._ioctl(ictx._fd, _MAP_REQUEST, buf)
+            except OSError as exc:
+                raise ioctl.failure(exc, IOMMU_IOAS_MAP, None, detail) from None
             got = arg.iova
-            IOMMU_IOAS_MAP.give(pair)
+            _MAP_POOL.append(pair)
         except BaseException:
             _release(pin)
             raise
-        self._track(Mapping(got, size, "va", readable, writeable, None, None, addr, None, None, buffer, pin))
+        mappings = self._mappings
+        if got not in mappings:
+            insort(self._iovas, got)
+        mappings[got] = Mapping(got, size, "va", readable, writeable, None, None, addr, None, None, buffer, pin)
         return got
 
     def map_file(self, file_or_fd: Any, start: int = 0, length: int | None = None,
@@ -999,7 +1019,10 @@ class IOAS(IommufdObject):
         arg.start = start
         arg.length = length
         arg.iova = iova_in
-        ioctl.issue(self.iommufd.backend, self.iommufd.fileno(), IOMMU_IOAS_MAP_FILE, buf)
+        try:
+            self.iommufd._ioctl(self.iommufd.fileno(), IOMMU_IOAS_MAP_FILE.request, buf)
+        except OSError as exc:
+            raise ioctl.failure(exc, IOMMU_IOAS_MAP_FILE) from None
         got = arg.iova
         IOMMU_IOAS_MAP_FILE.give(pair)
         self._track(Mapping(got, length, "file", readable, writeable, fd, start, None, None,
@@ -1047,7 +1070,7 @@ class IOAS(IommufdObject):
             a = array[i]
             a.flags, a.ioas_id, a.fd, a.start, a.length, a.iova = flags, self.id, fd, start, length, iova_in
         bufs = IOMMU_IOAS_MAP_FILE.buffers(array, n)
-        do_ioctl, ifd, request = self.backend.ioctl, self.iommufd.fileno(), IOMMU_IOAS_MAP_FILE.request
+        do_ioctl, ifd, request = self.iommufd._ioctl, self.iommufd.fileno(), IOMMU_IOAS_MAP_FILE.request
         i = 0
         try:
             for i in range(n):
@@ -1091,7 +1114,12 @@ class IOAS(IommufdObject):
         last = iova + length - 1
         iovas, mappings = self._iovas, self._mappings
         lo, hi = bisect_left(iovas, iova), bisect_right(iovas, last)
-        if lo == hi:
+        if hi == lo + 1:   # the common case: exactly one mapping starts in the range
+            m = mappings[iovas[lo]]
+            if m.iova + m.length - 1 <= last:
+                del mappings[m.iova], iovas[lo]
+                if m.pin is not None:
+                    _release(m.pin)
             return
         kept = []
         for key in iovas[lo:hi]:
@@ -1116,13 +1144,19 @@ class IOAS(IommufdObject):
             iova = _aligned(_int(iova, "iova"), "iova")
             length = _length(length)
             _range_end(iova, length, "IOVA range")
-        arg, buf = pair = IOMMU_IOAS_UNMAP.take()
+        try:
+            arg, buf = pair = _UNMAP_POOL.pop()   # every field is set: no zeroing
+        except IndexError:
+            arg, buf = pair = IOMMU_IOAS_UNMAP.take()
         arg.ioas_id = self.id
         arg.iova = iova
         arg.length = length
-        ioctl.issue(ictx.backend, ictx._fd, IOMMU_IOAS_UNMAP, buf)
+        try:
+            ictx._ioctl(ictx._fd, _UNMAP_REQUEST, buf)
+        except OSError as exc:
+            raise ioctl.failure(exc, IOMMU_IOAS_UNMAP) from None
         done = arg.length
-        IOMMU_IOAS_UNMAP.give(pair)
+        _UNMAP_POOL.append(pair)
         self._drop_tracked(iova, length)
         return done
 

@@ -152,6 +152,7 @@ class Session(FdObject):
         super().__init__(fd, backend=backend, owned=owned)
         self.name = name
         self.incoming = incoming
+        self._ioctl = ioctl.raw_ioctl(self.backend)
         self.preserved: dict[int, PreservedFile] = {}
         self.retrieved: dict[int, int] = {}
         #: tokens stage 2 expects (from a manifest); used to name unretrieved ones on EBUSY
@@ -177,10 +178,13 @@ class Session(FdObject):
         arg, buf = pair = PRESERVE_FD.take()
         arg.fd = fd
         arg.token = token
-        # what the file is (a /proc read) only matters for the error message
-        ioctl.issue(self.backend, self.fileno(), PRESERVE_FD, buf,
-                    lambda: {"kind": describe_fd(self.backend, fd) if kind is None else f"a {kind}"},
-                    lambda: f"session {self.name!r}, token {token:#x}")
+        try:
+            self._ioctl(self.fileno(), PRESERVE_FD.request, buf)
+        except OSError as exc:
+            # what the file is (a /proc read) only matters for the error message
+            raise ioctl.failure(exc, PRESERVE_FD,
+                                lambda: {"kind": describe_fd(self.backend, fd) if kind is None else f"a {kind}"},
+                                lambda: f"session {self.name!r}, token {token:#x}") from None
         PRESERVE_FD.give(pair)
         record = PreservedFile(token, fd, kind)
         self.preserved[token] = record
@@ -223,7 +227,7 @@ class Session(FdObject):
             entry.fd = fd
             entry.token = token
         bufs = PRESERVE_FD.buffers(array, n)
-        do_ioctl, sfd, request = self.backend.ioctl, self.fileno(), PRESERVE_FD.request
+        do_ioctl, sfd, request = self._ioctl, self.fileno(), PRESERVE_FD.request
         i = 0
         try:
             for i in range(n):
@@ -264,7 +268,7 @@ class Session(FdObject):
         for i, token in enumerate(tokens):
             array[i].token = token
         bufs = RETRIEVE_FD.buffers(array, n)
-        do_ioctl, sfd, request = self.backend.ioctl, self.fileno(), RETRIEVE_FD.request
+        do_ioctl, sfd, request = self._ioctl, self.fileno(), RETRIEVE_FD.request
         i = 0
         try:
             for i in range(n):
@@ -286,8 +290,10 @@ class Session(FdObject):
             raise UsageError(f"session {self.name!r} is outgoing (created): it takes preserve, not retrieve")
         arg, buf = pair = RETRIEVE_FD.take()
         arg.token = token
-        ioctl.issue(self.backend, self.fileno(), RETRIEVE_FD, buf,
-                    detail=lambda: f"session {self.name!r}, token {token:#x}")
+        try:
+            self._ioctl(self.fileno(), RETRIEVE_FD.request, buf)
+        except OSError as exc:
+            raise ioctl.failure(exc, RETRIEVE_FD, None, lambda: f"session {self.name!r}, token {token:#x}") from None
         fd = arg.fd
         RETRIEVE_FD.give(pair)
         self.retrieved[token] = fd
