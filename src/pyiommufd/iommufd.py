@@ -54,7 +54,7 @@ from __future__ import annotations
 
 import errno as E
 import mmap as _mmap
-from bisect import bisect_left, bisect_right, insort
+from bisect import bisect_left, bisect_right
 from typing import Any, Iterable
 
 from . import errors, ioctl
@@ -141,6 +141,7 @@ VIOMMU_TYPES = {"default": C("IOMMU_VIOMMU_TYPE_DEFAULT"), "arm_smmuv3": C("IOMM
 VEVENTQ_TYPES = {"default": C("IOMMU_VEVENTQ_TYPE_DEFAULT"), "arm_smmuv3": C("IOMMU_VEVENTQ_TYPE_ARM_SMMUV3"),
                  "tegra241_cmdqv": C("IOMMU_VEVENTQ_TYPE_TEGRA241_CMDQV")}
 _UINTPTR = ffi.typeof("uintptr_t")
+_CDATA, _from_buffer, _cast = ffi.CData, ffi.from_buffer, ffi.cast
 _PAGE_MASK = PAGE_SIZE - 1
 
 HW_QUEUE_TYPES = {"default": C("IOMMU_HW_QUEUE_TYPE_DEFAULT"),
@@ -886,11 +887,11 @@ class IOAS(IommufdObject):
 
     def __init__(self, iommufd: IOMMUFD, obj_id: int, *, owned: bool = True):
         super().__init__(iommufd, obj_id, owned=owned)
-        # Tracking is O(log n) per map and unmap: the mappings by IOVA, and
-        # their IOVAs kept sorted so an unmap finds what lies in its range
-        # by bisection instead of scanning every mapping.
+        # The mappings by IOVA. Map and the unmap of exactly one mapping are
+        # O(1); an unmap of a wider range bisects the IOVAs, sorted again
+        # only after maps changed them (None: not sorted yet).
         self._mappings: dict[int, Mapping] = {}
-        self._iovas: list[int] = []
+        self._sorted: list[int] | None = []
 
     def __repr__(self) -> str:
         state = " destroyed" if self.destroyed else ""
@@ -899,13 +900,17 @@ class IOAS(IommufdObject):
     @property
     def mappings(self) -> list[Mapping]:
         """What pyiommufd mapped into this IOAS, by IOVA."""
-        return [self._mappings[k] for k in self._iovas]
+        return [self._mappings[k] for k in self._sorted_iovas()]
+
+    def _sorted_iovas(self) -> list[int]:
+        if self._sorted is None:
+            self._sorted = sorted(self._mappings)
+        return self._sorted
 
     def _track(self, mapping: Mapping) -> None:
-        iova = mapping.iova
-        if iova not in self._mappings:
-            insort(self._iovas, iova)
-        self._mappings[iova] = mapping
+        if mapping.iova not in self._mappings:
+            self._sorted = None
+        self._mappings[mapping.iova] = mapping
 
     def _pins(self) -> list[Any]:
         return [(m.pin, m.buffer, m.file) for m in self._mappings.values()]
@@ -916,7 +921,7 @@ class IOAS(IommufdObject):
             for m in self._mappings.values():
                 _release(m.pin)
         self._mappings.clear()
-        self._iovas.clear()
+        self._sorted = []
 
     def _map_flags(self, readable: bool, writeable: bool, fixed: bool) -> int:
         if not (readable or writeable):
@@ -959,7 +964,18 @@ class IOAS(IommufdObject):
         if self.destroyed or ictx._fd is None:
             self._check()
         flags = self._map_flags(readable, writeable, iova is not None)
-        addr, size, pin = buffer_address(buffer, writable=writeable, length=length)
+        pin = None
+        if length is None and not isinstance(buffer, _CDATA):
+            try:   # the common case (mmap, bytearray) inline; anything odd goes to buffer_address
+                pin = _from_buffer(buffer, require_writable=writeable)
+            except (BufferError, TypeError):
+                pass
+        if pin is not None and len(pin):
+            size = len(pin)
+            addr = int(_cast(_UINTPTR, pin))
+        else:
+            _release(pin)
+            addr, size, pin = buffer_address(buffer, writable=writeable, length=length)
         detail = None
         if addr & _PAGE_MASK:
             detail = (f"user_va {addr:#x} is not page aligned: once a domain is attached the IOVA "
@@ -995,7 +1011,7 @@ class IOAS(IommufdObject):
             raise
         mappings = self._mappings
         if got not in mappings:
-            insort(self._iovas, got)
+            self._sorted = None
         mappings[got] = Mapping(got, size, "va", readable, writeable, None, None, addr, None, None, buffer, pin)
         return got
 
@@ -1111,16 +1127,20 @@ class IOAS(IommufdObject):
 
     def _drop_tracked(self, iova: int, length: int) -> None:
         """Forget every tracked mapping fully inside ``[iova, iova+length)``."""
-        last = iova + length - 1
-        iovas, mappings = self._iovas, self._mappings
-        lo, hi = bisect_left(iovas, iova), bisect_right(iovas, last)
-        if hi == lo + 1:   # the common case: exactly one mapping starts in the range
-            m = mappings[iovas[lo]]
-            if m.iova + m.length - 1 <= last:
-                del mappings[m.iova], iovas[lo]
-                if m.pin is not None:
-                    _release(m.pin)
+        mappings = self._mappings
+        m = mappings.get(iova)
+        if m is not None and m.length == length:
+            # exactly one mapping: tracked mappings never overlap (the kernel
+            # refuses overlapping IOVAs), so nothing else lies in the range
+            del mappings[iova]
+            if self._sorted:
+                del self._sorted[bisect_left(self._sorted, iova)]
+            if m.pin is not None:
+                _release(m.pin)
             return
+        last = iova + length - 1
+        iovas = self._sorted_iovas()
+        lo, hi = bisect_left(iovas, iova), bisect_right(iovas, last)
         kept = []
         for key in iovas[lo:hi]:
             m = mappings[key]
@@ -1167,7 +1187,7 @@ class IOAS(IommufdObject):
         for m in self._mappings.values():
             _release(m.pin)
         self._mappings.clear()
-        self._iovas.clear()
+        self._sorted = []
         return int(arg.length)
 
     def copy(self, src_ioas: "IOAS | int", src_iova: int, length: int, dst_iova: int | None = None, *,
