@@ -151,3 +151,17 @@ def test_map_file_many_failing_part_way_keeps_what_was_mapped(fake_kernel):
         assert "item 3 of 4 failed; the 2 before it are mapped (iova 0x0, iova 0x400000)" in str(exc)
         assert [m.iova for m in ioas.mappings] == [0, 4 * MiB]
         assert ioas.unmap(0, 8 * MiB) == 2 * MiB
+
+
+def test_unmap_of_a_range_drops_only_the_mappings_inside_it(fake_kernel):
+    with IOMMUFD.open() as ictx:
+        ioas = ictx.alloc_ioas()
+        (m,) = _memfds(1, MiB)
+        for iova in (8 * MiB, 0, 4 * MiB, 2 * MiB):
+            ioas.map_file(m, 0, MiB, iova)
+        assert [x.iova for x in ioas.mappings] == [0, 2 * MiB, 4 * MiB, 8 * MiB]
+        assert ioas.unmap(2 * MiB, 4 * MiB) == 2 * MiB        # the two starting inside, not 0 or 8M
+        assert [x.iova for x in ioas.mappings] == [0, 8 * MiB]
+        assert ioas.unmap(8 * MiB, MiB) == MiB                 # exactly one mapping
+        ioas.map_file(m, 0, MiB, 3 * MiB)
+        assert [x.iova for x in ioas.mappings] == [0, 3 * MiB]
