@@ -28,12 +28,13 @@ def test_ratios_use_min_and_median_of_each_side(bench):
     assert row["met"] is False
 
 
-def test_same_as_compares_with_the_other_case(bench):
+def test_same_as_compares_our_own_time_with_the_other_case(bench):
+    # the kernel takes 300 instead of 100 with 1000 mappings; our share (900) stays
     results = {"map_unmap_4k": {"py": [1000, 1200], "c": [100]},
-               "map_unmap_4k_busy": {"py": [1050, 1300], "c": [100]}}
+               "map_unmap_4k_busy": {"py": [1200, 1300], "c": [300]}}
     busy = next(r for r in bench.rows(results) if r["case"] == "map_unmap_4k_busy")
     assert busy["met"] is True
-    results["map_unmap_4k_busy"]["py"] = [1200]
+    results["map_unmap_4k_busy"]["py"] = [1300]   # ours grew from 900 to 1000: more than 1.1x
     busy = next(r for r in bench.rows(results) if r["case"] == "map_unmap_4k_busy")
     assert busy["met"] is False
     del results["map_unmap_4k"]
