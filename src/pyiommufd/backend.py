@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import ctypes
 import fcntl
 import mmap as _mmap
 import os
@@ -124,9 +123,18 @@ class LinuxBackend(Backend):
 
     name = "linux"
 
-    def __init__(self) -> None:
-        self._libc = ctypes.CDLL(None, use_errno=True)
-        self._libc.syscall.restype = ctypes.c_long
+    _libc_handle = None
+
+    @property
+    def _libc(self):
+        # ctypes only for kexec_file_load and reboot: loaded on first use
+        if self._libc_handle is None:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.syscall.restype = ctypes.c_long
+            self._libc_handle = libc
+        return self._libc_handle
 
     def open(self, path, flags=os.O_RDWR | os.O_CLOEXEC):
         return os.open(path, flags)
@@ -174,6 +182,8 @@ class LinuxBackend(Backend):
         return os.eventfd(initval, flags)
 
     def kexec_file_load(self, kernel_fd, initrd_fd, cmdline, flags):
+        import ctypes
+
         raw = cmdline.encode() + b"\0"
         rc = self._libc.syscall(SYS_KEXEC_FILE_LOAD, ctypes.c_int(kernel_fd),
                                 ctypes.c_int(initrd_fd), ctypes.c_ulong(len(raw)),
@@ -183,6 +193,8 @@ class LinuxBackend(Backend):
             raise OSError(err, os.strerror(err))
 
     def reboot(self, cmd):
+        import ctypes
+
         os.sync()
         if self._libc.reboot(ctypes.c_int(cmd)) < 0:
             err = ctypes.get_errno()

@@ -360,11 +360,18 @@ HINTS: dict[object, Hint] = {
     ("kexec", E.EPERM): "kexec needs CAP_SYS_BOOT, and kexec_load_disabled must be 0",
     ("kexec", E.EINVAL): "a preserved file refused to freeze (a vfio device with interrupts "
         "still enabled, seed-spec 4.5), or the kernel image is not loadable",
+    E.EMFILE: lambda ctx: _emfile_hint(),
     E.EACCES: "permission denied: run as root",
     E.EPERM: "operation not permitted: run as root (CAP_SYS_ADMIN, CAP_SYS_BOOT)",
     E.ENOTTY: "the kernel does not know this ioctl",
     E.E2BIG: "our struct is larger than the kernel's and the tail is not zero: ABI mismatch",
 }
+
+
+def _emfile_hint() -> str:
+    from .rlimits import emfile_hint  # resource is imported only when EMFILE happens
+
+    return emfile_hint()
 
 
 def hint_for(op: str, interface: str, err: int, context: Mapping[str, object] | None = None) -> str | None:
@@ -383,6 +390,29 @@ def make_error(op: str, interface: str, err: int, *, context: Mapping[str, objec
                detail: str | None = None) -> KernelError:
     """Build the typed error for ``op`` failing with ``err``."""
     return error_class(interface, err)(op, err, hint_for(op, interface, err, context), detail)
+
+
+def _token_list(tokens: list[int], shown: int = 8) -> str:
+    if len(tokens) <= shown:
+        return ", ".join(hex(t) for t in tokens)
+    return ", ".join(hex(t) for t in tokens[:shown - 1]) + f", ... {tokens[-1]:#x}"
+
+
+def partial(error: KernelError, index: int, total: int, verb: str, tokens: list, done) -> KernelError:
+    """Say in ``error`` that item ``index`` of a bulk call of ``total`` items
+    failed, and what was already ``verb`` before it (``tokens``: the ids of
+    those, for the message; ``done``: the results, kept on the error as
+    ``error.done``, with ``error.index``)."""
+    if index:
+        shown = _token_list(tokens) if tokens and isinstance(tokens[0], int) else ", ".join(map(str, tokens[:8]))
+        what = f"the {index} before it {'is' if index == 1 else 'are'} {verb} ({shown})"
+    else:
+        what = f"nothing was {verb}"
+    note = f"item {index + 1} of {total} failed; {what}"
+    error.detail = f"{error.detail}; {note}" if error.detail else note
+    error.index = index
+    error.done = done
+    return error
 
 
 def from_oserror(exc: OSError, op: str, interface: str, *, context: Mapping[str, object] | None = None,

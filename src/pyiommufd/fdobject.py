@@ -4,7 +4,7 @@ from __future__ import annotations
 import errno as E
 import os
 
-from . import errors
+from . import errors, ioctl
 from .backend import Backend, get_backend
 from .errors import UsageError
 
@@ -80,13 +80,9 @@ class FdObject:
                 pass
 
     def _call(self, idef, *, context=None, detail: str | None = None, **fields):
-        from . import ioctl
-
         return ioctl.call(self.backend, self.fileno(), idef, context=context, detail=detail, **fields)
 
     def _invoke(self, idef, arg, *, context=None, detail: str | None = None):
-        from . import ioctl
-
         return ioctl.invoke(self.backend, self.fileno(), idef, arg, context=context, detail=detail)
 
     def __enter__(self):

@@ -17,12 +17,13 @@ only version signal the kernel gets.
 from __future__ import annotations
 
 import errno as E
-from dataclasses import dataclass
+import fcntl
 from typing import Iterator, Mapping
 
 from . import errors
+from ._record import record
 from ._uapi import ffi
-from .backend import Backend
+from .backend import Backend, LinuxBackend
 
 _IOC_NRBITS, _IOC_TYPEBITS, _IOC_SIZEBITS = 8, 8, 14
 _IOC_NRSHIFT = 0
@@ -55,14 +56,48 @@ ARG_VALUE = "value"     # an integer passed by value (legacy VFIO)
 ARG_NONE = "none"       # no argument
 
 
-@dataclass(frozen=True)
 class IoctlDef:
-    name: str
-    request: int
-    struct: str | None
-    interface: str
-    size_field: str | None = "size"
-    arg: str = ARG_STRUCT
+    """One ioctl: request number, argument struct, interface, size field.
+
+    Immutable. The cffi types are built once, by :meth:`prepare` (objects
+    call it when they open, so the first call costs no more than the rest),
+    or on first use. :meth:`take` and :meth:`give` lend out preallocated
+    argument structs for hot paths (see the rule there)."""
+
+    __slots__ = ("name", "request", "struct", "interface", "size_field", "arg",
+                 "_ptype", "_size", "_template", "_free")
+
+    def __init__(self, name: str, request: int, struct: str | None, interface: str,
+                 size_field: str | None = "size", arg: str = ARG_STRUCT):
+        setattr_ = object.__setattr__
+        setattr_(self, "name", name)
+        setattr_(self, "request", request)
+        setattr_(self, "struct", struct)
+        setattr_(self, "interface", interface)
+        setattr_(self, "size_field", size_field)
+        setattr_(self, "arg", arg)
+        setattr_(self, "_ptype", None)
+        setattr_(self, "_size", 0)
+        setattr_(self, "_template", b"")
+        setattr_(self, "_free", [])
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"IoctlDef is immutable: cannot set {name!r}")
+
+    def _key(self):
+        return (self.name, self.request, self.struct, self.interface, self.size_field, self.arg)
+
+    def __eq__(self, other):
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return self._key() == other._key()
+
+    def __hash__(self):
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return (f"IoctlDef(name={self.name!r}, request={self.request!r}, struct={self.struct!r}, "
+                f"interface={self.interface!r}, size_field={self.size_field!r}, arg={self.arg!r})")
 
     @property
     def nr(self) -> int:
@@ -71,6 +106,64 @@ class IoctlDef:
     @property
     def struct_size(self) -> int:
         return ffi.sizeof(self.struct) if self.struct else 0
+
+    def prepare(self) -> "IoctlDef":
+        """Build the cffi pointer type, the size and a zeroed template with
+        the size field set. Idempotent; returns self."""
+        if self._ptype is None and self.struct is not None and self.arg == ARG_STRUCT:
+            ptype = ffi.typeof(f"{self.struct} *")
+            size = ffi.sizeof(ptype.item)
+            probe = ffi.new(ptype)
+            if self.size_field:
+                setattr(probe, self.size_field, size)
+            object.__setattr__(self, "_template", bytes(ffi.buffer(probe)))
+            object.__setattr__(self, "_size", size)
+            object.__setattr__(self, "_ptype", ptype)
+        return self
+
+    def fresh(self):
+        """A new zeroed struct with its size field set (a cdata pointer)."""
+        ptype = self._ptype
+        if ptype is None:
+            ptype = self.prepare()._ptype
+        arg = ffi.new(ptype)
+        if self.size_field:
+            setattr(arg, self.size_field, self._size)
+        return arg
+
+    # Preallocated structs for hot paths. The rule: a struct taken is owned by
+    # exactly one call until that call gives it back, so threads and
+    # re-entrant calls never share one (list.pop/append are atomic under the
+    # GIL; an empty pool allocates). take() returns it zeroed with the size
+    # set; give it back only after every output field has been read, and
+    # never hand it (or its buffer) to the caller. A call that raises simply
+    # does not give it back.
+    def take(self):
+        """``(struct, buffer)`` from the pool, zeroed, size field set."""
+        try:
+            arg, buf = self._free.pop()
+        except IndexError:
+            arg = self.fresh()
+            return arg, ffi.buffer(arg)
+        buf[:] = self._template
+        return arg, buf
+
+    def give(self, pair) -> None:
+        self._free.append(pair)
+
+    # Bulk calls build every struct first, in one array, then only issue.
+    def array(self, n: int):
+        """``n`` zeroed structs in one allocation, each with its size field set."""
+        if self._ptype is None:
+            self.prepare()
+        array = ffi.new(f"{self.struct}[]", n)
+        if n and self.size_field:
+            ffi.buffer(array)[:] = self._template * n
+        return array
+
+    def buffers(self, array, n: int) -> list:
+        """The buffer of each struct of :meth:`array`."""
+        return [ffi.buffer(array + i) for i in range(n)]
 
 
 REGISTRY: dict[str, IoctlDef] = {}
@@ -87,11 +180,25 @@ def define(name: str, struct: str | None, interface: str, *, size_field: str | N
     return idef
 
 
+def prepare(*idefs: IoctlDef) -> None:
+    """Build the types of ``idefs`` now (when a device opens), not on first call."""
+    for idef in idefs:
+        if idef._ptype is None:
+            idef.prepare()
+
+
 def new(idef: IoctlDef | str, extra: int = 0, **fields):
     """Allocate ``idef``'s struct (plus ``extra`` trailing bytes), zeroed,
     with its size field set and ``fields`` assigned."""
-    struct = idef if isinstance(idef, str) else idef.struct
-    size_field = None if isinstance(idef, str) else idef.size_field
+    if isinstance(idef, str):
+        struct, size_field = idef, None
+    else:
+        if not extra:
+            arg = idef.fresh()
+            for key, value in fields.items():
+                setattr(arg, key, value)
+            return arg
+        struct, size_field = idef.struct, idef.size_field
     base = ffi.sizeof(struct)
     if extra:
         # from_buffer keeps the bytearray alive as long as the pointer lives
@@ -118,25 +225,61 @@ def buffer_of(arg, length: int | None = None):
 def _declared_size(arg) -> int | None:
     # argsz first: VFIO structs such as vfio_region_info and
     # vfio_iommu_type1_dma_map also have a "size" field that is not theirs.
+    item = ffi.typeof(arg).item
+    names = {name for name, _ in item.fields or ()} if item.kind == "struct" else ()
     for name in ("argsz", "size"):
-        try:
+        if name in names:
             return int(getattr(arg, name))
-        except AttributeError:
-            continue
     return None
+
+
+def raw_ioctl(backend: Backend):
+    """The function the hot paths call as ``f(fd, request, buffer)``: for the
+    real kernel ``fcntl.ioctl`` itself (which mutates a writable buffer by
+    default, as ``LinuxBackend.ioctl`` asks), one Python frame fewer per
+    ioctl; for any other backend (the fake, a subclass) its ``ioctl``."""
+    return fcntl.ioctl if type(backend) is LinuxBackend else backend.ioctl
+
+
+def failure(exc: OSError, idef: IoctlDef, context=None, detail=None) -> errors.KernelError:
+    """The typed error for ``idef`` failing with ``exc``. ``context`` and
+    ``detail`` may be callables, run only here: error context costs nothing
+    on success."""
+    if isinstance(exc, errors.KernelError):
+        return exc
+    if callable(context):
+        context = context()
+    if callable(detail):
+        detail = detail()
+    return errors.from_oserror(exc, idef.name, idef.interface, context=context, detail=detail)
+
+
+def issue(backend: Backend, fd: int, idef: IoctlDef, buf, context=None, detail=None) -> int:
+    """``backend.ioctl`` with the failure typed; the hot paths' one layer."""
+    try:
+        return backend.ioctl(fd, idef.request, buf)
+    except errors.KernelError:
+        raise
+    except OSError as exc:
+        raise failure(exc, idef, context, detail) from None
 
 
 def invoke_raw(backend: Backend, fd: int, idef: IoctlDef, buf, *,
                context: Mapping[str, object] | None = None, detail: str | None = None) -> int:
     """Issue ``idef`` with a raw writable buffer and return the syscall's own
     result (a new fd for VFIO_GROUP_GET_DEVICE_FD and the DMA_BUF feature)."""
-    try:
-        return int(backend.ioctl(fd, idef.request, buf) or 0)
-    except errors.KernelError:
-        raise
-    except OSError as exc:
-        raise errors.from_oserror(exc, idef.name, idef.interface, context=context,
-                                  detail=detail) from None
+    return int(issue(backend, fd, idef, buf, context, detail) or 0)
+
+
+def _struct_buffer(idef: IoctlDef, arg):
+    """The bytes of ``arg``: the struct, or more when its size field says so
+    (argsz-extended VFIO replies, trailing arrays)."""
+    ptype = idef._ptype
+    if ptype is not None and ffi.typeof(arg) is ptype:
+        if idef.size_field and getattr(arg, idef.size_field) > idef._size:
+            return ffi.buffer(arg, getattr(arg, idef.size_field))
+        return ffi.buffer(arg)
+    return buffer_of(arg)
 
 
 def invoke(backend: Backend, fd: int, idef: IoctlDef, arg=None, *,
@@ -144,13 +287,12 @@ def invoke(backend: Backend, fd: int, idef: IoctlDef, arg=None, *,
     """Issue ``idef`` on ``fd`` with ``arg`` (a cdata struct pointer, an int for
     value-style ioctls, or None). Returns ``arg`` for structs, else the result."""
     if idef.arg == ARG_STRUCT:
-        invoke_raw(backend, fd, idef, buffer_of(arg), context=context, detail=detail)
+        issue(backend, fd, idef, _struct_buffer(idef, arg), context, detail)
         return arg
     try:
         return backend.ioctl_int(fd, idef.request, 0 if arg is None else int(arg))
     except OSError as exc:
-        raise errors.from_oserror(exc, idef.name, idef.interface, context=context,
-                                  detail=detail) from None
+        raise failure(exc, idef, context, detail) from None
 
 
 def call(backend: Backend, fd: int, idef: IoctlDef, /, *, context: Mapping[str, object] | None = None,
@@ -159,10 +301,22 @@ def call(backend: Backend, fd: int, idef: IoctlDef, /, *, context: Mapping[str, 
 
     ``backend``, ``fd`` and ``idef`` are positional-only, so struct fields
     named ``fd`` (IOMMU_IOAS_MAP_FILE, LIVEUPDATE_SESSION_PRESERVE_FD) can be
-    passed as keywords."""
+    passed as keywords. ``context`` and ``detail`` may be callables (run
+    only on failure)."""
     if idef.arg != ARG_STRUCT:
         return invoke(backend, fd, idef, fields.get("value"), context=context, detail=detail)
-    return invoke(backend, fd, idef, new(idef, **fields), context=context, detail=detail)
+    arg = idef.fresh()
+    for key, value in fields.items():
+        setattr(arg, key, value)
+    # a caller may set the size field itself (a grown or a probe size)
+    buf = _struct_buffer(idef, arg) if idef.size_field in fields else ffi.buffer(arg)
+    try:
+        backend.ioctl(fd, idef.request, buf)
+    except errors.KernelError:
+        raise
+    except OSError as exc:
+        raise failure(exc, idef, context, detail) from None
+    return arg
 
 
 def call_growing(backend: Backend, fd: int, idef: IoctlDef, /, *, count_field: str, ptr_field: str,
@@ -205,7 +359,7 @@ def call_with_caps(backend: Backend, fd: int, idef: IoctlDef, /, **fields):
     return arg, bytes(ffi.buffer(arg, needed))
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Capability:
     """One entry of a VFIO capability chain (``struct vfio_info_cap_header``)."""
 

@@ -54,10 +54,11 @@ from __future__ import annotations
 
 import errno as E
 import mmap as _mmap
-from dataclasses import dataclass, field
+from bisect import bisect_left, bisect_right
 from typing import Any, Iterable
 
 from . import errors, ioctl
+from ._record import factory, hidden, record
 from ._uapi import ffi
 from .backend import Backend, get_backend
 from .fdobject import FdObject, open_path
@@ -139,8 +140,19 @@ VIOMMU_TYPES = {"default": C("IOMMU_VIOMMU_TYPE_DEFAULT"), "arm_smmuv3": C("IOMM
                 "tegra241_cmdqv": C("IOMMU_VIOMMU_TYPE_TEGRA241_CMDQV")}
 VEVENTQ_TYPES = {"default": C("IOMMU_VEVENTQ_TYPE_DEFAULT"), "arm_smmuv3": C("IOMMU_VEVENTQ_TYPE_ARM_SMMUV3"),
                  "tegra241_cmdqv": C("IOMMU_VEVENTQ_TYPE_TEGRA241_CMDQV")}
+_UINTPTR = ffi.typeof("uintptr_t")
+_CDATA, _from_buffer, _cast = ffi.CData, ffi.from_buffer, ffi.cast
+_PAGE_MASK = PAGE_SIZE - 1
+
 HW_QUEUE_TYPES = {"default": C("IOMMU_HW_QUEUE_TYPE_DEFAULT"),
                   "tegra241_cmdqv": C("IOMMU_HW_QUEUE_TYPE_TEGRA241_CMDQV")}
+
+# The ioctls whose types an open iommufd builds at once (see ioctl.prepare).
+_HOT_IOCTLS = (IOMMU_DESTROY, IOMMU_IOAS_ALLOC, IOMMU_IOAS_MAP, IOMMU_IOAS_MAP_FILE, IOMMU_IOAS_UNMAP,
+               IOMMU_HWPT_ALLOC)
+
+_MAP_POOL, _MAP_REQUEST = IOMMU_IOAS_MAP._free, IOMMU_IOAS_MAP.request
+_UNMAP_POOL, _UNMAP_REQUEST = IOMMU_IOAS_UNMAP._free, IOMMU_IOAS_UNMAP.request
 
 # Buffers of mappings whose iommufd was detach()ed to another owner: they must
 # outlive this process's interest in them, since the kernel may still DMA there.
@@ -221,7 +233,7 @@ def buffer_address(buffer: Any, *, writable: bool, length: int | None = None):
             size = length
         else:
             raise errors.UsageError(f"cannot map a cffi {ffi.typeof(buffer).cname}")
-        addr = int(ffi.cast("uintptr_t", buffer))
+        addr = int(ffi.cast(_UINTPTR, buffer))
         pin = None  # the caller's own cffi object: referenced, never released by us
     else:
         try:
@@ -233,7 +245,7 @@ def buffer_address(buffer: Any, *, writable: bool, length: int | None = None):
             raise errors.UsageError(f"cannot map a {type(buffer).__name__}: need a buffer "
                                     "(mmap.mmap, bytearray, memoryview) or a cffi array") from None
         size = len(pin)
-        addr = int(ffi.cast("uintptr_t", pin))
+        addr = int(ffi.cast(_UINTPTR, pin))
     if length is not None:
         length = _int(length, "length")
         if length > size:
@@ -258,7 +270,7 @@ def _release(pin: Any) -> None:
 
 
 # -- records ---------------------------------------------------------------------
-@dataclass(frozen=True)
+@record(frozen=True)
 class IovaRange:
     """An inclusive IOVA range, as the kernel reports it (``start``..``last``)."""
 
@@ -273,7 +285,7 @@ class IovaRange:
         return self.start <= iova <= self.last
 
 
-@dataclass
+@record
 class Mapping:
     """One mapping pyiommufd made in an IOAS.
 
@@ -292,9 +304,9 @@ class Mapping:
     start: int | None = None
     user_va: int | None = None
     copied_from: tuple[int, int] | None = None  # (src ioas id, src iova)
-    file: Any = field(default=None, repr=False, compare=False)
-    buffer: Any = field(default=None, repr=False, compare=False)
-    pin: Any = field(default=None, repr=False, compare=False)
+    file: Any = hidden()
+    buffer: Any = hidden()
+    pin: Any = hidden()
 
     @property
     def last(self) -> int:
@@ -304,7 +316,7 @@ class Mapping:
         return self.iova <= iova and iova + length - 1 <= self.last
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class HwInfoVtd:
     """Decoded ``struct iommu_hw_info_vtd``."""
 
@@ -317,7 +329,7 @@ class HwInfoVtd:
         return bool(self.flags & C("IOMMU_HW_INFO_VTD_ERRATA_772415_SPR17"))
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class HwInfo:
     """The answer of IOMMU_GET_HW_INFO.
 
@@ -345,7 +357,7 @@ class HwInfo:
         return bool(self.capabilities & HW_CAPABILITIES["dirty_tracking"])
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class DirtyBitmap:
     """IOMMU_HWPT_GET_DIRTY_BITMAP's answer: bit i covers ``iova + i*page_size``."""
 
@@ -376,7 +388,7 @@ class DirtyBitmap:
         return len(self.dirty_iovas())
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class PageFault:
     """One ``struct iommu_hwpt_pgfault`` read from a fault queue."""
 
@@ -441,6 +453,8 @@ class IOMMUFD(FdObject):
         super().__init__(fd, backend=backend, owned=owned)
         self.path = path
         self._objects: dict[int, IommufdObject] = {}
+        ioctl.prepare(*_HOT_IOCTLS)  # once per process: the first call then costs no more
+        self._ioctl = ioctl.raw_ioctl(self.backend)
 
     # -- construction and fd ownership -----------------------------------------
     @classmethod
@@ -535,9 +549,11 @@ class IOMMUFD(FdObject):
 
     # -- IOAS ----------------------------------------------------------------------
     def alloc_ioas(self) -> "IOAS":
-        arg = self._call(IOMMU_IOAS_ALLOC)
-        ioas = IOAS(self, int(arg.out_ioas_id))
-        self._register(ioas)
+        pair = IOMMU_IOAS_ALLOC.take()
+        ioctl.issue(self.backend, self.fileno(), IOMMU_IOAS_ALLOC, pair[1])
+        ioas = IOAS(self, pair[0].out_ioas_id)
+        IOMMU_IOAS_ALLOC.give(pair)
+        self._objects[ioas.id] = ioas
         return ioas
 
     def _wrap(self, cls: type, obj_id: int, owned: bool):
@@ -835,7 +851,11 @@ class IommufdObject:
             self._forget()
             return
         self._before_destroy()
-        self.iommufd._call(IOMMU_DESTROY, id=self.id, detail=f"{self.kind} {self.id}")
+        arg, buf = pair = IOMMU_DESTROY.take()
+        arg.id = self.id
+        ioctl.issue(self.iommufd.backend, self.iommufd.fileno(), IOMMU_DESTROY, buf,
+                    detail=lambda: f"{self.kind} {self.id}")
+        IOMMU_DESTROY.give(pair)
         self.iommufd._unregister(self)
         self._forget()
 
@@ -867,7 +887,11 @@ class IOAS(IommufdObject):
 
     def __init__(self, iommufd: IOMMUFD, obj_id: int, *, owned: bool = True):
         super().__init__(iommufd, obj_id, owned=owned)
+        # The mappings by IOVA. Map and the unmap of exactly one mapping are
+        # O(1); an unmap of a wider range bisects the IOVAs, sorted again
+        # only after maps changed them (None: not sorted yet).
         self._mappings: dict[int, Mapping] = {}
+        self._sorted: list[int] | None = []
 
     def __repr__(self) -> str:
         state = " destroyed" if self.destroyed else ""
@@ -876,7 +900,17 @@ class IOAS(IommufdObject):
     @property
     def mappings(self) -> list[Mapping]:
         """What pyiommufd mapped into this IOAS, by IOVA."""
-        return [self._mappings[k] for k in sorted(self._mappings)]
+        return [self._mappings[k] for k in self._sorted_iovas()]
+
+    def _sorted_iovas(self) -> list[int]:
+        if self._sorted is None:
+            self._sorted = sorted(self._mappings)
+        return self._sorted
+
+    def _track(self, mapping: Mapping) -> None:
+        if mapping.iova not in self._mappings:
+            self._sorted = None
+        self._mappings[mapping.iova] = mapping
 
     def _pins(self) -> list[Any]:
         return [(m.pin, m.buffer, m.file) for m in self._mappings.values()]
@@ -887,6 +921,7 @@ class IOAS(IommufdObject):
             for m in self._mappings.values():
                 _release(m.pin)
         self._mappings.clear()
+        self._sorted = []
 
     def _map_flags(self, readable: bool, writeable: bool, fixed: bool) -> int:
         if not (readable or writeable):
@@ -895,6 +930,9 @@ class IOAS(IommufdObject):
                 | (MAP_FIXED_IOVA if fixed else 0))
 
     def _check_iova(self, iova: int | None, length: int, hint: int | None = None) -> int:
+        if (hint is None and iova.__class__ is int and iova >= 0 and not iova & _PAGE_MASK
+                and iova + length - 1 <= U64_MAX):
+            return iova  # the common case, checked in one go
         if iova is None:
             if hint is None:
                 return 0
@@ -922,25 +960,59 @@ class IOAS(IommufdObject):
         IOMMU also maps whole pages, so the device could reach the bytes
         around an unaligned buffer. User-VA mappings cannot be preserved across a live
         update (seed-spec 4.4): use :meth:`map_file` with a sealed memfd."""
-        self._check()
+        ictx = self.iommufd
+        if self.destroyed or ictx._fd is None:
+            self._check()
         flags = self._map_flags(readable, writeable, iova is not None)
-        addr, size, pin = buffer_address(buffer, writable=writeable, length=length)
+        pin = None
+        if length is None and not isinstance(buffer, _CDATA):
+            try:   # the common case (mmap, bytearray) inline; anything odd goes to buffer_address
+                pin = _from_buffer(buffer, require_writable=writeable)
+            except (BufferError, TypeError):
+                pass
+        if pin is not None and len(pin):
+            size = len(pin)
+            addr = int(_cast(_UINTPTR, pin))
+        else:
+            _release(pin)
+            addr, size, pin = buffer_address(buffer, writable=writeable, length=length)
         detail = None
-        if addr % PAGE_SIZE:
+        if addr & _PAGE_MASK:
             detail = (f"user_va {addr:#x} is not page aligned: once a domain is attached the IOVA "
                       "must be page aligned and keeps the buffer's page offset; map page-aligned "
                       "memory (mmap.mmap, pyiommufd.iommufd.aligned_buffer())")
         try:
-            _aligned(size, "length")
-            iova_in = self._check_iova(iova, size, hint_iova)
-            arg = self.iommufd._call(IOMMU_IOAS_MAP, flags=flags, ioas_id=self.id, user_va=addr,
-                                     length=size, iova=iova_in, detail=detail)
+            if size & _PAGE_MASK:
+                _aligned(size, "length")
+            if (hint_iova is None and iova.__class__ is int and iova >= 0 and not iova & _PAGE_MASK
+                    and iova + size - 1 <= U64_MAX):
+                iova_in = iova
+            else:
+                iova_in = self._check_iova(iova, size, hint_iova)
+            # the pool rule (docs/architecture.md); every field is set here, so
+            # a struct from the pool needs no zeroing
+            try:
+                arg, buf = pair = _MAP_POOL.pop()
+            except IndexError:
+                arg, buf = pair = IOMMU_IOAS_MAP.take()
+            arg.flags = flags
+            arg.ioas_id = self.id
+            arg.user_va = addr
+            arg.length = size
+            arg.iova = iova_in
+            try:
+                ictx._ioctl(ictx._fd, _MAP_REQUEST, buf)
+            except OSError as exc:
+                raise ioctl.failure(exc, IOMMU_IOAS_MAP, None, detail) from None
+            got = arg.iova
+            _MAP_POOL.append(pair)
         except BaseException:
             _release(pin)
             raise
-        got = int(arg.iova)
-        self._mappings[got] = Mapping(iova=got, length=size, kind="va", readable=readable,
-                                      writeable=writeable, user_va=addr, buffer=buffer, pin=pin)
+        mappings = self._mappings
+        if got not in mappings:
+            self._sorted = None
+        mappings[got] = Mapping(got, size, "va", readable, writeable, None, None, addr, None, None, buffer, pin)
         return got
 
     def map_file(self, file_or_fd: Any, start: int = 0, length: int | None = None,
@@ -954,6 +1026,88 @@ class IOAS(IommufdObject):
         For live update the memfd must be sealed F_SEAL_SEAL|GROW|SHRINK
         **before** this call; the kernel samples the seals here (seed-spec 4.4)."""
         self._check()
+        fd, start, length, iova_in, flags = self._map_file_args(file_or_fd, start, length, iova, readable,
+                                                                 writeable, hint_iova)
+        arg, buf = pair = IOMMU_IOAS_MAP_FILE.take()
+        arg.flags = flags
+        arg.ioas_id = self.id
+        arg.fd = fd
+        arg.start = start
+        arg.length = length
+        arg.iova = iova_in
+        try:
+            self.iommufd._ioctl(self.iommufd.fileno(), IOMMU_IOAS_MAP_FILE.request, buf)
+        except OSError as exc:
+            raise ioctl.failure(exc, IOMMU_IOAS_MAP_FILE) from None
+        got = arg.iova
+        IOMMU_IOAS_MAP_FILE.give(pair)
+        self._track(Mapping(got, length, "file", readable, writeable, fd, start, None, None,
+                            None if isinstance(file_or_fd, int) else file_or_fd))
+        return got
+
+    def map_file_many(self, items) -> list[int]:
+        """IOMMU_IOAS_MAP_FILE of every item, in order; returns their IOVAs.
+
+        Each item is a dict of :meth:`map_file`'s arguments (``file`` plus
+        ``start``, ``length``, ``iova``, ``readable``, ``writeable``,
+        ``hint_iova``) or a tuple ``(file, start, length, iova)``. Every item
+        is checked and its struct built before the first ioctl (bad input:
+        :class:`~pyiommufd.errors.UsageError` naming the item, nothing
+        mapped). If the kernel refuses item ``i``, the error is that map's
+        typed error, its detail names the item and the mappings made before
+        it, and it carries ``index`` and ``done`` (the IOVAs of items
+        ``0..i-1``, which stay mapped and tracked)."""
+        self._check()
+        prepared = []
+        for index, item in enumerate(items):
+            try:
+                if isinstance(item, dict):
+                    kw = dict(item)
+                    file_or_fd = kw.pop("file")
+                    args = self._map_file_args(file_or_fd, kw.pop("start", 0), kw.pop("length", None),
+                                               kw.pop("iova", None), kw.pop("readable", True),
+                                               kw.pop("writeable", True), kw.pop("hint_iova", None))
+                    if kw:
+                        raise errors.UsageError(f"unknown map_file arguments {sorted(kw)}")
+                    readable, writeable = item.get("readable", True), item.get("writeable", True)
+                else:
+                    file_or_fd, start, length, iova = item
+                    args = self._map_file_args(file_or_fd, start, length, iova, True, True, None)
+                    readable = writeable = True
+            except (errors.UsageError, KeyError, TypeError, ValueError) as exc:
+                what = f"missing {exc}" if isinstance(exc, KeyError) else str(exc)
+                if isinstance(exc, (TypeError, ValueError)) and not isinstance(exc, errors.UsageError):
+                    what = f"not a map_file item (dict, or (file, start, length, iova)): {item!r}"
+                raise errors.UsageError(f"map_file_many: item {index + 1}: {what}") from None
+            prepared.append((args, readable, writeable, None if isinstance(file_or_fd, int) else file_or_fd))
+        n = len(prepared)
+        array = IOMMU_IOAS_MAP_FILE.array(n)
+        for i, ((fd, start, length, iova_in, flags), _, _, _) in enumerate(prepared):
+            a = array[i]
+            a.flags, a.ioas_id, a.fd, a.start, a.length, a.iova = flags, self.id, fd, start, length, iova_in
+        bufs = IOMMU_IOAS_MAP_FILE.buffers(array, n)
+        do_ioctl, ifd, request = self.iommufd._ioctl, self.iommufd.fileno(), IOMMU_IOAS_MAP_FILE.request
+        i = 0
+        try:
+            for i in range(n):
+                do_ioctl(ifd, request, bufs[i])
+        except OSError as exc:
+            done = self._track_files(prepared, array, i)
+            error = ioctl.failure(exc, IOMMU_IOAS_MAP_FILE)
+            raise errors.partial(error, i, n, "mapped", [f"iova {v:#x}" for v in done], done) from None
+        return self._track_files(prepared, array, n)
+
+    def _track_files(self, prepared, array, count: int) -> list[int]:
+        out = []
+        for i in range(count):
+            (fd, start, length, _, _), readable, writeable, file = prepared[i]
+            got = array[i].iova
+            self._track(Mapping(got, length, "file", readable, writeable, fd, start, None, None, file))
+            out.append(got)
+        return out
+
+    def _map_file_args(self, file_or_fd, start, length, iova, readable, writeable, hint_iova):
+        """map_file's checks, in its order: ``(fd, start, length, iova, flags)``."""
         fd = _fd_of(file_or_fd)
         start = _aligned(_int(start, "start"), "start")
         if length is None:
@@ -969,30 +1123,62 @@ class IOAS(IommufdObject):
         _range_end(start, length, "file range")
         iova_in = self._check_iova(iova, length, hint_iova)
         flags = self._map_flags(readable, writeable, iova is not None)
-        arg = self.iommufd._call(IOMMU_IOAS_MAP_FILE, flags=flags, ioas_id=self.id, fd=fd, start=start,
-                                 length=length, iova=iova_in)
-        got = int(arg.iova)
-        self._mappings[got] = Mapping(iova=got, length=length, kind="file", readable=readable,
-                                      writeable=writeable, fd=fd, start=start,
-                                      file=None if isinstance(file_or_fd, int) else file_or_fd)
-        return got
+        return fd, start, length, iova_in, flags
 
     def _drop_tracked(self, iova: int, length: int) -> None:
+        """Forget every tracked mapping fully inside ``[iova, iova+length)``."""
+        mappings = self._mappings
+        m = mappings.get(iova)
+        if m is not None and m.length == length:
+            # exactly one mapping: tracked mappings never overlap (the kernel
+            # refuses overlapping IOVAs), so nothing else lies in the range
+            del mappings[iova]
+            if self._sorted:
+                del self._sorted[bisect_left(self._sorted, iova)]
+            if m.pin is not None:
+                _release(m.pin)
+            return
         last = iova + length - 1
-        for key in [k for k, m in self._mappings.items() if iova <= m.iova and m.last <= last]:
-            _release(self._mappings.pop(key).pin)
+        iovas = self._sorted_iovas()
+        lo, hi = bisect_left(iovas, iova), bisect_right(iovas, last)
+        kept = []
+        for key in iovas[lo:hi]:
+            m = mappings[key]
+            if m.iova + m.length - 1 <= last:
+                del mappings[key]
+                _release(m.pin)
+            else:
+                kept.append(key)
+        iovas[lo:hi] = kept
 
     def unmap(self, iova: int, length: int) -> int:
         """IOMMU_IOAS_UNMAP of every mapping fully inside ``[iova, iova+length)``.
         Returns the bytes unmapped. Nothing mapped there:
         :class:`~pyiommufd.errors.NotFound`. Releases the buffers."""
-        self._check()
-        iova = _aligned(_int(iova, "iova"), "iova")
-        length = _length(length)
-        _range_end(iova, length, "IOVA range")
-        arg = self.iommufd._call(IOMMU_IOAS_UNMAP, ioas_id=self.id, iova=iova, length=length)
+        ictx = self.iommufd
+        if self.destroyed or ictx._fd is None:
+            self._check()
+        if not (iova.__class__ is int and length.__class__ is int and iova >= 0 and length > 0
+                and not (iova | length) & _PAGE_MASK and iova + length - 1 <= U64_MAX):
+            # not the common case: the full checks, which say what is wrong
+            iova = _aligned(_int(iova, "iova"), "iova")
+            length = _length(length)
+            _range_end(iova, length, "IOVA range")
+        try:
+            arg, buf = pair = _UNMAP_POOL.pop()   # every field is set: no zeroing
+        except IndexError:
+            arg, buf = pair = IOMMU_IOAS_UNMAP.take()
+        arg.ioas_id = self.id
+        arg.iova = iova
+        arg.length = length
+        try:
+            ictx._ioctl(ictx._fd, _UNMAP_REQUEST, buf)
+        except OSError as exc:
+            raise ioctl.failure(exc, IOMMU_IOAS_UNMAP) from None
+        done = arg.length
+        _UNMAP_POOL.append(pair)
         self._drop_tracked(iova, length)
-        return int(arg.length)
+        return done
 
     def unmap_all(self) -> int:
         """IOMMU_IOAS_UNMAP with iova 0, length U64_MAX: everything. Returns the bytes unmapped."""
@@ -1001,6 +1187,7 @@ class IOAS(IommufdObject):
         for m in self._mappings.values():
             _release(m.pin)
         self._mappings.clear()
+        self._sorted = []
         return int(arg.length)
 
     def copy(self, src_ioas: "IOAS | int", src_iova: int, length: int, dst_iova: int | None = None, *,
@@ -1024,15 +1211,15 @@ class IOAS(IommufdObject):
             origin = next((m for m in src._mappings.values() if m.covers(src_iova, length)), None)
         if origin is not None:
             delta = src_iova - origin.iova
-            self._mappings[got] = Mapping(
+            self._track(Mapping(
                 iova=got, length=length, kind=origin.kind, readable=readable, writeable=writeable,
                 fd=origin.fd, start=None if origin.start is None else origin.start + delta,
                 user_va=None if origin.user_va is None else origin.user_va + delta,
                 copied_from=(src_id, src_iova), file=origin.file, buffer=origin.buffer,
-                pin=None if origin.pin is None else ffi.from_buffer(origin.buffer))
+                pin=None if origin.pin is None else ffi.from_buffer(origin.buffer)))
         else:
-            self._mappings[got] = Mapping(iova=got, length=length, kind="unknown", readable=readable,
-                                          writeable=writeable, copied_from=(src_id, src_iova))
+            self._track(Mapping(iova=got, length=length, kind="unknown", readable=readable,
+                                writeable=writeable, copied_from=(src_id, src_iova)))
         return got
 
     # -- IOVA ranges -------------------------------------------------------------

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import errno as E
 import os
-from dataclasses import dataclass
 
 from . import errors, ioctl
+from ._record import record
 from .backend import Backend
 from .errors import UsageError
 from .fdobject import FdObject, fd_of
@@ -89,10 +89,19 @@ def holders_of(backend: Backend, path: str = DEVICE) -> list[int]:
     return pids
 
 
+# Built when /dev/liveupdate opens, so that after a kexec the first
+# retrieve (inside the blackout) does not pay for building cffi types.
+_HOT_IOCTLS = (CREATE_SESSION, RETRIEVE_SESSION, PRESERVE_FD, RETRIEVE_FD, FINISH)
+
+
 class LiveUpdate(FdObject):
     """The one open ``/dev/liveupdate`` of this process."""
 
     kind = "liveupdate"
+
+    def __init__(self, fd: int, *, backend: Backend | None = None, owned: bool = True):
+        super().__init__(fd, backend=backend, owned=owned)
+        ioctl.prepare(*_HOT_IOCTLS)
 
     @classmethod
     def open(cls, path: str = DEVICE, *, backend: Backend | None = None) -> "LiveUpdate":
@@ -108,13 +117,13 @@ class LiveUpdate(FdObject):
 
     def create_session(self, name: str) -> "Session":
         raw = check_session_name(name)
-        arg = ioctl.call(self.backend, self.fd, CREATE_SESSION, name=raw, detail=f"session {name!r}")
-        return Session(int(arg.fd), name, incoming=False, backend=self.backend)
+        arg = ioctl.call(self.backend, self.fd, CREATE_SESSION, name=raw, detail=lambda: f"session {name!r}")
+        return Session(arg.fd, name, incoming=False, backend=self.backend)
 
     def retrieve_session(self, name: str) -> "Session":
         raw = check_session_name(name)
-        arg = ioctl.call(self.backend, self.fd, RETRIEVE_SESSION, name=raw, detail=f"session {name!r}")
-        return Session(int(arg.fd), name, incoming=True, backend=self.backend)
+        arg = ioctl.call(self.backend, self.fd, RETRIEVE_SESSION, name=raw, detail=lambda: f"session {name!r}")
+        return Session(arg.fd, name, incoming=True, backend=self.backend)
 
     def try_retrieve_session(self, name: str) -> "Session | None":
         """Retrieve ``name``, or None when there is no such incoming session
@@ -125,7 +134,7 @@ class LiveUpdate(FdObject):
             return None
 
 
-@dataclass
+@record
 class PreservedFile:
     token: int
     fd: int
@@ -143,6 +152,7 @@ class Session(FdObject):
         super().__init__(fd, backend=backend, owned=owned)
         self.name = name
         self.incoming = incoming
+        self._ioctl = ioctl.raw_ioctl(self.backend)
         self.preserved: dict[int, PreservedFile] = {}
         self.retrieved: dict[int, int] = {}
         #: tokens stage 2 expects (from a manifest); used to name unretrieved ones on EBUSY
@@ -165,21 +175,127 @@ class Session(FdObject):
             raise UsageError(f"session {self.name!r} is incoming (retrieved): it takes retrieve/finish, not preserve")
         fd = fd_of(obj)
         kind = getattr(obj, "kind", None) if not isinstance(obj, int) else None
-        ioctl.call(self.backend, self.fd, PRESERVE_FD, fd=fd, token=token,
-                   context={"kind": describe_fd(self.backend, fd) if kind is None else f"a {kind}"},
-                   detail=f"session {self.name!r}, token {token:#x}")
+        arg, buf = pair = PRESERVE_FD.take()
+        arg.fd = fd
+        arg.token = token
+        try:
+            self._ioctl(self.fileno(), PRESERVE_FD.request, buf)
+        except OSError as exc:
+            # what the file is (a /proc read) only matters for the error message
+            raise ioctl.failure(exc, PRESERVE_FD,
+                                lambda: {"kind": describe_fd(self.backend, fd) if kind is None else f"a {kind}"},
+                                lambda: f"session {self.name!r}, token {token:#x}") from None
+        PRESERVE_FD.give(pair)
         record = PreservedFile(token, fd, kind)
         self.preserved[token] = record
         return record
+
+    def preserve_many(self, items) -> list[PreservedFile]:
+        """Preserve each ``(obj, token)`` of ``items``, in order: the bulk
+        :meth:`preserve` for the critical path.
+
+        Every item is checked and its struct built before the first ioctl
+        (bad input: :class:`UsageError` naming the item, nothing preserved);
+        then only the ioctls run. If the kernel refuses item ``i``, the error
+        is that item's own typed error, its detail says which item failed and
+        which were preserved before it, and it carries ``index`` (of the
+        failed item) and ``done`` (the :class:`PreservedFile` records of
+        items ``0..i-1``, which stay preserved and are in ``self.preserved``).
+        """
+        if self.incoming:
+            raise UsageError(f"session {self.name!r} is incoming (retrieved): it takes retrieve/finish, not preserve")
+        prepared = []
+        for index, item in enumerate(items):
+            try:
+                obj, token = item
+            except (TypeError, ValueError):
+                raise UsageError(f"preserve_many: item {index + 1} is not an (object, token) pair: {item!r}") from None
+            try:
+                # plain ints are the common case: checked inline, else by the full checks
+                if token.__class__ is not int or not 0 <= token <= TOKEN_MAX:
+                    check_token(token)
+                if obj.__class__ is int and obj >= 0:
+                    prepared.append((obj, token, None))
+                    continue
+                fd = fd_of(obj)
+            except UsageError as exc:
+                raise UsageError(f"preserve_many: item {index + 1}: {exc}") from None
+            prepared.append((fd, token, getattr(obj, "kind", None) if not isinstance(obj, int) else None))
+        n = len(prepared)
+        array = PRESERVE_FD.array(n)
+        for entry, (fd, token, _) in zip(array, prepared):
+            entry.fd = fd
+            entry.token = token
+        bufs = PRESERVE_FD.buffers(array, n)
+        do_ioctl, sfd, request = self._ioctl, self.fileno(), PRESERVE_FD.request
+        i = 0
+        try:
+            for i in range(n):
+                do_ioctl(sfd, request, bufs[i])
+        except OSError as exc:
+            done = self._record_preserved(prepared[:i])
+            fd, token, kind = prepared[i]
+            error = ioctl.failure(exc, PRESERVE_FD,
+                                  lambda: {"kind": describe_fd(self.backend, fd) if kind is None else f"a {kind}"},
+                                  lambda: f"session {self.name!r}, token {token:#x}")
+            raise errors.partial(error, i, n, "preserved", [r.token for r in done], done) from None
+        return self._record_preserved(prepared)
+
+    def _record_preserved(self, prepared) -> list[PreservedFile]:
+        out = [PreservedFile(token, fd, kind) for fd, token, kind in prepared]
+        self.preserved.update(zip((r.token for r in out), out))
+        return out
+
+    def retrieve_all(self, tokens) -> dict[int, int]:
+        """Retrieve every token of ``tokens``, in order; returns ``{token: fd}``
+        (the caller owns the fds). The bulk :meth:`retrieve` for the blackout
+        window: the structs are built before the first ioctl.
+
+        If the kernel refuses token ``i``, the error is that retrieve's typed
+        error; its detail names the failed item and those retrieved before
+        it, and it carries ``index`` and ``done`` (``{token: fd}`` of the
+        ones retrieved, also in ``self.retrieved``: close or use them)."""
+        if not self.incoming:
+            raise UsageError(f"session {self.name!r} is outgoing (created): it takes preserve, not retrieve")
+        tokens = list(tokens)
+        for index, token in enumerate(tokens):
+            try:
+                check_token(token)
+            except UsageError as exc:
+                raise UsageError(f"retrieve_all: item {index + 1}: {exc}") from None
+        n = len(tokens)
+        array = RETRIEVE_FD.array(n)
+        for i, token in enumerate(tokens):
+            array[i].token = token
+        bufs = RETRIEVE_FD.buffers(array, n)
+        do_ioctl, sfd, request = self._ioctl, self.fileno(), RETRIEVE_FD.request
+        i = 0
+        try:
+            for i in range(n):
+                do_ioctl(sfd, request, bufs[i])
+        except OSError as exc:
+            done = {tokens[k]: array[k].fd for k in range(i)}
+            self.retrieved.update(done)
+            token = tokens[i]
+            error = ioctl.failure(exc, RETRIEVE_FD, None, lambda: f"session {self.name!r}, token {token:#x}")
+            raise errors.partial(error, i, n, "retrieved", list(done), done) from None
+        out = {tokens[k]: array[k].fd for k in range(n)}
+        self.retrieved.update(out)
+        return out
 
     def retrieve(self, token: int) -> int:
         """Retrieve the file preserved under ``token``; the caller owns the new fd."""
         check_token(token)
         if not self.incoming:
             raise UsageError(f"session {self.name!r} is outgoing (created): it takes preserve, not retrieve")
-        arg = ioctl.call(self.backend, self.fd, RETRIEVE_FD, token=token,
-                         detail=f"session {self.name!r}, token {token:#x}")
-        fd = int(arg.fd)
+        arg, buf = pair = RETRIEVE_FD.take()
+        arg.token = token
+        try:
+            self._ioctl(self.fileno(), RETRIEVE_FD.request, buf)
+        except OSError as exc:
+            raise ioctl.failure(exc, RETRIEVE_FD, None, lambda: f"session {self.name!r}, token {token:#x}") from None
+        fd = arg.fd
+        RETRIEVE_FD.give(pair)
         self.retrieved[token] = fd
         return fd
 
@@ -187,10 +303,9 @@ class Session(FdObject):
         """Tell the kernel the live update of this session is complete."""
         if not self.incoming:
             raise UsageError(f"session {self.name!r} is outgoing: only retrieved sessions can finish")
-        unretrieved = sorted(self.expected_tokens - set(self.retrieved))
         ioctl.call(self.backend, self.fd, FINISH,
-                   context={"unretrieved": [hex(t) for t in unretrieved]},
-                   detail=f"session {self.name!r}")
+                   context=lambda: {"unretrieved": [hex(t) for t in sorted(self.expected_tokens - set(self.retrieved))]},
+                   detail=lambda: f"session {self.name!r}")
 
     def __repr__(self) -> str:
         direction = "incoming" if self.incoming else "outgoing"

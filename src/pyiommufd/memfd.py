@@ -9,7 +9,6 @@ memfds cannot be preserved at all.
 from __future__ import annotations
 
 import enum
-import hashlib
 import mmap as _mmap
 import os
 import re
@@ -183,6 +182,8 @@ class MemFD(FdObject):
         return b"".join(chunks)
 
     def sha256(self, chunk: int = 1 << 20) -> str:
+        import hashlib  # only for verification: hashlib loads OpenSSL
+
         digest = hashlib.sha256()
         size, offset = self.size, 0
         while offset < size:

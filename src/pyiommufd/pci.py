@@ -23,10 +23,10 @@ from __future__ import annotations
 import errno as E
 import posixpath
 import re
-from dataclasses import asdict, dataclass
 from typing import Any
 
 from . import errors
+from ._record import asdict, record
 from .backend import Backend, get_backend
 
 SYSFS_PCI_DEVICES = "/sys/bus/pci/devices"
@@ -76,7 +76,7 @@ def _sysfs_error(op: str, exc: OSError, path: str) -> errors.KernelError:
     return errors.make_error(op, "sysfs", exc.errno or E.EIO, detail=path)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class PciDeviceInfo:
     """A snapshot of one PCI function as sysfs shows it."""
 
@@ -327,7 +327,7 @@ class PciDevice:
         return now
 
 
-@dataclass
+@record
 class VfioBinding:
     """What :meth:`PciDevice.bind_vfio` changed; a context manager that restores."""
 

@@ -1232,12 +1232,24 @@ def execute(plan: Plan, client, *, backend=None, ops: list[Operation] | None = N
         return M.Manifest(session=plan.session, entries=entries, kernel_release=release,
                           lu_abi=lu.name if lu is not None else None, lu_nr=lu.nr if lu is not None else None)
 
+    # consecutive memfd preserves go to the agent as one bulk request
+    pending_memfds: list[tuple[int, Any, dict, dict]] = []
+
+    def flush_memfds() -> None:
+        if pending_memfds:
+            batch = list(pending_memfds)
+            pending_memfds.clear()
+            client.preserve_many(plan.session, [(token, fd, meta) for token, fd, meta, _ in batch])
+            result.preserved.extend(row for *_, row in batch)
+
     try:
         for op in ops:
             if progress is not None:
                 progress(op)
             a = op.args
             act = op.action
+            if act != "preserve_memfd":
+                flush_memfds()
             if act == "create_memfd":
                 spec = memfd_spec(a["memfd"])
                 memfds[spec.name] = MemFD.create(spec.name, spec.size, sealing=True, hugetlb=spec.hugetlb,
@@ -1294,10 +1306,10 @@ def execute(plan: Plan, client, *, backend=None, ops: list[Operation] | None = N
                         "seals": seal_names(spec.seals)}
                 if spec.name in digests:
                     meta["sha256"] = digests[spec.name]
-                client.preserve(plan.session, a["token"], memfds[spec.name], meta)
-                result.preserved.append({"token": a["token"], "kind": "memfd", "name": spec.name,
-                                         "detail": f"{spec.size:#x} bytes, seals "
-                                                   f"{'|'.join(s.upper() for s in seal_names(spec.seals)) or '-'}"})
+                pending_memfds.append((a["token"], memfds[spec.name], meta,
+                                       {"token": a["token"], "kind": "memfd", "name": spec.name,
+                                        "detail": f"{spec.size:#x} bytes, seals "
+                                                  f"{'|'.join(s.upper() for s in seal_names(spec.seals)) or '-'}"}))
             elif act == "preserve_iommufd":
                 spec = next(x for x in plan.iommufds if x.name == a["iommufd"])
                 marks = [f"{h.name}={h.lu_token:#x}" for h in spec.hwpts if h.mark]
@@ -1317,6 +1329,7 @@ def execute(plan: Plan, client, *, backend=None, ops: list[Operation] | None = N
                                          "detail": f"{dev.bdf or spec.ident}, attached to {spec.hwpt}"})
             else:  # pragma: no cover - order() produces only known actions
                 raise UsageError(f"unknown operation {act!r}")
+        flush_memfds()
     except BaseException:
         if session_created:
             try:

@@ -21,11 +21,10 @@ from __future__ import annotations
 import errno as E
 import mmap as _mmap
 import os
-import uuid as _uuid
-from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
 from . import errors, ioctl, pci
+from ._record import factory, hidden, record
 from ._uapi import ffi
 from .backend import Backend, get_backend
 from .fdobject import FdObject, open_path
@@ -122,14 +121,14 @@ def _write_tail(arg, base: int, data: bytes) -> None:
 
 
 # -- records -------------------------------------------------------------------
-@dataclass(frozen=True)
+@record(frozen=True)
 class DeviceInfo:
     """VFIO_DEVICE_GET_INFO, with its capability chain."""
 
     flags: int
     num_regions: int
     num_irqs: int
-    caps: list[ioctl.Capability] = field(default_factory=list)
+    caps: list[ioctl.Capability] = factory(list)
     pci_atomic_comp: int | None = None
 
     @property
@@ -145,7 +144,7 @@ class DeviceInfo:
         return bool(self.flags & DEVICE_FLAGS["reset"])
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class RegionInfo:
     """VFIO_DEVICE_GET_REGION_INFO, with decoded capabilities."""
 
@@ -153,7 +152,7 @@ class RegionInfo:
     flags: int
     size: int
     offset: int
-    caps: list[ioctl.Capability] = field(default_factory=list)
+    caps: list[ioctl.Capability] = factory(list)
     sparse_areas: list[tuple[int, int]] | None = None  # (offset, size) within the region
     type: int | None = None
     subtype: int | None = None
@@ -172,7 +171,7 @@ class RegionInfo:
         return bool(self.flags & REGION_FLAG_MMAP)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class IrqInfo:
     """VFIO_DEVICE_GET_IRQ_INFO."""
 
@@ -197,7 +196,7 @@ class IrqInfo:
         return bool(self.flags & C("VFIO_IRQ_INFO_NORESIZE"))
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class DependentDevice:
     """One ``struct vfio_pci_dependent_device`` of a hot-reset info reply.
     ``id`` is a dev_id (cdev mode: 0 = owned but not bound here, 0xffffffff =
@@ -213,7 +212,7 @@ class DependentDevice:
         return pci.bdf_from_parts(self.segment, self.bus, self.devfn)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class HotResetInfo:
     flags: int
     devices: list[DependentDevice]
@@ -333,6 +332,8 @@ class VfioDevice(_FdOwner):
         flags = 0
         holder = None
         if token_uuid is not None:
+            import uuid as _uuid  # only for VF tokens: uuid is slow to import
+
             if isinstance(token_uuid, str):
                 try:
                     token_uuid = _uuid.UUID(token_uuid)
@@ -766,7 +767,7 @@ def _sparse_areas(cap: ioctl.Capability) -> list[tuple[int, int]]:
 
 
 # -- the legacy container/group API ----------------------------------------------------
-@dataclass(frozen=True)
+@record(frozen=True)
 class Type1Info:
     """VFIO_IOMMU_GET_INFO of a type1 container."""
 
@@ -775,18 +776,18 @@ class Type1Info:
     iova_ranges: list[tuple[int, int]] | None = None  # inclusive (start, end)
     dma_avail: int | None = None
     migration: dict[str, int] | None = None
-    caps: list[ioctl.Capability] = field(default_factory=list)
+    caps: list[ioctl.Capability] = factory(list)
 
 
-@dataclass
+@record
 class DmaMapping:
     iova: int
     size: int
     user_va: int
     readable: bool
     writeable: bool
-    buffer: Any = field(default=None, repr=False)
-    pin: Any = field(default=None, repr=False)
+    buffer: Any = hidden(compare=True)
+    pin: Any = hidden(compare=True)
 
 
 class VfioContainer(_FdOwner):
@@ -906,7 +907,7 @@ class VfioContainer(_FdOwner):
         return int(arg.size)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class GroupStatus:
     flags: int
 

@@ -375,3 +375,37 @@ def test_signal_without_state_stops_at_once(env, monkeypatch):
     handlers[signal.SIGINT](signal.SIGINT, None)
     env.server._thread.join(5)
     assert not env.client.is_running()
+
+
+def test_bulk_preserve_and_retrieve_through_the_agent(env):
+    env.client.create_session("bulk")
+    files = [env.memfd(f"m{i}", bytes([(i + 1) % 256]) * 8, size=4096) for i in range(300)]  # two requests
+    done = env.client.preserve_many("bulk", [(i + 1, m, {"name": f"m{i}"}) for i, m in enumerate(files)])
+    assert [d["token"] for d in done] == list(range(1, 301)) and done[0]["kind"] == "memfd"
+    held = {t["token"]: t for t in env.client.status()["sessions"][0]["tokens"]}
+    assert len(held) == 300 and held[300]["name"] == "m299"
+    for m in files:
+        m.close()
+    env.kexec()
+    env.client.retrieve_session("bulk", manifest=False)
+    fds = env.client.retrieve_many("bulk", list(range(1, 301)))
+    assert [env.read(fds[t], 1) for t in (1, 256, 300)] == [b"\x01", bytes([256 % 256]), bytes([300 % 256])]
+    again = env.client.retrieve_many("bulk", [1, 2])   # held by the agent: asked again without the kernel
+    assert env.read(again[2], 1) == b"\x02"
+
+
+def test_bulk_preserve_failing_part_way_through_the_agent(env):
+    env.client.create_session("part")
+    a, b = env.memfd("a", b"A"), env.memfd("b", b"B")
+    with pytest.raises(errors.NotFound) as info:
+        env.client.preserve_many("part", [(1, a, None), (2, env.k.eventfd(), None), (3, b, None)])
+    assert info.value.index == 1
+    assert "item 2 of 3 failed; the 1 before it is preserved (0x1)" in str(info.value)
+    tokens = [t["token"] for t in env.client.status()["sessions"][0]["tokens"]]
+    assert tokens == [1]   # the agent holds what was preserved
+    env.kexec()
+    env.client.retrieve_session("part", manifest=False)
+    with pytest.raises(errors.NotFound) as info:
+        env.client.retrieve_many("part", [1, 3])
+    assert info.value.index == 1 and "item 2 of 2 failed" in str(info.value)
+    assert env.read(env.client.retrieve("part", 1), 1) == b"A"   # retrieved before the failure, held

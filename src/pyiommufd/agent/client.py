@@ -17,6 +17,7 @@ import threading
 import time
 from typing import Any, Iterable
 
+from .. import errors
 from ..backend import Backend, LinuxBackend, get_backend
 from ..errors import UsageError
 from ..fdobject import fd_of
@@ -130,6 +131,35 @@ class AgentClient:
         _close_fds(got)
         return result
 
+    def preserve_many(self, session: str, files: list[tuple[int, Any, dict | None]]) -> list[dict]:
+        """:meth:`preserve` of every ``(token, file, meta)``, in order, with as
+        few requests as SCM_RIGHTS allows (253 fds each); the agent preserves
+        each request's files with one bulk call. On a kernel error the
+        files before the failed one stay preserved; the error's ``index`` is
+        the failed item's index in ``files``."""
+        out: list[dict] = []
+        for first in range(0, len(files), P.MAX_FDS):
+            chunk = files[first:first + P.MAX_FDS]
+            wire, fds = [], []
+            for token, file, meta in chunk:
+                meta = dict(meta or {})
+                if "kind" not in meta and getattr(file, "kind", None):
+                    meta["kind"] = _kind_name(file.kind)
+                if "name" not in meta and isinstance(getattr(file, "name", None), str):
+                    meta["name"] = file.name
+                fds.append(fd_of(file))
+                wire.append({"token": token, "fd": len(fds) - 1, "meta": meta})
+            try:
+                result, got = self.call("preserve_many", fds, session=session, files=wire)
+            except errors.KernelError as exc:
+                if first and isinstance(getattr(exc, "index", None), int):
+                    exc.index += first
+                    exc.detail = f"{exc.detail}; {first} files of earlier requests are preserved too"
+                raise
+            _close_fds(got)
+            out.extend(result.get("files") or [])
+        return out
+
     def adopt(self, *, liveupdate: Any = None, sessions: list[dict] | None = None) -> dict:
         """Hand over already-open fds. ``liveupdate``: the ``/dev/liveupdate``
         fd (or object) or None. ``sessions``: ``[{"name", "direction",
@@ -169,6 +199,32 @@ class AgentClient:
             _close_fds(got)
             raise AgentProtocolError(f"retrieve answered with {len(got)} fds instead of 1")
         return got[0]
+
+    def retrieve_many(self, session: str, tokens: list[int]) -> dict[int, int]:
+        """:meth:`retrieve` of every token, in order, in as few requests as
+        SCM_RIGHTS allows; returns ``{token: fd}`` (the caller owns the fds).
+        On a kernel error the tokens before the failed one stay retrieved
+        in the agent (retrieve them again for their fds); fds of earlier
+        requests are closed; the error's ``index`` is the failed token's
+        index in ``tokens``."""
+        out: dict[int, int] = {}
+        try:
+            for first in range(0, len(tokens), P.MAX_FDS):
+                chunk = list(tokens[first:first + P.MAX_FDS])
+                try:
+                    _, got = self.call("retrieve_many", session=session, tokens=chunk)
+                except errors.KernelError as exc:
+                    if isinstance(getattr(exc, "index", None), int):
+                        exc.index += first
+                    raise
+                if len(got) != len(chunk):
+                    _close_fds(got)
+                    raise AgentProtocolError(f"retrieve_many answered with {len(got)} fds for {len(chunk)} tokens")
+                out.update(zip(chunk, got))
+        except BaseException:
+            _close_fds(out.values())
+            raise
+        return out
 
     def finish(self, session: str) -> dict:
         return self._simple("finish", session=session)

@@ -39,8 +39,8 @@ DEFAULT_SOCKET = "/run/pyiommufd/agent.sock"
 ENV_SOCKET = "PYIOMMUFD_AGENT_SOCKET"
 
 #: every request the agent answers
-OPS = ("ping", "status", "create_session", "preserve", "adopt", "retrieve_session", "retrieve",
-       "finish", "release", "stop")
+OPS = ("ping", "status", "create_session", "preserve", "preserve_many", "adopt", "retrieve_session",
+       "retrieve", "retrieve_many", "finish", "release", "stop")
 
 
 _KIND_ALIASES = {"vfio": "vfio-cdev", "vfio cdev": "vfio-cdev", "vfio_cdev": "vfio-cdev", "cdev": "vfio-cdev",
@@ -113,8 +113,11 @@ def encode_error(exc: BaseException) -> dict[str, Any]:
     """A JSON-able description of ``exc`` that :func:`decode_error` turns back
     into the same class."""
     if isinstance(exc, errors.KernelError):
-        return {"type": "kernel", "class": type(exc).__name__, "interface": exc.interface,
-                "errno": exc.errno, "op": exc.op, "hint": exc.hint, "detail": exc.detail}
+        out = {"type": "kernel", "class": type(exc).__name__, "interface": exc.interface,
+               "errno": exc.errno, "op": exc.op, "hint": exc.hint, "detail": exc.detail}
+        if isinstance(getattr(exc, "index", None), int):
+            out["index"] = exc.index  # the failed item of a bulk request
+        return out
     if isinstance(exc, errors.PlanError):
         return {"type": "plan", "problems": exc.problems, "message": str(exc)}
     if isinstance(exc, errors.UsageError):
@@ -138,7 +141,10 @@ def decode_error(data: Any) -> Exception:
         if not isinstance(err, int):
             return AgentProtocolError(f"kernel error without errno in agent reply: {data!r}")
         cls = errors.error_class(str(data.get("interface") or "kernel"), err)
-        return cls(str(data.get("op") or "?"), err, data.get("hint"), data.get("detail"))
+        exc = cls(str(data.get("op") or "?"), err, data.get("hint"), data.get("detail"))
+        if isinstance(data.get("index"), int):
+            exc.index = data["index"]
+        return exc
     message = str(data.get("message", ""))
     if kind == "plan":
         return errors.PlanError(list(data.get("problems") or [message]))

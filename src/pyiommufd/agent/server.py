@@ -230,6 +230,9 @@ class AgentServer:
 
     # -- lifecycle -------------------------------------------------------------
     def start(self) -> "AgentServer":
+        from ..rlimits import raise_nofile
+
+        raise_nofile()  # the agent holds every preserved and retrieved fd
         self._bind()
         if self.open_liveupdate:
             self._try_open_liveupdate()
@@ -542,6 +545,43 @@ class AgentServer:
         log.info("preserved token %#x (%s %s) in %r", token, kind, name or "", held.name)
         return held.files[token].as_dict(), []
 
+    def _op_preserve_many(self, args, fds):
+        """``files``: ``[{"token", "fd" (index), "meta"}]``, preserved in order
+        by one :meth:`Session.preserve_many`. Everything is checked first; on a
+        failure part-way the files before it stay preserved and held."""
+        held = self._session(args.get("session"), incoming=False)
+        specs = args.get("files")
+        if not isinstance(specs, list):
+            raise UsageError("preserve_many: files must be a list")
+        items, seen = [], set()
+        for spec in specs:
+            if not isinstance(spec, dict):
+                raise UsageError("preserve_many: each file is an object")
+            token = check_token(spec.get("token"))
+            fd = fds.get(spec.get("fd"), f"preserve_many token {token:#x}")
+            _touch(self.backend, fd)
+            if token in held.files or token in seen:
+                raise errors.make_error("LIVEUPDATE_SESSION_PRESERVE_FD", "luo", E.EEXIST,
+                                        detail=f"session {held.name!r}, token {token:#x}")
+            seen.add(token)
+            items.append((token, fd, _meta(spec.get("meta"))))
+        try:
+            held.session.preserve_many([(fd, token) for token, fd, _ in items])
+        except errors.KernelError as exc:
+            self._hold_preserved(held, items[:getattr(exc, "index", 0)], fds)
+            raise
+        return {"files": self._hold_preserved(held, items, fds)}, []
+
+    def _hold_preserved(self, held: HeldSession, items, fds) -> list[dict[str, Any]]:
+        out = []
+        for token, fd, meta in items:
+            kind = P.normalize_kind(meta.pop("kind", None)) or kind_of_fd(self.backend, fd)
+            name = meta.pop("name", None)
+            f = held.files[token] = HeldFile(token, str(kind), name, meta, fds.keep(fd), "preserved")
+            out.append(f.as_dict())
+        log.info("preserved %d files in %r", len(items), held.name)
+        return out
+
     def _op_adopt(self, args, fds):
         lu_index = args.get("liveupdate")
         specs = args.get("sessions") or []
@@ -683,6 +723,38 @@ class AgentServer:
         f.fd, f.state, f.error = fd, "retrieved", None
         log.info("retrieved token %#x (%s %s) of %r", token, f.kind, f.name or "", held.name)
         return f.as_dict(), [fd]
+
+    def _op_retrieve_many(self, args, fds):
+        """``tokens``, retrieved in order (those held already are not asked
+        again) by one :meth:`Session.retrieve_all`; answers ``files`` and one
+        fd per token. On a failure part-way the ones before it stay held."""
+        held = self._session(args.get("session"), incoming=True)
+        tokens = args.get("tokens")
+        if not isinstance(tokens, list):
+            raise UsageError("retrieve_many: tokens must be a list")
+        tokens = [check_token(t) for t in tokens]
+        todo = [t for t in tokens if held.files.get(t) is None or held.files[t].fd is None]
+        try:
+            got = held.session.retrieve_all(todo)
+        except errors.KernelError as exc:
+            index = getattr(exc, "index", 0)
+            self._hold_retrieved(held, dict(zip(todo[:index], (held.session.retrieved[t] for t in todo[:index]))))
+            f = held.files.get(todo[index])
+            if f is None:
+                f = held.files[todo[index]] = HeldFile(todo[index], "other")
+            f.state, f.error = "failed", P.encode_error(exc)
+            exc.index = tokens.index(todo[index])
+            raise
+        self._hold_retrieved(held, got)
+        return {"files": [held.files[t].as_dict() for t in tokens]}, [held.files[t].fd for t in tokens]
+
+    def _hold_retrieved(self, held: HeldSession, got: dict[int, int]) -> None:
+        for token, fd in got.items():
+            f = held.files.get(token)
+            if f is None:
+                f = held.files[token] = HeldFile(token, kind_of_fd(self.backend, fd))
+            f.fd, f.state, f.error = fd, "retrieved", None
+        log.info("retrieved %d tokens of %r", len(got), held.name)
 
     def _op_finish(self, args, fds):
         held = self._session(args.get("session"), incoming=True)

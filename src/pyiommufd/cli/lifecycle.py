@@ -229,6 +229,10 @@ def preserve(plan_file, session, memfds, devices, hwpt_tokens, device_tokens, io
         raise PlanError([x.describe() for x in errs])
     be = get_backend()
     _preflight_devices(p, be)
+    from ..rlimits import raise_nofile
+
+    # each memfd, iommufd and device is open here until the agent holds it
+    raise_nofile(len(p.memfds) + len(p.iommufds) + len(p.devices) + 64)
     client = ensure_running(socket_path, backend=be)
     done = planner.execute(p, client, backend=be, ops=ops, notify=warn)
     info = client.ping()
@@ -387,6 +391,7 @@ def restore(session, verify, bind_vfio, do_exec, command, socket_path, as_json):
                            "`pyiommufd preserve` (the agent holds it; retrieve tokens with the Python API)",
                            exitcodes.BAD_INPUT) from None
     fds: dict[int, int] = {MANIFEST_TOKEN: fd0}
+    bulk: dict[int, int] = {}
     try:
         manifest = read_from_fd(fd0, be)
         wanted = {resolve_placeholder(k, manifest) for k in placeholders(command)} if do_exec else set()
@@ -395,7 +400,14 @@ def restore(session, verify, bind_vfio, do_exec, command, socket_path, as_json):
         first_error: Exception | None = None
         mismatches = 0
         unbound: list[str] = []
-        for entry in manifest.retrieve_order():
+        order = manifest.retrieve_order()
+        # memfds need no readiness check: retrieve them all in one request;
+        # if one fails, the loop below retrieves one by one (and reports it)
+        try:
+            bulk = client.retrieve_many(session, [e.token for e in order if e.kind == "memfd"])
+        except errors.KernelError:
+            bulk = {}
+        for entry in order:
             row: dict[str, Any] = {"token": entry.token, "kind": entry.kind, "name": entry.name}
             if entry.kind == "vfio-cdev" and entry.bdf:
                 row["bdf"] = entry.bdf
@@ -406,7 +418,7 @@ def restore(session, verify, bind_vfio, do_exec, command, socket_path, as_json):
                     rows.append(row)
                     continue
             try:
-                fd = client.retrieve(session, entry.token)
+                fd = bulk.pop(entry.token) if entry.token in bulk else client.retrieve(session, entry.token)
             except errors.KernelError as exc:
                 row["error"] = str(exc)
                 row["errno"] = _errname(exc.errno)
@@ -475,7 +487,7 @@ def restore(session, verify, bind_vfio, do_exec, command, socket_path, as_json):
                                ) from None
     finally:
         # our copies; the agent keeps its own until finish
-        for fd in fds.values():
+        for fd in [*fds.values(), *bulk.values()]:
             try:
                 be.close(fd)
             except OSError:

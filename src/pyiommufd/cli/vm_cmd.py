@@ -288,3 +288,70 @@ def guest_selftest(stage, session_name, program, lu_abi, device):
                                 c_selftest=os.environ.get(seedflow.ENV_C_SELFTEST),
                                 say=click.echo)
     exit_with(code)
+
+
+DEFAULT_BENCH_TIMEOUT = 1800.0
+
+
+def bench_script():
+    """benchmarks/bench.py of this checkout (the suite is not installed)."""
+    from ..vm import runner
+
+    path = runner.checkout_src().parent / "benchmarks" / "bench.py"
+    if not path.is_file():
+        raise CommandError(f"no {path}: `vm bench` runs from a pyiommufd checkout", exitcodes.BAD_INPUT)
+    return path
+
+
+@vm.command("bench")
+@click.option("--kernel", default=None, metavar="PATH", help="bzImage to boot and kexec into "
+              "(default: the cached build).")
+@click.option("--quick", is_flag=True, help="Fewer repetitions (a smoke run).")
+@click.option("--timeout", type=float, default=DEFAULT_BENCH_TIMEOUT, show_default=True,
+              help="Hard limit in seconds for the whole run (two boots under TCG).")
+def bench(kernel, quick, timeout):
+    """pyiommufd against C on the real kernel: every case of benchmarks/bench.py
+    in one boot and one kexec, then the table of Python/C ratios and a summary
+    line (`bench: N cases, goals met X/Y`). Start-up cases also run on the host."""
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    from ..vm import debian
+
+    _check_timeout(timeout)
+    _check_kernel(kernel)
+    runner = _runner("qemu")
+    script = bench_script()
+    # the C twin is built here, where the guest can read it (the host root is its root)
+    out_dir = debian.cache_root() / "bench"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    c_binary = out_dir / "bench_c"
+    py = runner.python_executable()
+    _progress(f"[bench] compiling {script.parent / 'c' / 'bench.c'}")
+    subprocess.run([py, str(script), "compile", "--dest", str(c_binary)], check=True)
+    host = Path(tempfile.mkdtemp(prefix="pyiommufd-bench-"))
+    _progress("[bench] start-up cases on the host")
+    subprocess.run([py, str(script), "startup", "--out", str(host), "--suffix", "@host",
+                    "--c-binary", str(c_binary)], check=True)
+    stage1 = [py, str(script), "stage1", "--c-binary", str(c_binary)] + (["--quick"] if quick else [])
+    stage2 = [py, str(script), "stage2", "--c-binary", str(c_binary)]
+    job = runner.Job([runner.Stage(stage1, cwd="/", kexec="self"),
+                      runner.Stage(stage2, cwd="/", needs_kexec=True)])
+    res = _run_vm(lambda: runner.run(job, kernel=kernel, timeout=timeout, progress=_progress))
+    results = res.run_dir / "share" / "bench"
+    failed = next((s for s in res.stages if not s.ok), None)
+    if failed is not None or res.timed_out:
+        _print_stage_output(res)
+    report = subprocess.run([py, str(script), "report", str(host), str(results)],
+                            capture_output=True, text=True)
+    click.echo(report.stdout, nl=False)
+    if report.returncode != 0:
+        click.echo(report.stderr, err=True, nl=False)
+    click.echo(f"# results: {results} and {host}; kernel {res.kernel_release or '?'}")
+    if failed is not None or res.timed_out:
+        why = (f"the VM timed out after {timeout:.0f}s" if res.timed_out
+               else f"guest {failed.describe()}")
+        click.echo(f"pyiommufd: error: {why} (serial log: {res.serial_log})", err=True)
+        exit_with(_exit_for(res) or 1)
+    exit_with(0)
