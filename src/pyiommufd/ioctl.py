@@ -17,13 +17,12 @@ only version signal the kernel gets.
 from __future__ import annotations
 
 import errno as E
-import fcntl
 from typing import Iterator, Mapping
 
 from . import errors
 from ._record import record
 from ._uapi import ffi
-from .backend import Backend, LinuxBackend
+from .backend import Backend
 
 _IOC_NRBITS, _IOC_TYPEBITS, _IOC_SIZEBITS = 8, 8, 14
 _IOC_NRSHIFT = 0
@@ -234,11 +233,10 @@ def _declared_size(arg) -> int | None:
 
 
 def raw_ioctl(backend: Backend):
-    """The function the hot paths call as ``f(fd, request, buffer)``: for the
-    real kernel ``fcntl.ioctl`` itself (which mutates a writable buffer by
-    default, as ``LinuxBackend.ioctl`` asks), one Python frame fewer per
-    ioctl; for any other backend (the fake, a subclass) its ``ioctl``."""
-    return fcntl.ioctl if type(backend) is LinuxBackend else backend.ioctl
+    """The function the hot paths call as ``f(fd, request, buffer)``, as the
+    backend provides it (:meth:`Backend.ioctl_function`): the seam stays the
+    backend's, and the real one hands out ``fcntl.ioctl`` itself."""
+    return backend.ioctl_function()
 
 
 def failure(exc: OSError, idef: IoctlDef, context=None, detail=None) -> errors.KernelError:
