@@ -12,6 +12,7 @@ import sys
 
 import click
 
+from .. import __version__
 from . import exitcodes
 
 # name -> (module, attribute, one-line help shown by --help without importing)
@@ -55,7 +56,7 @@ class LazyGroup(click.Group):
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, envvar="PYIOMMUFD_DEBUG", help="Show tracebacks.")
-@click.version_option(package_name="pyiommufd")
+@click.version_option(version=__version__, prog_name="pyiommufd")
 @click.pass_context
 def cli(ctx, debug):
     """Userspace toolkit for Linux IOMMU live update: iommufd, VFIO cdevs and LUO."""
