@@ -363,7 +363,9 @@ def checkout_src() -> Path:
 
 
 def python_executable() -> str:
-    return os.path.realpath(sys.executable)
+    """This interpreter, as invoked: a venv's ``bin/python`` is a symlink, and
+    resolving it would lose the venv (its ``pyvenv.cfg`` and site-packages)."""
+    return os.path.abspath(sys.executable)
 
 
 def boot_env(binds: Sequence[str] = ()) -> str:
