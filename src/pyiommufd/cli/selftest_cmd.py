@@ -1,11 +1,13 @@
 """``pyiommufd selftest``: the series' ``iommufd_liveupdate`` test, stage 1 or 2.
 
-One KTAP line per step as it completes, a summary, and an exit code:
-0 pass, 1 fail, 4 the kernel lacks what the series adds, 2 bad device,
-5 ``/dev/liveupdate`` held elsewhere, 6 not permitted.
+KTAP on stdout: the version and plan lines once the stage is known, one result
+line per step as it completes, comments (``#``) for everything else, and
+kselftest's ``# Totals:`` line last. Exit code: 0 pass, 1 fail, 4 the kernel
+lacks what the series adds, 2 bad device, 5 ``/dev/liveupdate`` held
+elsewhere, 6 not permitted.
 
 After a passing stage 1 the preserved files must stay open until the kexec
-(closing the session unpreserves them, seed-spec 3.3 step 18):
+(closing the session unpreserves them, the C test's step 20):
 
 * ``--hold`` (default) hands them to ``pyiommufd agent`` and returns, like the
   C test's ``daemonize_and_wait()``; the operator then kexecs;
@@ -17,6 +19,7 @@ from __future__ import annotations
 import errno as E
 import os
 import re
+import sys
 
 import click
 
@@ -102,6 +105,21 @@ def _failure_exit(report) -> tuple[int, str]:
     return exitcodes.CHECK_FAILED, f"selftest stage {report.stage or '?'} failed at {where}: {step.detail}"
 
 
+class _TotalsOnce:
+    """Prints the closing ``# Totals:`` line once: before a kexec, else last."""
+
+    def __init__(self, report, as_json: bool):
+        self.report, self.done = report, as_json
+
+    def __call__(self) -> None:
+        if not self.done:
+            from .. import selftest as lib
+
+            self.done = True
+            click.echo(lib.totals_line(self.report))
+            sys.stdout.flush()
+
+
 def _vm_same_kernel(kernel: str, initrd: str | None) -> bool:
     """Inside the pyiommufd VM, kexec'ing into the VM's own kernel goes through
     :func:`pyiommufd.vm.guest.kexec_same_kernel`, which records the kexec for
@@ -155,34 +173,41 @@ def selftest(ctx, device, session_name, lu_abi, kexec_kernel, initrd, cmdline, h
 
     from .. import selftest as lib
 
-    if not as_json:
-        click.echo("KTAP version 1")
-        click.echo(f"# pyiommufd selftest: device {cdev}, session {session_name!r}")
+    def on_plan(count):
+        if not as_json:
+            click.echo("KTAP version 1")
+            click.echo(f"1..{count}")
+            click.echo(f"# pyiommufd selftest: device {cdev}, session {session_name!r}")
 
     def on_step(step):
         if not as_json:
             click.echo(lib.format_step_ktap(step))
 
-    report = lib.run(cdev, session_name=session_name, lu_abi=lu_abi, backend=be, on_step=on_step)
+    report = lib.run(cdev, session_name=session_name, lu_abi=lu_abi, backend=be,
+                     on_step=on_step, on_plan=on_plan)
+    totals = _TotalsOnce(report, as_json)
     try:
-        _finish(report, cdev, session_name, kexec_kernel, initrd, cmdline, hold, as_json, be, lib)
+        _finish(report, cdev, session_name, kexec_kernel, initrd, cmdline, hold, as_json, be, lib, totals)
     except (Exception, KeyboardInterrupt, SystemExit):
         # a failed hand-over or kexec, or a failed run: closing unpreserves (as it must then)
         report.close()
         raise
+    finally:
+        totals()
     # passed; after a hand-over the agent holds its own copies of every fd
     report.close()
 
 
-def _finish(report, cdev, session_name, kexec_kernel, initrd, cmdline, hold, as_json, be, lib):
+def _finish(report, cdev, session_name, kexec_kernel, initrd, cmdline, hold, as_json, be, lib, totals):
     extra: dict = {"device": cdev, "session": session_name}
     if not as_json:
-        click.echo(f"1..{len(report.steps)}")
         click.echo(lib.summary_line(report))
     if report.result != "pass":
         code, message = _failure_exit(report)
         if as_json:
             echo_json(dict(report.as_dict(), **extra, after=None))
+        else:
+            totals()
         click.echo(f"pyiommufd: error: {message}", err=True)
         exit_with(code)
     if report.stage != 1:
@@ -190,15 +215,17 @@ def _finish(report, cdev, session_name, kexec_kernel, initrd, cmdline, hold, as_
             echo_json(dict(report.as_dict(), **extra, after=None))
         else:
             click.echo(f"# result: PASS (stage {report.stage})")
+            totals()
         return
     if kexec_kernel is not None:
-        _kexec(report, kexec_kernel, initrd, cmdline, as_json, extra, be)
+        _kexec(report, kexec_kernel, initrd, cmdline, as_json, extra, be, totals)
         return  # not reached: _kexec reboots or raises
     if not hold:
         if as_json:
             echo_json(dict(report.as_dict(), **extra, after="closed"))
         else:
             click.echo("# result: PASS (stage 1); --no-hold: closing the session unpreserves everything")
+            totals()
         return
     from .. import agent
 
@@ -219,11 +246,12 @@ def _finish(report, cdev, session_name, kexec_kernel, initrd, cmdline, hold, as_
     else:
         click.echo(f"# result: PASS (stage 1): session {session_name!r} with "
                    f"{len(h.files)} files is held by the pyiommufd agent{where}")
-        click.echo("[STAGE 1] You may now perform the kexec (then bind the device to vfio-pci "
+        click.echo("# [STAGE 1] You may now perform the kexec (then bind the device to vfio-pci "
                    "and run this again for stage 2).")
+        totals()
 
 
-def _kexec(report, kernel, initrd, cmdline, as_json, extra, be):
+def _kexec(report, kernel, initrd, cmdline, as_json, extra, be, totals):
     if as_json:
         echo_json(dict(report.as_dict(), **extra, after="kexec", kexec={
             "kernel": kernel, "initrd": initrd, "cmdline": cmdline}))
@@ -232,6 +260,7 @@ def _kexec(report, kernel, initrd, cmdline, as_json, extra, be):
 
         if not as_json:
             click.echo(f"# result: PASS (stage 1); kexec into the VM kernel {kernel}")
+        totals()
         guest.kexec_same_kernel(by="selftest", backend=be)  # never returns
     from .. import kexec
 
@@ -241,4 +270,5 @@ def _kexec(report, kernel, initrd, cmdline, as_json, extra, be):
                    + (f" with initrd {initrd}" if initrd else "") + f", cmdline {used!r}")
         click.echo(f"# session {extra['session']!r} stays preserved across the reboot; "
                    "run this again afterwards for stage 2")
+    totals()
     kexec.execute(backend=be)  # returns only by raising
