@@ -17,7 +17,7 @@ import click
 
 from . import exitcodes
 from ..errors import errname
-from .output import CommandError, echo_json, echo_table, exit_with
+from .output import CommandError, echo_json, echo_table, error_object, exit_with, report_error
 
 OK, WARN, FAIL, INFO = "ok", "warn", "fail", "info"
 
@@ -243,15 +243,17 @@ def doctor(as_json):
 
     checks = run_checks(get_backend())
     failed = [c for c in checks if c.required and c.status == FAIL]
+    message = f"{len(failed)} required check(s) failed: " + ", ".join(c.check for c in failed)
     if as_json:
-        echo_json({"ok": not failed, "checks": [asdict(c) for c in checks]})
+        doc = {"ok": not failed, "checks": [asdict(c) for c in checks]}
+        if failed:
+            doc["error"] = error_object(exitcodes.CHECK_FAILED, message)
+        echo_json(doc)
     else:
         echo_table(([c.check, c.status, c.value, c.hint] for c in checks),
                    ["CHECK", "STATUS", "VALUE", "HINT"])
     if failed:
-        click.echo(f"pyiommufd: error: {len(failed)} required check(s) failed: "
-                   + ", ".join(c.check for c in failed), err=True)
-        exit_with(exitcodes.CHECK_FAILED)
+        exit_with(report_error(message, exitcodes.CHECK_FAILED))
 
 
 # -- caps ---------------------------------------------------------------------
@@ -357,6 +359,8 @@ def caps(as_json):
 
     report, code = run_caps(get_backend())
     if as_json:
+        if code != exitcodes.OK:
+            report["error"] = error_object(code, f"cannot open /dev/iommu: {iommufd_open_reason(report)}")
         echo_json(report)
     else:
         rows = []

@@ -28,7 +28,7 @@ from typing import Any, Callable
 import click
 
 from . import exitcodes
-from .output import CommandError, echo_json, echo_table, warn
+from .output import CommandError, echo_json, echo_table, error_object, json_option, report_error, warn
 
 #: what ``restore --exec`` calls; tests replace it
 exec_command: Callable[[str, list[str]], Any] = os.execvp
@@ -57,13 +57,15 @@ def handle_errors(fn):
         except (SystemExit, click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
         except (errors.PyiommufdError, OSError) as exc:
-            if _debug():
-                raise
-            from . import _exit_code_for
+            import traceback
 
-            sys.stdout.flush()
-            click.echo(f"pyiommufd: error: {exc}", err=True)
-            sys.exit(_exit_code_for(exc))
+            from . import _exit_code_for
+            from .output import report_error
+
+            if _debug():
+                traceback.print_exc()
+            sys.exit(report_error(str(exc), _exit_code_for(exc), errno=getattr(exc, "errno", None),
+                                  as_json=bool(kwargs.get("as_json"))))
 
     return wrapper
 
@@ -76,7 +78,6 @@ def _usage(message: str) -> Exception:
 
 socket_option = click.option("--socket", "socket_path", metavar="PATH", default=None,
                              help="Agent socket (default: $PYIOMMUFD_AGENT_SOCKET or /run/pyiommufd/agent.sock).")
-json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 
 
 def _need_session(session: str | None) -> str:
@@ -168,8 +169,14 @@ def plan(plan_file, dry_run, session, memfds, devices, hwpt_tokens, device_token
     p = _build_plan(plan_file, session, memfds, devices, hwpt_tokens, device_tokens, iommufd_token,
                     with_iommufd, base_iova, lu_abi)
     rep = planner.report(p)
-    nerr = sum(1 for x in rep["problems"] if x["severity"] == "error")
+    errs = [planner.Problem(**x) for x in rep["problems"] if x["severity"] == "error"]
+    message = None
+    if errs:
+        more = f" (and {len(errs) - 1} more)" if len(errs) > 1 else ""
+        message = f"the plan is invalid: {errs[0].describe()}{more}"
     if as_json:
+        if message:
+            rep["error"] = error_object(exitcodes.BAD_INPUT, message)
         echo_json(rep)
     else:
         click.echo(f"plan for session {p.session!r} (LU ABI: {rep['lu_abi']})")
@@ -186,12 +193,8 @@ def plan(plan_file, dry_run, session, memfds, devices, hwpt_tokens, device_token
                 click.echo(f"  {planner.Problem(**x)}")
         elif rep["valid"]:
             click.echo("no problems")
-    if nerr:
-        sys.stdout.flush()
-        first = next(planner.Problem(**x) for x in rep["problems"] if x["severity"] == "error")
-        more = f" (and {nerr - 1} more)" if nerr > 1 else ""
-        click.echo(f"pyiommufd: error: the plan is invalid: {first.describe()}{more}", err=True)
-        sys.exit(exitcodes.BAD_INPUT)
+    if message:
+        sys.exit(report_error(message, exitcodes.BAD_INPUT))
 
 
 # -- preserve -----------------------------------------------------------------------------
@@ -432,12 +435,26 @@ def restore(session, verify, bind_vfio, do_exec, command, socket_path, as_json):
         result = {"session": session, "already_held": info.get("already_held", False),
                   "manifest": manifest.as_dict(), "tokens": rows,
                   "verified": (mismatches == 0) if verify else None}
+        failure: Exception | None = first_error
+        if failure is None and unbound:
+            failure = CommandError(f"not retrieved: the cdev of {', '.join(unbound)}, which is not bound to "
+                                   f"vfio-pci; bind it (`pyiommufd bind {unbound[0]}`, or restore --bind-vfio) "
+                                   "and run restore again (a failed retrieve would be sticky)",
+                                   exitcodes.CHECK_FAILED)
+        if failure is None and mismatches:
+            failure = CommandError(f"{mismatches} memfd(s) differ from the manifest", exitcodes.CHECK_FAILED)
+        if failure is not None:
+            from . import _exit_code_for
+
+            result["error"] = error_object(_exit_code_for(failure), str(failure), getattr(failure, "errno", None))
         # with --exec, stdout belongs to the command: the report goes to stderr
         out = sys.stderr if do_exec else None
         if as_json:
             import json
 
             _echo(json.dumps(result, indent=2, default=str), out)
+            if out is None:
+                echo_json_printed()
         else:
             _echo(f"restored session {session!r} (manifest by {manifest.creator or '?'}, kernel "
                   f"{manifest.kernel_release or '?'}, LU ABI {manifest.lu_abi or '-'}):", out)
@@ -446,14 +463,8 @@ def restore(session, verify, bind_vfio, do_exec, command, socket_path, as_json):
             _echo(table([(_hex(r["token"]), r["kind"], r["name"], r["status"], r.get("fd"),
                           r.get("verify") or r.get("note") or r.get("error"))
                          for r in rows], ("token", "kind", "name", "status", "fd", "details")), out)
-        if first_error is not None:
-            raise first_error
-        if unbound:
-            raise CommandError(f"not retrieved: the cdev of {', '.join(unbound)}, which is not bound to vfio-pci; "
-                               f"bind it (`pyiommufd bind {unbound[0]}`, or restore --bind-vfio) and run restore "
-                               "again (a failed retrieve would be sticky)", exitcodes.CHECK_FAILED)
-        if mismatches:
-            raise CommandError(f"{mismatches} memfd(s) differ from the manifest", exitcodes.CHECK_FAILED)
+        if failure is not None:
+            raise failure
         if not do_exec:
             return
         missing = sorted(t for t in wanted if t not in fds)
@@ -502,6 +513,13 @@ def _vfio_ready(be, bdf: str, bind: bool) -> str | None:
         return f"cannot check {bdf}: {exc}"
     return (f"{bdf} is on {driver or 'no driver'}, not vfio-pci: bind it first (`pyiommufd bind {bdf}` or "
             "--bind-vfio); retrieving now would fail for good (failed retrieves are sticky)")
+
+
+def echo_json_printed() -> None:
+    """Count a JSON document printed without echo_json (so no second one follows)."""
+    from . import output
+
+    output._json_documents += 1
 
 
 def _echo(text: str, stream=None) -> None:

@@ -24,7 +24,7 @@ import sys
 import click
 
 from . import exitcodes
-from .output import CommandError, echo_json, exit_with
+from .output import CommandError, echo_json, error_object, exit_with, report_error
 
 DEFAULT_SESSION = "iommufd-test"
 VFIO_CDEV_DIR = "/dev/vfio/devices"
@@ -204,12 +204,13 @@ def _finish(report, cdev, session_name, kexec_kernel, initrd, cmdline, hold, as_
         click.echo(lib.summary_line(report))
     if report.result != "pass":
         code, message = _failure_exit(report)
+        first = _first_failure(report)
+        errno = first.errno if first is not None else None
         if as_json:
-            echo_json(dict(report.as_dict(), **extra, after=None))
+            echo_json(dict(report.as_dict(), **extra, after=None, error=error_object(code, message, errno)))
         else:
             totals()
-        click.echo(f"pyiommufd: error: {message}", err=True)
-        exit_with(code)
+        exit_with(report_error(message, code))
     if report.stage != 1:
         if as_json:
             echo_json(dict(report.as_dict(), **extra, after=None))
