@@ -89,6 +89,23 @@ def parse_nr(text: str | int | None) -> int | None:
     return nr
 
 
+def env_revision() -> str | None:
+    """``$PYIOMMUFD_LU_ABI`` checked: a revision name, or None for unset or
+    ``probe``. A bad value (or a bad ``$PYIOMMUFD_LU_NR``) is a UsageError
+    naming the variable."""
+    try:
+        parse_nr(os.environ.get(ENV_NR))
+    except UsageError as exc:
+        raise UsageError(f"${ENV_NR}: {exc}") from None
+    env = os.environ.get(ENV_ABI)
+    if not env or env.lower() == "probe":
+        return None
+    try:
+        return lookup(env).name
+    except UsageError as exc:
+        raise UsageError(f"${ENV_ABI}: {exc}") from None
+
+
 def lookup(name: str) -> LuAbi:
     key = _ALIASES.get(name.lower(), name.lower())
     try:

@@ -31,12 +31,25 @@ FINISH = ioctl.define("LIVEUPDATE_SESSION_FINISH", "struct liveupdate_session_fi
 GET_NAME = ioctl.define("LIVEUPDATE_SESSION_GET_NAME", "struct liveupdate_session_get_name", "luo")
 
 
+def _shown(name: str, limit: int = 40) -> str:
+    """``name`` for a message: quoted, undecodable bytes escaped, long ones cut."""
+    try:  # a byte that is not UTF-8 came from argv as a lone surrogate: show the byte
+        raw = name.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raw = name.encode("utf-8", "backslashreplace")
+    text = raw.decode("utf-8", "backslashreplace")
+    return f"'{text}'" if len(text) <= limit else f"'{text[:limit]}…' ({len(text)} characters)"
+
+
 def check_session_name(name: str) -> bytes:
     if not isinstance(name, str):
         raise UsageError(f"session name must be a string, not {type(name).__name__}")
-    raw = name.encode()
+    try:
+        raw = name.encode()
+    except UnicodeEncodeError:
+        raise UsageError(f"session name {_shown(name)} is not valid UTF-8") from None
     if not 1 <= len(raw) <= SESSION_NAME_MAX:
-        raise UsageError(f"session name must be 1 to {SESSION_NAME_MAX} bytes, {name!r} is {len(raw)}")
+        raise UsageError(f"session name must be 1 to {SESSION_NAME_MAX} bytes, {_shown(name)} is {len(raw)}")
     if b"\0" in raw:
         raise UsageError("session name may not contain NUL")
     return raw

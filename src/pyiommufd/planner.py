@@ -211,20 +211,29 @@ _SIZE_RE = re.compile(r"^\s*(0x[0-9a-fA-F]+|\d+)\s*([KMGT]i?B?|[kmgt]|B)?\s*$")
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
-def parse_size(value: Any, where: str) -> int:
-    """``4096``, ``"4K"``, ``"1M"``, ``"2GiB"``, ``"0x100000"``."""
+#: largest memfd size: ftruncate()'s off_t is a signed 64-bit number
+MEMFD_SIZE_MAX = (1 << 63) - 1
+
+
+def parse_size(value: Any, where: str, *, maximum: int = U64_MAX) -> int:
+    """``4096``, ``"4K"``, ``"1M"``, ``"2GiB"``, ``"0x100000"``; at most ``maximum``."""
     if isinstance(value, bool):
         raise UsageError(f"{where}: not a size: {value!r}")
+    size = None
     if isinstance(value, int):
         if value < 0:
             raise UsageError(f"{where}: a size must be >= 0, not {value}")
-        return value
-    if isinstance(value, str):
+        size = value
+    elif isinstance(value, str):
         m = _SIZE_RE.match(value)
         if m:
             unit = (m[2] or "").upper().rstrip("B").rstrip("I")
-            return int(m[1], 0) * _UNITS[unit]
-    raise UsageError(f"{where}: not a size: {value!r} (use bytes or e.g. 4K, 1M, 2G)")
+            size = int(m[1], 0) * _UNITS[unit]
+    if size is None:
+        raise UsageError(f"{where}: not a size: {value!r} (use bytes or e.g. 4K, 1M, 2G)")
+    if size > maximum:
+        raise UsageError(f"{where}: {size:#x} bytes is more than the largest size, {maximum:#x}")
+    return size
 
 
 def parse_int(value: Any, where: str, *, maximum: int = U64_MAX) -> int:
@@ -385,7 +394,7 @@ def plan_from_dict(data: Any, *, base_dir: str | None = None) -> Plan:
         if "size" not in m:
             raise UsageError(f"{w}: `size` is required")
         plan.memfds.append(MemfdSpec(
-            name=_name(m.get("name"), f"{w}.name"), size=parse_size(m["size"], f"{w}.size"),
+            name=_name(m.get("name"), f"{w}.name"), size=parse_size(m["size"], f"{w}.size", maximum=MEMFD_SIZE_MAX),
             seals=parse_seals(m.get("seals", "live-update"), f"{w}.seals"),
             contents=parse_contents(m.get("contents", m.get("fill")), f"{w}.contents", base_dir=base_dir),
             token=parse_token(m.get("token"), f"{w}.token"),
@@ -540,6 +549,9 @@ def plan_from_options(session: str | None, *, memfds: Iterable[str] = (), device
         raise UsageError(f"{len(hwpt_tokens)} --hwpt-token for {len(devices)} --device: give one per device")
     if device_tokens and len(device_tokens) != len(devices):
         raise UsageError(f"{len(device_tokens)} --device-token for {len(devices)} --device: give one per device")
+    if base_iova is not None and not (devices or iommufd or iommufd_token is not None):
+        raise UsageError("--iova places the memfds in an IOAS: give --iommufd or --device too "
+                         "(without an iommufd nothing is mapped)")
     data: dict[str, Any] = {"session": session, "memfd": [parse_memfd_option(m) for m in memfds]}
     if lu_abi:
         data["lu_abi"] = lu_abi
@@ -765,6 +777,9 @@ def validate(plan: Plan) -> list[Problem]:
                 if length <= 0 or mp.offset + length > target.size:
                     err("mapping-range", f"[{mp.offset:#x}, +{max(length, 0):#x}) is outside memfd "
                         f"{target.name!r} ({target.size:#x} bytes)", w)
+                elif mp.iova is not None and mp.iova + length - 1 > U64_MAX:
+                    err("mapping-iova-range", f"iova {mp.iova:#x} + {length:#x} bytes ends past the 64-bit "
+                        "IOVA space", w)
                 if not (mp.readable or mp.writeable):
                     err("mapping-prot", "a mapping must be readable, writeable or both", w)
                 if mp.iova is not None and length > 0:

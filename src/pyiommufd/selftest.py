@@ -111,6 +111,9 @@ class Report:
     lacking: str | None = None
     lu_abi: str | None = None
     handles: Handles | None = None
+    #: the step that ended the run early (a FAIL, or the SKIP naming what the kernel lacks);
+    #: the SKIPs after it were not run
+    stopped_at: int | None = None
 
     @property
     def passed(self) -> bool:
@@ -119,6 +122,7 @@ class Report:
     def as_dict(self) -> dict:
         return {
             "stage": self.stage, "result": self.result, "lacking": self.lacking, "lu_abi": self.lu_abi,
+            "stopped_at": self.stopped_at,
             "steps": [dict(asdict(s), errname=s.errname) for s in self.steps],
             "counts": self.counts(),
         }
@@ -275,6 +279,7 @@ class _Runner:
                 self.record(name, "SKIP", expected, missing, err)
             else:
                 self.record(name, "FAIL", expected, str(exc), err)
+            self.report.stopped_at = len(self.report.steps)
             raise _Stop from None
         if hasattr(value, "close") and value is not None:
             self.opened.append(value)
@@ -366,6 +371,7 @@ def _stage1(r: _Runner, luo: LiveUpdate, device: str, session_name: str, tokens:
     if not marked:
         # The series refuses a cdev whose HWPT is not marked: nothing more to learn.
         r.record("preserve cdev", "SKIP", "succeeds", "the HWPT could not be marked")
+        r.report.stopped_at = len(r.report.steps)
         raise _Stop
     r.must("preserve cdev", lambda: session.preserve(cdev, tokens.cdev), lacking=_no_handler("vfio-pci"),
            handler="vfio-pci")

@@ -32,6 +32,7 @@ def test_stock_73_runs_to_the_missing_iommufd_handler(fake_kernel, vfio_bound):
     assert mark.status == "SKIP" and "kernel lacks" in mark.detail and "NOIOMMU_GET_PA" in mark.detail
     assert by_name["preserve memfd"].status == "PASS"
     handler_step = report.steps[17]
+    assert report.stopped_at == 18 and report.as_dict()["stopped_at"] == 18
     assert handler_step.name == "preserve iommufd" and handler_step.status == "SKIP"
     assert handler_step.errno == E.ENOENT and handler_step.detail == report.lacking
     # the plan holds: what the run never reached is reported as not run

@@ -94,8 +94,10 @@ def _exit_code_for(exc: BaseException) -> int:
     code = getattr(exc, "exit_code", None)
     if isinstance(code, int):
         return code
-    if isinstance(exc, errors.NotFound) and getattr(exc, "op", "") == "LIVEUPDATE_SESSION_PRESERVE_FD":
-        return exitcodes.UNSUPPORTED  # no live-update handler for this file type
+    if isinstance(exc, errors.NotFound) and getattr(exc, "op", "") in (
+            "LIVEUPDATE_SESSION_PRESERVE_FD",   # no live-update handler for this file type
+            "open(/dev/liveupdate)", "open(/dev/iommu)"):  # no LUO / no iommufd in this kernel
+        return exitcodes.UNSUPPORTED
     if isinstance(exc, OSError):
         return exitcodes.for_errno(exc.errno)
     return exitcodes.KERNEL_ERROR

@@ -17,7 +17,7 @@ import click
 
 from . import exitcodes
 from ..errors import errname
-from .output import CommandError, echo_json, echo_table, error_object, exit_with, report_error
+from .output import CommandError, echo_json, echo_table, error_object, exit_with, json_option, report_error
 
 OK, WARN, FAIL, INFO = "ok", "warn", "fail", "info"
 
@@ -236,7 +236,7 @@ def _lu_abi_check(be, iommu_present: bool) -> Check:
 
 
 @click.command("doctor")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@json_option
 def doctor(as_json):
     """Check this host's readiness for IOMMU live update."""
     from ..backend import get_backend
@@ -352,7 +352,7 @@ def run_caps(be) -> tuple[dict, int]:
 
 
 @click.command("caps")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@json_option
 def caps(as_json):
     """Probe, without side effects, the ioctls and the LU ABI revision this kernel has."""
     from ..backend import get_backend

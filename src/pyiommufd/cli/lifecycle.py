@@ -128,6 +128,17 @@ def _plan_options(fn):
 
 def _build_plan(plan_file, session, memfds, devices, hwpt_tokens, device_tokens, iommufd_token, with_iommufd,
                 base_iova, lu_abi):
+    plan = _plan_from_input(plan_file, session, memfds, devices, hwpt_tokens, device_tokens, iommufd_token,
+                            with_iommufd, base_iova, lu_abi)
+    if plan.lu_abi is None:
+        from ..abi import env_revision
+
+        plan.lu_abi = env_revision()  # a bad $PYIOMMUFD_LU_ABI is bad input here too
+    return plan
+
+
+def _plan_from_input(plan_file, session, memfds, devices, hwpt_tokens, device_tokens, iommufd_token,
+                     with_iommufd, base_iova, lu_abi):
     from .. import planner
 
     if lu_abi is not None and lu_abi.lower() not in ("v1", "v2", "lu-v1", "lu-v2", "probe"):
@@ -232,8 +243,14 @@ def preserve(plan_file, session, memfds, devices, hwpt_tokens, device_tokens, io
         raise PlanError([x.describe() for x in errs])
     be = get_backend()
     _preflight_devices(p, be)
+    started = not _client(socket_path).is_running()
     client = ensure_running(socket_path, backend=be)
-    done = planner.execute(p, client, backend=be, ops=ops, notify=warn)
+    try:
+        done = planner.execute(p, client, backend=be, ops=ops, notify=warn)
+    except BaseException:
+        if started:
+            _stop_if_idle(client)
+        raise
     info = client.ping()
     if as_json:
         out = done.as_dict()
@@ -273,6 +290,34 @@ def placeholders(args: list[str]) -> list[str]:
         for m in _PLACEHOLDER.finditer(arg.replace("{{", "").replace("}}", "")):
             keys.append(m.group(1))
     return keys
+
+
+def check_placeholders(args: list[str]) -> None:
+    """Placeholders that can never be valid, found before anything starts:
+    an empty ``{}``, a stray brace, a key with blanks."""
+    for arg in args:
+        rest = _PLACEHOLDER.sub("", arg.replace("{{", "").replace("}}", ""))
+        if "{" in rest or "}" in rest:
+            raise _usage(f"--exec: unbalanced brace in {arg!r} (write {{{{ and }}}} for literal braces)")
+    for key in placeholders(args):
+        if not key or any(c.isspace() for c in key):
+            raise _usage(f"--exec: placeholder {{{key}}} is not a token, a manifest entry name or {{manifest}}")
+
+
+def _stop_if_idle(client) -> None:
+    """Stop an agent this command started when it holds no session: a failed
+    command leaves nothing behind. An agent holding a retrieved session is
+    kept (closing that session would finish or drop it)."""
+    from ..agent import AgentError
+
+    try:
+        if not client.status().get("sessions"):
+            client.stop(False)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and client.is_running():
+                time.sleep(0.05)
+    except AgentError:
+        pass
 
 
 def resolve_placeholder(key: str, manifest) -> int:
@@ -368,11 +413,10 @@ def restore(session, verify, bind_vfio, do_exec, command, socket_path, as_json):
     inherits, e.g.
       pyiommufd restore --session vm0 --exec -- \\
         qemu-system-x86_64 -object memory-backend-file,id=ram,mem-path=/proc/self/fd/{guest-ram} ...
-    Unknown placeholders exit 2 before anything is executed."""
-    from .. import errors
+    Unknown placeholders exit 2 before anything is executed; malformed ones
+    before the agent is even started."""
     from ..agent import ensure_running
     from ..backend import get_backend
-    from ..manifest import MANIFEST_TOKEN, read_from_fd
 
     session = _need_session(session)
     command = list(command)
@@ -380,8 +424,22 @@ def restore(session, verify, bind_vfio, do_exec, command, socket_path, as_json):
         raise _usage("--exec needs a command after `--`, e.g. --exec -- qemu-system-x86_64 ...")
     if command and not do_exec:
         raise _usage(f"unexpected argument {command[0]!r} (to run a command, use --exec -- CMD ...)")
+    check_placeholders(command)
     be = get_backend()
+    started = not _client(socket_path).is_running()
     client = ensure_running(socket_path, backend=be)
+    try:
+        _restore(client, be, session, verify, bind_vfio, do_exec, command, as_json)
+    except BaseException:
+        if started:
+            _stop_if_idle(client)
+        raise
+
+
+def _restore(client, be, session, verify, bind_vfio, do_exec, command, as_json):
+    from .. import errors
+    from ..manifest import MANIFEST_TOKEN, read_from_fd
+
     info = client.retrieve_session(session)
     try:
         fd0 = client.retrieve(session, MANIFEST_TOKEN)
@@ -630,7 +688,8 @@ def _echo_status(st: dict) -> None:
 
 
 # -- agent ---------------------------------------------------------------------------------
-def _start_agent(socket_path: str | None, background: bool, log_file: str | None) -> None:
+def _start_agent(socket_path: str | None, background: bool, log_file: str | None,
+                 as_json: bool = False) -> None:
     from ..agent import protocol as P
     from ..agent import server
     from ..backend import LinuxBackend, get_backend
@@ -643,12 +702,18 @@ def _start_agent(socket_path: str | None, background: bool, log_file: str | None
         sys.stdout.flush()
         sys.stderr.flush()
         pid = server.start_background(path, log_file=log_file)
-        click.echo(f"agent started in the background: pid {pid}, socket {path}, "
-                   f"log {log_file or server.default_log_path(path)}")
+        log = log_file or server.default_log_path(path)
+        if as_json:
+            echo_json({"pid": pid, "socket": path, "log": log, "background": True})
+        else:
+            click.echo(f"agent started in the background: pid {pid}, socket {path}, log {log}")
         return
     server.configure_logging(stream=sys.stderr)
     srv = server.AgentServer(path, backend=be).start()
     srv.install_signal_handlers()
+    if as_json:
+        echo_json({"pid": os.getpid(), "socket": path, "log": None, "background": False})
+        sys.stdout.flush()
     click.echo(f"agent pid {os.getpid()} listening on {path}; stop with `pyiommufd agent stop` "
                "(stopping unpreserves everything it holds)", err=True)
     srv.serve_forever()
@@ -658,9 +723,10 @@ def _start_agent(socket_path: str | None, background: bool, log_file: str | None
 @click.option("--background", is_flag=True, help="Daemonize (double fork, setsid, log file).")
 @click.option("--log-file", metavar="PATH", help="Log file of a background agent (default: next to the socket).")
 @socket_option
+@json_option
 @click.pass_context
 @handle_errors
-def agent(ctx, background, log_file, socket_path):
+def agent(ctx, background, log_file, socket_path, as_json):
     """The holder agent that keeps /dev/liveupdate and session fds until kexec
     (and, after it, until finish).
 
@@ -670,7 +736,7 @@ def agent(ctx, background, log_file, socket_path):
     ctx.ensure_object(dict)
     ctx.obj["agent_socket"] = socket_path
     if ctx.invoked_subcommand is None:
-        _start_agent(socket_path, background, log_file)
+        _start_agent(socket_path, background, log_file, as_json)
 
 
 def _agent_socket(socket_path: str | None) -> str | None:
@@ -688,10 +754,11 @@ def _agent_socket(socket_path: str | None) -> str | None:
 @click.option("--background", is_flag=True, help="Daemonize (double fork, setsid, log file).")
 @click.option("--log-file", metavar="PATH", help="Log file of a background agent.")
 @socket_option
+@json_option
 @handle_errors
-def agent_start(background, log_file, socket_path):
+def agent_start(background, log_file, socket_path, as_json):
     """Start the agent (foreground unless --background)."""
-    _start_agent(_agent_socket(socket_path), background, log_file)
+    _start_agent(_agent_socket(socket_path), background, log_file, as_json)
 
 
 @agent.command("stop")

@@ -24,7 +24,7 @@ import sys
 import click
 
 from . import exitcodes
-from .output import CommandError, echo_json, error_object, exit_with, report_error
+from .output import CommandError, echo_json, error_object, exit_with, json_option, report_error
 
 DEFAULT_SESSION = "iommufd-test"
 VFIO_CDEV_DIR = "/dev/vfio/devices"
@@ -72,14 +72,8 @@ def _validate(session_name: str, lu_abi: str | None) -> str | None:
     from ..errors import UsageError
 
     luo.check_session_name(session_name)  # UsageError -> 2
-    abi.parse_nr(os.environ.get(abi.ENV_NR))  # a bad $PYIOMMUFD_LU_NR -> 2, before the run
+    abi.env_revision()  # a bad $PYIOMMUFD_LU_ABI or $PYIOMMUFD_LU_NR -> 2, before the run
     if lu_abi is None:
-        env = os.environ.get(abi.ENV_ABI)
-        if env and env.lower() != "probe":
-            try:
-                abi.lookup(env)
-            except UsageError as exc:
-                raise UsageError(f"${abi.ENV_ABI}: {exc}") from None
         return None
     if lu_abi.lower() == "probe":
         return lu_abi
@@ -149,7 +143,7 @@ def _vm_same_kernel(kernel: str, initrd: str | None) -> bool:
 @click.option("--hold/--no-hold", default=True,
               help="After a passing stage 1, hand the fds to `pyiommufd agent` (default), or close "
                    "them (which unpreserves everything).")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON, no streaming.")
+@json_option
 @click.pass_context
 def selftest(ctx, device, session_name, lu_abi, kexec_kernel, initrd, cmdline, hold, as_json):
     """Run the series' iommufd_liveupdate selftest on the VFIO cdev CDEV (or the

@@ -745,12 +745,14 @@ def run_command(argv: Sequence[str], *, kernel: str | os.PathLike | None = None,
                 timeout: float = DEFAULT_TIMEOUT, kexec_stages=None,
                 progress: Progress | None = print, cwd: str | None = None,
                 env: dict[str, str] | None = None, log: str | os.PathLike | None = None,
-                machine: str = "qemu") -> VmResult:
+                machine: str = "qemu", memory: str = DEFAULT_MEMORY, smp: int = DEFAULT_SMP,
+                extra_cmdline: Sequence[str] = ()) -> VmResult:
     """Run ``argv`` in the guest (cwd: the current directory, same path in the
     guest). ``kexec_stages``: see :func:`command_job`. Raises :class:`VmError`
     when the VM cannot start."""
     job = command_job(argv, kexec_stages=kexec_stages, cwd=cwd, env=env)
-    return run(job, kernel=kernel, timeout=timeout, progress=progress, log=log, machine=machine)
+    return run(job, kernel=kernel, timeout=timeout, progress=progress, log=log, machine=machine,
+               memory=memory, smp=smp, extra_cmdline=extra_cmdline)
 
 
 __all__ = ["run", "run_command", "command_job", "collect", "qemu_command", "kernel_cmdline",
