@@ -1,6 +1,6 @@
 """The Live Update Orchestrator: ``/dev/liveupdate`` and its sessions.
 
-Two kernel facts shape this API (seed-spec 4.1):
+Two kernel facts shape this API (Linux 7.3 kernel/liveupdate/luo_session.c and luo_file.c):
 
 * ``/dev/liveupdate`` can be open in one place at a time (EBUSY otherwise);
   :class:`LiveUpdate` is that one open file.
@@ -131,7 +131,7 @@ class LiveUpdate(FdObject):
 
     def try_retrieve_session(self, name: str) -> "Session | None":
         """Retrieve ``name``, or None when there is no such incoming session
-        (the seed test's stage detection, seed-spec 3.2)."""
+        (the seed test's stage detection, the series' patch 14/14, tools/testing/selftests/iommu/iommufd_liveupdate.c)."""
         try:
             return self.retrieve_session(name)
         except errors.NotFound:
@@ -170,7 +170,7 @@ class Session(FdObject):
         """Preserve ``obj`` (an fd, or an object with ``fileno()``) under ``token``.
 
         Through a series kernel the order is memfd -> iommufd -> VFIO cdev,
-        all in this one session (seed-spec 4.2); ``pyiommufd.planner`` checks
+        all in this one session (the series' patch 14/14: memfd, then iommufd, then cdev, in one session); ``pyiommufd.planner`` checks
         a whole plan before anything is touched.
         """
         check_token(token)

@@ -32,7 +32,7 @@ A plan is declarative (TOML, JSON, or built from CLI options)::
     token = 0x654321
 
 :func:`validate` returns :class:`Problem` s for every rule the series imposes
-(seed-spec 4.2, 4.3, 4.4, 4.5, 4.9 H1, §8 item 2); :func:`order` returns the
+(docs/plan-format.md lists them with their sources); :func:`order` returns the
 numbered :class:`Operation` s; :func:`check_order` re-checks any operation
 sequence against the ordering rules. None of these touch the kernel.
 :func:`execute` (at the end) carries a valid plan out through the object
@@ -64,9 +64,9 @@ PAGE_SIZE = 4096
 U32_MAX = (1 << 32) - 1
 U64_MAX = (1 << 64) - 1
 
-#: what IOMMU live update needs at MAP_FILE time (seed-spec 4.4)
+#: what IOMMU live update needs at MAP_FILE time (the series' patch 11/14, iommufd preservation)
 LU_SEALS = int(LIVE_UPDATE_SEALS)
-#: what 7.3 memfd LUO can preserve (seed-spec 4.3); anything else: EOPNOTSUPP
+#: what 7.3 memfd LUO can preserve (Linux 7.3 mm/memfd_luo.c); anything else: EOPNOTSUPP
 LUO_SEALS = int(LUO_PRESERVABLE_SEALS)
 WRITE_SEALS = int(MEMFD_WRITE_SEALS)
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.+-]{1,64}$")
@@ -139,7 +139,7 @@ class HwptSpec:
     device: str | None = None
     lu_token: int | None = None
     mark: bool = True
-    nested: bool = False        # any nesting key: not preservable (seed-spec 4.5)
+    nested: bool = False        # any nesting key: not preservable (the series' patches 12-13/14, VFIO cdev preservation)
 
 
 @dataclass
@@ -160,7 +160,7 @@ class DeviceSpec:
     hwpt: str | None = None
     token: int | None = None
     preserve: bool = True
-    pasid: bool = False         # any PASID attachment: not preservable in v1 (seed-spec 4.5)
+    pasid: bool = False         # any PASID attachment: not preservable in v1 (the series' patches 12-13/14, VFIO cdev preservation)
     session: str | None = None
 
     @property
@@ -590,16 +590,18 @@ class Problem:
     code: str
     message: str
     where: str = ""
-    ref: str = ""   # seed-spec section
+    ref: str = ""   # a key of pyiommufd.citations.SOURCES
 
     @property
     def is_error(self) -> bool:
         return self.severity == "error"
 
     def describe(self) -> str:
-        """``where: message (seed-spec ref)``, without the severity."""
+        """``where: message (source)``, without the severity."""
+        from .citations import cite
+
         where = f"{self.where}: " if self.where else ""
-        ref = f" (seed-spec {self.ref})" if self.ref else ""
+        ref = f" ({cite(self.ref)})" if self.ref and cite(self.ref) else ""
         return f"{where}{self.message}{ref}"
 
     def __str__(self) -> str:
@@ -629,7 +631,7 @@ def marked_hwpts(plan: Plan) -> list[tuple[IommufdSpec, HwptSpec]]:
 
 def memfds_needed_by(plan: Plan, iommufd: IommufdSpec) -> list[str]:
     """Memfds mapped in the IOASes of ``iommufd``'s marked HWPTs: the iommufd
-    preserve needs each preserved in the same session first (seed-spec 4.4)."""
+    preserve needs each preserved in the same session first (the series' patch 11/14, iommufd preservation)."""
     ioas_names = {h.ioas for h in iommufd.hwpts if h.mark}
     names: list[str] = []
     for ioas in iommufd.ioas:
@@ -1065,7 +1067,7 @@ def check_order(plan: Plan, ops: list[Operation]) -> list[Problem]:
 
 
 def stage2_retrieves(plan: Plan) -> list[dict[str, Any]]:
-    """What stage 2 retrieves, in order, and what to expect (seed-spec 4.7)."""
+    """What stage 2 retrieves, in order, and what to expect (the series' cover letter: what Phase 1 restores after the kexec)."""
     out = []
     if plan.manifest:
         out.append({"token": MANIFEST_TOKEN, "kind": "manifest", "name": "manifest", "expect": "ok"})

@@ -420,3 +420,4 @@ def test_restore_exec_with_an_unknown_name_stops_only_an_agent_holding_nothing(e
         code, out, err = run_cli(capsys, ["restore", "--session", "vm0", "--exec", "--", "vmm", "{nope}"])
         assert code == 3 and "no incoming session" in err
         assert not agent.AgentClient(sock).is_running()
+        agent.in_process_agents()[sock].shutdown(release=False)  # its thread, before the kernel goes

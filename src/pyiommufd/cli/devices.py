@@ -5,7 +5,7 @@ kernel's VFIO selftests' setup.sh does) and remembers the driver it took the
 device from in ``$PYIOMMUFD_STATE_DIR/bind-state.json`` (default
 ``/run/pyiommufd``); ``unbind`` gives the device back to that driver. After a
 live update a preserved device refuses every driver but vfio-pci (EBUSY,
-seed-spec 4.7), so ``unbind`` then fails with exit code 5.
+the series' cover letter: what Phase 1 restores after the kexec), so ``unbind`` then fails with exit code 5.
 """
 from __future__ import annotations
 

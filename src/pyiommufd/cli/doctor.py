@@ -26,7 +26,7 @@ CONFIG_OPTIONS = [
     ("IOMMUFD", True, "iommufd (/dev/iommu)"),
     ("VFIO_DEVICE_CDEV", True, "VFIO device cdevs (/dev/vfio/devices/vfioN)"),
     ("LIVEUPDATE", True, "the Live Update Orchestrator (/dev/liveupdate)"),
-    ("LIVEUPDATE_MEMFD", True, "memfd preservation (guest RAM, seed-spec 4.3)"),
+    ("LIVEUPDATE_MEMFD", True, "memfd preservation (guest RAM, Linux 7.3 mm/memfd_luo.c)"),
     ("KEXEC_HANDOVER", True, "KHO, which carries preserved state over kexec"),
     ("KEXEC_FILE", True, "kexec_file_load, the only loader KHO works with"),
     ("IOMMU_LIVEUPDATE", False, "the series' IOMMU state preservation (out of tree; absent on stock 7.3)"),
@@ -315,9 +315,9 @@ def run_caps(be) -> tuple[dict, int]:
                 if d.nr == lu_probe.nr and lu_probe.supported:
                     entry["status"] = "shadowed"
                     entry["note"] = (f"nr {d.nr:#04x} is the series' LU ioctl here "
-                                     f"({lu_probe.status}), not {d.name} (seed-spec 2.2)")
+                                     f"({lu_probe.status}), not {d.name} (Linux 7.3 include/uapi/linux/iommufd.h: nr 0x95 is IOMMU_IOAS_NOIOMMU_GET_PA)")
                 elif d.nr == lu_probe.nr:
-                    entry["note"] = "nr shared with the series' IOMMU_HWPT_LU_* ioctl (seed-spec 2.2)"
+                    entry["note"] = "nr shared with the series' IOMMU_HWPT_LU_* ioctl (Linux 7.3 include/uapi/linux/iommufd.h: nr 0x95 is IOMMU_IOAS_NOIOMMU_GET_PA)"
                 iommufd["ioctls"].append(entry)
         finally:
             be.close(fd)

@@ -403,7 +403,7 @@ def restore(session, verify, bind_vfio, do_exec, command, socket_path, as_json):
     reported as expected). The agent keeps the files until `finish`.
 
     A preserved device must be bound to vfio-pci before its cdev is
-    retrieved, and a failed retrieve is sticky (seed-spec 3.4, 4.1): so a
+    retrieved, and a failed retrieve is sticky (the series' patch 14/14, tools/testing/selftests/iommu/iommufd_liveupdate.c; Linux 7.3 kernel/liveupdate/luo_session.c and luo_file.c): so a
     cdev whose device is on another driver (or none) is not retrieved but
     reported (exit 1), unless --bind-vfio binds it first.
 
@@ -474,7 +474,7 @@ def _restore(client, be, session, verify, bind_vfio, do_exec, command, as_json):
                 if entry.kind == "iommufd" and exc.errno == E.EOPNOTSUPP:
                     row["status"] = "expected-failure"
                     row["note"] = ("EOPNOTSUPP: Phase 1 of the series cannot restore an iommufd; the HWPTs "
-                                   "stay kernel-owned and FINISH will say EBUSY (seed-spec 4.7)")
+                                   "stay kernel-owned and FINISH will say EBUSY (the series' cover letter: what Phase 1 restores after the kexec)")
                 else:
                     row["status"] = "failed"
                     first_error = first_error or exc
@@ -595,7 +595,7 @@ def finish(session, socket_path, as_json):
 
     Needs every preserved file retrieved and each handler ready; EBUSY (exit 5)
     names the unretrieved tokens. On a series kernel a session holding an
-    iommufd can never finish in Phase 1 (seed-spec 4.7). On success the agent
+    iommufd can never finish in Phase 1 (the series' cover letter: what Phase 1 restores after the kexec). On success the agent
     closes the session and drops its references."""
     session = _need_session(session)
     result = _client(socket_path).finish(session)
@@ -831,7 +831,7 @@ def kexec_cmd(kernel, initrd, cmdline, reuse_cmdline, load_only, force, socket_p
     outgoing session with files: a live update that preserves nothing is
     just a fast reboot that drops every VM's state. --force skips the check.
     A file refusing to freeze (a VFIO device with interrupts still enabled,
-    seed-spec 4.5) makes the reboot fail with EINVAL instead of rebooting."""
+    the series' patches 12-13/14, VFIO cdev preservation) makes the reboot fail with EINVAL instead of rebooting."""
     from .. import kexec
 
     if not kernel:
