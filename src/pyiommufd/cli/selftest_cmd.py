@@ -69,7 +69,6 @@ def resolve_device(device: str, backend) -> str:
 
 def _validate(session_name: str, lu_abi: str | None) -> str | None:
     from .. import abi, luo
-    from ..errors import UsageError
 
     luo.check_session_name(session_name)  # UsageError -> 2
     abi.env_revision()  # a bad $PYIOMMUFD_LU_ABI or $PYIOMMUFD_LU_NR -> 2, before the run
