@@ -1,14 +1,25 @@
 #!/usr/bin/env bash
-# Prepare a fresh Debian bookworm machine for pyiommufd: the system packages
-# the VM tier and the conformance probe need, then pyiommufd itself (editable,
-# with the test extra). Safe to run again: it installs only what is missing.
+# Prepare a Debian bookworm machine for pyiommufd: the system packages (Python
+# and venv, the VM tier's QEMU, kexec-tools and kernel build dependencies, gcc
+# for the conformance probe), then pyiommufd itself, editable with the test
+# extra, in the virtual environment .venv of this checkout (PEP 668: nothing
+# is installed into the system's Python). Safe to run again.
+#
+# Afterwards: .venv/bin/pyiommufd and .venv/bin/python -m pytest.
+# PYTHON=/path/to/python3 picks the interpreter the venv is made from
+# (default: python3 on PATH, installed from Debian if missing).
+#
 # Linux 7.3 sources and headers are fetched later, on demand, from
 # trixie-backports through a private apt configuration (pyiommufd.vm.debian),
 # never by adding that suite to this machine's apt sources.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(qemu-system-x86 kexec-tools busybox-static flex bison bc libelf-dev libssl-dev cpio gcc make xz-utils)
+venv=.venv
+python=${PYTHON:-python3}
+
+packages=(python3 python3-venv qemu-system-x86 kexec-tools busybox-static
+          flex bison bc libelf-dev libssl-dev cpio gcc libc6-dev make xz-utils)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -20,5 +31,19 @@ if ((${#missing[@]})); then
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-python3 -m pip install -q --disable-pip-version-check -e '.[test]' 2>&1 | grep -v "Running pip as the 'root' user" || true
-python3 -c "import pyiommufd._uapi" || { echo "bootstrap: pyiommufd._uapi was not generated" >&2; exit 1; }
+command -v "$python" >/dev/null || { echo "bootstrap: $python not found" >&2; exit 1; }
+"$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+    || { echo "bootstrap: $python is $("$python" -V 2>&1); pyiommufd needs Python 3.11 or later" >&2; exit 1; }
+
+# Reuse .venv only if its interpreter still runs (a removed pyenv version breaks it).
+if ! "$venv/bin/python" -c 'import pip' >/dev/null 2>&1; then
+    echo "bootstrap: creating $venv with $(command -v "$python") ($("$python" -V 2>&1))"
+    rm -rf "$venv"
+    "$python" -m venv "$venv"
+fi
+
+echo "bootstrap: pip install -e '.[test]' into $venv"
+"$venv/bin/python" -m pip install -q --disable-pip-version-check -e '.[test]'
+"$venv/bin/python" -c "import pyiommufd._uapi" \
+    || { echo "bootstrap: pip succeeded but pyiommufd._uapi cannot be imported" >&2; exit 1; }
+echo "bootstrap: ready: $venv/bin/pyiommufd, $venv/bin/python -m pytest"

@@ -18,6 +18,7 @@ _EXPORTS = {
     "LiveUpdate": "luo", "Session": "luo",
     "IOMMUFD": "iommufd", "IOAS": "iommufd", "HWPT": "iommufd",
     "VfioDevice": "vfio",
+    "PciDevice": "pci",
     "MemFD": "memfd",
     "LuAbi": "abi", "LU_V1": "abi", "LU_V2": "abi", "probe_lu_abi": "abi",
     "Backend": "backend", "LinuxBackend": "backend",

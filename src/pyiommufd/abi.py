@@ -7,7 +7,7 @@
 
 Upstream 7.3 gives nr 0x95 to IOMMU_IOAS_NOIOMMU_GET_PA, and every iommufd
 ioctl is ``_IO(';', nr)``, so the request number alone cannot say which ioctl
-a kernel has there (seed-spec 2.2). The revision is therefore explicit: an
+a kernel has there (Linux 7.3 include/uapi/linux/iommufd.h: nr 0x95 is IOMMU_IOAS_NOIOMMU_GET_PA). The revision is therefore explicit: an
 argument, ``PYIOMMUFD_LU_ABI`` or ``--lu-abi`` — or ``probe``, which asks the
 kernel in a way that never runs a foreign handler (see :func:`probe_lu_abi`).
 A kernel that moved the ioctl to another nr is reached with ``nr=`` or
@@ -69,9 +69,9 @@ class LuAbi:
 
 
 LU_V1 = LuAbi("lu-v1", "IOMMU_HWPT_LU_SET_PRESERVE", "struct iommu_hwpt_lu_set_preserve", 32,
-              source="[PATCH 10/14] of the v1 series (seed-spec 2.1)")
+              source="[PATCH 10/14] of the v1 series (the series' patch 10/14, IOMMU_HWPT_LU_SET_PRESERVE)")
 LU_V2 = LuAbi("lu-v2", "IOMMU_HWPT_LU_MARK_PRESERVE", "struct iommu_hwpt_lu_mark_preserve", 64,
-              source="post-review rename and u64 token (seed-spec 2.3)")
+              source="post-review rename and u64 token (the series' review: IOMMU_HWPT_LU_MARK_PRESERVE with a u64 token)")
 REVISIONS = {abi.name: abi for abi in (LU_V1, LU_V2)}
 _ALIASES = {"v1": "lu-v1", "v2": "lu-v2", "set": "lu-v1", "mark": "lu-v2"}
 CHOICES = ("lu-v1", "lu-v2", "v1", "v2", "probe")
@@ -96,6 +96,23 @@ def configured_nr() -> int:
     except UsageError as exc:
         raise UsageError(f"${ENV_NR}: {exc}") from None
     return DEFAULT_NR if nr is None else nr
+
+
+def env_revision() -> str | None:
+    """``$PYIOMMUFD_LU_ABI`` checked: a revision name, or None for unset or
+    ``probe``. A bad value (or a bad ``$PYIOMMUFD_LU_NR``) is a UsageError
+    naming the variable."""
+    try:
+        parse_nr(os.environ.get(ENV_NR))
+    except UsageError as exc:
+        raise UsageError(f"${ENV_NR}: {exc}") from None
+    env = os.environ.get(ENV_ABI)
+    if not env or env.lower() == "probe":
+        return None
+    try:
+        return lookup(env).name
+    except UsageError as exc:
+        raise UsageError(f"${ENV_ABI}: {exc}") from None
 
 
 def lookup(name: str) -> LuAbi:

@@ -9,7 +9,7 @@ Every failed kernel call becomes a :class:`KernelError` that is at once
 
 so ``except LiveUpdateError`` and ``except Busy`` both work, and so does
 ``except OSError``. The error carries the operation name (the ioctl), the
-errno and a hint. Hints cite seed-spec sections (``../shared/reference``).
+errno and a hint. Hints cite the series' patches and the kernel files (pyiommufd.citations).
 """
 from __future__ import annotations
 
@@ -221,10 +221,10 @@ Hint = str | Callable[[Mapping[str, object]], str | None]
 
 _LU_SLOT = ("the LU mark ioctl slot (nr 0x95) answered with {errname}: this kernel has no "
             "IOMMU_HWPT_LU_* ioctl of the selected ABI revision (on upstream 7.3 nr 0x95 is "
-            "IOAS_NOIOMMU_GET_PA); run `pyiommufd caps` to probe (seed-spec 2.2)")
+            "IOAS_NOIOMMU_GET_PA); run `pyiommufd caps` to probe (Linux 7.3 include/uapi/linux/iommufd.h: nr 0x95 is IOMMU_IOAS_NOIOMMU_GET_PA)")
 
 HINTS: dict[object, Hint] = {
-    # LUO (seed-spec 4.1)
+    # LUO (Linux 7.3 kernel/liveupdate/luo_session.c and luo_file.c)
     ("open(/dev/liveupdate)", E.EBUSY): lambda ctx: (
         "/dev/liveupdate is exclusive: another process holds it"
         + (f" (pid {', '.join(map(str, ctx['holders']))})" if ctx.get("holders") else "")
@@ -233,7 +233,7 @@ HINTS: dict[object, Hint] = {
         "`liveupdate=on` and KHO enabled (kho=on or KEXEC_HANDOVER_ENABLE_DEFAULT)",
     ("open(/dev/liveupdate)", E.EIO): "the incoming live-update state could not be "
         "deserialized: a preserved file type has no handler (or another compatible version) "
-        "in this kernel (seed-spec 4.1)",
+        "in this kernel (Linux 7.3 kernel/liveupdate/luo_session.c and luo_file.c)",
     ("LIVEUPDATE_IOCTL_CREATE_SESSION", E.EEXIST): "an outgoing session with this name exists already",
     ("LIVEUPDATE_IOCTL_CREATE_SESSION", E.EINVAL): "session names are 1 to 63 bytes",
     ("LIVEUPDATE_IOCTL_RETRIEVE_SESSION", E.ENOENT): "no incoming session of this name: "
@@ -247,34 +247,34 @@ HINTS: dict[object, Hint] = {
     ("LIVEUPDATE_SESSION_PRESERVE_FD", E.ENOENT): lambda ctx: (
         "no live-update handler for this file type in this kernel, or a file it depends on is "
         "not preserved in this session yet; order is memfd -> iommufd -> vfio cdev, all in one "
-        "session (seed-spec 4.2)"
+        "session (the series' patch 14/14: memfd, then iommufd, then cdev, in one session)"
         + (f"; this file is {ctx['kind']}" if ctx.get("kind") else "")),
     ("LIVEUPDATE_SESSION_PRESERVE_FD", E.EINVAL): "on a series kernel: a marked HWPT maps "
         "something other than a memfd sealed SEAL|GROW|SHRINK before MAP_FILE, or the device's "
         "HWPT is not marked; on any kernel: PRESERVE_FD needs an outgoing (created) session "
-        "(seed-spec 4.4, 4.5)",
+        "(the series' patch 11/14, iommufd preservation; the series' patches 12-13/14, VFIO cdev preservation)",
     ("LIVEUPDATE_SESSION_PRESERVE_FD", E.EOPNOTSUPP): "the IOMMU driver cannot preserve this "
         "domain or device (only Intel VT-d in the series), or the memfd carries seals LUO "
-        "cannot preserve, or the device has PASID attachments (seed-spec 4.5, R7)",
+        "cannot preserve, or the device has PASID attachments (the series' patches 12-13/14, VFIO cdev preservation)",
     ("LIVEUPDATE_SESSION_RETRIEVE_FD", E.ENOENT): "no file with this token in the session",
     ("LIVEUPDATE_SESSION_RETRIEVE_FD", E.EOPNOTSUPP): "Phase 1 of the series cannot restore "
-        "an iommufd: the preserved HWPTs stay kernel-owned (seed-spec 4.7); the error is sticky",
+        "an iommufd: the preserved HWPTs stay kernel-owned (the series' cover letter: what Phase 1 restores after the kexec); the error is sticky",
     ("LIVEUPDATE_SESSION_RETRIEVE_FD", E.ENODEV): "no VFIO device matches the preserved one: "
         "bind it to vfio-pci first (`pyiommufd bind BDF`); a failed retrieve is sticky",
     ("LIVEUPDATE_SESSION_RETRIEVE_FD", E.EINVAL): "RETRIEVE_FD needs an incoming (retrieved) session",
     ("LIVEUPDATE_SESSION_FINISH", E.EBUSY): lambda ctx: (
         "a preserved file's handler is not ready to finish (nothing changed; retry later): a "
         "vfio device must be retrieved and bound first, and a session holding an iommufd can "
-        "never finish in Phase 1 (seed-spec 4.7); unretrieved memfds do not block finish, "
+        "never finish in Phase 1 (the series' cover letter: what Phase 1 restores after the kexec); unretrieved memfds do not block finish, "
         "they are dropped by it"
         + (f"; unretrieved tokens: {ctx['unretrieved']}" if ctx.get("unretrieved") else "")),
     ("LIVEUPDATE_SESSION_FINISH", E.EINVAL): "FINISH needs an incoming (retrieved) session",
     ("luo", E.E2BIG): "this kernel's LUO structs are smaller than ours: ABI mismatch",
-    # iommufd (seed-spec 2.1, 4.4)
+    # iommufd (the series' patch 10/14, IOMMU_HWPT_LU_SET_PRESERVE; the series' patch 11/14, iommufd preservation)
     ("IOMMU_HWPT_LU_SET_PRESERVE", E.EADDRINUSE): "another HWPT of this iommufd is marked "
-        "with this token already; tokens are unique per iommufd (seed-spec 2.1)",
+        "with this token already; tokens are unique per iommufd (the series' patch 10/14, IOMMU_HWPT_LU_SET_PRESERVE)",
     ("IOMMU_HWPT_LU_MARK_PRESERVE", E.EADDRINUSE): "another HWPT of this iommufd is marked "
-        "with this token already; tokens are unique per iommufd (seed-spec 2.1)",
+        "with this token already; tokens are unique per iommufd (the series' patch 10/14, IOMMU_HWPT_LU_SET_PRESERVE)",
     ("IOMMU_HWPT_LU_SET_PRESERVE", E.ENOENT): "hwpt_id does not name a paging HWPT of this iommufd",
     ("IOMMU_HWPT_LU_MARK_PRESERVE", E.ENOENT): "hwpt_id does not name a paging HWPT of this iommufd",
     ("IOMMU_HWPT_LU_SET_PRESERVE", E.EINVAL): _LU_SLOT.format(errname="EINVAL"),
@@ -286,12 +286,12 @@ HINTS: dict[object, Hint] = {
     ("IOMMU_HWPT_LU_SET_PRESERVE", E.E2BIG): _LU_SLOT.format(errname="E2BIG"),
     ("IOMMU_HWPT_LU_MARK_PRESERVE", E.E2BIG): _LU_SLOT.format(errname="E2BIG"),
     ("IOMMU_IOAS_MAP", E.EBUSY): "the IOAS is immutable while a marked HWPT on it is "
-        "preserved; close the session to unpreserve (seed-spec 4.4)",
+        "preserved; close the session to unpreserve (the series' patch 11/14, iommufd preservation)",
     ("IOMMU_IOAS_MAP_FILE", E.EBUSY): "the IOAS is immutable while a marked HWPT on it is "
-        "preserved; close the session to unpreserve (seed-spec 4.4)",
-    ("IOMMU_IOAS_COPY", E.EBUSY): "the destination IOAS is immutable while preserved (seed-spec 4.4)",
+        "preserved; close the session to unpreserve (the series' patch 11/14, iommufd preservation)",
+    ("IOMMU_IOAS_COPY", E.EBUSY): "the destination IOAS is immutable while preserved (the series' patch 11/14, iommufd preservation)",
     ("IOMMU_IOAS_UNMAP", E.EBUSY): "the IOAS is immutable while a marked HWPT on it is "
-        "preserved; close the session to unpreserve (seed-spec 4.4)",
+        "preserved; close the session to unpreserve (the series' patch 11/14, iommufd preservation)",
     ("IOMMU_IOAS_UNMAP", E.ENOENT): "no mapping covers exactly this IOVA range",
     ("IOMMU_IOAS_MAP", E.EFAULT): "the VA is not ordinary memory (a PCI BAR?): map BARs "
         "with VFIO_DEVICE_FEATURE_DMA_BUF and IOMMU_IOAS_MAP_FILE",
@@ -325,7 +325,7 @@ HINTS: dict[object, Hint] = {
         "check get_hw_info().dirty_tracking",
     ("IOMMU_IOAS_NOIOMMU_GET_PA", E.EOPNOTSUPP): "the kernel has no CONFIG_IOMMUFD_NOIOMMU",
     ("IOMMU_IOAS_NOIOMMU_GET_PA", E.E2BIG): "nr 0x95 is the IOMMU live-update mark ioctl on "
-        "this kernel, not NOIOMMU_GET_PA (seed-spec 2.2)",
+        "this kernel, not NOIOMMU_GET_PA (Linux 7.3 include/uapi/linux/iommufd.h: nr 0x95 is IOMMU_IOAS_NOIOMMU_GET_PA)",
     ("VFIO_DEVICE_BIND_IOMMUFD", E.EINVAL): "this fd is bound already, or a VF token was given for a non-VF",
     ("VFIO_DEVICE_RESET", E.EINVAL): "the device has no reset method",
     ("VFIO_DEVICE_SET_IRQS", E.EINVAL): "only one interrupt type (INTx, MSI, MSI-X) can be active at a time",
@@ -339,10 +339,10 @@ HINTS: dict[object, Hint] = {
         "without the option that adds it",
     ("iommufd", E.E2BIG): "the kernel's struct is smaller than ours and our tail is not "
         "zero: ABI mismatch",
-    # VFIO (seed-spec 4.5, 4.7)
+    # VFIO (the series' patches 12-13/14, VFIO cdev preservation; the series' cover letter: what Phase 1 restores after the kexec)
     ("VFIO_DEVICE_BIND_IOMMUFD", E.EPERM): "the device's DMA is owned by someone else: after "
         "a live update it belongs to the preserved iommufd (retrieve the cdev from its session; "
-        "seed-spec 4.7); otherwise MSI cannot be isolated (no interrupt remapping and "
+        "the series' cover letter: what Phase 1 restores after the kexec); otherwise MSI cannot be isolated (no interrupt remapping and "
         "iommufd.allow_unsafe_interrupts=0)",
     ("VFIO_DEVICE_BIND_IOMMUFD", E.EBUSY): "the device's group is open through the legacy "
         "/dev/vfio/N interface",
@@ -353,13 +353,13 @@ HINTS: dict[object, Hint] = {
     ("F_ADD_SEALS", E.EPERM): "the memfd is sealed F_SEAL_SEAL already, or was created "
         "without MFD_ALLOW_SEALING",
     ("ftruncate", E.EPERM): "a preserved memfd's size is frozen until it is unpreserved "
-        "(seed-spec 4.3), or it is sealed against growing/shrinking",
+        "(Linux 7.3 mm/memfd_luo.c), or it is sealed against growing/shrinking",
     ("sysfs", E.EBUSY): "the device refuses this driver: after a live update only a "
-        "driver_managed_dma driver such as vfio-pci may bind a preserved device (seed-spec 4.7)",
+        "driver_managed_dma driver such as vfio-pci may bind a preserved device (the series' cover letter: what Phase 1 restores after the kexec)",
     ("sysfs", E.ENODEV): "the driver does not match this device; set driver_override first",
     ("kexec", E.EPERM): "kexec needs CAP_SYS_BOOT, and kexec_load_disabled must be 0",
     ("kexec", E.EINVAL): "a preserved file refused to freeze (a vfio device with interrupts "
-        "still enabled, seed-spec 4.5), or the kernel image is not loadable",
+        "still enabled, the series' patches 12-13/14, VFIO cdev preservation), or the kernel image is not loadable",
     E.EMFILE: lambda ctx: _emfile_hint(),
     E.EACCES: "permission denied: run as root",
     E.EPERM: "operation not permitted: run as root (CAP_SYS_ADMIN, CAP_SYS_BOOT)",

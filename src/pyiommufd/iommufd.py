@@ -38,9 +38,9 @@ Ownership rules
   ``destroy()`` and on context exit. **Exception:** an HWPT marked for
   live-update preservation (:meth:`HWPT.mark_preserved`) is never destroyed
   implicitly. The kernel has no "unmark": the mark lives as long as the HWPT,
-  and destroying the HWPT is the only way to drop it (seed-spec 2.1, 2.3).
+  and destroying the HWPT is the only way to drop it (the series' patch 10/14, IOMMU_HWPT_LU_SET_PRESERVE; the series' review: IOMMU_HWPT_LU_MARK_PRESERVE with a u64 token).
   Call :meth:`HWPT.destroy` yourself when you really mean it (and never while
-  its iommufd is preserved in a LUO session: seed-spec 4.9 H2).
+  its iommufd is preserved in a LUO session: the series H2).
 * Buffers mapped with :meth:`IOAS.map` are referenced strongly (and their
   buffer export held, so e.g. an ``mmap.mmap`` cannot be closed) for as long
   as they are mapped. ``unmap``/``unmap_all``/``destroy`` release them.
@@ -58,7 +58,7 @@ from bisect import bisect_left, bisect_right
 from typing import Any, Iterable
 
 from . import errors, ioctl
-from ._record import factory, hidden, record
+from ._record import hidden, record
 from ._uapi import ffi
 from .backend import Backend, get_backend
 from .fdobject import FdObject, open_path
@@ -95,7 +95,7 @@ IOMMU_IOAS_CHANGE_PROCESS = ioctl.define(
     "IOMMU_IOAS_CHANGE_PROCESS", "struct iommu_ioas_change_process", "iommufd")
 IOMMU_VEVENTQ_ALLOC = ioctl.define("IOMMU_VEVENTQ_ALLOC", "struct iommu_veventq_alloc", "iommufd")
 IOMMU_HW_QUEUE_ALLOC = ioctl.define("IOMMU_HW_QUEUE_ALLOC", "struct iommu_hw_queue_alloc", "iommufd")
-# nr 0x95 on upstream 7.3. The live-update series (seed-spec 2.1-2.3) uses the
+# nr 0x95 on upstream 7.3. The live-update series (the series' patch 10/14, IOMMU_HWPT_LU_SET_PRESERVE-2.3) uses the
 # same nr, hence the same request value, for IOMMU_HWPT_LU_{SET,MARK}_PRESERVE.
 IOMMU_IOAS_NOIOMMU_GET_PA = ioctl.define(
     "IOMMU_IOAS_NOIOMMU_GET_PA", "struct iommu_ioas_noiommu_get_pa", "iommufd")
@@ -293,7 +293,7 @@ class Mapping:
     ``"unknown"`` (a copy of a range pyiommufd did not map itself). For file
     mappings ``fd``/``start`` name the file and offset; ``file`` is the object
     passed in (kept alive, since a live-update plan must preserve that very
-    open file description, seed-spec 4.2)."""
+    open file description, the series' patch 14/14: memfd, then iommufd, then cdev, in one session)."""
 
     iova: int
     length: int
@@ -799,7 +799,7 @@ class IOMMUFD(FdObject):
         CAP_SYS_RAWIO and CONFIG_IOMMUFD_NOIOMMU.
 
         **nr 0x95 collision:** the live-update series numbers its HWPT mark
-        ioctl 0x95 too, so both encode to request 0x3b95 (seed-spec 2.2). On a
+        ioctl 0x95 too, so both encode to request 0x3b95 (Linux 7.3 include/uapi/linux/iommufd.h: nr 0x95 is IOMMU_IOAS_NOIOMMU_GET_PA). On a
         kernel with the series this call reaches the mark ioctl, which rejects
         our non-zero tail with E2BIG; on stock 7.3 an LU mark call lands here
         and fails with EINVAL (struct too small). Neither side can tell from
@@ -959,7 +959,7 @@ class IOAS(IommufdObject):
         the IOVA, which it refuses (EINVAL) once the IOAS has a domain; the
         IOMMU also maps whole pages, so the device could reach the bytes
         around an unaligned buffer. User-VA mappings cannot be preserved across a live
-        update (seed-spec 4.4): use :meth:`map_file` with a sealed memfd."""
+        update (the series' patch 11/14, iommufd preservation): use :meth:`map_file` with a sealed memfd."""
         ictx = self.iommufd
         if self.destroyed or ictx._fd is None:
             self._check()
@@ -1024,7 +1024,7 @@ class IOAS(IommufdObject):
         and ``hint_iova`` as for :meth:`map`. Returns the IOVA.
 
         For live update the memfd must be sealed F_SEAL_SEAL|GROW|SHRINK
-        **before** this call; the kernel samples the seals here (seed-spec 4.4)."""
+        **before** this call; the kernel samples the seals here (the series' patch 11/14, iommufd preservation)."""
         self._check()
         fd, start, length, iova_in, flags = self._map_file_args(file_or_fd, start, length, iova, readable,
                                                                  writeable, hint_iova)
@@ -1419,15 +1419,15 @@ class HWPT(_Invalidatable):
         side-effect-free probe; see :func:`pyiommufd.abi.select_lu_abi`).
 
         The mark only takes effect when the iommufd fd is preserved into a LUO
-        session afterwards (mark first: seed-spec 4.9 H1). **It is permanent**:
+        session afterwards (mark first: the series H1). **It is permanent**:
         the kernel has no unmark, only destroying the HWPT drops it, so this
-        object is no longer destroyed on context exit (seed-spec 2.1, 2.3).
+        object is no longer destroyed on context exit (the series' patch 10/14, IOMMU_HWPT_LU_SET_PRESERVE; the series' review: IOMMU_HWPT_LU_MARK_PRESERVE with a u64 token).
         Marking again overwrites the token."""
         self._check()
         token = _int(token, "token")
         if self.nested:
             raise errors.UsageError("only paging HWPTs can be marked for preservation, not nested ones "
-                                    "(seed-spec 4.5)")
+                                    "(the series' patches 12-13/14, VFIO cdev preservation)")
         from . import abi as _abi  # lazy: abi.py imports this module's neighbours
         lu = _abi.select_lu_abi(abi, iommufd=self.iommufd, backend=self.backend)
         lu.mark(self.backend, self.iommufd.fileno(), self.id, token)

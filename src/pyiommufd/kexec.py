@@ -1,7 +1,7 @@
 """kexec_file_load(2) and reboot(LINUX_REBOOT_CMD_KEXEC).
 
 Live update needs the file-based loader: KHO hands state over only through
-kexec_file_load (seed-spec 3.3 step 22). ``execute()`` runs LUO's freeze of
+kexec_file_load (the series' patch 14/14, tools/testing/selftests/iommu/iommufd_liveupdate.c step 22). ``execute()`` runs LUO's freeze of
 every preserved file first; a refusing file (e.g. a VFIO device with IRQs
 still on) makes it fail instead of rebooting.
 """

@@ -1,6 +1,6 @@
 """The Live Update Orchestrator: ``/dev/liveupdate`` and its sessions.
 
-Two kernel facts shape this API (seed-spec 4.1):
+Two kernel facts shape this API (Linux 7.3 kernel/liveupdate/luo_session.c and luo_file.c):
 
 * ``/dev/liveupdate`` can be open in one place at a time (EBUSY otherwise);
   :class:`LiveUpdate` is that one open file.
@@ -31,12 +31,25 @@ FINISH = ioctl.define("LIVEUPDATE_SESSION_FINISH", "struct liveupdate_session_fi
 GET_NAME = ioctl.define("LIVEUPDATE_SESSION_GET_NAME", "struct liveupdate_session_get_name", "luo")
 
 
+def _shown(name: str, limit: int = 40) -> str:
+    """``name`` for a message: quoted, undecodable bytes escaped, long ones cut."""
+    try:  # a byte that is not UTF-8 came from argv as a lone surrogate: show the byte
+        raw = name.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raw = name.encode("utf-8", "backslashreplace")
+    text = raw.decode("utf-8", "backslashreplace")
+    return f"'{text}'" if len(text) <= limit else f"'{text[:limit]}…' ({len(text)} characters)"
+
+
 def check_session_name(name: str) -> bytes:
     if not isinstance(name, str):
         raise UsageError(f"session name must be a string, not {type(name).__name__}")
-    raw = name.encode()
+    try:
+        raw = name.encode()
+    except UnicodeEncodeError:
+        raise UsageError(f"session name {_shown(name)} is not valid UTF-8") from None
     if not 1 <= len(raw) <= SESSION_NAME_MAX:
-        raise UsageError(f"session name must be 1 to {SESSION_NAME_MAX} bytes, {name!r} is {len(raw)}")
+        raise UsageError(f"session name must be 1 to {SESSION_NAME_MAX} bytes, {_shown(name)} is {len(raw)}")
     if b"\0" in raw:
         raise UsageError("session name may not contain NUL")
     return raw
@@ -127,7 +140,7 @@ class LiveUpdate(FdObject):
 
     def try_retrieve_session(self, name: str) -> "Session | None":
         """Retrieve ``name``, or None when there is no such incoming session
-        (the seed test's stage detection, seed-spec 3.2)."""
+        (the seed test's stage detection, the series' patch 14/14, tools/testing/selftests/iommu/iommufd_liveupdate.c)."""
         try:
             return self.retrieve_session(name)
         except errors.NotFound:
@@ -167,7 +180,7 @@ class Session(FdObject):
         """Preserve ``obj`` (an fd, or an object with ``fileno()``) under ``token``.
 
         Through a series kernel the order is memfd -> iommufd -> VFIO cdev,
-        all in this one session (seed-spec 4.2); ``pyiommufd.planner`` checks
+        all in this one session (the series' patch 14/14: memfd, then iommufd, then cdev, in one session); ``pyiommufd.planner`` checks
         a whole plan before anything is touched.
         """
         check_token(token)

@@ -37,7 +37,7 @@ fields; a higher ``version`` is refused with a clear error.
 The manifest memfd is sealed ``F_SEAL_WRITE|SEAL|GROW|SHRINK`` after writing.
 All four are in the set 7.3's memfd LUO preserves and re-applies
 (``MEMFD_LUO_ALL_SEALS = SEAL|SHRINK|GROW|WRITE|FUTURE_WRITE|EXEC``,
-seed-spec 4.3), so the document stays read-only across the kexec.
+Linux 7.3 mm/memfd_luo.c), so the document stays read-only across the kexec.
 """
 from __future__ import annotations
 
@@ -60,11 +60,11 @@ MAX_SIZE = 16 << 20
 TOKEN_MAX = (1 << 64) - 1
 
 KINDS = ("memfd", "iommufd", "vfio-cdev", "other")
-#: preservation (and retrieval) order: memfd -> iommufd -> vfio cdev (seed-spec 4.2)
+#: preservation (and retrieval) order: memfd -> iommufd -> vfio cdev (the series' patch 14/14: memfd, then iommufd, then cdev, in one session)
 KIND_ORDER = {"memfd": 0, "iommufd": 1, "vfio-cdev": 2, "other": 3}
 #: retrieval order after kexec: memfds, then cdevs, then iommufds (whose retrieve
-#: fails with EOPNOTSUPP in Phase 1 of the series, seed-spec 4.7), as the
-#: series' selftest does (seed-spec 3.4)
+#: fails with EOPNOTSUPP in Phase 1 of the series, the series' cover letter: what Phase 1 restores after the kexec), as the
+#: series' selftest does (the series' patch 14/14, tools/testing/selftests/iommu/iommufd_liveupdate.c)
 RETRIEVE_ORDER = {"memfd": 0, "vfio-cdev": 1, "iommufd": 2, "other": 3}
 PROTS = ("read", "write")
 
@@ -267,7 +267,7 @@ class Manifest:
         return [MANIFEST_TOKEN] + [e.token for e in self.entries]
 
     def preserve_order(self) -> list[Entry]:
-        """Entries in preservation order: memfd, iommufd, cdev (seed-spec 4.2)."""
+        """Entries in preservation order: memfd, iommufd, cdev (the series' patch 14/14: memfd, then iommufd, then cdev, in one session)."""
         return sorted(self.entries, key=lambda e: KIND_ORDER[e.kind])
 
     def retrieve_order(self) -> list[Entry]:
@@ -384,7 +384,7 @@ class Manifest:
 
 def manifest_seals():
     """The seals the manifest memfd gets after writing: WRITE|SEAL|GROW|SHRINK,
-    all within 7.3 memfd LUO's ``MEMFD_LUO_ALL_SEALS`` (seed-spec 4.3)."""
+    all within 7.3 memfd LUO's ``MEMFD_LUO_ALL_SEALS`` (Linux 7.3 mm/memfd_luo.c)."""
     from .memfd import Seal
 
     return Seal.WRITE | Seal.SEAL | Seal.GROW | Seal.SHRINK

@@ -2,8 +2,8 @@
 
 An HWPT is preservable only if every mapping of its IOAS came from
 ``IOMMU_IOAS_MAP_FILE`` of a memfd that was sealed F_SEAL_SEAL|GROW|SHRINK
-**before** the map: the kernel samples the seals at map time (seed-spec 4.4).
-On 7.3, a preserved memfd's size is frozen (seed-spec 4.3) and hugetlb
+**before** the map: the kernel samples the seals at map time (the series' patch 11/14, iommufd preservation).
+On 7.3, a preserved memfd's size is frozen (Linux 7.3 mm/memfd_luo.c) and hugetlb
 memfds cannot be preserved at all.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ class Seal(enum.IntFlag):
     EXEC = ioctl.const("F_SEAL_EXEC")
 
 
-#: The seals IOMMU live update needs on a memfd at MAP_FILE time (seed-spec 4.4).
+#: The seals IOMMU live update needs on a memfd at MAP_FILE time (the series' patch 11/14, iommufd preservation).
 LIVE_UPDATE_SEALS = Seal.SEAL | Seal.GROW | Seal.SHRINK
 
 MFD_CLOEXEC = ioctl.const("MFD_CLOEXEC")
@@ -38,7 +38,7 @@ F_ADD_SEALS = ioctl.const("F_ADD_SEALS")
 F_GET_SEALS = ioctl.const("F_GET_SEALS")
 
 
-#: every seal 7.3 memfd LUO can preserve (MEMFD_LUO_ALL_SEALS, seed-spec 4.3); others: EOPNOTSUPP
+#: every seal 7.3 memfd LUO can preserve (MEMFD_LUO_ALL_SEALS, Linux 7.3 mm/memfd_luo.c); others: EOPNOTSUPP
 LUO_PRESERVABLE_SEALS = Seal.SEAL | Seal.SHRINK | Seal.GROW | Seal.WRITE | Seal.FUTURE_WRITE | Seal.EXEC
 WRITE_SEALS = Seal.WRITE | Seal.FUTURE_WRITE
 SEAL_NAMES = tuple(s.name.lower() for s in Seal)

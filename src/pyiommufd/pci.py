@@ -16,7 +16,7 @@ kernel can model ``/sys/bus/pci``.
 Sysfs write failures raise typed errors with interface ``"sysfs"``
 (e.g. :class:`~pyiommufd.errors.SysfsError` + :class:`~pyiommufd.errors.Busy`
 when, after a live update, a non-vfio driver is refused a preserved device:
-seed-spec 4.7).
+the series' cover letter: what Phase 1 restores after the kexec).
 """
 from __future__ import annotations
 
@@ -300,7 +300,7 @@ class PciDevice:
         and re-probe, so the original driver takes the device back. If probing
         does not bring it back, bind the original driver explicitly (after a live
         update this fails with a sysfs :class:`~pyiommufd.errors.Busy`: only
-        vfio-pci may own a preserved device, seed-spec 4.7).
+        vfio-pci may own a preserved device, the series' cover letter: what Phase 1 restores after the kexec).
 
         Returns the driver the device is bound to afterwards. Without a prior
         ``bind_vfio()`` on this object it only clears a vfio-pci override and

@@ -32,7 +32,7 @@ A plan is declarative (TOML, JSON, or built from CLI options)::
     token = 0x654321
 
 :func:`validate` returns :class:`Problem` s for every rule the series imposes
-(seed-spec 4.2, 4.3, 4.4, 4.5, 4.9 H1, §8 item 2); :func:`order` returns the
+(docs/plan-format.md lists them with their sources); :func:`order` returns the
 numbered :class:`Operation` s; :func:`check_order` re-checks any operation
 sequence against the ordering rules. None of these touch the kernel.
 :func:`execute` (at the end) carries a valid plan out through the object
@@ -64,9 +64,9 @@ PAGE_SIZE = 4096
 U32_MAX = (1 << 32) - 1
 U64_MAX = (1 << 64) - 1
 
-#: what IOMMU live update needs at MAP_FILE time (seed-spec 4.4)
+#: what IOMMU live update needs at MAP_FILE time (the series' patch 11/14, iommufd preservation)
 LU_SEALS = int(LIVE_UPDATE_SEALS)
-#: what 7.3 memfd LUO can preserve (seed-spec 4.3); anything else: EOPNOTSUPP
+#: what 7.3 memfd LUO can preserve (Linux 7.3 mm/memfd_luo.c); anything else: EOPNOTSUPP
 LUO_SEALS = int(LUO_PRESERVABLE_SEALS)
 WRITE_SEALS = int(MEMFD_WRITE_SEALS)
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.+-]{1,64}$")
@@ -139,7 +139,7 @@ class HwptSpec:
     device: str | None = None
     lu_token: int | None = None
     mark: bool = True
-    nested: bool = False        # any nesting key: not preservable (seed-spec 4.5)
+    nested: bool = False        # any nesting key: not preservable (the series' patches 12-13/14, VFIO cdev preservation)
 
 
 @dataclass
@@ -160,7 +160,7 @@ class DeviceSpec:
     hwpt: str | None = None
     token: int | None = None
     preserve: bool = True
-    pasid: bool = False         # any PASID attachment: not preservable in v1 (seed-spec 4.5)
+    pasid: bool = False         # any PASID attachment: not preservable in v1 (the series' patches 12-13/14, VFIO cdev preservation)
     session: str | None = None
 
     @property
@@ -211,20 +211,29 @@ _SIZE_RE = re.compile(r"^\s*(0x[0-9a-fA-F]+|\d+)\s*([KMGT]i?B?|[kmgt]|B)?\s*$")
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
-def parse_size(value: Any, where: str) -> int:
-    """``4096``, ``"4K"``, ``"1M"``, ``"2GiB"``, ``"0x100000"``."""
+#: largest memfd size: ftruncate()'s off_t is a signed 64-bit number
+MEMFD_SIZE_MAX = (1 << 63) - 1
+
+
+def parse_size(value: Any, where: str, *, maximum: int = U64_MAX) -> int:
+    """``4096``, ``"4K"``, ``"1M"``, ``"2GiB"``, ``"0x100000"``; at most ``maximum``."""
     if isinstance(value, bool):
         raise UsageError(f"{where}: not a size: {value!r}")
+    size = None
     if isinstance(value, int):
         if value < 0:
             raise UsageError(f"{where}: a size must be >= 0, not {value}")
-        return value
-    if isinstance(value, str):
+        size = value
+    elif isinstance(value, str):
         m = _SIZE_RE.match(value)
         if m:
             unit = (m[2] or "").upper().rstrip("B").rstrip("I")
-            return int(m[1], 0) * _UNITS[unit]
-    raise UsageError(f"{where}: not a size: {value!r} (use bytes or e.g. 4K, 1M, 2G)")
+            size = int(m[1], 0) * _UNITS[unit]
+    if size is None:
+        raise UsageError(f"{where}: not a size: {value!r} (use bytes or e.g. 4K, 1M, 2G)")
+    if size > maximum:
+        raise UsageError(f"{where}: {size:#x} bytes is more than the largest size, {maximum:#x}")
+    return size
 
 
 def parse_int(value: Any, where: str, *, maximum: int = U64_MAX) -> int:
@@ -385,7 +394,7 @@ def plan_from_dict(data: Any, *, base_dir: str | None = None) -> Plan:
         if "size" not in m:
             raise UsageError(f"{w}: `size` is required")
         plan.memfds.append(MemfdSpec(
-            name=_name(m.get("name"), f"{w}.name"), size=parse_size(m["size"], f"{w}.size"),
+            name=_name(m.get("name"), f"{w}.name"), size=parse_size(m["size"], f"{w}.size", maximum=MEMFD_SIZE_MAX),
             seals=parse_seals(m.get("seals", "live-update"), f"{w}.seals"),
             contents=parse_contents(m.get("contents", m.get("fill")), f"{w}.contents", base_dir=base_dir),
             token=parse_token(m.get("token"), f"{w}.token"),
@@ -540,6 +549,9 @@ def plan_from_options(session: str | None, *, memfds: Iterable[str] = (), device
         raise UsageError(f"{len(hwpt_tokens)} --hwpt-token for {len(devices)} --device: give one per device")
     if device_tokens and len(device_tokens) != len(devices):
         raise UsageError(f"{len(device_tokens)} --device-token for {len(devices)} --device: give one per device")
+    if base_iova is not None and not (devices or iommufd or iommufd_token is not None):
+        raise UsageError("--iova places the memfds in an IOAS: give --iommufd or --device too "
+                         "(without an iommufd nothing is mapped)")
     data: dict[str, Any] = {"session": session, "memfd": [parse_memfd_option(m) for m in memfds]}
     if lu_abi:
         data["lu_abi"] = lu_abi
@@ -578,16 +590,18 @@ class Problem:
     code: str
     message: str
     where: str = ""
-    ref: str = ""   # seed-spec section
+    ref: str = ""   # a key of pyiommufd.citations.SOURCES
 
     @property
     def is_error(self) -> bool:
         return self.severity == "error"
 
     def describe(self) -> str:
-        """``where: message (seed-spec ref)``, without the severity."""
+        """``where: message (source)``, without the severity."""
+        from .citations import cite
+
         where = f"{self.where}: " if self.where else ""
-        ref = f" (seed-spec {self.ref})" if self.ref else ""
+        ref = f" ({cite(self.ref)})" if self.ref and cite(self.ref) else ""
         return f"{where}{self.message}{ref}"
 
     def __str__(self) -> str:
@@ -617,7 +631,7 @@ def marked_hwpts(plan: Plan) -> list[tuple[IommufdSpec, HwptSpec]]:
 
 def memfds_needed_by(plan: Plan, iommufd: IommufdSpec) -> list[str]:
     """Memfds mapped in the IOASes of ``iommufd``'s marked HWPTs: the iommufd
-    preserve needs each preserved in the same session first (seed-spec 4.4)."""
+    preserve needs each preserved in the same session first (the series' patch 11/14, iommufd preservation)."""
     ioas_names = {h.ioas for h in iommufd.hwpts if h.mark}
     names: list[str] = []
     for ioas in iommufd.ioas:
@@ -765,6 +779,9 @@ def validate(plan: Plan) -> list[Problem]:
                 if length <= 0 or mp.offset + length > target.size:
                     err("mapping-range", f"[{mp.offset:#x}, +{max(length, 0):#x}) is outside memfd "
                         f"{target.name!r} ({target.size:#x} bytes)", w)
+                elif mp.iova is not None and mp.iova + length - 1 > U64_MAX:
+                    err("mapping-iova-range", f"iova {mp.iova:#x} + {length:#x} bytes ends past the 64-bit "
+                        "IOVA space", w)
                 if not (mp.readable or mp.writeable):
                     err("mapping-prot", "a mapping must be readable, writeable or both", w)
                 if mp.iova is not None and length > 0:
@@ -1050,7 +1067,7 @@ def check_order(plan: Plan, ops: list[Operation]) -> list[Problem]:
 
 
 def stage2_retrieves(plan: Plan) -> list[dict[str, Any]]:
-    """What stage 2 retrieves, in order, and what to expect (seed-spec 4.7)."""
+    """What stage 2 retrieves, in order, and what to expect (the series' cover letter: what Phase 1 restores after the kexec)."""
     out = []
     if plan.manifest:
         out.append({"token": MANIFEST_TOKEN, "kind": "manifest", "name": "manifest", "expect": "ok"})

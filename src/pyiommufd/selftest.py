@@ -1,10 +1,20 @@
-"""The series' ``iommufd_liveupdate`` selftest, step for step (seed-spec 3).
+"""The series' ``iommufd_liveupdate`` selftest, step for step (the C test in
+the series' patch "selftests/iommu: Add a live update test").
 
 :func:`run` detects the stage the way the C test does, by retrieving the
 session: none yet means stage 1 (before kexec), one means stage 2 (after).
-Each step is reported as a :class:`Step` as soon as it completes. Expected
-failures ("preserving the cdev before its iommufd must fail") pass when the
-kernel refuses. A kernel that lacks what the series adds ends the run with
+The stage fixes the plan (:data:`STAGE1_PLAN`, :data:`STAGE2_PLAN`); steps a
+stopped run never reached are reported as SKIP, so the plan always holds.
+
+Each step is a :class:`Step`: PASS, FAIL, SKIP, or XFAIL for an expected
+failure the kernel produced ("preserving the cdev before its iommufd fails").
+An ordering check counts only where the kernel demonstrably has the handler
+for that file kind (its positive preserve succeeded later in the run): LUO's
+ENOENT also means "no handler for this file type", so without one the check
+proves nothing and is a SKIP. Steps are passed to ``on_step`` in order, an
+ordering check once that is settled.
+
+A kernel that lacks what the series adds ends the run with
 ``result == "unsupported"`` and :attr:`Report.lacking` naming it, instead of
 a failure: on upstream 7.3 that is the missing iommufd live-update handler.
 
@@ -32,9 +42,30 @@ BUFFER_SIZE = 1 << 20
 SEED_IOVA = 1 << 32  # passed without FIXED_IOVA, as the seed does: the kernel picks
 
 
+#: Stage 1 (before the kexec), one name per step; runs record the same steps
+#: with details (the device, the revision) in some names.
+STAGE1_PLAN = (
+    "open /dev/liveupdate", "retrieve session", "create session", "open /dev/iommu",
+    "memfd_create with MFD_ALLOW_SEALING", "ftruncate memfd to 1 MiB",
+    "seal memfd SEAL|GROW|SHRINK before mapping", "open VFIO cdev", "VFIO_DEVICE_BIND_IOMMUFD",
+    "IOMMU_IOAS_ALLOC", "IOMMU_HWPT_ALLOC", "VFIO_DEVICE_ATTACH_IOMMUFD_PT",
+    "IOMMU_IOAS_MAP_FILE of the sealed memfd", "mark HWPT for preservation",
+    "preserve cdev before its iommufd", "preserve iommufd before its memfd",
+    "preserve memfd", "preserve iommufd", "preserve cdev",
+    "close the session (unpreserves everything)", "create session again",
+    "preserve memfd again", "preserve iommufd again", "preserve cdev again",
+)
+#: Stage 2 (after the kexec).
+STAGE2_PLAN = (
+    "open /dev/liveupdate", "retrieve session", "retrieve cdev", "retrieve iommufd",
+    "open a new /dev/iommu", "bind the retrieved cdev to a new iommufd", "finish the session",
+)
+STATUSES = ("PASS", "XFAIL", "FAIL", "SKIP")
+
+
 @dataclass(frozen=True)
 class Tokens:
-    """The seed test's tokens (seed-spec 3.1)."""
+    """The C test's tokens."""
 
     iommufd: int = 0x123456
     cdev: int = 0x654321
@@ -46,7 +77,7 @@ class Tokens:
 class Step:
     index: int
     name: str
-    status: str  # PASS, FAIL, SKIP
+    status: str  # PASS, XFAIL (an expected failure happened), FAIL, SKIP
     expected: str = ""
     detail: str = ""
     errno: int | None = None
@@ -80,6 +111,9 @@ class Report:
     lacking: str | None = None
     lu_abi: str | None = None
     handles: Handles | None = None
+    #: the step that ended the run early (a FAIL, or the SKIP naming what the kernel lacks);
+    #: the SKIPs after it were not run
+    stopped_at: int | None = None
 
     @property
     def passed(self) -> bool:
@@ -88,17 +122,23 @@ class Report:
     def as_dict(self) -> dict:
         return {
             "stage": self.stage, "result": self.result, "lacking": self.lacking, "lu_abi": self.lu_abi,
+            "stopped_at": self.stopped_at,
             "steps": [dict(asdict(s), errname=s.errname) for s in self.steps],
-            "counts": {k: sum(s.status == k for s in self.steps) for k in ("PASS", "FAIL", "SKIP")},
+            "counts": self.counts(),
         }
+
+    def counts(self) -> dict[str, int]:
+        return {k: sum(s.status == k for s in self.steps) for k in STATUSES}
 
     def to_json(self) -> str:
         return json.dumps(self.as_dict(), indent=2)
 
     def to_ktap(self) -> str:
-        lines = ["KTAP version 1", f"# iommufd_liveupdate stage {self.stage}", f"1..{len(self.steps)}"]
+        """The whole run as KTAP: plan first, a comment for each non-result
+        line, kselftest's ``# Totals:`` line last."""
+        lines = ["KTAP version 1", f"1..{len(self.steps)}", f"# iommufd_liveupdate stage {self.stage}"]
         lines += [format_step_ktap(s) for s in self.steps]
-        lines.append(summary_line(self))
+        lines += [summary_line(self), totals_line(self)]
         return "\n".join(lines)
 
     def close(self) -> None:
@@ -107,22 +147,38 @@ class Report:
             self.handles = None
 
 
+def _one_line(text: str) -> str:
+    # a '#' in a name would end it early for KTAP readers, a newline the line
+    return " ".join(text.split()).replace("#", "%23")
+
+
 def format_step_ktap(step: Step) -> str:
-    if step.status == "SKIP":
-        return f"ok {step.index} {step.name} # SKIP {step.detail}"
+    """``ok N name``, ``ok N name # SKIP why``, ``ok N name # XFAIL why`` or
+    ``not ok N name # why`` (KTAP v1 result lines with their directives)."""
+    name, detail = _one_line(step.name), " ".join(step.detail.split())
+    if step.status in ("SKIP", "XFAIL"):
+        return f"ok {step.index} {name} # {step.status} {detail}".rstrip()
     prefix = "ok" if step.status == "PASS" else "not ok"
-    tail = f" # {step.detail}" if step.detail else ""
-    return f"{prefix} {step.index} {step.name}{tail}"
+    tail = f" # {detail}" if detail else ""
+    return f"{prefix} {step.index} {name}{tail}"
 
 
 def summary_line(report: Report) -> str:
-    counts = report.as_dict()["counts"]
+    counts = report.counts()
     stage = f"stage {report.stage}" if report.stage else "before stage detection"
-    text = f"# {stage}: {report.result.upper()} " \
-           f"(pass {counts['PASS']}, fail {counts['FAIL']}, skip {counts['SKIP']})"
+    text = f"# {stage}: {report.result.upper()} (pass {counts['PASS']}, xfail {counts['XFAIL']}, " \
+           f"fail {counts['FAIL']}, skip {counts['SKIP']})"
     if report.lacking:
         text += f": {report.lacking}"
     return text
+
+
+def totals_line(report: Report) -> str:
+    """kselftest's closing line (``ksft_print_cnts()``); we never count an
+    unexpected pass (it is a FAIL) or a test-harness error."""
+    c = report.counts()
+    return (f"# Totals: pass:{c['PASS']} fail:{c['FAIL']} xfail:{c['XFAIL']} xpass:0 "
+            f"skip:{c['SKIP']} error:0")
 
 
 class _Stop(Exception):
@@ -130,50 +186,121 @@ class _Stop(Exception):
 
 
 class _Runner:
-    def __init__(self, backend: Backend, on_step: Callable[[Step], None] | None):
+    """Records steps, holds ordering checks until the kernel showed the handler
+    they depend on, and passes settled steps to ``on_step`` in order."""
+
+    def __init__(self, backend: Backend, on_step: Callable[[Step], None] | None,
+                 on_plan: Callable[[int], None] | None):
         self.backend = backend
         self.report = Report()
         self.on_step = on_step
+        self.on_plan = on_plan
+        self.plan: tuple[str, ...] | None = None
         self.opened: list[object] = []
+        self.unsettled: dict[int, str] = {}  # step index -> file kind whose handler it needs
+        self.handlers_seen: set[str] = set()
+        self.handlers_missing: dict[str, int] = {}  # file kind -> the step that showed it
+        self.emitted = 0
+
+    def set_plan(self, plan: tuple[str, ...]) -> None:
+        self.plan = plan
+        if self.on_plan:
+            self.on_plan(len(plan))
+        self._emit()
+
+    def _emit(self) -> None:
+        if self.plan is None:
+            return
+        steps = self.report.steps
+        while self.emitted < len(steps) and steps[self.emitted].index not in self.unsettled:
+            if self.on_step:
+                self.on_step(steps[self.emitted])
+            self.emitted += 1
 
     def record(self, name: str, status: str, expected: str = "", detail: str = "",
-               err: int | None = None) -> Step:
+               err: int | None = None, *, needs_handler: str | None = None) -> Step:
         step = Step(len(self.report.steps) + 1, name, status, expected, detail, err)
         self.report.steps.append(step)
         if status == "FAIL" and self.report.result == "pass":
             self.report.result = "fail"
-        if self.on_step:
-            self.on_step(step)
+        if needs_handler is not None and needs_handler not in self.handlers_seen:
+            self.unsettled[step.index] = needs_handler
+        self._emit()
         return step
 
+    def handler_works(self, kind: str) -> None:
+        """A preserve of ``kind`` succeeded: its handler exists, so the ordering
+        checks that got ENOENT for it tested the order."""
+        self.handlers_seen.add(kind)
+        for index, needed in list(self.unsettled.items()):
+            if needed == kind:
+                del self.unsettled[index]
+        self._emit()
+
+    def finish(self) -> None:
+        """Settle what is left: unverified ordering checks and unreached steps
+        become SKIPs, and a run that stopped before the stage was known gets
+        the plan of what it did."""
+        for index, kind in sorted(self.unsettled.items()):
+            step = self.report.steps[index - 1]
+            got = step.errname or "the error"
+            if kind in self.handlers_missing:
+                why = (f"this kernel has no {kind} live-update handler (step "
+                       f"{self.handlers_missing[kind]}), and without one LUO answers ENOENT whatever the order")
+            else:
+                why = (f"a kernel without {_article(kind)} {kind} live-update handler answers ENOENT too, "
+                       f"and no {kind} preserve succeeded in this run to rule that out")
+            step.status = "SKIP"
+            step.detail = f"order not tested: got {got}, but {why}"
+        self.unsettled.clear()
+        if self.plan is None:
+            self.set_plan(tuple(s.name for s in self.report.steps))
+            return
+        reason = self.report.lacking or next(
+            (f"step {s.index} failed" for s in self.report.steps if s.status == "FAIL"),
+            "the run stopped early")
+        for name in self.plan[len(self.report.steps):]:
+            self.record(name, "SKIP", "", f"not run: {reason}")
+        self._emit()
+
     def must(self, name: str, fn, *, expected: str = "succeeds", lacking: Callable[[OSError], str | None] = None,
-             detail: Callable[[object], str] | None = None):
-        """Run a step that must succeed; stop the run if it does not."""
+             detail: Callable[[object], str] | None = None, handler: str | None = None):
+        """Run a step that must succeed; stop the run if it does not. ``handler``
+        names the file kind whose live-update handler a success proves."""
         try:
             value = fn()
         except (errors.PyiommufdError, OSError) as exc:
             err = getattr(exc, "errno", None)
             missing = lacking(exc) if lacking and isinstance(exc, OSError) else None
             if missing:
-                self.record(name, "SKIP", expected, missing, err)
                 self.report.result, self.report.lacking = "unsupported", missing
+                if handler is not None:
+                    self.handlers_missing[handler] = len(self.report.steps) + 1
+                self.record(name, "SKIP", expected, missing, err)
             else:
                 self.record(name, "FAIL", expected, str(exc), err)
+            self.report.stopped_at = len(self.report.steps)
             raise _Stop from None
         if hasattr(value, "close") and value is not None:
             self.opened.append(value)
         self.record(name, "PASS", expected, detail(value) if detail else "")
+        if handler is not None:
+            self.handler_works(handler)
         return value
 
-    def must_fail(self, name: str, fn, *, expected_errno: int | None = None, why: str = ""):
-        """A step the kernel must refuse (with ``expected_errno`` if given)."""
+    def must_fail(self, name: str, fn, *, expected_errno: int | None = None, why: str = "",
+                  needs_handler: str | None = None):
+        """A step the kernel must refuse (with ``expected_errno`` if given).
+        With ``needs_handler``, the refusal counts only once a preserve of that
+        file kind has succeeded (see :meth:`finish`)."""
         expected = f"fails with {errors.errname(expected_errno)}" if expected_errno else "fails"
         try:
             value = fn()
         except errors.KernelError as exc:
             if expected_errno is None or exc.errno == expected_errno:
-                note = f"expected failure: {exc.errname}" + (f" ({why})" if why else "")
-                return self.record(name, "PASS", expected, note, exc.errno)
+                note = f"{exc.errname}" + (f": {why}" if why else "")
+                return self.record(name, "XFAIL", expected, note, exc.errno,
+                                   needs_handler=needs_handler)
             return self.record(name, "FAIL", expected, f"failed with {exc.errname}, not "
                                f"{errors.errname(expected_errno)}: {exc}", exc.errno)
         if hasattr(value, "close"):
@@ -189,11 +316,14 @@ def _no_device(what: str):
     return check
 
 
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
 def _no_handler(kind: str):
     def check(exc: OSError) -> str | None:
         if exc.errno == E.ENOENT:
-            article = "an" if kind[0] in "aeiou" else "a"
-            return (f"kernel lacks {article} {kind} live-update handler "
+            return (f"kernel lacks {_article(kind)} {kind} live-update handler "
                     "(ENOENT from LIVEUPDATE_SESSION_PRESERVE_FD)")
         return None
     return check
@@ -229,18 +359,22 @@ def _stage1(r: _Runner, luo: LiveUpdate, device: str, session_name: str, tokens:
                lambda: hwpt.mark_preserved(tokens.hwpt, abi=abi))
         marked = True
 
-    r.must_fail("preserve cdev before its iommufd fails",
-                lambda: session.preserve(cdev, tokens.cdev), why="iommufd not in this session")
-    r.must_fail("preserve iommufd before its memfd fails",
-                lambda: session.preserve(iommufd, tokens.iommufd), why="memfd not in this session")
-    r.must("preserve memfd", lambda: session.preserve(memfd, tokens.memfd))
+    r.must_fail("preserve cdev before its iommufd",
+                lambda: session.preserve(cdev, tokens.cdev), why="iommufd not in this session",
+                needs_handler="vfio-pci")
+    r.must_fail("preserve iommufd before its memfd",
+                lambda: session.preserve(iommufd, tokens.iommufd), why="memfd not in this session",
+                needs_handler="iommufd")
+    r.must("preserve memfd", lambda: session.preserve(memfd, tokens.memfd), handler="memfd")
     r.must("preserve iommufd", lambda: session.preserve(iommufd, tokens.iommufd),
-           lacking=_no_handler("iommufd"))
+           lacking=_no_handler("iommufd"), handler="iommufd")
     if not marked:
-        # Without the mark the cdev preserve is refused (seed-spec 4.5): nothing more to learn.
+        # The series refuses a cdev whose HWPT is not marked: nothing more to learn.
         r.record("preserve cdev", "SKIP", "succeeds", "the HWPT could not be marked")
+        r.report.stopped_at = len(r.report.steps)
         raise _Stop
-    r.must("preserve cdev", lambda: session.preserve(cdev, tokens.cdev), lacking=_no_handler("vfio-pci"))
+    r.must("preserve cdev", lambda: session.preserve(cdev, tokens.cdev), lacking=_no_handler("vfio-pci"),
+           handler="vfio-pci")
 
     r.must("close the session (unpreserves everything)", session.close)
     session = r.must(f"create session {session_name!r} again", lambda: luo.create_session(session_name))
@@ -260,20 +394,22 @@ def _stage2(r: _Runner, session: Session, tokens: Tokens) -> None:
                      detail=lambda fd: f"fd {fd}")
     cdev = VfioDevice.from_fd(cdev_fd, backend=be)
     r.opened.append(cdev)
-    r.must_fail(f"retrieve iommufd (token {tokens.iommufd:#x}) fails",
+    r.must_fail(f"retrieve iommufd (token {tokens.iommufd:#x})",
                 lambda: session.retrieve(tokens.iommufd), why="Phase 1 cannot restore an iommufd")
     iommufd = r.must("open a new /dev/iommu", lambda: IOMMUFD.open(backend=be), lacking=_no_device("/dev/iommu"))
-    r.must_fail("bind the retrieved cdev to a new iommufd fails", lambda: cdev.bind(iommufd),
+    r.must_fail("bind the retrieved cdev to a new iommufd", lambda: cdev.bind(iommufd),
                 expected_errno=E.EPERM, why="the preserved device's DMA is owned by the old iommufd")
-    r.must_fail("finish the session fails", session.finish, why="an iommufd session cannot finish in Phase 1")
+    r.must_fail("finish the session", session.finish, why="an iommufd session cannot finish in Phase 1")
 
 
 def run(device: str, *, session_name: str = SESSION_NAME, lu_abi: str | None = None,
         tokens: Tokens = Tokens(), backend: Backend | None = None,
-        on_step: Callable[[Step], None] | None = None) -> Report:
-    """Run the stage of the seed selftest this boot is in."""
+        on_step: Callable[[Step], None] | None = None,
+        on_plan: Callable[[int], None] | None = None) -> Report:
+    """Run the stage of the seed selftest this boot is in. ``on_plan`` gets
+    the number of steps once the stage is known (before any ``on_step``)."""
     be = get_backend(backend)
-    r = _Runner(be, on_step)
+    r = _Runner(be, on_step, on_plan)
     keep = False
     try:
         luo = r.must("open /dev/liveupdate", lambda: LiveUpdate.open(backend=be),
@@ -282,6 +418,7 @@ def run(device: str, *, session_name: str = SESSION_NAME, lu_abi: str | None = N
             session = luo.retrieve_session(session_name)
         except errors.NotFound:
             r.report.stage = 1
+            r.set_plan(STAGE1_PLAN)
             r.record(f"retrieve session {session_name!r}", "PASS", "ENOENT before a live update",
                      "no incoming session: stage 1")
             _stage1(r, luo, device, session_name, tokens, lu_abi)
@@ -291,6 +428,7 @@ def run(device: str, *, session_name: str = SESSION_NAME, lu_abi: str | None = N
                      getattr(exc, "errno", None))
         else:
             r.report.stage = 2
+            r.set_plan(STAGE2_PLAN)
             r.opened.append(session)
             r.record(f"retrieve session {session_name!r}", "PASS", "a session after kexec",
                      f"fd {session.fileno()}: stage 2")
@@ -298,6 +436,7 @@ def run(device: str, *, session_name: str = SESSION_NAME, lu_abi: str | None = N
     except _Stop:
         pass
     finally:
+        r.finish()
         if not keep:
             r.report.handles = None
             for obj in reversed(r.opened):

@@ -8,7 +8,7 @@ legacy container/group API as thin objects.
   ``info``/``region_info``/``irq_info`` decode the replies including capability
   chains; regions are accessed with ``pread``/``pwrite``/``mmap`` through the
   backend; ``set_irqs``/``disable_all_irqs`` manage interrupts (the series'
-  vfio freeze at kexec requires interrupts disabled, seed-spec 4.5).
+  vfio freeze at kexec requires interrupts disabled, the series' patches 12-13/14, VFIO cdev preservation).
 * :class:`VfioContainer` and :class:`VfioGroup`: ``/dev/vfio/vfio`` and
   ``/dev/vfio/<group>`` (GET_API_VERSION, CHECK_EXTENSION, SET_IOMMU,
   GROUP_GET_STATUS, SET_CONTAINER, GET_DEVICE_FD, type1 MAP/UNMAP_DMA).
@@ -324,7 +324,7 @@ class VfioDevice(_FdOwner):
         device's id in that iommufd. ``token_uuid`` is the PF's VF token, for
         VFs of a vfio-pci PF. After a live update a preserved device refuses
         any new iommufd with :class:`~pyiommufd.errors.PermissionDenied`
-        (seed-spec 4.7)."""
+        (the series' cover letter: what Phase 1 restores after the kexec)."""
         if isinstance(iommufd, IOMMUFD):
             ictx_fd = iommufd.fileno()
         else:
@@ -370,7 +370,7 @@ class VfioDevice(_FdOwner):
         then picks or creates an HWPT). Returns the pt_id the kernel answers
         (the HWPT's id when an IOAS was given). ``pasid`` attaches a PASID
         instead of the RID; PASID attachments are not preserved by the series
-        (seed-spec 4.5)."""
+        (the series' patches 12-13/14, VFIO cdev preservation)."""
         self._require_bound()
         pt_id = self._pt_id(hwpt_or_ioas)
         flags = 0
@@ -606,7 +606,7 @@ class VfioDevice(_FdOwner):
 
     def disable_all_irqs(self) -> list[int]:
         """Disable INTx, MSI, MSI-X and the error/request triggers, as the
-        series' vfio freeze at kexec requires (seed-spec 4.5). vfio-pci
+        series' vfio freeze at kexec requires (the series' patches 12-13/14, VFIO cdev preservation). vfio-pci
         answers EINVAL for an index that is not the active interrupt type,
         which here just means "was not enabled". Returns the indices
         disabled without error."""

@@ -2,7 +2,10 @@
 what maps errors to one stderr line and an exit code."""
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
+
+from click.testing import CliRunner
 
 from pyiommufd.cli import main
 
@@ -31,3 +34,11 @@ def run_cli(capsys, *argv: str) -> Result:
 
 def error_lines(err: str) -> list[str]:
     return [ln for ln in err.splitlines() if ln.startswith("pyiommufd: error:")]
+
+
+def cli_runner() -> CliRunner:
+    """A CliRunner whose result has separate ``stdout`` and ``stderr`` on every
+    supported click: 8.2 always separates them, 8.1 only with mix_stderr=False."""
+    if "mix_stderr" in inspect.signature(CliRunner.__init__).parameters:
+        return CliRunner(mix_stderr=False)
+    return CliRunner()

@@ -24,6 +24,8 @@ from pyiommufd.cli import COMMANDS
 from pyiommufd.testing import FakeKernel, FakePciDevice
 
 LONG = "x" * 64
+HUGE_NAME = "n" * 10_000
+NOT_UTF8 = "vm\udcff"      # what Python makes of the byte 0xff in argv
 CDEV = "/dev/vfio/devices/vfio0"
 
 PLANS = {
@@ -31,6 +33,7 @@ PLANS = {
     "bad.json": '{"session": \n',
     "unknown-key.json": '{"session": "s", "memfd": [{"name": "a", "size": "4K", "bogus": 1}]}',
     # the iommufd is preserved but the memfd its marked HWPT maps is not: PRESERVE_FD says ENOENT
+    "huge-memfd.toml": 'session = "s"\n[[memfd]]\nname = "a"\nsize = 0x10000000000000000\n',
     "memfd-not-first.toml": """
 session = "s"
 lu_abi = "lu-v2"
@@ -53,7 +56,7 @@ name = "dev0"
 bdf = "0000:00:03.0"
 hwpt = "hwpt0"
 """,
-    # dependencies are looked up only in the same session (seed-spec 4.2)
+    # dependencies are looked up only in the same session
     "split-session.toml": """
 session = "s"
 [[memfd]]
@@ -180,6 +183,47 @@ CASES = [
     Case("status/no-agent", ["status"], 7, "no pyiommufd agent answers"),
     Case("finish/no-agent", ["finish", "--session", "s"], 7, "no pyiommufd agent answers"),
     Case("agent-status/no-agent", ["agent", "status"], 7, "no pyiommufd agent answers"),
+    # -- found by trying (issue 10) ----------------------------------------------------------------------------------
+    Case("plan/memfd-size-above-2^64", ["plan", "--session", "s", "--memfd", "a:0x10000000000000000"], 2,
+         "more than the largest size"),
+    Case("plan/memfd-size-above-off_t", ["plan", "--session", "s", "--memfd", "a:0x8000000000000000"], 2,
+         "more than the largest size, 0x7fffffffffffffff"),
+    Case("plan/memfd-size-huge-in-file", ["plan", "{tmp}/huge-memfd.toml"], 2, "more than the largest size"),
+    Case("preserve/memfd-size-above-2^64", ["preserve", "--session", "s", "--memfd", "a:99999999999999999999T"],
+         2, "more than the largest size"),
+    Case("plan/iova-without-iommufd", ["plan", "--session", "s", "--memfd", "a:1M", "--iova", "0x100000"], 2,
+         "--iova places the memfds in an IOAS"),
+    Case("preserve/iova-without-iommufd", ["preserve", "--session", "s", "--memfd", "a:1M", "--iova", "0"], 2,
+         "give --iommufd or --device"),
+    Case("plan/iova-past-64-bits", ["plan", "--session", "s", "--memfd", "a:1M", "--iommufd",
+                                    "--iova", "0xfffffffffffff000"], 2, "ends past the 64-bit IOVA space"),
+    Case("plan/bogus-lu-abi-env", ["plan", "--session", "s", "--memfd", "a:1M"], 2, "$PYIOMMUFD_LU_ABI",
+         env={"PYIOMMUFD_LU_ABI": "bogus"}),
+    Case("plan/bogus-lu-abi-env-with-file", ["plan", "{tmp}/split-session.toml"], 2, "$PYIOMMUFD_LU_ABI",
+         env={"PYIOMMUFD_LU_ABI": "bogus"}),
+    Case("preserve/bogus-lu-abi-env", ["preserve", "--session", "s", "--memfd", "a:1M"], 2,
+         "unknown LU ABI revision 'bogus'", env={"PYIOMMUFD_LU_ABI": "bogus"}),
+    Case("plan/bad-lu-nr-env", ["plan", "--session", "s", "--memfd", "a:1M"], 2, "$PYIOMMUFD_LU_NR",
+         env={"PYIOMMUFD_LU_NR": "nope"}),
+    Case("plan/non-utf8-session", ["plan", "--session", NOT_UTF8, "--memfd", "a:1M"], 2, "not valid UTF-8"),
+    Case("preserve/non-utf8-session", ["preserve", "--session", NOT_UTF8, "--memfd", "a:1M"], 2,
+         "'vm\\xff' is not valid UTF-8"),
+    Case("selftest/non-utf8-session", ["selftest", CDEV, "--session", NOT_UTF8], 2, "not valid UTF-8",
+         setup="bound"),
+    Case("restore/non-utf8-session", ["restore", "--session", NOT_UTF8], 2, "not valid UTF-8"),
+    Case("finish/non-utf8-session", ["finish", "--session", NOT_UTF8], 2, "not valid UTF-8"),
+    Case("plan/10000-character-session", ["plan", "--session", HUGE_NAME, "--memfd", "a:1M"], 2,
+         "(10000 characters) is 10000"),
+    Case("restore/10000-character-session", ["restore", "--session", HUGE_NAME], 2, "63 bytes"),
+    Case("bind/10000-character-bdf", ["bind", HUGE_NAME], 2, "[10002 characters]"),
+    Case("restore/exec-unbalanced-placeholder", ["restore", "--session", "s", "--exec", "--", "vmm", "{ram"], 2,
+         "unbalanced brace"),
+    Case("restore/exec-empty-placeholder", ["restore", "--session", "s", "--exec", "--", "vmm", "fd={}"], 2,
+         "placeholder {} is not a token"),
+    Case("restore/no-liveupdate", ["restore", "--session", "s"], 4, "no /dev/liveupdate", setup="noluo"),
+    Case("vm-run/infinite-timeout", ["vm", "run", "--timeout", "inf", "--", "true"], 2, "--timeout"),
+    Case("vm-run/bad-memory", ["vm", "run", "--memory", "lots", "--", "true"], 2, "--memory 'lots'"),
+    Case("vm-run/blank-append", ["vm", "run", "--append", "a b", "--", "true"], 2, "--append"),
 ]
 
 
@@ -204,6 +248,8 @@ def env(monkeypatch, tmp_path):
 
 
 def _kernel(setup: str) -> FakeKernel:
+    if setup == "noluo":
+        return FakeKernel(lu_abi="lu-v2", liveupdate=False)
     if setup in ("bound", "busy"):
         return FakeKernel(lu_abi="lu-v2", devices=[FakePciDevice(driver="vfio-pci")])
     if setup == "nonroot":
@@ -240,7 +286,38 @@ def test_bad_input(case, env, capsys, monkeypatch):
     errors = [ln for ln in err.splitlines() if ln.startswith("pyiommufd: error:")]
     assert len(errors) == 1, err
     assert case.words in errors[0], errors[0]
+    assert len(errors[0]) < 600, "long input is cut, not repeated whole"
     assert boots == 1                       # no bad input ever reboots the (fake) machine
+    # nothing left behind: no agent answers afterwards
+    assert not agent.AgentClient(os.environ["PYIOMMUFD_AGENT_SOCKET"]).is_running()
+
+
+# --json goes before `--`; the missing-QEMU cases patch PATH; guest-selftest is internal (hidden)
+JSON_CASES = [c for c in CASES if c.code != 0 and "--" not in c.argv and c.setup != "noqemu"
+              and "guest-selftest" not in c.argv]
+
+
+@pytest.mark.parametrize("case", JSON_CASES, ids=lambda c: c.id)
+def test_bad_input_with_json_puts_the_error_object_on_stdout(case, env, capsys, monkeypatch):
+    """The same failures with --json: stdout is one JSON document whose error
+    object carries the exit code and the message of the stderr line."""
+    import json
+
+    for key, value in case.env.items():
+        monkeypatch.setenv(key, value)
+    argv = [a.replace("{tmp}", str(env)) for a in case.argv] + ["--json"]
+    with _kernel(case.setup) as k, use(k):
+        held = k.open("/dev/liveupdate") if case.setup == "busy" else None
+        try:
+            code, out, err = run_cli(capsys, argv)
+        finally:
+            if held is not None:
+                k.close(held)
+    assert code == case.code, (out, err)
+    doc = json.loads(out)
+    error = doc["error"]
+    assert error["code"] == code and case.words in error["message"]
+    assert set(error) == {"code", "errno", "errname", "message"}
 
 
 def test_matrix_covers_every_command():
@@ -274,3 +351,73 @@ def test_devices_has_no_bad_input_but_works_unprivileged(env, capsys):
     with _kernel("nonroot") as k, use(k):
         code, out, err = run_cli(capsys, ["devices"])
     assert code == 0 and err == "" and CDEV in out
+
+
+def _all_commands(group=None, prefix=()):
+    import click
+
+    from pyiommufd.cli import cli
+
+    group = group or cli
+    ctx = click.Context(group)
+    for name in group.list_commands(ctx):
+        command = group.get_command(ctx, name)
+        if command.hidden:
+            continue
+        yield prefix + (name,), command
+        if isinstance(command, click.Group):
+            yield from _all_commands(command, prefix + (name,))
+
+
+def test_every_command_takes_json():
+    import click
+
+    # a group that only dispatches (`vm`) has no output of its own
+    missing = [" ".join(path) for path, command in _all_commands()
+               if not (isinstance(command, click.Group) and not command.invoke_without_command)
+               and "--json" not in {opt for p in command.params for opt in p.opts}]
+    assert not missing, f"no --json on: {missing}"
+    assert len(list(_all_commands())) >= 19
+
+
+def test_debug_after_the_subcommand_adds_a_traceback_and_keeps_the_exit_code(env, capsys):
+    argv = ["restore", "--session", LONG]
+    with FakeKernel() as k, use(k):
+        plain = run_cli(capsys, argv)
+        after = run_cli(capsys, argv + ["--debug"])
+        before = run_cli(capsys, ["--debug"] + argv)
+    assert plain[0] == after[0] == before[0] == 2
+    assert "Traceback" in after[2] and "Traceback" in before[2] and "Traceback" not in plain[2]
+    assert [ln for ln in after[2].splitlines() if ln.startswith("pyiommufd: error:")] == \
+        [ln for ln in plain[2].splitlines() if ln.startswith("pyiommufd: error:")]
+
+
+@pytest.mark.parametrize("extra", [[], ["--json"], ["--debug"]])
+def test_an_unexpected_exception_is_an_internal_error_with_its_own_code(env, capsys, monkeypatch, extra):
+    import json
+
+    from pyiommufd import planner
+    from pyiommufd.cli import exitcodes
+
+    def broken(*a, **kw):
+        raise KeyError("boom")
+
+    monkeypatch.setattr(planner, "report", broken)
+    with FakeKernel() as k, use(k):
+        code, out, err = run_cli(capsys, ["plan", "--session", "s", "--memfd", "a:1M"] + extra)
+    assert code == exitcodes.INTERNAL_ERROR == 70
+    [line] = [ln for ln in err.splitlines() if ln.startswith("pyiommufd: internal error:")]
+    assert "KeyError" in line
+    assert ("Traceback" in err) == ("--debug" in extra)
+    if "--json" in extra:
+        assert json.loads(out)["error"]["code"] == 70
+
+
+def test_restore_exec_with_an_unknown_name_stops_only_an_agent_holding_nothing(env, capsys):
+    """No incoming session: the agent restore started holds nothing and is stopped."""
+    sock = os.environ["PYIOMMUFD_AGENT_SOCKET"]
+    with FakeKernel(lu_abi="lu-v2") as k, use(k):
+        code, out, err = run_cli(capsys, ["restore", "--session", "vm0", "--exec", "--", "vmm", "{nope}"])
+        assert code == 3 and "no incoming session" in err
+        assert not agent.AgentClient(sock).is_running()
+        agent.in_process_agents()[sock].shutdown(release=False)  # its thread, before the kernel goes

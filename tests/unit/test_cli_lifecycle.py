@@ -11,12 +11,13 @@ import sys
 import tempfile
 
 import pytest
-from click.testing import CliRunner
 
 from pyiommufd import pci
 from pyiommufd.agent import AgentServer, in_process_agents
 from pyiommufd.cli import cli, lifecycle
 from pyiommufd.testing import SimulatedKexec
+
+from cli_support import cli_runner
 
 BDF = "0000:00:03.0"
 
@@ -30,11 +31,11 @@ class Cli:
         monkeypatch.delenv("PYIOMMUFD_DEBUG", raising=False)
         monkeypatch.delenv("PYIOMMUFD_LU_ABI", raising=False)
         self.server = AgentServer(self.path, backend=kernel).serve_in_thread() if agent else None
-        self.runner = CliRunner()
+        self.runner = cli_runner()
 
     def run(self, *args, code: int | None = 0):
         result = self.runner.invoke(cli, [str(a) for a in args])
-        assert "Traceback" not in result.output, result.output
+        assert "Traceback" not in result.stdout + result.stderr, result.stderr
         if code is not None:
             assert result.exit_code == code, (result.exit_code, result.output, result.exception)
         return result

@@ -305,3 +305,14 @@ def test_collect_names_a_kernel_panic(tmp_path):
     assert not res.ok
     assert res.error.startswith("guest kernel panic: sysrq triggered crash")
     assert res.stages[0].reason == "guest kernel panic: sysrq triggered crash"
+
+
+def test_guest_python_is_the_venv_interpreter_not_its_target(tmp_path, monkeypatch):
+    """A venv's bin/python is a symlink to the base interpreter; the guest must
+    run the symlink, or it loses the venv's site-packages (click, cffi)."""
+    venv_python = tmp_path / "venv" / "bin" / "python"
+    venv_python.parent.mkdir(parents=True)
+    venv_python.symlink_to(os.path.realpath(sys.executable))
+    monkeypatch.setattr(sys, "executable", str(venv_python))
+    assert runner.python_executable() == str(venv_python)
+    assert f"PYIOMMUFD_PYTHON={venv_python}\n" in runner.boot_env()

@@ -1,7 +1,7 @@
 """The holder agent: one process that owns ``/dev/liveupdate`` and the LUO
 session fds across commands.
 
-Why it exists (seed-spec 4.1, §8 item 3): ``/dev/liveupdate`` can be open in
+Why it exists (Linux 7.3 kernel/liveupdate/luo_session.c and luo_file.c, §8 item 3): ``/dev/liveupdate`` can be open in
 one process at a time, closing an outgoing session fd unpreserves everything
 in it, and after kexec a retrieved session can be retrieved only once and
 closing it attempts FINISH. So whoever preserves must keep the fds open until

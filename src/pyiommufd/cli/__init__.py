@@ -1,8 +1,10 @@
 """The ``pyiommufd`` command.
 
 Subcommands live in their own modules and are imported only when run, so
-``pyiommufd --help`` stays fast. Every error becomes one line on stderr and an
-exit code from :mod:`pyiommufd.cli.exitcodes`; ``--debug`` shows tracebacks.
+``pyiommufd --help`` stays fast. Every error becomes one line on stderr (and,
+with ``--json``, an error object on stdout) and an exit code from
+:mod:`pyiommufd.cli.exitcodes`; ``--debug`` (before or after the subcommand)
+adds the traceback and changes nothing else.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import sys
 
 import click
 
+from .. import __version__
 from . import exitcodes
 
 # name -> (module, attribute, one-line help shown by --help without importing)
@@ -55,17 +58,28 @@ class LazyGroup(click.Group):
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, envvar="PYIOMMUFD_DEBUG", help="Show tracebacks.")
-@click.version_option(package_name="pyiommufd")
+@click.version_option(version=__version__, prog_name="pyiommufd")
 @click.pass_context
 def cli(ctx, debug):
-    """Userspace toolkit for Linux IOMMU live update: iommufd, VFIO cdevs and LUO."""
+    """Userspace toolkit for Linux IOMMU live update: iommufd, VFIO cdevs and LUO.
+
+    Every command takes --json; --debug may also follow the subcommand."""
+    from .output import reset_json_count
+
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
+    reset_json_count()
 
 
 @click.command("exit-codes")
-def exit_codes():
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+def exit_codes(as_json):
     """Print the table of exit codes."""
+    if as_json:
+        from .output import echo_json
+
+        echo_json([{"code": code, "meaning": meaning} for code, meaning in exitcodes.TABLE])
+        return
     for code, meaning in exitcodes.TABLE:
         click.echo(f"{code}  {meaning}")
 
@@ -80,38 +94,56 @@ def _exit_code_for(exc: BaseException) -> int:
     code = getattr(exc, "exit_code", None)
     if isinstance(code, int):
         return code
-    if isinstance(exc, errors.NotFound) and getattr(exc, "op", "") == "LIVEUPDATE_SESSION_PRESERVE_FD":
-        return exitcodes.UNSUPPORTED  # no live-update handler for this file type
+    if isinstance(exc, errors.NotFound) and getattr(exc, "op", "") in (
+            "LIVEUPDATE_SESSION_PRESERVE_FD",   # no live-update handler for this file type
+            "open(/dev/liveupdate)", "open(/dev/iommu)"):  # no LUO / no iommufd in this kernel
+        return exitcodes.UNSUPPORTED
     if isinstance(exc, OSError):
         return exitcodes.for_errno(exc.errno)
     return exitcodes.KERNEL_ERROR
 
 
+def _split_options(argv: list[str]) -> tuple[list[str], bool, bool]:
+    """(argv with every ``--debug`` moved to the front, debug, json): both are
+    looked for only before a ``--`` (what follows belongs to a guest or VMM)."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    head, tail = argv[:end], argv[end:]
+    debug = "--debug" in head
+    rest = [a for a in head if a != "--debug"]
+    return (["--debug"] if debug else []) + rest + tail, debug, "--json" in head
+
+
+def report_error(*args, **kwargs) -> int:
+    from . import output  # not at import time: `--help` stays light
+
+    return output.report_error(*args, **kwargs)
+
+
 def main(argv=None) -> None:
-    debug = "--debug" in (argv if argv is not None else sys.argv[1:]) or \
-        os.environ.get("PYIOMMUFD_DEBUG", "") not in ("", "0")
+    import traceback
+
+    argv, debug, as_json = _split_options(list(sys.argv[1:] if argv is None else argv))
+    debug = debug or os.environ.get("PYIOMMUFD_DEBUG", "") not in ("", "0")
     try:
         rc = cli.main(args=argv, prog_name="pyiommufd", standalone_mode=False)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except click.exceptions.Abort:
-        click.echo("pyiommufd: aborted", err=True)
-        sys.exit(exitcodes.BAD_INPUT)
+        sys.exit(report_error("aborted", exitcodes.BAD_INPUT, as_json=as_json))
     except click.ClickException as exc:
-        click.echo(f"pyiommufd: error: {exc.format_message()} (see --help)", err=True)
-        sys.exit(exc.exit_code)
+        sys.exit(report_error(f"{exc.format_message()} (see --help)", exc.exit_code, as_json=as_json))
     except KeyboardInterrupt:
         sys.exit(130)
     except Exception as exc:  # noqa: BLE001 - the one place that turns errors into exit codes
-        if debug:
-            raise
         from .. import errors
 
+        if debug:
+            traceback.print_exc()
         if not isinstance(exc, (errors.PyiommufdError, OSError)):
-            click.echo(f"pyiommufd: internal error: {type(exc).__name__}: {exc} "
-                       "(run with --debug for a traceback)", err=True)
-            sys.exit(exitcodes.KERNEL_ERROR)
-        click.echo(f"pyiommufd: error: {exc}", err=True)
-        sys.exit(_exit_code_for(exc))
+            hint = "" if debug else " (run with --debug for a traceback)"
+            sys.exit(report_error(f"{type(exc).__name__}: {exc}{hint}", exitcodes.INTERNAL_ERROR,
+                                  as_json=as_json, prefix="internal error"))
+        sys.exit(report_error(str(exc), _exit_code_for(exc), errno=getattr(exc, "errno", None),
+                              as_json=as_json))
     # standalone_mode=False returns ctx.exit(n) codes instead of raising them
     sys.exit(rc if isinstance(rc, int) else 0)

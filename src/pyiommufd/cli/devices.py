@@ -5,7 +5,7 @@ kernel's VFIO selftests' setup.sh does) and remembers the driver it took the
 device from in ``$PYIOMMUFD_STATE_DIR/bind-state.json`` (default
 ``/run/pyiommufd``); ``unbind`` gives the device back to that driver. After a
 live update a preserved device refuses every driver but vfio-pci (EBUSY,
-seed-spec 4.7), so ``unbind`` then fails with exit code 5.
+the series' cover letter: what Phase 1 restores after the kexec), so ``unbind`` then fails with exit code 5.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import time
 import click
 
 from . import exitcodes
-from .output import CommandError, echo_json, echo_table, hex4, require_root, warn
+from .output import CommandError, echo_json, echo_table, hex4, json_option, require_root, warn
 
 DEFAULT_STATE_DIR = "/run/pyiommufd"
 STATE_FILE = "bind-state.json"
@@ -67,7 +67,7 @@ def _device(bdf: str, backend):
 
 
 @click.command("devices")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@json_option
 def devices(as_json):
     """List PCI devices with vendor:device, driver, IOMMU group and VFIO cdev."""
     from .. import pci
@@ -96,7 +96,8 @@ def devices(as_json):
 
 @click.command("bind")
 @click.argument("bdf")
-def bind(bdf):
+@json_option
+def bind(bdf, as_json):
     """Bind the PCI device BDF to vfio-pci (driver_override) and print its VFIO cdev."""
     from .. import pci
     from ..backend import get_backend
@@ -117,6 +118,10 @@ def bind(bdf):
     cdev = dev.vfio_cdev
     if cdev is None:
         warn(f"{dev.bdf} is on vfio-pci but has no VFIO cdev: the kernel needs CONFIG_VFIO_DEVICE_CDEV")
+    if as_json:
+        echo_json({"bdf": dev.bdf, "driver_before": before, "driver": dev.driver, "vfio_cdev": cdev})
+        return
+    if cdev is None:
         click.echo(f"{dev.bdf}: {before or 'no driver'} -> vfio-pci, no cdev")
         return
     if before == pci.VFIO_PCI_DRIVER:
@@ -126,9 +131,19 @@ def bind(bdf):
     click.echo(cdev)
 
 
+def _unbound(dev, before: str | None, now: str | None, as_json: bool, *, untouched: bool = False) -> None:
+    if as_json:
+        echo_json({"bdf": dev.bdf, "driver_before": before, "driver": now, "changed": not untouched})
+    elif untouched:
+        click.echo(f"{dev.bdf}: on {before or 'no driver'}, not vfio-pci; nothing to do")
+    else:
+        click.echo(f"{dev.bdf}: {before or 'no driver'} -> {now or 'no driver'}")
+
+
 @click.command("unbind")
 @click.argument("bdf")
-def unbind(bdf):
+@json_option
+def unbind(bdf, as_json):
     """Give the PCI device BDF back to the driver it had before `pyiommufd bind`."""
     from .. import pci
     from ..backend import get_backend
@@ -142,10 +157,9 @@ def unbind(bdf):
     if record is None:
         # Not bound by us: only undo a vfio-pci override and let the PCI core pick a driver.
         if current != pci.VFIO_PCI_DRIVER and dev.driver_override != pci.VFIO_PCI_DRIVER:
-            click.echo(f"{dev.bdf}: on {current or 'no driver'}, not vfio-pci; nothing to do")
+            _unbound(dev, current, current, as_json, untouched=True)
             return
-        now = dev.restore()
-        click.echo(f"{dev.bdf}: {current or 'no driver'} -> {now or 'no driver'}")
+        _unbound(dev, current, dev.restore(), as_json)
         return
     original = record.get("driver")
     if current == pci.VFIO_PCI_DRIVER:
@@ -162,4 +176,4 @@ def unbind(bdf):
     now = dev.driver
     del state[dev.bdf]
     save_state(state)
-    click.echo(f"{dev.bdf}: {current or 'no driver'} -> {now or 'no driver'}")
+    _unbound(dev, current, now, as_json)

@@ -17,7 +17,7 @@ import click
 
 from . import exitcodes
 from ..errors import errname
-from .output import CommandError, echo_json, echo_table, exit_with
+from .output import CommandError, echo_json, echo_table, error_object, exit_with, json_option, report_error
 
 OK, WARN, FAIL, INFO = "ok", "warn", "fail", "info"
 
@@ -26,7 +26,7 @@ CONFIG_OPTIONS = [
     ("IOMMUFD", True, "iommufd (/dev/iommu)"),
     ("VFIO_DEVICE_CDEV", True, "VFIO device cdevs (/dev/vfio/devices/vfioN)"),
     ("LIVEUPDATE", True, "the Live Update Orchestrator (/dev/liveupdate)"),
-    ("LIVEUPDATE_MEMFD", True, "memfd preservation (guest RAM, seed-spec 4.3)"),
+    ("LIVEUPDATE_MEMFD", True, "memfd preservation (guest RAM, Linux 7.3 mm/memfd_luo.c)"),
     ("KEXEC_HANDOVER", True, "KHO, which carries preserved state over kexec"),
     ("KEXEC_FILE", True, "kexec_file_load, the only loader KHO works with"),
     ("IOMMU_LIVEUPDATE", False, "the series' IOMMU state preservation (out of tree; absent on stock 7.3)"),
@@ -238,22 +238,24 @@ def _lu_abi_check(be, iommu_present: bool) -> Check:
 
 
 @click.command("doctor")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@json_option
 def doctor(as_json):
     """Check this host's readiness for IOMMU live update."""
     from ..backend import get_backend
 
     checks = run_checks(get_backend())
     failed = [c for c in checks if c.required and c.status == FAIL]
+    message = f"{len(failed)} required check(s) failed: " + ", ".join(c.check for c in failed)
     if as_json:
-        echo_json({"ok": not failed, "checks": [asdict(c) for c in checks]})
+        doc = {"ok": not failed, "checks": [asdict(c) for c in checks]}
+        if failed:
+            doc["error"] = error_object(exitcodes.CHECK_FAILED, message)
+        echo_json(doc)
     else:
         echo_table(([c.check, c.status, c.value, c.hint] for c in checks),
                    ["CHECK", "STATUS", "VALUE", "HINT"])
     if failed:
-        click.echo(f"pyiommufd: error: {len(failed)} required check(s) failed: "
-                   + ", ".join(c.check for c in failed), err=True)
-        exit_with(exitcodes.CHECK_FAILED)
+        exit_with(report_error(message, exitcodes.CHECK_FAILED))
 
 
 # -- caps ---------------------------------------------------------------------
@@ -315,9 +317,9 @@ def run_caps(be) -> tuple[dict, int]:
                 if d.nr == lu_probe.nr and lu_probe.supported:
                     entry["status"] = "shadowed"
                     entry["note"] = (f"nr {d.nr:#04x} is the series' LU ioctl here "
-                                     f"({lu_probe.status}), not {d.name} (seed-spec 2.2)")
+                                     f"({lu_probe.status}), not {d.name} (Linux 7.3 include/uapi/linux/iommufd.h: nr 0x95 is IOMMU_IOAS_NOIOMMU_GET_PA)")
                 elif d.nr == lu_probe.nr:
-                    entry["note"] = "nr shared with the series' IOMMU_HWPT_LU_* ioctl (seed-spec 2.2)"
+                    entry["note"] = "nr shared with the series' IOMMU_HWPT_LU_* ioctl (Linux 7.3 include/uapi/linux/iommufd.h: nr 0x95 is IOMMU_IOAS_NOIOMMU_GET_PA)"
                 iommufd["ioctls"].append(entry)
         finally:
             be.close(fd)
@@ -352,13 +354,15 @@ def run_caps(be) -> tuple[dict, int]:
 
 
 @click.command("caps")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@json_option
 def caps(as_json):
     """Probe, without side effects, the ioctls and the LU ABI revision this kernel has."""
     from ..backend import get_backend
 
     report, code = run_caps(get_backend())
     if as_json:
+        if code != exitcodes.OK:
+            report["error"] = error_object(code, f"cannot open /dev/iommu: {iommufd_open_reason(report)}")
         echo_json(report)
     else:
         rows = []

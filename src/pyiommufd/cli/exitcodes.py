@@ -9,6 +9,7 @@ UNSUPPORTED = 4       # the kernel lacks a capability (no handler, no LU ioctl, 
 BUSY = 5              # a resource is held elsewhere (/dev/liveupdate, a device, a session name)
 NOT_PERMITTED = 6     # needs root / the operation was not permitted
 AGENT_UNREACHABLE = 7 # the holder agent is not running or not answering
+INTERNAL_ERROR = 70   # a bug in pyiommufd: an exception nobody expected (sysexits' EX_SOFTWARE)
 VM_TIMEOUT = 124      # `pyiommufd vm`: the guest did not finish in time (as timeout(1))
 
 TABLE = [
@@ -20,6 +21,7 @@ TABLE = [
     (BUSY, "a resource is busy or held elsewhere"),
     (NOT_PERMITTED, "not permitted (run as root)"),
     (AGENT_UNREACHABLE, "the holder agent is not reachable"),
+    (INTERNAL_ERROR, "internal error: a bug in pyiommufd (please report it with the --debug traceback)"),
     (VM_TIMEOUT, "`pyiommufd vm`: the guest did not finish before --timeout"),
 ]
 

@@ -28,7 +28,7 @@ from typing import Any, Callable
 import click
 
 from . import exitcodes
-from .output import CommandError, echo_json, echo_table, warn
+from .output import CommandError, echo_json, echo_table, error_object, json_option, report_error, warn
 
 #: what ``restore --exec`` calls; tests replace it
 exec_command: Callable[[str, list[str]], Any] = os.execvp
@@ -57,13 +57,15 @@ def handle_errors(fn):
         except (SystemExit, click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
         except (errors.PyiommufdError, OSError) as exc:
-            if _debug():
-                raise
-            from . import _exit_code_for
+            import traceback
 
-            sys.stdout.flush()
-            click.echo(f"pyiommufd: error: {exc}", err=True)
-            sys.exit(_exit_code_for(exc))
+            from . import _exit_code_for
+            from .output import report_error
+
+            if _debug():
+                traceback.print_exc()
+            sys.exit(report_error(str(exc), _exit_code_for(exc), errno=getattr(exc, "errno", None),
+                                  as_json=bool(kwargs.get("as_json"))))
 
     return wrapper
 
@@ -76,7 +78,6 @@ def _usage(message: str) -> Exception:
 
 socket_option = click.option("--socket", "socket_path", metavar="PATH", default=None,
                              help="Agent socket (default: $PYIOMMUFD_AGENT_SOCKET or /run/pyiommufd/agent.sock).")
-json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 
 
 def _need_session(session: str | None) -> str:
@@ -127,6 +128,17 @@ def _plan_options(fn):
 
 def _build_plan(plan_file, session, memfds, devices, hwpt_tokens, device_tokens, iommufd_token, with_iommufd,
                 base_iova, lu_abi):
+    plan = _plan_from_input(plan_file, session, memfds, devices, hwpt_tokens, device_tokens, iommufd_token,
+                            with_iommufd, base_iova, lu_abi)
+    if plan.lu_abi is None:
+        from ..abi import env_revision
+
+        plan.lu_abi = env_revision()  # a bad $PYIOMMUFD_LU_ABI is bad input here too
+    return plan
+
+
+def _plan_from_input(plan_file, session, memfds, devices, hwpt_tokens, device_tokens, iommufd_token,
+                     with_iommufd, base_iova, lu_abi):
     from .. import planner
 
     if lu_abi is not None and lu_abi.lower() not in ("v1", "v2", "lu-v1", "lu-v2", "probe"):
@@ -168,8 +180,14 @@ def plan(plan_file, dry_run, session, memfds, devices, hwpt_tokens, device_token
     p = _build_plan(plan_file, session, memfds, devices, hwpt_tokens, device_tokens, iommufd_token,
                     with_iommufd, base_iova, lu_abi)
     rep = planner.report(p)
-    nerr = sum(1 for x in rep["problems"] if x["severity"] == "error")
+    errs = [planner.Problem(**x) for x in rep["problems"] if x["severity"] == "error"]
+    message = None
+    if errs:
+        more = f" (and {len(errs) - 1} more)" if len(errs) > 1 else ""
+        message = f"the plan is invalid: {errs[0].describe()}{more}"
     if as_json:
+        if message:
+            rep["error"] = error_object(exitcodes.BAD_INPUT, message)
         echo_json(rep)
     else:
         click.echo(f"plan for session {p.session!r} (LU ABI: {rep['lu_abi']})")
@@ -186,12 +204,8 @@ def plan(plan_file, dry_run, session, memfds, devices, hwpt_tokens, device_token
                 click.echo(f"  {planner.Problem(**x)}")
         elif rep["valid"]:
             click.echo("no problems")
-    if nerr:
-        sys.stdout.flush()
-        first = next(planner.Problem(**x) for x in rep["problems"] if x["severity"] == "error")
-        more = f" (and {nerr - 1} more)" if nerr > 1 else ""
-        click.echo(f"pyiommufd: error: the plan is invalid: {first.describe()}{more}", err=True)
-        sys.exit(exitcodes.BAD_INPUT)
+    if message:
+        sys.exit(report_error(message, exitcodes.BAD_INPUT))
 
 
 # -- preserve -----------------------------------------------------------------------------
@@ -233,8 +247,14 @@ def preserve(plan_file, session, memfds, devices, hwpt_tokens, device_tokens, io
 
     # each memfd, iommufd and device is open here until the agent holds it
     raise_nofile(len(p.memfds) + len(p.iommufds) + len(p.devices) + 64)
+    started = not _client(socket_path).is_running()
     client = ensure_running(socket_path, backend=be)
-    done = planner.execute(p, client, backend=be, ops=ops, notify=warn)
+    try:
+        done = planner.execute(p, client, backend=be, ops=ops, notify=warn)
+    except BaseException:
+        if started:
+            _stop_if_idle(client)
+        raise
     info = client.ping()
     if as_json:
         out = done.as_dict()
@@ -274,6 +294,34 @@ def placeholders(args: list[str]) -> list[str]:
         for m in _PLACEHOLDER.finditer(arg.replace("{{", "").replace("}}", "")):
             keys.append(m.group(1))
     return keys
+
+
+def check_placeholders(args: list[str]) -> None:
+    """Placeholders that can never be valid, found before anything starts:
+    an empty ``{}``, a stray brace, a key with blanks."""
+    for arg in args:
+        rest = _PLACEHOLDER.sub("", arg.replace("{{", "").replace("}}", ""))
+        if "{" in rest or "}" in rest:
+            raise _usage(f"--exec: unbalanced brace in {arg!r} (write {{{{ and }}}} for literal braces)")
+    for key in placeholders(args):
+        if not key or any(c.isspace() for c in key):
+            raise _usage(f"--exec: placeholder {{{key}}} is not a token, a manifest entry name or {{manifest}}")
+
+
+def _stop_if_idle(client) -> None:
+    """Stop an agent this command started when it holds no session: a failed
+    command leaves nothing behind. An agent holding a retrieved session is
+    kept (closing that session would finish or drop it)."""
+    from ..agent import AgentError
+
+    try:
+        if not client.status().get("sessions"):
+            client.stop(False)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and client.is_running():
+                time.sleep(0.05)
+    except AgentError:
+        pass
 
 
 def resolve_placeholder(key: str, manifest) -> int:
@@ -359,7 +407,7 @@ def restore(session, verify, bind_vfio, do_exec, command, socket_path, as_json):
     reported as expected). The agent keeps the files until `finish`.
 
     A preserved device must be bound to vfio-pci before its cdev is
-    retrieved, and a failed retrieve is sticky (seed-spec 3.4, 4.1): so a
+    retrieved, and a failed retrieve is sticky (the series' patch 14/14, tools/testing/selftests/iommu/iommufd_liveupdate.c; Linux 7.3 kernel/liveupdate/luo_session.c and luo_file.c): so a
     cdev whose device is on another driver (or none) is not retrieved but
     reported (exit 1), unless --bind-vfio binds it first.
 
@@ -369,11 +417,10 @@ def restore(session, verify, bind_vfio, do_exec, command, socket_path, as_json):
     inherits, e.g.
       pyiommufd restore --session vm0 --exec -- \\
         qemu-system-x86_64 -object memory-backend-file,id=ram,mem-path=/proc/self/fd/{guest-ram} ...
-    Unknown placeholders exit 2 before anything is executed."""
-    from .. import errors
+    Unknown placeholders exit 2 before anything is executed; malformed ones
+    before the agent is even started."""
     from ..agent import ensure_running
     from ..backend import get_backend
-    from ..manifest import MANIFEST_TOKEN, read_from_fd
 
     session = _need_session(session)
     command = list(command)
@@ -381,8 +428,22 @@ def restore(session, verify, bind_vfio, do_exec, command, socket_path, as_json):
         raise _usage("--exec needs a command after `--`, e.g. --exec -- qemu-system-x86_64 ...")
     if command and not do_exec:
         raise _usage(f"unexpected argument {command[0]!r} (to run a command, use --exec -- CMD ...)")
+    check_placeholders(command)
     be = get_backend()
+    started = not _client(socket_path).is_running()
     client = ensure_running(socket_path, backend=be)
+    try:
+        _restore(client, be, session, verify, bind_vfio, do_exec, command, as_json)
+    except BaseException:
+        if started:
+            _stop_if_idle(client)
+        raise
+
+
+def _restore(client, be, session, verify, bind_vfio, do_exec, command, as_json):
+    from .. import errors
+    from ..manifest import MANIFEST_TOKEN, read_from_fd
+
     info = client.retrieve_session(session)
     try:
         fd0 = client.retrieve(session, MANIFEST_TOKEN)
@@ -425,7 +486,7 @@ def restore(session, verify, bind_vfio, do_exec, command, socket_path, as_json):
                 if entry.kind == "iommufd" and exc.errno == E.EOPNOTSUPP:
                     row["status"] = "expected-failure"
                     row["note"] = ("EOPNOTSUPP: Phase 1 of the series cannot restore an iommufd; the HWPTs "
-                                   "stay kernel-owned and FINISH will say EBUSY (seed-spec 4.7)")
+                                   "stay kernel-owned and FINISH will say EBUSY (the series' cover letter: what Phase 1 restores after the kexec)")
                 else:
                     row["status"] = "failed"
                     first_error = first_error or exc
@@ -444,12 +505,26 @@ def restore(session, verify, bind_vfio, do_exec, command, socket_path, as_json):
         result = {"session": session, "already_held": info.get("already_held", False),
                   "manifest": manifest.as_dict(), "tokens": rows,
                   "verified": (mismatches == 0) if verify else None}
+        failure: Exception | None = first_error
+        if failure is None and unbound:
+            failure = CommandError(f"not retrieved: the cdev of {', '.join(unbound)}, which is not bound to "
+                                   f"vfio-pci; bind it (`pyiommufd bind {unbound[0]}`, or restore --bind-vfio) "
+                                   "and run restore again (a failed retrieve would be sticky)",
+                                   exitcodes.CHECK_FAILED)
+        if failure is None and mismatches:
+            failure = CommandError(f"{mismatches} memfd(s) differ from the manifest", exitcodes.CHECK_FAILED)
+        if failure is not None:
+            from . import _exit_code_for
+
+            result["error"] = error_object(_exit_code_for(failure), str(failure), getattr(failure, "errno", None))
         # with --exec, stdout belongs to the command: the report goes to stderr
         out = sys.stderr if do_exec else None
         if as_json:
             import json
 
             _echo(json.dumps(result, indent=2, default=str), out)
+            if out is None:
+                echo_json_printed()
         else:
             _echo(f"restored session {session!r} (manifest by {manifest.creator or '?'}, kernel "
                   f"{manifest.kernel_release or '?'}, LU ABI {manifest.lu_abi or '-'}):", out)
@@ -458,14 +533,8 @@ def restore(session, verify, bind_vfio, do_exec, command, socket_path, as_json):
             _echo(table([(_hex(r["token"]), r["kind"], r["name"], r["status"], r.get("fd"),
                           r.get("verify") or r.get("note") or r.get("error"))
                          for r in rows], ("token", "kind", "name", "status", "fd", "details")), out)
-        if first_error is not None:
-            raise first_error
-        if unbound:
-            raise CommandError(f"not retrieved: the cdev of {', '.join(unbound)}, which is not bound to vfio-pci; "
-                               f"bind it (`pyiommufd bind {unbound[0]}`, or restore --bind-vfio) and run restore "
-                               "again (a failed retrieve would be sticky)", exitcodes.CHECK_FAILED)
-        if mismatches:
-            raise CommandError(f"{mismatches} memfd(s) differ from the manifest", exitcodes.CHECK_FAILED)
+        if failure is not None:
+            raise failure
         if not do_exec:
             return
         missing = sorted(t for t in wanted if t not in fds)
@@ -516,6 +585,13 @@ def _vfio_ready(be, bdf: str, bind: bool) -> str | None:
             "--bind-vfio); retrieving now would fail for good (failed retrieves are sticky)")
 
 
+def echo_json_printed() -> None:
+    """Count a JSON document printed without echo_json (so no second one follows)."""
+    from . import output
+
+    output._json_documents += 1
+
+
 def _echo(text: str, stream=None) -> None:
     click.echo(text, err=stream is sys.stderr)
 
@@ -531,7 +607,7 @@ def finish(session, socket_path, as_json):
 
     Needs every preserved file retrieved and each handler ready; EBUSY (exit 5)
     names the unretrieved tokens. On a series kernel a session holding an
-    iommufd can never finish in Phase 1 (seed-spec 4.7). On success the agent
+    iommufd can never finish in Phase 1 (the series' cover letter: what Phase 1 restores after the kexec). On success the agent
     closes the session and drops its references."""
     session = _need_session(session)
     result = _client(socket_path).finish(session)
@@ -624,7 +700,8 @@ def _echo_status(st: dict) -> None:
 
 
 # -- agent ---------------------------------------------------------------------------------
-def _start_agent(socket_path: str | None, background: bool, log_file: str | None) -> None:
+def _start_agent(socket_path: str | None, background: bool, log_file: str | None,
+                 as_json: bool = False) -> None:
     from ..agent import protocol as P
     from ..agent import server
     from ..backend import LinuxBackend, get_backend
@@ -637,12 +714,18 @@ def _start_agent(socket_path: str | None, background: bool, log_file: str | None
         sys.stdout.flush()
         sys.stderr.flush()
         pid = server.start_background(path, log_file=log_file)
-        click.echo(f"agent started in the background: pid {pid}, socket {path}, "
-                   f"log {log_file or server.default_log_path(path)}")
+        log = log_file or server.default_log_path(path)
+        if as_json:
+            echo_json({"pid": pid, "socket": path, "log": log, "background": True})
+        else:
+            click.echo(f"agent started in the background: pid {pid}, socket {path}, log {log}")
         return
     server.configure_logging(stream=sys.stderr)
     srv = server.AgentServer(path, backend=be).start()
     srv.install_signal_handlers()
+    if as_json:
+        echo_json({"pid": os.getpid(), "socket": path, "log": None, "background": False})
+        sys.stdout.flush()
     click.echo(f"agent pid {os.getpid()} listening on {path}; stop with `pyiommufd agent stop` "
                "(stopping unpreserves everything it holds)", err=True)
     srv.serve_forever()
@@ -652,9 +735,10 @@ def _start_agent(socket_path: str | None, background: bool, log_file: str | None
 @click.option("--background", is_flag=True, help="Daemonize (double fork, setsid, log file).")
 @click.option("--log-file", metavar="PATH", help="Log file of a background agent (default: next to the socket).")
 @socket_option
+@json_option
 @click.pass_context
 @handle_errors
-def agent(ctx, background, log_file, socket_path):
+def agent(ctx, background, log_file, socket_path, as_json):
     """The holder agent that keeps /dev/liveupdate and session fds until kexec
     (and, after it, until finish).
 
@@ -664,7 +748,7 @@ def agent(ctx, background, log_file, socket_path):
     ctx.ensure_object(dict)
     ctx.obj["agent_socket"] = socket_path
     if ctx.invoked_subcommand is None:
-        _start_agent(socket_path, background, log_file)
+        _start_agent(socket_path, background, log_file, as_json)
 
 
 def _agent_socket(socket_path: str | None) -> str | None:
@@ -682,10 +766,11 @@ def _agent_socket(socket_path: str | None) -> str | None:
 @click.option("--background", is_flag=True, help="Daemonize (double fork, setsid, log file).")
 @click.option("--log-file", metavar="PATH", help="Log file of a background agent.")
 @socket_option
+@json_option
 @handle_errors
-def agent_start(background, log_file, socket_path):
+def agent_start(background, log_file, socket_path, as_json):
     """Start the agent (foreground unless --background)."""
-    _start_agent(_agent_socket(socket_path), background, log_file)
+    _start_agent(_agent_socket(socket_path), background, log_file, as_json)
 
 
 @agent.command("stop")
@@ -758,7 +843,7 @@ def kexec_cmd(kernel, initrd, cmdline, reuse_cmdline, load_only, force, socket_p
     outgoing session with files: a live update that preserves nothing is
     just a fast reboot that drops every VM's state. --force skips the check.
     A file refusing to freeze (a VFIO device with interrupts still enabled,
-    seed-spec 4.5) makes the reboot fail with EINVAL instead of rebooting."""
+    the series' patches 12-13/14, VFIO cdev preservation) makes the reboot fail with EINVAL instead of rebooting."""
     from .. import kexec
 
     if not kernel:

@@ -2,11 +2,14 @@
 
 Light on purpose: importing this must not pull in cffi (``pyiommufd --help``
 stays fast). Tables go to stdout, JSON is one document on stdout, errors are
-one ``pyiommufd: error:`` line on stderr.
+one ``pyiommufd: error:`` line on stderr. With ``--json`` a failure also puts
+an error object on stdout: inside the command's document when it prints one
+(``"error": {...}``), else as the document ``{"error": {...}}``.
 """
 from __future__ import annotations
 
 import json
+import re
 import sys
 from typing import Any, Iterable, Sequence
 
@@ -62,12 +65,67 @@ def echo_table(rows: Iterable[Sequence[Any]], headers: Sequence[str]) -> None:
     click.echo(table(rows, headers))
 
 
+#: JSON documents printed on stdout by this invocation (one at most, normally)
+_json_documents = 0
+
+
+def reset_json_count() -> None:
+    global _json_documents
+    _json_documents = 0
+
+
 def echo_json(obj: Any) -> None:
+    global _json_documents
+    _json_documents += 1
     click.echo(json.dumps(obj, indent=2, sort_keys=False, default=str))
+
+
+_LONG_RUN = re.compile(r"\S{201,}")
+
+
+def clip(message: str) -> str:
+    """``message`` with every run of more than 200 non-blank characters cut
+    to its ends (a 10,000-character name must not come back whole)."""
+    return _LONG_RUN.sub(lambda m: f"{m.group(0)[:80]}…[{len(m.group(0))} characters]…{m.group(0)[-40:]}",
+                         message)
+
+
+def error_object(code: int, message: str, errno: int | None = None) -> dict:
+    """The JSON error object: exit code, errno (number and name) and the message."""
+    from ..errors import errname
+
+    return {"code": code, "errno": errno, "errname": errname(errno) if errno else None,
+            "message": clip(message)}
+
+
+def report_error(message: str, code: int, *, errno: int | None = None, as_json: bool = False,
+                 prefix: str = "error") -> int:
+    """One ``pyiommufd: error:`` line on stderr and, with ``--json``, the
+    error document on stdout unless the command printed its own. Returns ``code``."""
+    sys.stdout.flush()
+    if as_json and _json_documents == 0:
+        echo_json({"error": error_object(code, message, errno)})
+        sys.stdout.flush()
+    click.echo(f"pyiommufd: {prefix}: {clip(message)}", err=True)
+    return code
+
+
+def json_requested() -> bool:
+    """Whether the running command was given ``--json``."""
+    ctx = click.get_current_context(silent=True)
+    while ctx is not None:
+        if ctx.params.get("as_json"):
+            return True
+        ctx = ctx.parent
+    return False
 
 
 def hex4(value: int | None) -> str | None:
     return None if value is None else f"{value:04x}"
 
 
-__all__ = ["CommandError", "exit_with", "warn", "require_root", "table", "echo_table", "echo_json", "hex4"]
+json_option = click.option("--json", "as_json", is_flag=True,
+                           help="Print one JSON document on stdout (with an \"error\" object on failure).")
+
+__all__ = ["CommandError", "exit_with", "warn", "require_root", "table", "echo_table", "echo_json", "hex4",
+           "error_object", "report_error", "clip", "json_option", "json_requested"]

@@ -1,11 +1,13 @@
 """``pyiommufd selftest``: the series' ``iommufd_liveupdate`` test, stage 1 or 2.
 
-One KTAP line per step as it completes, a summary, and an exit code:
-0 pass, 1 fail, 4 the kernel lacks what the series adds, 2 bad device,
-5 ``/dev/liveupdate`` held elsewhere, 6 not permitted.
+KTAP on stdout: the version and plan lines once the stage is known, one result
+line per step as it completes, comments (``#``) for everything else, and
+kselftest's ``# Totals:`` line last. Exit code: 0 pass, 1 fail, 4 the kernel
+lacks what the series adds, 2 bad device, 5 ``/dev/liveupdate`` held
+elsewhere, 6 not permitted.
 
 After a passing stage 1 the preserved files must stay open until the kexec
-(closing the session unpreserves them, seed-spec 3.3 step 18):
+(closing the session unpreserves them, the C test's step 20):
 
 * ``--hold`` (default) hands them to ``pyiommufd agent`` and returns, like the
   C test's ``daemonize_and_wait()``; the operator then kexecs;
@@ -17,11 +19,12 @@ from __future__ import annotations
 import errno as E
 import os
 import re
+import sys
 
 import click
 
 from . import exitcodes
-from .output import CommandError, echo_json, exit_with
+from .output import CommandError, echo_json, error_object, exit_with, json_option, report_error
 
 DEFAULT_SESSION = "iommufd-test"
 VFIO_CDEV_DIR = "/dev/vfio/devices"
@@ -66,17 +69,10 @@ def resolve_device(device: str, backend) -> str:
 
 def _validate(session_name: str, lu_abi: str | None) -> str | None:
     from .. import abi, luo
-    from ..errors import UsageError
 
     luo.check_session_name(session_name)  # UsageError -> 2
-    abi.parse_nr(os.environ.get(abi.ENV_NR))  # a bad $PYIOMMUFD_LU_NR -> 2, before the run
+    abi.env_revision()  # a bad $PYIOMMUFD_LU_ABI or $PYIOMMUFD_LU_NR -> 2, before the run
     if lu_abi is None:
-        env = os.environ.get(abi.ENV_ABI)
-        if env and env.lower() != "probe":
-            try:
-                abi.lookup(env)
-            except UsageError as exc:
-                raise UsageError(f"${abi.ENV_ABI}: {exc}") from None
         return None
     if lu_abi.lower() == "probe":
         return lu_abi
@@ -100,6 +96,21 @@ def _failure_exit(report) -> tuple[int, str]:
     if step.errno in (E.EACCES, E.EPERM) and step.name.startswith("open "):
         return exitcodes.NOT_PERMITTED, f"{where}: {step.detail}"
     return exitcodes.CHECK_FAILED, f"selftest stage {report.stage or '?'} failed at {where}: {step.detail}"
+
+
+class _TotalsOnce:
+    """Prints the closing ``# Totals:`` line once: before a kexec, else last."""
+
+    def __init__(self, report, as_json: bool):
+        self.report, self.done = report, as_json
+
+    def __call__(self) -> None:
+        if not self.done:
+            from .. import selftest as lib
+
+            self.done = True
+            click.echo(lib.totals_line(self.report))
+            sys.stdout.flush()
 
 
 def _vm_same_kernel(kernel: str, initrd: str | None) -> bool:
@@ -131,7 +142,7 @@ def _vm_same_kernel(kernel: str, initrd: str | None) -> bool:
 @click.option("--hold/--no-hold", default=True,
               help="After a passing stage 1, hand the fds to `pyiommufd agent` (default), or close "
                    "them (which unpreserves everything).")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON, no streaming.")
+@json_option
 @click.pass_context
 def selftest(ctx, device, session_name, lu_abi, kexec_kernel, initrd, cmdline, hold, as_json):
     """Run the series' iommufd_liveupdate selftest on the VFIO cdev CDEV (or the
@@ -155,50 +166,60 @@ def selftest(ctx, device, session_name, lu_abi, kexec_kernel, initrd, cmdline, h
 
     from .. import selftest as lib
 
-    if not as_json:
-        click.echo("KTAP version 1")
-        click.echo(f"# pyiommufd selftest: device {cdev}, session {session_name!r}")
+    def on_plan(count):
+        if not as_json:
+            click.echo("KTAP version 1")
+            click.echo(f"1..{count}")
+            click.echo(f"# pyiommufd selftest: device {cdev}, session {session_name!r}")
 
     def on_step(step):
         if not as_json:
             click.echo(lib.format_step_ktap(step))
 
-    report = lib.run(cdev, session_name=session_name, lu_abi=lu_abi, backend=be, on_step=on_step)
+    report = lib.run(cdev, session_name=session_name, lu_abi=lu_abi, backend=be,
+                     on_step=on_step, on_plan=on_plan)
+    totals = _TotalsOnce(report, as_json)
     try:
-        _finish(report, cdev, session_name, kexec_kernel, initrd, cmdline, hold, as_json, be, lib)
+        _finish(report, cdev, session_name, kexec_kernel, initrd, cmdline, hold, as_json, be, lib, totals)
     except (Exception, KeyboardInterrupt, SystemExit):
         # a failed hand-over or kexec, or a failed run: closing unpreserves (as it must then)
         report.close()
         raise
+    finally:
+        totals()
     # passed; after a hand-over the agent holds its own copies of every fd
     report.close()
 
 
-def _finish(report, cdev, session_name, kexec_kernel, initrd, cmdline, hold, as_json, be, lib):
+def _finish(report, cdev, session_name, kexec_kernel, initrd, cmdline, hold, as_json, be, lib, totals):
     extra: dict = {"device": cdev, "session": session_name}
     if not as_json:
-        click.echo(f"1..{len(report.steps)}")
         click.echo(lib.summary_line(report))
     if report.result != "pass":
         code, message = _failure_exit(report)
+        first = _first_failure(report)
+        errno = first.errno if first is not None else None
         if as_json:
-            echo_json(dict(report.as_dict(), **extra, after=None))
-        click.echo(f"pyiommufd: error: {message}", err=True)
-        exit_with(code)
+            echo_json(dict(report.as_dict(), **extra, after=None, error=error_object(code, message, errno)))
+        else:
+            totals()
+        exit_with(report_error(message, code))
     if report.stage != 1:
         if as_json:
             echo_json(dict(report.as_dict(), **extra, after=None))
         else:
             click.echo(f"# result: PASS (stage {report.stage})")
+            totals()
         return
     if kexec_kernel is not None:
-        _kexec(report, kexec_kernel, initrd, cmdline, as_json, extra, be)
+        _kexec(report, kexec_kernel, initrd, cmdline, as_json, extra, be, totals)
         return  # not reached: _kexec reboots or raises
     if not hold:
         if as_json:
             echo_json(dict(report.as_dict(), **extra, after="closed"))
         else:
             click.echo("# result: PASS (stage 1); --no-hold: closing the session unpreserves everything")
+            totals()
         return
     from .. import agent
 
@@ -219,11 +240,12 @@ def _finish(report, cdev, session_name, kexec_kernel, initrd, cmdline, hold, as_
     else:
         click.echo(f"# result: PASS (stage 1): session {session_name!r} with "
                    f"{len(h.files)} files is held by the pyiommufd agent{where}")
-        click.echo("[STAGE 1] You may now perform the kexec (then bind the device to vfio-pci "
+        click.echo("# [STAGE 1] You may now perform the kexec (then bind the device to vfio-pci "
                    "and run this again for stage 2).")
+        totals()
 
 
-def _kexec(report, kernel, initrd, cmdline, as_json, extra, be):
+def _kexec(report, kernel, initrd, cmdline, as_json, extra, be, totals):
     if as_json:
         echo_json(dict(report.as_dict(), **extra, after="kexec", kexec={
             "kernel": kernel, "initrd": initrd, "cmdline": cmdline}))
@@ -232,6 +254,7 @@ def _kexec(report, kernel, initrd, cmdline, as_json, extra, be):
 
         if not as_json:
             click.echo(f"# result: PASS (stage 1); kexec into the VM kernel {kernel}")
+        totals()
         guest.kexec_same_kernel(by="selftest", backend=be)  # never returns
     from .. import kexec
 
@@ -241,4 +264,5 @@ def _kexec(report, kernel, initrd, cmdline, as_json, extra, be):
                    + (f" with initrd {initrd}" if initrd else "") + f", cmdline {used!r}")
         click.echo(f"# session {extra['session']!r} stays preserved across the reboot; "
                    "run this again afterwards for stage 2")
+    totals()
     kexec.execute(backend=be)  # returns only by raising

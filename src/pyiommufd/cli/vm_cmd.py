@@ -17,12 +17,15 @@ when a command runs.
 """
 from __future__ import annotations
 
+import math
 import os
+import re
+import shlex
 
 import click
 
 from . import exitcodes
-from .output import CommandError, exit_with
+from .output import CommandError, echo_json, error_object, exit_with, json_option, report_error
 
 TIMEOUT_EXIT = exitcodes.VM_TIMEOUT
 DEFAULT_TIMEOUT = 600.0
@@ -109,7 +112,8 @@ _CONFIG_HELP = "A config fragment (CONFIG_X=y lines) on top of the VM tier's; re
 @click.option("--config", "fragments", multiple=True, metavar="FRAGMENT", help=_CONFIG_HELP)
 @click.option("--force", is_flag=True, help="Rebuild even if the cache has the kernel.")
 @click.option("--jobs", "-j", type=int, default=None, help="make -j (default: all CPUs).")
-def build_kernel(patches, fragments, force, jobs):
+@json_option
+def build_kernel(patches, fragments, force, jobs, as_json):
     """Build (or find in the cache) a guest kernel and print its bzImage path:
     Debian's 7.3.4 with the VM tier's config, plus --patch files applied in
     order (a hunk that needs fuzz is refused) and --config fragments. A tree
@@ -125,11 +129,14 @@ def build_kernel(patches, fragments, force, jobs):
     except kernel.KernelBuildError as exc:
         raise _kernel_error(exc) from None
     _progress(f"[kernel] {image.describe()}")
-    click.echo(str(image.bzimage))
+    if as_json:
+        echo_json({"bzimage": str(image.bzimage), "description": image.describe()})
+    else:
+        click.echo(str(image.bzimage))
 
 
 def _check_timeout(timeout: float) -> float:
-    if not timeout > 0:
+    if not (timeout > 0 and math.isfinite(timeout)):
         raise CommandError(f"--timeout must be a positive number of seconds, not {timeout}")
     return timeout
 
@@ -148,22 +155,76 @@ def _print_stage_output(res) -> None:
             click.echo(out, nl=not out.endswith("\n"))
 
 
+def _result_json(res, code: int, message: str | None) -> dict:
+    doc = {"exit_code": code, "timed_out": res.timed_out, "kernel_release": res.kernel_release,
+           "boots": res.boot_count, "serial_log": str(res.serial_log),
+           "stages": [{"number": s.number, "ended_by": s.ended_by, "exit": s.exit, "output": s.output()}
+                      for s in res.stages]}
+    if message is not None:
+        doc["error"] = error_object(code, message)
+    return doc
+
+
+_MEMORY = re.compile(r"\d+[MG]?")
+
+
+def _dry_run(kernel: str | None, memory: str, cpus: int, append: tuple[str, ...], as_json: bool) -> None:
+    """Print the QEMU command a run would use (its run directory is made when it runs)."""
+    from ..vm import initramfs, kernel as vm_kernel, runner
+
+    if kernel is not None:
+        image = kernel
+    else:
+        cached = vm_kernel.cached_kernel()
+        image = str(cached.bzimage) if cached else str(vm_kernel.kernel_dir() / "bzImage")
+        if cached is None:
+            _progress(f"[vm] no kernel built yet: a run first builds {image}")
+    try:
+        initrd = str(initramfs.build_initramfs())
+    except (initramfs.InitramfsError, OSError) as exc:
+        raise CommandError(f"initramfs: {exc}", exitcodes.KERNEL_ERROR) from None
+    cmd = runner.qemu_command(image, initrd, "RUN_DIR/share", "RUN_DIR/serial.log", memory=memory, smp=cpus,
+                              cmdline=runner.kernel_cmdline(append), pycache=runner.guest_pycache_dir())
+    if as_json:
+        echo_json({"qemu": cmd})
+    else:
+        click.echo(shlex.join(cmd))
+
+
 @vm.command("run", context_settings={"ignore_unknown_options": True})
 @click.option("--kernel", default=None, metavar="PATH", help="bzImage to boot (default: the cached build).")
 @click.option("--timeout", type=float, default=DEFAULT_TIMEOUT, show_default=True,
               help="Hard limit in seconds; the VM is killed after it.")
+@click.option("--memory", default="2G", show_default=True, metavar="SIZE",
+              help="Guest RAM, as QEMU's -m takes it (e.g. 1024M, 4G).")
+@click.option("--cpus", type=click.IntRange(1, 64), default=2, show_default=True, help="Guest CPUs (-smp).")
+@click.option("--append", multiple=True, metavar="PARAM",
+              help="Add PARAM to the guest kernel's command line. Repeatable.")
+@click.option("--dry-run", is_flag=True, help="Print the QEMU command line and exit.")
 @click.option("--machine", type=click.Choice(["qemu", "local"]), default="qemu", hidden=True,
               help="local: run the guest agent as host processes (tests of the plumbing).")
+@json_option
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
-def run(kernel, timeout, machine, command):
+def run(kernel, timeout, memory, cpus, append, dry_run, machine, as_json, command):
     """Run COMMAND in the guest (put it after --) and exit with its status."""
     _check_timeout(timeout)
     _check_kernel(kernel)
+    if not _MEMORY.fullmatch(memory):
+        raise CommandError(f"--memory {memory!r}: give megabytes or a size like 1024M or 4G")
+    if any(not a or any(c.isspace() for c in a) for a in append):
+        raise CommandError("--append takes one kernel parameter without blanks each time "
+                           "(repeat it for more)")
     runner = _runner(machine)
+    if dry_run:
+        _dry_run(kernel, memory, cpus, append, as_json)
+        return
     res = _run_vm(lambda: runner.run_command(list(command), kernel=kernel, timeout=timeout,
-                                             progress=_progress, machine=machine))
-    _print_stage_output(res)
+                                             progress=_progress, machine=machine, memory=memory,
+                                             smp=cpus, extra_cmdline=append))
+    if not as_json:
+        _print_stage_output(res)
     code = _exit_for(res)
+    why = None
     if code != 0:
         stage = res.stages[0] if res.stages else None
         if res.timed_out:
@@ -172,7 +233,10 @@ def run(kernel, timeout, machine, command):
             why = f"`{' '.join(command)}` exited with status {stage.exit} in the guest"
         else:
             why = f"{res.error or (stage.describe() if stage else 'no result')} (serial log: {res.serial_log})"
-        click.echo(f"pyiommufd: error: {why}", err=True)
+    if as_json:
+        echo_json(_result_json(res, code, why))
+    if why is not None:
+        report_error(why, code)
     exit_with(code)
 
 
@@ -198,8 +262,9 @@ def _last_error_line(text: str) -> str | None:
 @click.option("--timeout", type=float, default=DEFAULT_SELFTEST_TIMEOUT, show_default=True,
               help="Hard limit in seconds for the whole run (two boots under TCG).")
 @click.option("--machine", type=click.Choice(["qemu", "local"]), default="qemu", hidden=True)
+@json_option
 def selftest(kernel, patches, fragments, program, c_selftest, lu_abi, lu_nr, session_name,
-             timeout, machine):
+             timeout, machine, as_json):
     """Boot the VM and run the series' selftest in the cover letter's order:
     bind the virtio-net device to vfio-pci, stage 1, kexec into the same
     kernel, try a non-VFIO driver (must be refused while the device is
@@ -227,12 +292,16 @@ def selftest(kernel, patches, fragments, program, c_selftest, lu_abi, lu_nr, ses
             progress=_progress, session=session_name, lu_abi=lu_abi, env=env, machine=machine))
     except vmkernel.KernelBuildError as exc:
         raise _kernel_error(exc) from None
-    _print_stage_output(res)
-    click.echo(f"# vm selftest ({result.kernel}): {result.describe()}")
+    if not as_json:
+        _print_stage_output(res)
+        click.echo(f"# vm selftest ({result.kernel}): {result.describe()}")
     code = _exit_for(res)
     if code == 0:
-        click.echo(f"# vm selftest: PASS (stage 1 kexec'd, stage 2 passed on "
-                   f"{res.kernel_release or 'the VM kernel'})")
+        if as_json:
+            echo_json(dict(_result_json(res, 0, None), seed_flow=result.as_dict()))
+        else:
+            click.echo(f"# vm selftest: PASS (stage 1 kexec'd, stage 2 passed on "
+                       f"{res.kernel_release or 'the VM kernel'})")
         exit_with(0)
     failed = next((s for s in res.stages if not s.ok), None)
     detail = _last_error_line(failed.output()) if failed is not None else None
@@ -246,8 +315,9 @@ def selftest(kernel, patches, fragments, program, c_selftest, lu_abi, lu_nr, ses
             detail or (outcome.describe() if outcome else f"exit status {failed.exit}"))
     else:
         why = f"guest {failed.describe()} (serial log: {res.serial_log})"
-    click.echo(f"pyiommufd: error: {why}", err=True)
-    exit_with(code)
+    if as_json:
+        echo_json(dict(_result_json(res, code, why), seed_flow=result.as_dict()))
+    exit_with(report_error(why, code))
 
 
 def find_test_device(backend=None) -> str:

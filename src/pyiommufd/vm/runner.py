@@ -363,7 +363,9 @@ def checkout_src() -> Path:
 
 
 def python_executable() -> str:
-    return os.path.realpath(sys.executable)
+    """This interpreter, as invoked: a venv's ``bin/python`` is a symlink, and
+    resolving it would lose the venv (its ``pyvenv.cfg`` and site-packages)."""
+    return os.path.abspath(sys.executable)
 
 
 def boot_env(binds: Sequence[str] = ()) -> str:
@@ -746,14 +748,16 @@ def run_command(argv: Sequence[str], *, kernel: str | os.PathLike | None = None,
                 timeout: float = DEFAULT_TIMEOUT, kexec_stages=None,
                 progress: Progress | None = print, cwd: str | None = None,
                 env: dict[str, str] | None = None, log: str | os.PathLike | None = None,
-                machine: str = "qemu", recipe: KernelRecipe = STOCK, **options) -> VmResult:
+                machine: str = "qemu", memory: str = DEFAULT_MEMORY, smp: int = DEFAULT_SMP,
+                extra_cmdline: Sequence[str] = (), recipe: KernelRecipe = STOCK,
+                **options) -> VmResult:
     """Run ``argv`` in the guest (cwd: the current directory, same path in the
     guest). ``kexec_stages``: see :func:`command_job`; ``options`` go to
     :func:`run` (memory, smp, extra_cmdline...). Raises :class:`VmError` when
     the VM cannot start."""
     job = command_job(argv, kexec_stages=kexec_stages, cwd=cwd, env=env)
     return run(job, kernel=kernel, timeout=timeout, progress=progress, log=log, machine=machine,
-               recipe=recipe, **options)
+               memory=memory, smp=smp, extra_cmdline=extra_cmdline, recipe=recipe, **options)
 
 
 __all__ = ["run", "run_command", "command_job", "collect", "qemu_command", "kernel_cmdline",

@@ -150,6 +150,12 @@ class SeedFlowResult:
     def steps(self) -> list[tuple[int, str | None, int | None, bool]]:
         return [(s.stage, s.first_failure, s.errno, s.passed) for s in self.stages]
 
+    def as_dict(self) -> dict[str, Any]:
+        return {"program": self.program, "kernel": self.kernel,
+                "non_vfio_bind": self.non_vfio_bind_result,
+                "stages": [{"stage": s.stage, "passed": s.passed, "first_failure": s.first_failure,
+                            "errno": s.errno, "detail": s.detail} for s in self.stages]}
+
     def describe(self) -> str:
         parts = [s.describe() for s in self.stages] or ["no stage ran"]
         if self.non_vfio_bind_result is not None:
@@ -194,9 +200,10 @@ def python_outcome(report: dict[str, Any], exit_code: int | None) -> StageOutcom
     FAIL, or a SKIP that ended the run because the kernel lacks something)."""
     stage = report.get("stage") or 0
     steps = report.get("steps", [])
-    bad = next((s for s in steps if s["status"] == "FAIL"), None)
-    if bad is None and report.get("result") == "unsupported":
-        bad = steps[-1] if steps else None
+    stopped = report.get("stopped_at")
+    bad = next((s for s in steps if s["index"] == stopped), None) if stopped else None
+    if bad is None:
+        bad = next((s for s in steps if s["status"] == "FAIL"), None)
     if bad is None and report.get("result") != "pass":
         bad = next((s for s in steps if s["status"] == "SKIP"), None)
     if bad is None:
@@ -301,12 +308,14 @@ def guest_stage(stage: int, program: str, bdf: str, *, session: str, lu_abi: str
 def _render(report: dict[str, Any], stage: int, say: Callable[[str], None]) -> StageOutcome:
     """Print a ``pyiommufd selftest --json`` report as KTAP result lines and
     emit its stage record."""
+    from .. import selftest as lib
+
     for s in report.get("steps", []):
-        ok = "ok" if s["status"] in ("PASS", "SKIP") else "not ok"
-        directive = " # SKIP " if s["status"] == "SKIP" else (" # " if s.get("detail") else "")
-        say(f"{ok} {s['index']} {s['name']}{directive}{s.get('detail') or ''}".rstrip())
+        say(lib.format_step_ktap(lib.Step(s["index"], s["name"], s["status"], s.get("expected", ""),
+                                          s.get("detail", ""), s.get("errno"))))
     counts = report.get("counts", {})
-    say(f"# stage {report.get('stage')}: {str(report.get('result')).upper()} {counts}")
+    say(f"# stage {report.get('stage')}: {str(report.get('result')).upper()} " +
+        ", ".join(f"{k.lower()} {v}" for k, v in counts.items()))
     out = python_outcome(report, None)
     emit("stage", stage=out.stage or stage, exit=None, passed=out.passed,
          first_failure=out.first_failure, errno=out.errno, detail=out.detail)

@@ -29,7 +29,7 @@ EOPNOTSUPP). No DMA ever happens, so the dirty bitmap stays clean.
 ``IOMMU_IOAS_NOIOMMU_GET_PA`` (nr 0x95 on stock 7.3): the Debian 7.3 config
 has no CONFIG_IOMMUFD_NOIOMMU, so a well-formed call is EOPNOTSUPP
 (K:drivers/iommu/iommufd/iommufd_private.h:360-367); an undersized one is EINVAL from the generic
-dispatch (min size 40; seed-spec 2.2).
+dispatch (min size 40; Linux 7.3 include/uapi/linux/iommufd.h: nr 0x95 is IOMMU_IOAS_NOIOMMU_GET_PA).
 """
 from __future__ import annotations
 

@@ -28,7 +28,7 @@ Follows K:drivers/iommu/iommufd/io_pagetable.c and pages.c of 7.3:
   IOVA order; an area that sticks out of the range is ENOENT (the ones
   removed before it stay removed); a range that hits nothing is ENOENT;
   ``iova=0, length=U64_MAX`` unmaps everything and succeeds on an empty IOAS.
-* Series (seed-spec 4.4, S1:3345-3386): while ``lu_immutable`` is set, map,
+* Series (the series' patch 11/14, iommufd preservation, S1:3345-3386): while ``lu_immutable`` is set, map,
   map-file, copy into this IOAS and unmap (including unmap-all) are EBUSY.
 """
 from __future__ import annotations

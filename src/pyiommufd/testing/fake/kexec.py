@@ -9,7 +9,7 @@
   boots a kernel without LUO, as on real hardware.
 * ``reboot(KEXEC)`` (K:kernel/kexec_core.c:1138-1153, K:kernel/reboot.c:809-811):
   not root EPERM; no image loaded EINVAL; then LUO freezes every preserved
-  file, and a refusal (a VFIO device with interrupts enabled, seed-spec 4.5)
+  file, and a refusal (a VFIO device with interrupts enabled, the series' patches 12-13/14, VFIO cdev preservation)
   fails the syscall with that errno and nothing changes. Otherwise the old
   kernel is gone: every fd the fake knows is closed (placeholders included),
   the outgoing LUO sessions that were still open are handed over, the new

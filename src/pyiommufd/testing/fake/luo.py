@@ -1,5 +1,5 @@
 """The Live Update Orchestrator of Linux 7.3: ``/dev/liveupdate`` and session
-fds (seed-spec 4.1; K:kernel/liveupdate/luo_core.c, luo_session.c, luo_file.c).
+fds (Linux 7.3 kernel/liveupdate/luo_session.c and luo_file.c; K:kernel/liveupdate/luo_core.c, luo_session.c, luo_file.c).
 
 Modelled rules, each with its source:
 
@@ -8,7 +8,7 @@ Modelled rules, each with its source:
   a second open is EBUSY (K:luo_core.c:336-337). The first open of a boot
   deserializes the incoming sessions; a preserved file whose handler this
   kernel lacks makes every open fail with EIO (K:luo_core.c:339-343,
-  K:luo_file.c:726-741; seed-spec 4.1).
+  K:luo_file.c:726-741; Linux 7.3 kernel/liveupdate/luo_session.c and luo_file.c).
 * ioctl dispatch (K:luo_core.c:387-417, K:luo_session.c:414-437): an nr outside
   the table is EINVAL (on session fds *and* on /dev/liveupdate); a request
   whose full value differs from the table's is ENOTTY; a session ioctl of the
@@ -29,7 +29,7 @@ Modelled rules, each with its source:
   any handler's ``can_finish`` says no, and then nothing changes (atomic).
   Note: memfd has no ``can_finish``, so an unretrieved memfd does not block
   FINISH on 7.3 (it is discarded); the series' iommufd and vfio handlers
-  do block it (seed-spec 4.7).
+  do block it (the series' cover letter: what Phase 1 restores after the kexec).
 * Closing an outgoing session fd unpreserves its files in reverse order and
   drops the session (K:luo_session.c:251-258, K:luo_file.c:333-364).
   Closing an incoming session fd tries FINISH; on failure the session and

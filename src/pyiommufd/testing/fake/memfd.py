@@ -3,7 +3,7 @@
 The bytes, size and seals of a fake memfd are those of a real memfd. The fake
 adds what the host kernel cannot know about:
 
-* **LUO's frozen size** (seed-spec 4.3; ``shmem_freeze`` in
+* **LUO's frozen size** (Linux 7.3 mm/memfd_luo.c; ``shmem_freeze`` in
   K:mm/memfd_luo.c:267 and 351, enforced at K:mm/shmem.c:1359-1361 and
   3266-3268): while a memfd is preserved, ``ftruncate`` to another size and
   writes that would extend it fail with EPERM.
@@ -238,7 +238,7 @@ def adopt_memfd(fd: int) -> MemfdFile:
 
 
 class MemfdLuoHandler(FileHandler):
-    """memfd LUO, compatible ``memfd-v2`` (K:mm/memfd_luo.c; seed-spec 4.3):
+    """memfd LUO, compatible ``memfd-v2`` (K:mm/memfd_luo.c; Linux 7.3 mm/memfd_luo.c):
 
     * only shmem-backed, unlinked files (K:mm/memfd_luo.c:580-586): hugetlb
       memfds and plain files have no handler, hence LUO's ENOENT;

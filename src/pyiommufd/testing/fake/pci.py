@@ -2,7 +2,7 @@
 
 :class:`FakePciDevice` describes the *hardware* (it survives a simulated
 kexec). :class:`PciBus` is one boot's view of it: which driver is bound,
-``driver_override``, IOMMU group DMA ownership. Rules (seed-spec 4.7, 6):
+``driver_override``, IOMMU group DMA ownership. Rules (the series' cover letter: what Phase 1 restores after the kexec):
 
 * sysfs ``bind`` needs a driver that matches the device: its ID table, or
   ``driver_override`` naming it (vfio-pci and pci-stub match only that way);
@@ -12,7 +12,7 @@ kexec). :class:`PciBus` is one boot's view of it: which driver is bound,
   pci-stub) first takes the group's default domain: if the group's DMA is
   owned (by an iommufd, or by a preserved device's live-update token after
   kexec) that fails with EBUSY (K:drivers/iommu/iommu.c:3316-3341, reached
-  from K:drivers/pci/pci-driver.c:1720-1721; seed-spec 4.7).
+  from K:drivers/pci/pci-driver.c:1720-1721; the series' cover letter: what Phase 1 restores after the kexec).
 * ``iommufd`` claiming DMA ownership of a group whose owner is someone else
   (a kernel driver, another iommufd, a live-update token) gets EPERM
   (K:drivers/iommu/iommu.c:3446-3470).
@@ -320,7 +320,7 @@ class DeviceState:
     group: IommuGroup
     driver: str | None = None
     driver_override: str | None = None
-    #: set at boot for a device preserved with IOMMU state (seed-spec 4.6)
+    #: set at boot for a device preserved with IOMMU state (the series' cover letter: restore at boot)
     luo_token: int | None = None
 
 
@@ -364,7 +364,7 @@ class PciBus:
                 else:
                     self.probe(state, self.drivers[name])
             except OSError:
-                pass        # e.g. EBUSY for a preserved device (seed-spec 4.7)
+                pass        # e.g. EBUSY for a preserved device (the series' cover letter: what Phase 1 restores after the kexec)
 
     # -- driver core --------------------------------------------------------------
     def probe(self, state: DeviceState, drv: Driver, force: bool = False) -> None:

@@ -3,7 +3,7 @@
 
 Rules, with their sources in the seed spec:
 
-* **Mark ioctl** at nr ``lu_nr`` (default 0x95, seed-spec 2.1-2.3):
+* **Mark ioctl** at nr ``lu_nr`` (default 0x95, the series' patch 10/14, IOMMU_HWPT_LU_SET_PRESERVE-2.3):
   ``lu-v1`` is ``IOMMU_HWPT_LU_SET_PRESERVE`` with the 12-byte
   ``{size, hwpt_id, u32 hwpt_token}`` (min size 12); ``lu-v2`` is
   ``IOMMU_HWPT_LU_MARK_PRESERVE`` with the 16-byte ``{size, hwpt_id, u64
@@ -13,11 +13,11 @@ Rules, with their sources in the seed spec:
   token used by *another* marked HWPT of the same iommufd is EADDRINUSE
   (S1:3193-3208); re-marking the same HWPT overwrites its token
   (S1:3200-3201); there is no unmark: the mark lives until the HWPT is
-  destroyed (seed-spec 2.1, R4). The fake lets a marked HWPT be destroyed
+  destroyed (the series' patch 10/14, IOMMU_HWPT_LU_SET_PRESERVE). The fake lets a marked HWPT be destroyed
   in both revisions (R5's extra reference is UNCERTAIN and not modelled).
 * **MAP_FILE samples the memfd's seals** at map time (S1:3826-3834); a
   non-memfd records 0.
-* **iommufd LUO handler** ``iommufd-v1`` (seed-spec 4.4, S1:3498-3668): for
+* **iommufd LUO handler** ``iommufd-v1`` (the series' patch 11/14, iommufd preservation, S1:3498-3668): for
   each marked HWPT, in id order, its IOAS becomes immutable and every area
   must be file backed (EINVAL, S1:3509-3511), with seals at map time
   including SEAL|GROW|SHRINK (EINVAL, S1:3513-3520), from a file preserved
@@ -29,7 +29,7 @@ Rules, with their sources in the seed spec:
   After kexec: retrieve is EOPNOTSUPP (sticky, S1:3707-3710) and
   ``can_finish`` is false, so FINISH is EBUSY (S1:3712-3715).
 * **vfio-pci LUO handler** ``vfio-pci-v1`` (dependency series + patches
-  12-13, seed-spec 4.5): only VFIO cdev files; Intel IGD display devices
+  12-13, the series' patches 12-13/14, VFIO cdev preservation): only VFIO cdev files; Intel IGD display devices
   EINVAL (S1:4101-4102); a device not attached to an iommufd is preserved
   without IOMMU state (S1:4106); attached: the HWPT must be marked (EINVAL,
   S1:3955-3960), the bound iommufd preserved in the same session (ENOENT,
@@ -37,10 +37,10 @@ Rules, with their sources in the seed spec:
   was preserved (EINVAL, S1:1027-1028). ``lu-v2`` also refuses a device
   with PASID attachments (EOPNOTSUPP, R7); ``lu-v1`` silently drops them.
   Freeze fails with EINVAL while the device has interrupts enabled
-  (seed-spec 4.5), which fails ``reboot(KEXEC)``.
+  (the series' patches 12-13/14, VFIO cdev preservation), which fails ``reboot(KEXEC)``.
   After kexec: the group of a device preserved with IOMMU state is owned by
   the iommufd's token (S1:2662-2674), so binding any iommufd is EPERM and
-  binding a non-vfio driver is EBUSY (seed-spec 4.7); retrieve needs
+  binding a non-vfio driver is EBUSY (the series' cover letter: what Phase 1 restores after the kexec); retrieve needs
   vfio-pci bound (ENODEV otherwise, sticky) and returns a fresh, unbound
   cdev file; ``can_finish`` is true only for a device preserved without
   IOMMU state (inferred, UNCERTAIN: Phase 1 never consumes the IOMMU state).

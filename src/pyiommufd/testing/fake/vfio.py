@@ -15,7 +15,7 @@ Rules:
   an iommufd EBADFD; then iommufd's bind (K:drivers/iommu/iommufd/device.c:225-276): no
   interrupt remapping EPERM (unless allow_unsafe_interrupts), the group's
   DMA owned by someone else EPERM (after kexec: a device preserved with
-  IOMMU state, seed-spec 4.7, S1:4441-4444).
+  IOMMU state, the series' cover letter: what Phase 1 restores after the kexec, S1:4441-4444).
 * ATTACH/DETACH_IOMMUFD_PT (K:device_cdev.c:203-303): argsz below minsz or
   unknown flags EINVAL; with ``VFIO_DEVICE_ATTACH_PASID`` the argsz must
   reach ``pasid``. A second RID attach is a replace.
