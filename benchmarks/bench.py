@@ -470,7 +470,9 @@ def main(argv=None) -> int:
     rp = sub.add_parser("retrieve-py")
     rp.add_argument("session")
     rp.add_argument("n", type=int)
-    sub.add_parser("report").add_argument("paths", nargs="+")
+    rep = sub.add_parser("report")
+    rep.add_argument("paths", nargs="+")
+    rep.add_argument("--json", action="store_true", help="the rows and the summary as JSON")
     opts = ap.parse_args(argv)
     if opts.cmd == "compile":
         print(compile_c(opts.dest))
@@ -481,6 +483,9 @@ def main(argv=None) -> int:
     if opts.cmd == "report":
         results = load(opts.paths)
         rs = rows(results)
+        if opts.json:
+            print(json.dumps({"rows": rs, "summary": summary(rs)}))
+            return 0
         print(table(rs))
         for step, ns in (results.get("steps") or {}).items():
             print(f"  {step}: min {min(ns) / 1e3:.1f}us, median {statistics.median(ns) / 1e3:.1f}us")

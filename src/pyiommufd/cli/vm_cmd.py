@@ -379,7 +379,8 @@ def bench_script():
 @click.option("--quick", is_flag=True, help="Fewer repetitions (a smoke run).")
 @click.option("--timeout", type=float, default=DEFAULT_BENCH_TIMEOUT, show_default=True,
               help="Hard limit in seconds for the whole run (two boots under TCG).")
-def bench(kernel, quick, timeout):
+@json_option
+def bench(kernel, quick, timeout, as_json):
     """pyiommufd against C on the real kernel: every case of benchmarks/bench.py
     in one boot and one kexec, then the table of Python/C ratios and a summary
     line (`bench: N cases, goals met X/Y`). Start-up cases also run on the host."""
@@ -413,15 +414,20 @@ def bench(kernel, quick, timeout):
     failed = next((s for s in res.stages if not s.ok), None)
     if failed is not None or res.timed_out:
         _print_stage_output(res)
-    report = subprocess.run([py, str(script), "report", str(host), str(results)],
-                            capture_output=True, text=True)
-    click.echo(report.stdout, nl=False)
+    report = subprocess.run([py, str(script), "report", str(host), str(results)]
+                            + (["--json"] if as_json else []), capture_output=True, text=True)
+    bad = failed is not None or res.timed_out
+    if not (as_json and bad):
+        click.echo(report.stdout, nl=False)
     if report.returncode != 0:
         click.echo(report.stderr, err=True, nl=False)
-    click.echo(f"# results: {results} and {host}; kernel {res.kernel_release or '?'}")
-    if failed is not None or res.timed_out:
+    if not as_json:
+        click.echo(f"# results: {results} and {host}; kernel {res.kernel_release or '?'}")
+    if bad:
         why = (f"the VM timed out after {timeout:.0f}s" if res.timed_out
-               else f"guest {failed.describe()}")
-        click.echo(f"pyiommufd: error: {why} (serial log: {res.serial_log})", err=True)
-        exit_with(_exit_for(res) or 1)
+               else f"guest {failed.describe()}") + f" (serial log: {res.serial_log})"
+        code = _exit_for(res) or 1
+        if as_json:
+            echo_json({"error": error_object(code, why)})
+        exit_with(report_error(why, code))
     exit_with(0)
