@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from . import debian, guest, initramfs
+from .accel import ACCELS, choose as choose_accel
 from .kernel import STOCK, KernelBuildError, KernelImage, KernelRecipe, resolve_kernel
 
 Progress = Callable[[str], None]
@@ -228,11 +229,11 @@ def qemu_command(kernel: str | os.PathLike, initrd: str | os.PathLike, share: st
                  serial_log: str | os.PathLike, *, cmdline: str | None = None,
                  memory: str = DEFAULT_MEMORY, smp: int = DEFAULT_SMP, qemu: str = QEMU,
                  host_root: str = "/", pycache: str | os.PathLike | None = None,
-                 extra: Sequence[str] = ()) -> list[str]:
-    """The QEMU command line (TCG only: KVM guests do not boot on our CI hosts)."""
+                 extra: Sequence[str] = (), accel: str = "tcg") -> list[str]:
+    """The QEMU command line; ``accel`` is ``tcg`` or ``kvm`` (see :mod:`.accel`)."""
     return [
         qemu, "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-        "-machine", "q35,kernel-irqchip=split", "-accel", "tcg,thread=multi",
+        "-machine", "q35,kernel-irqchip=split", "-accel", ACCELS[accel],
         "-cpu", "max", "-m", str(memory), "-smp", str(smp),
         # The vIOMMU must come before the PCI devices it translates for.
         "-device", "intel-iommu,intremap=on",
@@ -448,12 +449,17 @@ def run(job: Job, *, kernel: str | os.PathLike | None = None, timeout: float = D
 
     if machine == "qemu":
         pycache = guest_pycache_dir()
+        try:
+            accel, accel_why = choose_accel(qemu_path, str(kimage.bzimage), say=step)
+        except ValueError as exc:
+            raise VmError(str(exc)) from None
         cmd = qemu_command(kimage.bzimage, initrd, share, serial, memory=memory, smp=smp,
                            qemu=qemu_path, cmdline=kernel_cmdline(extra_cmdline),
-                           pycache=pycache)
+                           pycache=pycache, accel=accel)
         (run_dir / "qemu.cmd").write_text(shlex.join(cmd) + "\n")
         starter = _QemuStarter(cmd, run_dir / "qemu.log")
-        step(f"starting QEMU (TCG; timeout {timeout:.0f}s; serial log {serial})")
+        step(f"starting QEMU ({accel.upper()}: {accel_why}; timeout {timeout:.0f}s; "
+             f"serial log {serial})")
     else:
         starter = _LocalStarter(share, serial)
         step(f"starting local agent (simulated VM; timeout {timeout:.0f}s)")
