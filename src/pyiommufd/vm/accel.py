@@ -65,7 +65,8 @@ def probe_kvm(qemu: str, kernel: str, seconds: float = PROBE_SECONDS) -> str | N
                     return None
                 if proc.poll() is not None:
                     err = (proc.stderr.read() if proc.stderr else b"").decode(errors="replace")
-                    return f"QEMU exited with {proc.returncode}: {err.strip()[-300:]}"
+                    first = next((ln.strip() for ln in err.splitlines() if ln.strip()), "")
+                    return f"QEMU exited with {proc.returncode}: {first[:200]}"
                 time.sleep(0.2)
             return f"no kernel banner on the serial console within {seconds:.0f}s under KVM"
         finally:
@@ -93,7 +94,8 @@ def choose(qemu: str, kernel: str, say=lambda _m: None) -> tuple[str, str]:
         return known["accel"], f"{known.get('why', '')} (probed {known.get('when', '?')})"
     say("probing whether a guest boots under KVM (once per host)")
     failure = probe_kvm(qemu, kernel)
-    accel, why = ("kvm", "a guest booted under KVM") if failure is None else ("tcg", failure)
+    accel, why = ("kvm", "a guest booted under KVM") if failure is None else \
+        ("tcg", f"KVM did not boot a guest: {failure}")
     try:
         _cache().write_text(json.dumps({"host": key, "accel": accel, "why": why,
                                         "when": time.strftime("%Y-%m-%d %H:%M")}))
