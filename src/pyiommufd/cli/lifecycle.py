@@ -629,7 +629,9 @@ def _start_agent(socket_path: str | None, background: bool, log_file: str | None
                    f"log {log_file or server.default_log_path(path)}")
         return
     server.configure_logging(stream=sys.stderr)
-    srv = server.AgentServer(path, backend=be).start()
+    from ..agent import sdnotify
+
+    srv = server.AgentServer(path, backend=be, inherited=sdnotify.listen_fds()).start()
     srv.install_signal_handlers()
     click.echo(f"agent pid {os.getpid()} listening on {path}; stop with `pyiommufd agent stop` "
                "(stopping unpreserves everything it holds)", err=True)
