@@ -43,8 +43,17 @@ class AgentClient:
     def _connect(self) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         sock.settimeout(self.timeout)
+        deadline = time.monotonic() + self.timeout
         try:
-            sock.connect(self.socket_path)
+            while True:
+                try:
+                    sock.connect(self.socket_path)
+                    break
+                except BlockingIOError:
+                    # EAGAIN: the agent's listen backlog is full for a moment
+                    if time.monotonic() > deadline:
+                        raise socket.timeout from None
+                    time.sleep(0.01)
         except (FileNotFoundError, ConnectionRefusedError, socket.timeout) as exc:
             sock.close()
             reason = "no socket" if isinstance(exc, FileNotFoundError) else (
@@ -55,6 +64,16 @@ class AgentClient:
             sock.close()
             raise AgentUnavailable(f"cannot reach the pyiommufd agent on {self.socket_path}: "
                                    f"{exc.strerror or exc}") from None
+        # whoever listens gets our fds (guest RAM): only root or ourselves
+        try:
+            pid, uid, _ = P.peer_credentials(sock)
+        except OSError as exc:
+            sock.close()
+            raise AgentUnavailable(f"cannot tell who listens on {self.socket_path}: {exc.strerror}") from None
+        if uid not in (0, os.geteuid()):
+            sock.close()
+            raise AgentUnavailable(f"the process listening on {self.socket_path} (pid {pid}) runs as uid {uid}, "
+                                   "not root or us: refusing to talk to it")
         return sock
 
     def call(self, op: str, fds: Iterable[int] = (), **args: Any) -> tuple[dict, list[int]]:

@@ -55,6 +55,8 @@ log = logging.getLogger("pyiommufd.agent")
 log.addHandler(logging.NullHandler())
 
 SOCKET_PATH_MAX = 107  # sizeof(sun_path) - 1
+MAX_CONNECTIONS = 64   # served at once; more wait in the listen backlog
+BACKLOG = 128
 FILE_KINDS = ("memfd", "iommufd", "vfio-cdev", "manifest", "other")
 
 
@@ -228,6 +230,8 @@ class AgentServer:
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.RLock()
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self._handlers: set[threading.Thread] = set()
         self._bound_inode: tuple[int, int] | None = None
         # systemd's fd store: a copy of every fd we hold, so a crash of this
         # process loses nothing (sdnotify); "environ" reads $NOTIFY_SOCKET
@@ -258,13 +262,19 @@ class AgentServer:
             os.chmod(directory, 0o700)
         elif os.path.abspath(path) == P.DEFAULT_SOCKET:
             os.chmod(directory, 0o700)
+        self._check_directory(directory)
         try:
             st = os.lstat(path)
         except FileNotFoundError:
             st = None
         if st is not None:
+            if stat.S_ISLNK(st.st_mode):
+                raise UsageError(f"{path} is a symlink; refusing to use it as the agent socket")
             if not stat.S_ISSOCK(st.st_mode):
                 raise UsageError(f"{path} exists and is not a socket; refusing to replace it")
+            if st.st_uid not in (0, self.euid):
+                raise UsageError(f"{path} is owned by uid {st.st_uid}, not by this agent (euid {self.euid}) "
+                                 "or root; refusing to replace it")
             if _answers(path):
                 raise AgentRefused(f"an agent is already running on {path} (`pyiommufd agent status`)")
             os.unlink(path)  # stale socket of a dead agent
@@ -278,11 +288,27 @@ class AgentServer:
         finally:
             os.umask(old)
         os.chmod(path, 0o600)
-        sock.listen(16)
+        sock.listen(BACKLOG)
         st = os.stat(path)
         self._bound_inode = (st.st_dev, st.st_ino)
         self._sock = sock
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+
+    def _check_directory(self, directory: str) -> None:
+        """Whoever controls the socket's directory can swap the socket for
+        their own and be handed every fd: it must be a real directory, owned
+        by root or us, writable by nobody else (unless sticky, like /tmp)."""
+        st = os.lstat(directory)
+        if stat.S_ISLNK(st.st_mode):
+            raise UsageError(f"the agent socket's directory {directory} is a symlink; refusing to use it")
+        if not stat.S_ISDIR(st.st_mode):
+            raise UsageError(f"the agent socket's directory {directory} is not a directory")
+        if st.st_uid not in (0, self.euid):
+            raise UsageError(f"the agent socket's directory {directory} is owned by uid {st.st_uid}, not by "
+                             f"root or this agent (euid {self.euid}); refusing to use it")
+        if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+            raise UsageError(f"the agent socket's directory {directory} is writable by others "
+                             f"(mode {stat.S_IMODE(st.st_mode):o}); refusing to use it")
 
     def _try_open_liveupdate(self) -> LiveUpdate | None:
         if self.liveupdate is not None:
@@ -323,8 +349,11 @@ class AgentServer:
                             conn, _ = self._sock.accept()
                         except (BlockingIOError, InterruptedError):
                             continue
-                        with conn:
-                            self._serve_connection(conn)
+                        except OSError as exc:       # EMFILE and the like: keep serving
+                            log.warning("accept failed: %s", exc)
+                            time.sleep(0.1)
+                            continue
+                        self._dispatch(conn)
                     else:
                         try:
                             os.read(self._wake_r, 64)
@@ -333,10 +362,33 @@ class AgentServer:
         finally:
             sel.close()
             self._close_listener()
+            for t in list(self._handlers):
+                t.join(self.timeout + 1)
             if getattr(self, "_release_on_exit", True):
                 self._release_everything()
             self._stopped.set()
             log.info("agent stopped")
+
+    def _dispatch(self, conn: socket.socket) -> None:
+        """Serve ``conn`` in a thread of its own, so one slow or silent peer
+        holds up nobody; requests still run one at a time (``_lock``)."""
+        while not self._slots.acquire(timeout=1.0):
+            if self._stopping.is_set():
+                conn.close()
+                return
+        thread = threading.Thread(target=self._handle, args=(conn,), name="pyiommufd-agent-conn", daemon=True)
+        self._handlers.add(thread)
+        thread.start()
+
+    def _handle(self, conn: socket.socket) -> None:
+        try:
+            with conn:
+                self._serve_connection(conn)
+        except Exception:  # noqa: BLE001 - nothing a peer sends may end the agent
+            log.exception("serving a connection failed")
+        finally:
+            self._handlers.discard(threading.current_thread())
+            self._slots.release()
 
     def serve_in_thread(self) -> "AgentServer":
         if self._sock is None:
@@ -695,8 +747,14 @@ class AgentServer:
                 seen.add(token)
                 ffd = None if f.get("fd") is None else fds.get(f.get("fd"), f"adopt token {token:#x}")
                 files.append((token, ffd, f))
+            self._check_session_fd(session_fd, name)
             plans.append((name, incoming, session_fd, files, spec))
         lu_fd = None if lu_index is None else fds.get(lu_index, "adopt /dev/liveupdate")
+        if lu_fd is not None and self.liveupdate is None:
+            _touch(self.backend, lu_fd)
+            if describe_fd(self.backend, lu_fd) != self.liveupdate_path:
+                raise UsageError(f"adopt: the fd sent as /dev/liveupdate is not {self.liveupdate_path} "
+                                 f"({describe_fd(self.backend, lu_fd) or 'unknown'})")
         # everything checked: take the fds
         result = {"liveupdate": None, "sessions": []}
         if lu_fd is not None:
@@ -740,6 +798,16 @@ class AgentServer:
             for f in held.files.values():
                 self._store_file(held, f)
         return result, []
+
+    def _check_session_fd(self, fd: int, name: str) -> None:
+        """An fd handed over as session ``name`` must be that LUO session."""
+        _touch(self.backend, fd)
+        try:
+            actual = Session(fd, name, incoming=False, backend=self.backend, owned=False).get_name()
+        except (errors.PyiommufdError, OSError):
+            raise UsageError(f"adopt: the fd sent as session {name!r} is not a LUO session") from None
+        if actual != name:
+            raise UsageError(f"adopt: the fd sent as session {name!r} is LUO session {actual!r}")
 
     def _load_manifest(self, held: HeldSession, fd: int) -> None:
         from .. import manifest as M
