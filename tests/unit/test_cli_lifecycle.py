@@ -602,3 +602,47 @@ def test_preserve_missing_device_is_bad_input(series, device, match):
     r = series.run("preserve", "--session", "s", "--memfd", "ram:4K", "--device", device, code=2)
     assert match in r.stderr
     assert "no sessions" in series.run("status").stdout
+
+
+# -- what a crash of the agent would lose ---------------------------------------------------------
+def test_status_says_what_a_crash_of_the_agent_would_lose(stock):
+    assert "it holds no session now" in stock.run("status").stdout
+    stock.run("preserve", "--session", "vm0", "--memfd", "ram:64K", "--memfd", "rom:4K")
+    out = stock.run("status").stdout
+    assert ("warning: no fd store (not started by systemd with FileDescriptorStoreMax=): if the agent "
+            "crashes or is killed, the kernel drops session 'vm0' (outgoing, 3 file(s))") in out
+
+
+def test_status_under_systemd_says_a_crash_loses_nothing(fake_kernel, sockdir, monkeypatch):
+    import socket as _socket
+
+    notify = os.path.join(sockdir, "notify")
+    manager = _socket.socket(_socket.AF_UNIX, _socket.SOCK_DGRAM)
+    manager.bind(notify)
+    monkeypatch.setenv("NOTIFY_SOCKET", notify)     # the agent reads it as under systemd
+    c = Cli(fake_kernel, sockdir, monkeypatch)
+    try:
+        c.run("preserve", "--session", "vm0", "--memfd", "ram:64K")
+        out = c.run("status").stdout
+        assert "fd store: systemd keeps a copy of the agent's 4 fd(s); a crash loses nothing" in out
+        assert "warning" not in out
+    finally:
+        c.close()
+        manager.close()
+
+
+def test_doctor_says_what_a_crash_of_the_agent_would_lose(stock):
+    doc = json.loads(stock.run("doctor", "--json", code=None).stdout)
+    check = next(c for c in doc["checks"] if c["check"] == "agent crash safety")
+    assert check["status"] == "ok" and "holds no session now" in check["value"]
+    stock.run("preserve", "--session", "vm0", "--memfd", "ram:64K")
+    doc = json.loads(stock.run("doctor", "--json", code=None).stdout)
+    check = next(c for c in doc["checks"] if c["check"] == "agent crash safety")
+    assert check["status"] == "warn" and "the kernel drops session 'vm0' (outgoing, 2 file(s))" in check["value"]
+    assert "contrib/systemd/pyiommufd-agent.service" in check["hint"]
+
+
+def test_doctor_without_an_agent(noagent):
+    doc = json.loads(noagent.run("doctor", "--json", code=None).stdout)
+    check = next(c for c in doc["checks"] if c["check"] == "agent crash safety")
+    assert check["status"] == "info" and check["value"].startswith("no agent on ")

@@ -254,6 +254,27 @@ def ensure_running(socket_path: str | os.PathLike | None = None, backend: Backen
     return client
 
 
+def crash_exposure(status: dict) -> tuple[bool, str]:
+    """``(safe, sentence)``: what a crash of the agent would lose, from its
+    ``status`` reply. Without systemd's fd store every held session dies with
+    the agent's fds."""
+    info = status.get("agent", {})
+    store = info.get("fdstore") or {}
+    sessions = status.get("sessions", [])
+    held = ", ".join(f"session {s['name']!r} ({s['direction']}, {len(s.get('tokens', []))} file(s))"
+                     for s in sessions)
+    if store.get("enabled") and not store.get("error"):
+        return True, (f"fd store: systemd keeps a copy of the agent's {store.get('stored', 0)} fd(s); "
+                      "a crash loses nothing, a restart takes them back")
+    if store.get("enabled"):
+        return False, (f"fd store failing ({store['error']}): a crash of the agent may lose "
+                       f"{held or 'nothing now'}")
+    if not sessions:
+        return True, "no fd store (not started by systemd with FileDescriptorStoreMax=); it holds no session now"
+    return False, ("no fd store (not started by systemd with FileDescriptorStoreMax=): if the agent crashes "
+                   f"or is killed, the kernel drops {held}")
+
+
 def in_process_agents() -> dict[str, Any]:
     """Agents :func:`ensure_running` started in this process (socket -> server)."""
     return dict(_IN_PROCESS)
@@ -289,4 +310,4 @@ def hand_over(liveupdate: Any, session: Any, files: list[tuple[int, Any, dict]],
     return client
 
 
-__all__ = ["AgentClient", "ensure_running", "hand_over", "in_process_agents"]
+__all__ = ["AgentClient", "ensure_running", "hand_over", "in_process_agents", "crash_exposure"]

@@ -659,6 +659,10 @@ def _echo_status(st: dict) -> None:
         f" ({lu['error']})" if lu.get("error") else "")
     click.echo(f"agent pid {agent_info.get('pid')} on {agent_info.get('socket')} ({agent_info.get('backend')}), "
                f"{held}")
+    from ..agent.client import crash_exposure
+
+    safe, sentence = crash_exposure(st)
+    click.echo(sentence if safe else f"warning: {sentence}")
     sessions = st.get("sessions", [])
     if not sessions:
         click.echo("no sessions")
