@@ -352,3 +352,18 @@ def test_the_agent_process_sends_ready_to_notify_socket(sockdir):
             proc.kill()
             proc.wait()
         ns.close()
+
+
+def test_the_shipped_unit_file_is_the_one_the_readme_shows():
+    import configparser
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    text = (root / "contrib/systemd/pyiommufd-agent.service").read_text()
+    assert f"```ini\n{text}```" in (root / "README.md").read_text()
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.read_string(text)
+    service = unit["Service"]
+    assert service["Type"] == "notify" and int(service["FileDescriptorStoreMax"]) >= 256
+    assert service["FileDescriptorStorePreserve"] == "yes"
+    assert "pyiommufd.agent" in service["ExecStart"]
