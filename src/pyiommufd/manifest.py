@@ -30,6 +30,12 @@ Format (``version`` 1)::
       ]
     }
 
+``checksum`` is ``sha256:`` and the SHA-256 of the document without it (keys
+sorted, no spaces): a manifest edited after pyiommufd wrote it, or damaged,
+is refused. A manifest without one (from a pyiommufd before it) is still read,
+since live updates cross versions; restore then relies on checking every file
+against it.
+
 Tokens are JSON integers (hex strings such as ``"0x10"`` are accepted on
 input). Unknown members are ignored, so a same-version writer may add
 fields; a higher ``version`` is refused with a clear error.
@@ -42,6 +48,7 @@ Linux 7.3 mm/memfd_luo.c), so the document stays read-only across the kexec.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -336,11 +343,18 @@ class Manifest:
 
     def to_json(self, *, indent: int | None = 1) -> str:
         self.validate()
-        return json.dumps(self.as_dict(), indent=indent, sort_keys=False) + "\n"
+        doc = self.as_dict()
+        doc["checksum"] = checksum(doc)
+        return json.dumps(doc, indent=indent, sort_keys=False) + "\n"
 
     @classmethod
     def from_dict(cls, data: Any) -> "Manifest":
         data = _dict(data, "document")
+        if "checksum" in data:
+            expected = checksum({k: v for k, v in data.items() if k != "checksum"})
+            if data["checksum"] != expected:
+                raise UsageError("manifest at token 0 fails its checksum: it was changed after pyiommufd "
+                                 "wrote it, or is damaged; refusing to use it")
         if data.get("format") != FORMAT:
             raise _fail("format", f"expected {FORMAT!r}, got {data.get('format')!r} "
                         "(is token 0 of this session a pyiommufd manifest?)")
@@ -378,8 +392,19 @@ class Manifest:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
+            if not text.rstrip().endswith("}"):     # a document always ends with its object
+                raise _fail("document", f"truncated: the JSON stops after {len(text.encode())} bytes "
+                            f"({exc.msg})") from None
             raise _fail("document", f"not JSON: {exc}") from None
+        except RecursionError:
+            raise _fail("document", "not JSON this reader accepts: nested too deeply") from None
         return cls.from_dict(data)
+
+
+def checksum(doc: dict) -> str:
+    """``sha256:<hex>`` of ``doc`` as canonical JSON (sorted keys, no spaces)."""
+    canonical = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def manifest_seals():

@@ -272,18 +272,119 @@ def test_restore_exec_placeholders(stock, monkeypatch):
     _stage1_then_kexec(stock)
     calls = []
 
-    def fake_exec(path, argv):
-        calls.append((path, list(argv), {a: os.get_inheritable(int(a)) for a in argv if a.isdigit()}))
+    def fake_exec(argv, fds, names):
+        calls.append((list(argv), [stock.k.pread(fd, 4, 0) for fd in fds], names))
 
     monkeypatch.setattr(lifecycle, "exec_command", fake_exec)
     stock.run("restore", "--session", "vm0", "--exec", "--", "vmm", "ram={guest-ram}", "rom={64}",
               "again={0x40}", "m={manifest}", "{{literal}}")
-    (path, argv, inheritable), = calls
-    assert path == "vmm"
+    (argv, heads, names), = calls
+    assert argv[0] == "vmm"
+    # placeholders name where sd_listen_fds finds each file: 3, 4, ... in LISTEN_FDNAMES order
     ram, rom, rom2, man = (int(a.split("=")[1]) for a in argv[1:5])
-    assert rom == rom2 and len({ram, rom, man}) == 3
+    assert names == ["manifest", "guest-ram", "rom"] and (man, ram, rom) == (3, 4, 5) and rom2 == rom
+    assert heads[1] == bytes.fromhex("01234567") and heads[0].startswith(b"{")
     assert argv[5] == "{literal}"
-    assert all(inheritable.values())     # FD_CLOEXEC cleared on what the command gets
+
+
+def test_restore_exec_passes_fds_the_systemd_way(stock):
+    """A real exec: the child finds the files at 3, 4, ... with LISTEN_PID its
+    own pid (execve keeps the pid), as sd_listen_fds(3) expects."""
+    _stage1_then_kexec(stock)
+    # (no braces: restore would read them as placeholders)
+    child = ("import os, sys, json; n = int(os.environ['LISTEN_FDS']); "
+             "print(json.dumps(dict(pid_is_mine=os.environ['LISTEN_PID'] == str(os.getpid()), n=n, "
+             "names=os.environ['LISTEN_FDNAMES'].split(':'), heads=[os.pread(3 + i, 8, 0).hex() "
+             "for i in range(n)], sizes=[os.fstat(3 + i).st_size for i in range(n)], argv=sys.argv[1:])))")
+    proc = subprocess.run(
+        [sys.executable, "-c", "from pyiommufd.cli import main; main()", "restore", "--session", "vm0",
+         "--exec", "--", sys.executable, "-c", child, "{guest-ram}"],
+        capture_output=True, text=True, timeout=60, env=dict(os.environ))
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)
+    assert got["pid_is_mine"] is True
+    assert got["n"] == 3 and got["names"] == ["manifest", "guest-ram", "rom"]
+    assert got["heads"][1] == "0123456789abcdef" and got["sizes"][1:] == [64 << 10, 4096]
+    assert got["argv"] == ["4"]
+
+
+def _preserve_raw_manifest(c, text: bytes, *, seal: bool = True, session: str = "vm0"):
+    """A session whose token 0 holds ``text`` and whose token 1 a 4 KiB memfd."""
+    from pyiommufd.agent import AgentClient
+    from pyiommufd.memfd import MemFD, Seal
+
+    client = AgentClient(c.path)
+    client.create_session(session)
+    m = MemFD.create("pyiommufd-manifest", len(text), sealing=True, backend=c.k)
+    m.write(text, 0)
+    if seal:
+        m.add_seals(Seal.WRITE | Seal.SEAL | Seal.GROW | Seal.SHRINK)
+    ram = MemFD.create("ram", 4096, backend=c.k)
+    client.preserve(session, 0, m, {"kind": "manifest"})
+    client.preserve(session, 1, ram)
+    m.close()
+    ram.close()
+    c.kexec()
+
+
+def _manifest_text(session: str = "vm0", **entry) -> bytes:
+    from pyiommufd.manifest import Entry, Manifest
+
+    fields = dict(token=1, kind="memfd", name="ram", size=4096, seals=[])
+    fields.update(entry)
+    return Manifest(session, [Entry(**fields)], kernel_release="7.3.4").to_json().encode()
+
+
+def _refused_before_exec(c, monkeypatch, code, *, report: bool = False):
+    """The one error line of a restore --exec that must not exec. With
+    ``report`` the table of what was retrieved comes first (on stderr: with
+    --exec stdout belongs to the command)."""
+    monkeypatch.setattr(lifecycle, "exec_command", lambda *a: pytest.fail("must not exec"))
+    r = c.run("restore", "--session", "vm0", "--exec", "--", "vmm", "{ram}", code=code)
+    lines = r.stderr.strip().splitlines()
+    errors_ = [x for x in lines if x.startswith("pyiommufd: error: ")]
+    assert len(errors_) == 1 and (report or len(lines) == 1), r.stderr
+    return errors_[0]
+
+
+def test_restore_refuses_a_tampered_manifest_in_one_line(stock, monkeypatch):
+    text = _manifest_text().replace(b'"size": 4096', b'"size": 8192')
+    _preserve_raw_manifest(stock, text)
+    line = _refused_before_exec(stock, monkeypatch, 2)
+    assert "fails its checksum" in line
+
+
+def test_restore_refuses_a_truncated_manifest_in_one_line(stock, monkeypatch):
+    text = _manifest_text()
+    _preserve_raw_manifest(stock, text[:len(text) // 2])
+    line = _refused_before_exec(stock, monkeypatch, 2)
+    assert "truncated" in line
+
+
+def test_restore_refuses_a_manifest_of_another_session(stock, monkeypatch):
+    _preserve_raw_manifest(stock, _manifest_text(session="other"))
+    line = _refused_before_exec(stock, monkeypatch, 1)
+    assert "describes session 'other'" in line
+
+
+def test_restore_refuses_a_manifest_that_could_have_been_rewritten(stock, monkeypatch):
+    _preserve_raw_manifest(stock, _manifest_text(), seal=False)
+    line = _refused_before_exec(stock, monkeypatch, 1)
+    assert "not sealed against writes" in line
+
+
+@pytest.mark.parametrize("entry, found", [
+    (dict(size=8192), "size 0x1000, manifest says 0x2000"),
+    (dict(sha256="0" * 64), "sha256"),
+    (dict(kind="vfio-cdev", size=None, seals=None, bdf=BDF), "the manifest says vfio-cdev"),
+])
+def test_restore_never_execs_with_a_file_that_is_not_what_the_manifest_says(stock, monkeypatch, entry, found):
+    _preserve_raw_manifest(stock, _manifest_text(**entry))
+    monkeypatch.setattr(lifecycle, "_vfio_ready", lambda *a: None)
+    line = _refused_before_exec(stock, monkeypatch, 1, report=True)
+    assert "differ from the manifest; not executing anything" in line
+    # without --exec, --verify is not implied: restore only reports
+    assert found in stock.run("restore", "--session", "vm0", "--verify", code=1).stdout
 
 
 def test_restore_exec_unknown_placeholder_exits_2_before_exec(stock, monkeypatch):
@@ -502,3 +603,47 @@ def test_preserve_missing_device_is_bad_input(series, device, match):
     r = series.run("preserve", "--session", "s", "--memfd", "ram:4K", "--device", device, code=2)
     assert match in r.stderr
     assert "no sessions" in series.run("status").stdout
+
+
+# -- what a crash of the agent would lose ---------------------------------------------------------
+def test_status_says_what_a_crash_of_the_agent_would_lose(stock):
+    assert "it holds no session now" in stock.run("status").stdout
+    stock.run("preserve", "--session", "vm0", "--memfd", "ram:64K", "--memfd", "rom:4K")
+    out = stock.run("status").stdout
+    assert ("warning: no fd store (not started by systemd with FileDescriptorStoreMax=): if the agent "
+            "crashes or is killed, the kernel drops session 'vm0' (outgoing, 3 file(s))") in out
+
+
+def test_status_under_systemd_says_a_crash_loses_nothing(fake_kernel, sockdir, monkeypatch):
+    import socket as _socket
+
+    notify = os.path.join(sockdir, "notify")
+    manager = _socket.socket(_socket.AF_UNIX, _socket.SOCK_DGRAM)
+    manager.bind(notify)
+    monkeypatch.setenv("NOTIFY_SOCKET", notify)     # the agent reads it as under systemd
+    c = Cli(fake_kernel, sockdir, monkeypatch)
+    try:
+        c.run("preserve", "--session", "vm0", "--memfd", "ram:64K")
+        out = c.run("status").stdout
+        assert "fd store: systemd keeps a copy of the agent's 4 fd(s); a crash loses nothing" in out
+        assert "warning" not in out
+    finally:
+        c.close()
+        manager.close()
+
+
+def test_doctor_says_what_a_crash_of_the_agent_would_lose(stock):
+    doc = json.loads(stock.run("doctor", "--json", code=None).stdout)
+    check = next(c for c in doc["checks"] if c["check"] == "agent crash safety")
+    assert check["status"] == "ok" and "holds no session now" in check["value"]
+    stock.run("preserve", "--session", "vm0", "--memfd", "ram:64K")
+    doc = json.loads(stock.run("doctor", "--json", code=None).stdout)
+    check = next(c for c in doc["checks"] if c["check"] == "agent crash safety")
+    assert check["status"] == "warn" and "the kernel drops session 'vm0' (outgoing, 2 file(s))" in check["value"]
+    assert "contrib/systemd/pyiommufd-agent.service" in check["hint"]
+
+
+def test_doctor_without_an_agent(noagent):
+    doc = json.loads(noagent.run("doctor", "--json", code=None).stdout)
+    check = next(c for c in doc["checks"] if c["check"] == "agent crash safety")
+    assert check["status"] == "info" and check["value"].startswith("no agent on ")

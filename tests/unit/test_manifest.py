@@ -171,3 +171,33 @@ def test_read_from_bad_fd():
     os.close(w)
     with pytest.raises(UsageError, match="cannot read"):
         M.read_from_fd(r, LinuxBackend())
+
+
+def test_a_changed_value_fails_the_checksum_and_reformatting_does_not():
+    text = sample().to_json()
+    doc = json.loads(text)
+    assert doc["checksum"].startswith("sha256:")
+    # the same document laid out differently is the same document
+    assert M.Manifest.from_json(json.dumps(doc, indent=None)) == sample()
+    doc["entries"][0]["size"] = 2 << 20
+    with pytest.raises(UsageError, match="fails its checksum"):
+        M.Manifest.from_json(json.dumps(doc))
+
+
+def test_a_manifest_without_a_checksum_is_still_read():
+    # written by a pyiommufd before the checksum: a live update crosses versions
+    doc = json.loads(sample().to_json())
+    del doc["checksum"]
+    assert M.Manifest.from_json(json.dumps(doc)) == sample()
+
+
+@pytest.mark.parametrize("keep", [1, 40, 200, -2])
+def test_a_truncated_manifest_says_so(keep):
+    text = sample().to_json().rstrip()
+    with pytest.raises(UsageError, match="truncated: the JSON stops after"):
+        M.Manifest.from_json(text[:keep])
+
+
+def test_a_deeply_nested_document_is_refused_not_crashed_on():
+    with pytest.raises(UsageError, match="malformed manifest"):
+        M.Manifest.from_json("[" * 100000 + "]" * 100000 + "}")

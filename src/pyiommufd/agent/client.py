@@ -44,8 +44,17 @@ class AgentClient:
     def _connect(self) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         sock.settimeout(self.timeout)
+        deadline = time.monotonic() + self.timeout
         try:
-            sock.connect(self.socket_path)
+            while True:
+                try:
+                    sock.connect(self.socket_path)
+                    break
+                except BlockingIOError:
+                    # EAGAIN: the agent's listen backlog is full for a moment
+                    if time.monotonic() > deadline:
+                        raise socket.timeout from None
+                    time.sleep(0.01)
         except (FileNotFoundError, ConnectionRefusedError, socket.timeout) as exc:
             sock.close()
             reason = "no socket" if isinstance(exc, FileNotFoundError) else (
@@ -56,6 +65,16 @@ class AgentClient:
             sock.close()
             raise AgentUnavailable(f"cannot reach the pyiommufd agent on {self.socket_path}: "
                                    f"{exc.strerror or exc}") from None
+        # whoever listens gets our fds (guest RAM): only root or ourselves
+        try:
+            pid, uid, _ = P.peer_credentials(sock)
+        except OSError as exc:
+            sock.close()
+            raise AgentUnavailable(f"cannot tell who listens on {self.socket_path}: {exc.strerror}") from None
+        if uid not in (0, os.geteuid()):
+            sock.close()
+            raise AgentUnavailable(f"the process listening on {self.socket_path} (pid {pid}) runs as uid {uid}, "
+                                   "not root or us: refusing to talk to it")
         return sock
 
     def call(self, op: str, fds: Iterable[int] = (), **args: Any) -> tuple[dict, list[int]]:
@@ -291,6 +310,27 @@ def ensure_running(socket_path: str | os.PathLike | None = None, backend: Backen
     return client
 
 
+def crash_exposure(status: dict) -> tuple[bool, str]:
+    """``(safe, sentence)``: what a crash of the agent would lose, from its
+    ``status`` reply. Without systemd's fd store every held session dies with
+    the agent's fds."""
+    info = status.get("agent", {})
+    store = info.get("fdstore") or {}
+    sessions = status.get("sessions", [])
+    held = ", ".join(f"session {s['name']!r} ({s['direction']}, {len(s.get('tokens', []))} file(s))"
+                     for s in sessions)
+    if store.get("enabled") and not store.get("error"):
+        return True, (f"fd store: systemd keeps a copy of the agent's {store.get('stored', 0)} fd(s); "
+                      "a crash loses nothing, a restart takes them back")
+    if store.get("enabled"):
+        return False, (f"fd store failing ({store['error']}): a crash of the agent may lose "
+                       f"{held or 'nothing now'}")
+    if not sessions:
+        return True, "no fd store (not started by systemd with FileDescriptorStoreMax=); it holds no session now"
+    return False, ("no fd store (not started by systemd with FileDescriptorStoreMax=): if the agent crashes "
+                   f"or is killed, the kernel drops {held}")
+
+
 def in_process_agents() -> dict[str, Any]:
     """Agents :func:`ensure_running` started in this process (socket -> server)."""
     return dict(_IN_PROCESS)
@@ -326,4 +366,4 @@ def hand_over(liveupdate: Any, session: Any, files: list[tuple[int, Any, dict]],
     return client
 
 
-__all__ = ["AgentClient", "ensure_running", "hand_over", "in_process_agents"]
+__all__ = ["AgentClient", "ensure_running", "hand_over", "in_process_agents", "crash_exposure"]

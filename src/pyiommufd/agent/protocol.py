@@ -221,6 +221,9 @@ def recv_message(sock: socket.socket) -> tuple[Any, list[int]]:
             obj = json.loads(payload)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise AgentProtocolError(f"not JSON: {exc}") from None
+        except RecursionError:
+            # a hostile peer's "[[[[..." must not take the agent down
+            raise AgentProtocolError("not JSON this agent accepts: nested too deeply") from None
     except BaseException:
         _close_all(fds)
         raise

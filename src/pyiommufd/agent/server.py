@@ -48,12 +48,15 @@ from ..backend import Backend, get_backend
 from ..errors import UsageError
 from ..luo import DEVICE, LiveUpdate, Session, PreservedFile, check_session_name, check_token, describe_fd
 from . import protocol as P
+from . import sdnotify
 from .protocol import AgentRefused
 
 log = logging.getLogger("pyiommufd.agent")
 log.addHandler(logging.NullHandler())
 
 SOCKET_PATH_MAX = 107  # sizeof(sun_path) - 1
+MAX_CONNECTIONS = 64   # served at once; more wait in the listen backlog
+BACKLOG = 128
 FILE_KINDS = ("memfd", "iommufd", "vfio-cdev", "manifest", "other")
 
 
@@ -205,7 +208,8 @@ class AgentServer:
                  open_liveupdate: bool = True, liveupdate_path: str = DEVICE,
                  peercred: Callable[[socket.socket], tuple[int, int, int]] | None = None,
                  authorize: Callable[[int, int, int], str | None] | None = None,
-                 timeout: float = 10.0):
+                 timeout: float = 10.0, notify: "sdnotify.Notifier | None | str" = "environ",
+                 inherited: list[tuple[int, str]] | None = None):
         self.socket_path = P.default_socket_path(socket_path)
         if len(os.fsencode(self.socket_path)) > SOCKET_PATH_MAX:
             raise UsageError(f"agent socket path is longer than {SOCKET_PATH_MAX} bytes: {self.socket_path}")
@@ -226,7 +230,15 @@ class AgentServer:
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.RLock()
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self._handlers: set[threading.Thread] = set()
         self._bound_inode: tuple[int, int] | None = None
+        # systemd's fd store: a copy of every fd we hold, so a crash of this
+        # process loses nothing (sdnotify); "environ" reads $NOTIFY_SOCKET
+        self.notifier = sdnotify.Notifier.from_environ() if notify == "environ" else notify
+        self.stored: set[str] = set()
+        self.inherited = list(inherited or [])
+        self.restored: dict[str, Any] | None = None
 
     # -- lifecycle -------------------------------------------------------------
     def start(self) -> "AgentServer":
@@ -234,10 +246,15 @@ class AgentServer:
 
         raise_nofile()  # the agent holds every preserved and retrieved fd
         self._bind()
+        if self.inherited:
+            self._take_back(self.inherited)
+            self.inherited = []
         if self.open_liveupdate:
             self._try_open_liveupdate()
         log.info("pyiommufd agent %s listening on %s (pid %d, backend %s)", __version__,
                  self.socket_path, os.getpid(), self.backend.name)
+        if self.notifier is not None:
+            self.notifier.ready(f"holding {len(self.sessions)} session(s)")
         return self
 
     def _bind(self) -> None:
@@ -248,13 +265,19 @@ class AgentServer:
             os.chmod(directory, 0o700)
         elif os.path.abspath(path) == P.DEFAULT_SOCKET:
             os.chmod(directory, 0o700)
+        self._check_directory(directory)
         try:
             st = os.lstat(path)
         except FileNotFoundError:
             st = None
         if st is not None:
+            if stat.S_ISLNK(st.st_mode):
+                raise UsageError(f"{path} is a symlink; refusing to use it as the agent socket")
             if not stat.S_ISSOCK(st.st_mode):
                 raise UsageError(f"{path} exists and is not a socket; refusing to replace it")
+            if st.st_uid not in (0, self.euid):
+                raise UsageError(f"{path} is owned by uid {st.st_uid}, not by this agent (euid {self.euid}) "
+                                 "or root; refusing to replace it")
             if _answers(path):
                 raise AgentRefused(f"an agent is already running on {path} (`pyiommufd agent status`)")
             os.unlink(path)  # stale socket of a dead agent
@@ -268,11 +291,27 @@ class AgentServer:
         finally:
             os.umask(old)
         os.chmod(path, 0o600)
-        sock.listen(16)
+        sock.listen(BACKLOG)
         st = os.stat(path)
         self._bound_inode = (st.st_dev, st.st_ino)
         self._sock = sock
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+
+    def _check_directory(self, directory: str) -> None:
+        """Whoever controls the socket's directory can swap the socket for
+        their own and be handed every fd: it must be a real directory, owned
+        by root or us, writable by nobody else (unless sticky, like /tmp)."""
+        st = os.lstat(directory)
+        if stat.S_ISLNK(st.st_mode):
+            raise UsageError(f"the agent socket's directory {directory} is a symlink; refusing to use it")
+        if not stat.S_ISDIR(st.st_mode):
+            raise UsageError(f"the agent socket's directory {directory} is not a directory")
+        if st.st_uid not in (0, self.euid):
+            raise UsageError(f"the agent socket's directory {directory} is owned by uid {st.st_uid}, not by "
+                             f"root or this agent (euid {self.euid}); refusing to use it")
+        if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+            raise UsageError(f"the agent socket's directory {directory} is writable by others "
+                             f"(mode {stat.S_IMODE(st.st_mode):o}); refusing to use it")
 
     def _try_open_liveupdate(self) -> LiveUpdate | None:
         if self.liveupdate is not None:
@@ -281,6 +320,7 @@ class AgentServer:
             self.liveupdate = LiveUpdate.open(self.liveupdate_path, backend=self.backend)
             self.liveupdate_error = None
             log.info("holding %s (fd %d)", self.liveupdate_path, self.liveupdate.fd)
+            self._store(sdnotify.LUO_NAME, self.liveupdate.fd)
         except errors.KernelError as exc:
             self.liveupdate_error = str(exc)
             log.warning("cannot open %s: %s", self.liveupdate_path, exc)
@@ -295,6 +335,7 @@ class AgentServer:
             self.liveupdate_error = str(exc)
             raise
         self.liveupdate_error = None
+        self._store(sdnotify.LUO_NAME, self.liveupdate.fd)
         return self.liveupdate
 
     def serve_forever(self) -> None:
@@ -311,8 +352,11 @@ class AgentServer:
                             conn, _ = self._sock.accept()
                         except (BlockingIOError, InterruptedError):
                             continue
-                        with conn:
-                            self._serve_connection(conn)
+                        except OSError as exc:       # EMFILE and the like: keep serving
+                            log.warning("accept failed: %s", exc)
+                            time.sleep(0.1)
+                            continue
+                        self._dispatch(conn)
                     else:
                         try:
                             os.read(self._wake_r, 64)
@@ -321,10 +365,33 @@ class AgentServer:
         finally:
             sel.close()
             self._close_listener()
+            for t in list(self._handlers):
+                t.join(self.timeout + 1)
             if getattr(self, "_release_on_exit", True):
                 self._release_everything()
             self._stopped.set()
             log.info("agent stopped")
+
+    def _dispatch(self, conn: socket.socket) -> None:
+        """Serve ``conn`` in a thread of its own, so one slow or silent peer
+        holds up nobody; requests still run one at a time (``_lock``)."""
+        while not self._slots.acquire(timeout=1.0):
+            if self._stopping.is_set():
+                conn.close()
+                return
+        thread = threading.Thread(target=self._handle, args=(conn,), name="pyiommufd-agent-conn", daemon=True)
+        self._handlers.add(thread)
+        thread.start()
+
+    def _handle(self, conn: socket.socket) -> None:
+        try:
+            with conn:
+                self._serve_connection(conn)
+        except Exception:  # noqa: BLE001 - nothing a peer sends may end the agent
+            log.exception("serving a connection failed")
+        finally:
+            self._handlers.discard(threading.current_thread())
+            self._slots.release()
 
     def serve_in_thread(self) -> "AgentServer":
         if self._sock is None:
@@ -407,6 +474,7 @@ class AgentServer:
                 self._close_session(held)
             self.sessions.clear()
             if self.liveupdate is not None:
+                self._unstore(sdnotify.LUO_NAME)
                 try:
                     self.liveupdate.close()
                 except OSError:
@@ -416,6 +484,11 @@ class AgentServer:
     def _close_session(self, held: HeldSession) -> None:
         # The session fd first: for an outgoing session the kernel unpreserves
         # while our file references still exist; then our own references.
+        # the fd store lets go first, or its copies would keep the session alive
+        self._unstore(sdnotify.session_fdname(held.name, held.incoming))
+        for f in held.files.values():
+            if f.fd is not None:
+                self._unstore(sdnotify.file_fdname(held.name, held.incoming, f.token))
         try:
             held.session.close()
         except OSError as exc:
@@ -506,7 +579,108 @@ class AgentServer:
         else:
             lu = {"held": False, "path": self.liveupdate_path, "error": self.liveupdate_error}
         return {"pid": os.getpid(), "euid": self.euid, "version": __version__, "socket": self.socket_path,
-                "backend": self.backend.name, "started": self.started, "liveupdate": lu}
+                "backend": self.backend.name, "started": self.started, "liveupdate": lu,
+                "fdstore": self._fdstore_info()}
+
+    # -- systemd's fd store ------------------------------------------------------------
+    def _fdstore_info(self) -> dict[str, Any]:
+        if self.notifier is None:
+            return {"enabled": False, "stored": 0, "restored": self.restored}
+        return {"enabled": True, "notify_socket": self.notifier.address, "stored": len(self.stored),
+                "error": self.notifier.error, "restored": self.restored}
+
+    def _store(self, name: str, fd: int | None) -> None:
+        if self.notifier is None or fd is None or name in self.stored:
+            return
+        if self.notifier.store(name, fd):
+            self.stored.add(name)
+
+    def _unstore(self, name: str) -> None:
+        if self.notifier is None or name not in self.stored:
+            return
+        self.notifier.remove(name)
+        self.stored.discard(name)
+
+    def _store_session(self, held: HeldSession) -> None:
+        self._store(sdnotify.session_fdname(held.name, held.incoming), held.session._fd)
+
+    def _store_file(self, held: HeldSession, f: HeldFile) -> None:
+        self._store(sdnotify.file_fdname(held.name, held.incoming, f.token), f.fd)
+
+    def _take_back(self, inherited: list[tuple[int, str]]) -> None:
+        """Rebuild the bookkeeping from fds a service manager handed back
+        (``$LISTEN_FDS``): what each fd is comes from its name, kinds and
+        names of files from the session's manifest (token 0) when it has one."""
+        parsed: list[tuple[int, str, sdnotify.FdName]] = []
+        ignored: list[str] = []
+        for fd, text in inherited:
+            _touch(self.backend, fd)
+            name = sdnotify.parse_fdname(text)
+            if name is None:
+                # not ours: leave it in the store, close our copy
+                log.warning("fd %d named %r was handed to us but is not one of ours; ignored", fd, text)
+                ignored.append(text)
+                _close(self.backend, fd)
+                continue
+            parsed.append((fd, text, name))
+        lost: list[str] = []
+        for fd, text, name in parsed:
+            if name.what != "luo":
+                continue
+            if self.liveupdate is None:
+                self.liveupdate = LiveUpdate(fd, backend=self.backend)
+                self.liveupdate_error = None
+                self.stored.add(text)
+            else:
+                _close(self.backend, fd)
+        for fd, text, name in parsed:
+            if name.what != "session":
+                continue
+            session = Session(fd, name.session, incoming=name.incoming, backend=self.backend)
+            try:
+                actual = session.get_name()
+            except (errors.PyiommufdError, OSError) as exc:
+                actual = f"? ({exc})"
+            if actual != name.session or (name.session, name.incoming) in self.sessions:
+                log.warning("fd %d named %r is not that session (the kernel calls it %r); ignored",
+                            fd, text, actual)
+                ignored.append(text)
+                _close(self.backend, fd)
+                continue
+            held = HeldSession(name.session, session, incoming=name.incoming, adopted=True)
+            self.sessions[held.key] = held
+            self.stored.add(text)
+        for fd, text, name in parsed:
+            if name.what != "file":
+                continue
+            held = self.sessions.get((name.session, name.incoming))
+            if held is None or name.token in held.files:
+                # its session fd is gone: the kernel dropped that session with it
+                lost.append(text)
+                _close(self.backend, fd)
+                if self.notifier is not None:
+                    self.notifier.remove(text)
+                continue
+            kind = kind_of_fd(self.backend, fd)
+            if name.incoming:
+                held.session.retrieved[name.token] = fd
+                state = "retrieved"
+            else:
+                held.session.preserved[name.token] = PreservedFile(name.token, fd, kind)
+                state = "preserved"
+            held.files[name.token] = HeldFile(name.token, kind, fd=fd, state=state)
+            self.stored.add(text)
+        for held in self.sessions.values():
+            zero = held.files.get(0)
+            if zero is not None and zero.fd is not None:
+                self._load_manifest(held, zero.fd)
+        if lost:
+            log.warning("fds of sessions that no longer exist were dropped: %s", ", ".join(lost))
+        self.restored = {"fds": len(inherited), "sessions": len(self.sessions),
+                         "files": sum(len(h.files) for h in self.sessions.values()),
+                         "ignored": ignored, "lost": lost}
+        log.info("took back %d fd(s) from the service manager: %d session(s), %d file(s)", len(inherited),
+                 self.restored["sessions"], self.restored["files"])
 
     # -- requests --------------------------------------------------------------------
     def _op_ping(self, args, fds):
@@ -526,6 +700,7 @@ class AgentServer:
         held = HeldSession(name, session, incoming=False)
         self.sessions[held.key] = held
         log.info("created outgoing session %r (fd %d)", name, session.fd)
+        self._store_session(held)
         return held.as_dict(), []
 
     def _op_preserve(self, args, fds):
@@ -543,6 +718,7 @@ class AgentServer:
         name = meta.pop("name", None)
         held.files[token] = HeldFile(token, str(kind), name, meta, fds.keep(fd), "preserved")
         log.info("preserved token %#x (%s %s) in %r", token, kind, name or "", held.name)
+        self._store_file(held, held.files[token])
         return held.files[token].as_dict(), []
 
     def _op_preserve_many(self, args, fds):
@@ -578,6 +754,7 @@ class AgentServer:
             kind = P.normalize_kind(meta.pop("kind", None)) or kind_of_fd(self.backend, fd)
             name = meta.pop("name", None)
             f = held.files[token] = HeldFile(token, str(kind), name, meta, fds.keep(fd), "preserved")
+            self._store_file(held, f)
             out.append(f.as_dict())
         log.info("preserved %d files in %r", len(items), held.name)
         return out
@@ -611,8 +788,14 @@ class AgentServer:
                 seen.add(token)
                 ffd = None if f.get("fd") is None else fds.get(f.get("fd"), f"adopt token {token:#x}")
                 files.append((token, ffd, f))
+            self._check_session_fd(session_fd, name)
             plans.append((name, incoming, session_fd, files, spec))
         lu_fd = None if lu_index is None else fds.get(lu_index, "adopt /dev/liveupdate")
+        if lu_fd is not None and self.liveupdate is None:
+            _touch(self.backend, lu_fd)
+            if describe_fd(self.backend, lu_fd) != self.liveupdate_path:
+                raise UsageError(f"adopt: the fd sent as /dev/liveupdate is not {self.liveupdate_path} "
+                                 f"({describe_fd(self.backend, lu_fd) or 'unknown'})")
         # everything checked: take the fds
         result = {"liveupdate": None, "sessions": []}
         if lu_fd is not None:
@@ -622,6 +805,7 @@ class AgentServer:
                 self.liveupdate_error = None
                 result["liveupdate"] = "adopted"
                 log.info("adopted /dev/liveupdate (fd %d)", lu_fd)
+                self._store(sdnotify.LUO_NAME, lu_fd)
             else:
                 result["liveupdate"] = "already held"
         for name, incoming, session_fd, files, spec in plans:
@@ -651,7 +835,20 @@ class AgentServer:
             self.sessions[held.key] = held
             result["sessions"].append(held.as_dict())
             log.info("adopted %s session %r with %d files", held.direction, name, len(held.files))
+            self._store_session(held)
+            for f in held.files.values():
+                self._store_file(held, f)
         return result, []
+
+    def _check_session_fd(self, fd: int, name: str) -> None:
+        """An fd handed over as session ``name`` must be that LUO session."""
+        _touch(self.backend, fd)
+        try:
+            actual = Session(fd, name, incoming=False, backend=self.backend, owned=False).get_name()
+        except (errors.PyiommufdError, OSError):
+            raise UsageError(f"adopt: the fd sent as session {name!r} is not a LUO session") from None
+        if actual != name:
+            raise UsageError(f"adopt: the fd sent as session {name!r} is LUO session {actual!r}")
 
     def _load_manifest(self, held: HeldSession, fd: int) -> None:
         from .. import manifest as M
@@ -669,6 +866,8 @@ class AgentServer:
         for entry in manifest.entries:
             f = held.files.get(entry.token)
             if f is None:
+                if not held.incoming:
+                    continue  # an outgoing file we hold no fd of: nothing to say about it
                 f = held.files[entry.token] = HeldFile(entry.token, entry.kind, state="pending")
             f.kind, f.name = entry.kind, entry.name
             f.meta = {k: v for k, v in entry.as_dict().items() if k not in ("token", "kind", "name")}
@@ -686,6 +885,7 @@ class AgentServer:
         held = HeldSession(name, session, incoming=True)
         self.sessions[held.key] = held
         log.info("retrieved incoming session %r (fd %d)", name, session.fd)
+        self._store_session(held)
         from ..manifest import MANIFEST_NAME, MANIFEST_TOKEN
 
         if args.get("manifest", True):
@@ -700,6 +900,7 @@ class AgentServer:
             else:
                 held.files[MANIFEST_TOKEN] = HeldFile(MANIFEST_TOKEN, "manifest", MANIFEST_NAME, fd=fd,
                                                       state="retrieved")
+                self._store_file(held, held.files[MANIFEST_TOKEN])
                 self._load_manifest(held, fd)
         out = held.as_dict()
         out["already_held"] = False
@@ -722,6 +923,7 @@ class AgentServer:
             f = held.files[token] = HeldFile(token, kind_of_fd(self.backend, fd))
         f.fd, f.state, f.error = fd, "retrieved", None
         log.info("retrieved token %#x (%s %s) of %r", token, f.kind, f.name or "", held.name)
+        self._store_file(held, f)
         return f.as_dict(), [fd]
 
     def _op_retrieve_many(self, args, fds):
@@ -837,8 +1039,10 @@ def configure_logging(level: int = logging.INFO, stream=None) -> None:
 
 
 def run_foreground(socket_path: str | None = None, *, backend: Backend | None = None) -> None:
-    """Start, serve until ``stop`` or SIGTERM/SIGINT, close everything."""
-    server = AgentServer(socket_path, backend=backend).start()
+    """Start, serve until ``stop`` or SIGTERM/SIGINT, close everything.
+    Under systemd, fds handed back from its fd store (``$LISTEN_FDS``) are
+    taken back first."""
+    server = AgentServer(socket_path, backend=backend, inherited=sdnotify.listen_fds()).start()
     server.install_signal_handlers()
     server.serve_forever()
 

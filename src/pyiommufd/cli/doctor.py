@@ -212,11 +212,29 @@ def run_checks(be) -> list[Check]:
 
     checks.append(_lu_abi_check(be, iommu))
 
+    checks.append(_agent_check())
+
     status, value = _memlock()
     add(Check("RLIMIT_MEMLOCK", status if euid != 0 else INFO, value,
               "" if status == OK or euid == 0 else
               "pinned DMA pages count against it: raise it or run as root (CAP_IPC_LOCK)"))
     return checks
+
+
+def _agent_check() -> Check:
+    """What a crash of the holder agent would lose (seen through its socket)."""
+    from ..agent import AgentClient, AgentError
+    from ..agent.client import crash_exposure
+
+    client = AgentClient(timeout=2.0)
+    try:
+        st = client.status()
+    except AgentError:
+        return Check("agent crash safety", INFO, f"no agent on {client.socket_path}")
+    safe, sentence = crash_exposure(st)
+    return Check("agent crash safety", OK if safe else WARN, sentence,
+                 "" if safe else "run the agent under systemd with contrib/systemd/pyiommufd-agent.service "
+                 "(README: \"The agent under systemd\")")
 
 
 def _lu_abi_check(be, iommu_present: bool) -> Check:

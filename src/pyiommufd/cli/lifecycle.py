@@ -30,8 +30,28 @@ import click
 from . import exitcodes
 from .output import CommandError, echo_json, echo_table, error_object, json_option, report_error, warn
 
-#: what ``restore --exec`` calls; tests replace it
-exec_command: Callable[[str, list[str]], Any] = os.execvp
+LISTEN_FDS_START = 3  # SD_LISTEN_FDS_START
+
+
+def exec_with_fds(argv: list[str], fds: list[int], names: list[str]) -> Any:
+    """exec ``argv`` with ``fds`` at 3, 4, ... and ``LISTEN_FDS``,
+    ``LISTEN_FDNAMES`` and ``LISTEN_PID`` set, as systemd passes fds
+    (sd_listen_fds(3)). ``LISTEN_PID`` is this pid: execve keeps it."""
+    import fcntl
+
+    top = LISTEN_FDS_START + len(fds)
+    # first out of the way of 3..top-1, so no fd is overwritten before it moved
+    temps = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, top) for fd in fds]
+    for i, fd in enumerate(temps):
+        os.dup2(fd, LISTEN_FDS_START + i, inheritable=True)
+        os.close(fd)
+    env = dict(os.environ, LISTEN_PID=str(os.getpid()), LISTEN_FDS=str(len(fds)),
+               LISTEN_FDNAMES=":".join(names))
+    return os.execvpe(argv[0], argv, env)
+
+
+#: what ``restore --exec`` calls with (argv, fds, names); tests replace it
+exec_command: Callable[[list[str], list[int], list[str]], Any] = exec_with_fds
 
 
 # -- shared helpers --------------------------------------------------------------------
@@ -387,6 +407,47 @@ def _verify_memfd(be, fd: int, entry) -> list[str]:
     return problems
 
 
+def _check_kind(be, fd: int, kind: str) -> str | None:
+    """None when ``fd`` is the kind of file the manifest says; else what it is."""
+    from ..agent.server import _touch, kind_of_fd
+    from ..luo import describe_fd
+
+    if kind == "other":
+        return None
+    _touch(be, fd)      # a test backend learns of fds that came over the socket lazily
+    actual = kind_of_fd(be, fd)
+    if actual == kind:
+        return None
+    return f"the manifest says {kind}, the kernel handed back {describe_fd(be, fd) or 'something else'}"
+
+
+def _check_manifest_fd(be, fd: int, session: str, manifest) -> None:
+    """Refuse a token 0 that could have been rewritten, or that describes
+    another session."""
+    from ..memfd import MemFD, Seal
+
+    if manifest.session != session:
+        raise CommandError(f"the manifest at token 0 of session {session!r} describes session "
+                           f"{manifest.session!r}: refusing to use it", exitcodes.CHECK_FAILED)
+    problem = _check_kind(be, fd, "memfd")
+    if problem is None:
+        try:
+            sealed = MemFD.from_fd(fd, backend=be, owned=False).seals & Seal.WRITE
+        except OSError:
+            sealed = 0
+        if not sealed:
+            problem = "it is not sealed against writes, so anyone holding it could have changed it"
+    if problem:
+        raise CommandError(f"the manifest at token 0 of session {session!r} cannot be trusted: {problem}",
+                           exitcodes.CHECK_FAILED)
+
+
+def _fdname(text: str) -> str:
+    from ..agent.sdnotify import encode_part
+
+    return encode_part(text)
+
+
 @click.command("restore")
 @click.option("--session", metavar="NAME", help="The incoming session to restore.")
 @click.option("--verify", is_flag=True, help="Check memfd sizes, seals and sha256 against the manifest.")
@@ -412,9 +473,12 @@ def restore(session, verify, bind_vfio, do_exec, command, socket_path, as_json):
     reported (exit 1), unless --bind-vfio binds it first.
 
     \b
-    --exec -- CMD ARGS...: placeholders {TOKEN} (decimal or 0x hex), {NAME}
-    (a manifest entry name) and {manifest} become fd numbers that CMD
-    inherits, e.g.
+    --exec -- CMD ARGS...: every retrieved file is passed to CMD at fds 3, 4,
+    ... with LISTEN_FDS, LISTEN_FDNAMES (manifest, then the entry names) and
+    LISTEN_PID, as systemd passes fds (sd_listen_fds(3)); placeholders
+    {TOKEN} (decimal or 0x hex), {NAME} (a manifest entry name) and
+    {manifest} become those fd numbers. --exec implies --verify, and every
+    file must be of the kind its entry says, or nothing is executed, e.g.
       pyiommufd restore --session vm0 --exec -- \\
         qemu-system-x86_64 -object memory-backend-file,id=ram,mem-path=/proc/self/fd/{guest-ram} ...
     Unknown placeholders exit 2 before anything is executed; malformed ones
@@ -429,6 +493,7 @@ def restore(session, verify, bind_vfio, do_exec, command, socket_path, as_json):
     if command and not do_exec:
         raise _usage(f"unexpected argument {command[0]!r} (to run a command, use --exec -- CMD ...)")
     check_placeholders(command)
+    verify = verify or do_exec     # never exec with fds that were not checked
     be = get_backend()
     started = not _client(socket_path).is_running()
     client = ensure_running(socket_path, backend=be)
@@ -455,6 +520,7 @@ def _restore(client, be, session, verify, bind_vfio, do_exec, command, as_json):
     bulk: dict[int, int] = {}
     try:
         manifest = read_from_fd(fd0, be)
+        _check_manifest_fd(be, fd0, session, manifest)
         wanted = {resolve_placeholder(k, manifest) for k in placeholders(command)} if do_exec else set()
         rows: list[dict[str, Any]] = [{"token": MANIFEST_TOKEN, "kind": "manifest", "name": "manifest",
                                        "status": "retrieved", "fd": fd0}]
@@ -495,7 +561,11 @@ def _restore(client, be, session, verify, bind_vfio, do_exec, command, as_json):
             fds[entry.token] = fd
             row["status"] = "retrieved"
             row["fd"] = fd
-            if entry.kind == "memfd":
+            wrong_kind = _check_kind(be, fd, entry.kind) if verify else None
+            if wrong_kind:
+                row["verify"] = wrong_kind
+                mismatches += 1
+            elif entry.kind == "memfd":
                 row["size"] = entry.size
                 if verify:
                     diffs = _verify_memfd(be, fd, entry)
@@ -512,7 +582,8 @@ def _restore(client, be, session, verify, bind_vfio, do_exec, command, as_json):
                                    "and run restore again (a failed retrieve would be sticky)",
                                    exitcodes.CHECK_FAILED)
         if failure is None and mismatches:
-            failure = CommandError(f"{mismatches} memfd(s) differ from the manifest", exitcodes.CHECK_FAILED)
+            failure = CommandError(f"{mismatches} file(s) differ from the manifest"
+                                   + ("; not executing anything" if do_exec else ""), exitcodes.CHECK_FAILED)
         if failure is not None:
             from . import _exit_code_for
 
@@ -543,13 +614,14 @@ def _restore(client, be, session, verify, bind_vfio, do_exec, command, as_json):
             code = exitcodes.UNSUPPORTED if bad.get("status") == "expected-failure" else exitcodes.KERNEL_ERROR
             raise CommandError(f"--exec: token {missing[0]:#x} ({bad['name']}) was not retrieved: "
                                f"{bad.get('error') or bad.get('note')}", code)
-        argv = expand(command, fds, manifest)
-        for token in wanted:
-            os.set_inheritable(fds[token], True)
+        # the command gets every retrieved file, manifest first, at 3, 4, ...
+        passed = [t for t in [MANIFEST_TOKEN] + [e.token for e in manifest.entries] if t in fds]
+        names = ["manifest" if t == MANIFEST_TOKEN else _fdname(manifest.entry(t).name) for t in passed]
+        argv = expand(command, {t: LISTEN_FDS_START + i for i, t in enumerate(passed)}, manifest)
         sys.stdout.flush()
         sys.stderr.flush()
         try:
-            exec_command(argv[0], argv)
+            exec_command(argv, [fds[t] for t in passed], names)
         except OSError as exc:
             raise CommandError(f"cannot exec {argv[0]}: {exc.strerror}",
                                exitcodes.BAD_INPUT if exc.errno in (E.ENOENT, E.EACCES) else exitcodes.KERNEL_ERROR
@@ -675,6 +747,10 @@ def _echo_status(st: dict) -> None:
         f" ({lu['error']})" if lu.get("error") else "")
     click.echo(f"agent pid {agent_info.get('pid')} on {agent_info.get('socket')} ({agent_info.get('backend')}), "
                f"{held}")
+    from ..agent.client import crash_exposure
+
+    safe, sentence = crash_exposure(st)
+    click.echo(sentence if safe else f"warning: {sentence}")
     sessions = st.get("sessions", [])
     if not sessions:
         click.echo("no sessions")
@@ -721,7 +797,9 @@ def _start_agent(socket_path: str | None, background: bool, log_file: str | None
             click.echo(f"agent started in the background: pid {pid}, socket {path}, log {log}")
         return
     server.configure_logging(stream=sys.stderr)
-    srv = server.AgentServer(path, backend=be).start()
+    from ..agent import sdnotify
+
+    srv = server.AgentServer(path, backend=be, inherited=sdnotify.listen_fds()).start()
     srv.install_signal_handlers()
     if as_json:
         echo_json({"pid": os.getpid(), "socket": path, "log": None, "background": False})
