@@ -46,9 +46,12 @@ def _first_vm_kernel(config) -> str:
 def _rule_and_side(nodeid: str, first_kernel: str) -> tuple[str, str] | None:
     if "/crosscheck/" not in nodeid or "[" not in nodeid:
         return None
-    kernel = first_kernel
-    if "]@" in nodeid:
-        nodeid, kernel = nodeid.rsplit("@", 1)
+    from pyiommufd.testing.pytest_plugin import split_target
+
+    nodeid, kernel = split_target(nodeid)
+    kernel = kernel or first_kernel
+    if "[" not in nodeid:
+        return None
     base, params = nodeid[:-1].split("[", 1)
     for side in ("real",) + _FAKE_SIDES:
         if params == side or params.startswith(side + "-"):

@@ -50,6 +50,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -396,16 +397,32 @@ class _VmOutcome:
 
 def _clone(item, target: str):
     """A host item standing for ``item`` run on another kernel (never run on
-    the host: the plugin reports the guest's outcome for it)."""
+    the host: the plugin reports the guest's outcome for it). Its node id is
+    the item's with ``@target``: ``test_x[p]@target`` (pytest < 9.2 builds ids
+    from the name) or ``test_x@target[p]`` (9.2 builds them from the original
+    name and the parameters)."""
+    original = getattr(item, "originalname", None) or item.name
     clone = type(item).from_parent(
         item.parent, name=f"{item.name}@{target}", callspec=getattr(item, "callspec", None),
         callobj=getattr(item, "obj", None), fixtureinfo=getattr(item, "_fixtureinfo", None),
-        originalname=getattr(item, "originalname", None), keywords=dict(item.keywords))
+        originalname=f"{original}@{target}", keywords=dict(item.keywords))
     for mark in item.own_markers:
         if mark not in clone.own_markers:
             clone.own_markers.append(mark)
             clone.keywords[mark.name] = mark
     return clone
+
+
+def split_target(nodeid: str) -> tuple[str, str | None]:
+    """``(the test's own node id, kernel)`` of a host item's node id; kernel is
+    None for the first kernel's items, which keep the test's own id."""
+    m = re.match(r"^(?P<head>.*::[^\[@]+)@(?P<k>[\w.-]+)(?P<params>\[.*\])?$", nodeid)
+    if m:
+        return m.group("head") + (m.group("params") or ""), m.group("k")
+    m = re.match(r"^(?P<rest>.*\])@(?P<k>[\w.-]+)$", nodeid)
+    if m:
+        return m.group("rest"), m.group("k")
+    return nodeid, None
 
 
 class HostSide:
