@@ -19,7 +19,7 @@ venv=.venv
 python=${PYTHON:-python3}
 
 packages=(python3 python3-venv qemu-system-x86 kexec-tools busybox-static
-          flex bison bc libelf-dev libssl-dev cpio gcc libc6-dev make xz-utils)
+          flex bison bc libelf-dev libssl-dev cpio gcc libc6-dev make xz-utils patch ccache)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
