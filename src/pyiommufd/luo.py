@@ -61,13 +61,28 @@ def check_token(token: int) -> int:
     return token
 
 
+# A memfd LUO gives back after a kexec is made by the kernel without the
+# "memfd:" prefix of memfd_create() (mm/memfd_luo.c: memfd_alloc_file("")).
+RETRIEVED_MEMFD_PATH = "/ (deleted)"
+_F_GET_SEALS = ioctl.const("F_GET_SEALS")
+
+
+def _has_seals(backend: Backend, fd: int) -> bool:
+    """F_GET_SEALS answers only for shmem and hugetlbfs files."""
+    try:
+        backend.fcntl(fd, _F_GET_SEALS)
+    except OSError:
+        return False
+    return True
+
+
 def describe_fd(backend: Backend, fd: int) -> str | None:
     """What kind of file ``fd`` is, from /proc/self/fd, for hints."""
     try:
         target = backend.readlink(f"/proc/self/fd/{fd}")
     except OSError:
         return None
-    if target.startswith("/memfd:"):
+    if target.startswith("/memfd:") or (target == RETRIEVED_MEMFD_PATH and _has_seals(backend, fd)):
         return "a memfd"
     if target == "/dev/iommu":
         return "an iommufd"

@@ -107,3 +107,27 @@ def test_finish_drops_unretrieved_memfds(fake_kernel):
         session.finish()
         with pytest.raises(errors.KernelError):
             session.retrieve(1)
+
+
+def test_a_memfd_luo_gives_back_is_described_as_a_memfd(fake_kernel):
+    """memfd_luo makes the retrieved file itself (memfd_alloc_file("")): its
+    /proc link is "/ (deleted)", not "/memfd:...", as on the real kernel; it is
+    still a memfd to every check that asks what a file is."""
+    from pyiommufd.agent.server import kind_of_fd
+    from pyiommufd.luo import LiveUpdate, describe_fd
+    from pyiommufd.memfd import MemFD
+
+    lu = LiveUpdate.open()
+    session = lu.create_session("described")
+    memfd = MemFD.create("ram", 4096)
+    session.preserve(memfd, 1)
+    fake_kernel.kexec()
+    with LiveUpdate.open() as lu2:
+        fd = lu2.retrieve_session("described").retrieve(1)
+        assert fake_kernel.readlink(f"/proc/self/fd/{fd}") == "/ (deleted)"
+        assert describe_fd(fake_kernel, fd) == "a memfd"
+        assert kind_of_fd(fake_kernel, fd) == "memfd"
+    import os
+    r, w = os.pipe()
+    assert describe_fd(fake_kernel, r) != "a memfd"
+    os.close(r), os.close(w)

@@ -74,11 +74,13 @@ class ShmemInode:
 class MemfdFile(OpenFile):
     kind = "memfd"
 
-    def __init__(self, name: str, shmem: ShmemInode) -> None:
+    def __init__(self, name: str, shmem: ShmemInode, *, by_syscall: bool = True) -> None:
         super().__init__()
         self.name = name
         self.shmem = shmem
-        self.path = f"/memfd:{name} (deleted)"
+        # memfd_create() names the file "memfd:<name>"; a memfd the kernel makes
+        # itself (memfd_luo's retrieve: memfd_alloc_file("")) shows as "/ (deleted)"
+        self.path = f"/memfd:{name} (deleted)" if by_syscall else f"/{name} (deleted)"
 
     # helpers on the kernel's own reference
     def size(self) -> int:
@@ -292,6 +294,6 @@ class MemfdLuoHandler(FileHandler):
         if image.seals & ~LUO_ALL_SEALS:
             fail(E.EOPNOTSUPP)
         fd = image.restore()
-        file = MemfdFile("", ShmemInode())
+        file = MemfdFile("", ShmemInode(), by_syscall=False)
         fd = boot.table.install(file, fd)
         return file, fd
