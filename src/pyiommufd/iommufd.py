@@ -304,9 +304,9 @@ class Mapping:
     start: int | None = None
     user_va: int | None = None
     copied_from: tuple[int, int] | None = None  # (src ioas id, src iova)
-    file: Any = hidden()
-    buffer: Any = hidden()
-    pin: Any = hidden()
+    file: Any = hidden(default=None)
+    buffer: Any = hidden(default=None)
+    pin: Any = hidden(default=None)
 
     @property
     def last(self) -> int:

@@ -128,7 +128,7 @@ class DeviceInfo:
     flags: int
     num_regions: int
     num_irqs: int
-    caps: list[ioctl.Capability] = factory(list)
+    caps: list[ioctl.Capability] = factory(default_factory=list)
     pci_atomic_comp: int | None = None
 
     @property
@@ -152,7 +152,7 @@ class RegionInfo:
     flags: int
     size: int
     offset: int
-    caps: list[ioctl.Capability] = factory(list)
+    caps: list[ioctl.Capability] = factory(default_factory=list)
     sparse_areas: list[tuple[int, int]] | None = None  # (offset, size) within the region
     type: int | None = None
     subtype: int | None = None
@@ -776,7 +776,7 @@ class Type1Info:
     iova_ranges: list[tuple[int, int]] | None = None  # inclusive (start, end)
     dma_avail: int | None = None
     migration: dict[str, int] | None = None
-    caps: list[ioctl.Capability] = factory(list)
+    caps: list[ioctl.Capability] = factory(default_factory=list)
 
 
 @record
@@ -786,8 +786,8 @@ class DmaMapping:
     user_va: int
     readable: bool
     writeable: bool
-    buffer: Any = hidden(compare=True)
-    pin: Any = hidden(compare=True)
+    buffer: Any = hidden(default=None, compare=True)
+    pin: Any = hidden(default=None, compare=True)
 
 
 class VfioContainer(_FdOwner):
