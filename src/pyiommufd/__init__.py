@@ -12,6 +12,21 @@ from __future__ import annotations
 
 import importlib
 
+# typing.TYPE_CHECKING without importing typing: the names below are for type
+# checkers only, and stay lazy at run time.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+    from .abi import LU_V1, LU_V2, LuAbi, probe_lu_abi
+    from .backend import Backend, LinuxBackend
+    from .errors import KernelError, PyiommufdError, UsageError
+    from .iommufd import HWPT, IOAS, IOMMUFD
+    from .luo import LiveUpdate, Session
+    from .memfd import MemFD
+    from .pci import PciDevice
+    from .vfio import VfioDevice
+
 __version__ = "0.1.0"
 
 _EXPORTS = {
@@ -26,7 +41,7 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'pyiommufd' has no attribute {name!r}")
@@ -35,7 +50,7 @@ def __getattr__(name: str):
     return value
 
 
-def __dir__():
+def __dir__() -> list[str]:
     return sorted(list(globals()) + list(_EXPORTS))
 
 
