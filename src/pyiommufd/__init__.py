@@ -18,14 +18,23 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-    from .abi import LU_V1, LU_V2, LuAbi, probe_lu_abi
-    from .backend import Backend, LinuxBackend
-    from .errors import KernelError, PyiommufdError, UsageError
-    from .iommufd import HWPT, IOAS, IOMMUFD
-    from .luo import LiveUpdate, Session
-    from .memfd import MemFD
-    from .pci import PciDevice
-    from .vfio import VfioDevice
+    from .abi import LU_V1 as LU_V1
+    from .abi import LU_V2 as LU_V2
+    from .abi import LuAbi as LuAbi
+    from .abi import probe_lu_abi as probe_lu_abi
+    from .backend import Backend as Backend
+    from .backend import LinuxBackend as LinuxBackend
+    from .errors import KernelError as KernelError
+    from .errors import PyiommufdError as PyiommufdError
+    from .errors import UsageError as UsageError
+    from .iommufd import HWPT as HWPT
+    from .iommufd import IOAS as IOAS
+    from .iommufd import IOMMUFD as IOMMUFD
+    from .luo import LiveUpdate as LiveUpdate
+    from .luo import Session as Session
+    from .memfd import MemFD as MemFD
+    from .pci import PciDevice as PciDevice
+    from .vfio import VfioDevice as VfioDevice
 
 __version__ = "0.1.0"
 

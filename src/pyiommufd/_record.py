@@ -144,9 +144,9 @@ def record(cls: type[_T] | None = None, *,
     return wrap if cls is None else wrap(cls)
 
 
-def fields(obj: object) -> tuple[str, ...]:
-    fields_: tuple[str, ...] = getattr(type(obj), "__record_fields__")
-    return fields_
+def fields(obj: Any) -> tuple[str, ...]:
+    names: tuple[str, ...] = type(obj).__record_fields__
+    return names
 
 
 def asdict(obj: Any) -> Any:

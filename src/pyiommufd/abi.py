@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from . import errors, ioctl
+from ._uapi import ffi
 from .backend import Backend, get_backend
 from .errors import AbiError, UsageError
 
@@ -48,7 +49,7 @@ class LuAbi:
 
     @property
     def size(self) -> int:
-        return int(ioctl.ffi.sizeof(self.struct))
+        return int(ffi.sizeof(self.struct))
 
     @property
     def ioctl_def(self) -> ioctl.IoctlDef:

@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 from . import errors
 from ._record import record
-from ._uapi import ffi as ffi  # re-exported: interface modules use ioctl.ffi
+from ._uapi import ffi
 from .backend import Backend
 
 _IOC_NRBITS, _IOC_TYPEBITS, _IOC_SIZEBITS = 8, 8, 14

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Iterable
 
 from . import errors, ioctl
 from ._record import record
+from ._uapi import ffi
 from .backend import Backend
 from .errors import UsageError
 from .fdobject import FdObject, fd_of
@@ -178,7 +179,7 @@ class Session(FdObject):
     def get_name(self) -> str:
         """The session's name as the kernel has it (LIVEUPDATE_SESSION_GET_NAME)."""
         arg = ioctl.call(self.backend, self.fd, GET_NAME)
-        name: str = ioctl.ffi.string(arg.name).decode()
+        name: str = ffi.string(arg.name).decode()
         return name
 
     def preserve(self, obj: int | HasFileno, token: int) -> PreservedFile:
