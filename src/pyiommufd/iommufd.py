@@ -55,13 +55,16 @@ from __future__ import annotations
 import errno as E
 import mmap as _mmap
 from bisect import bisect_left, bisect_right
-from typing import Any, Iterable, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Iterable, Self, TypeVar
 
 from . import errors, ioctl
 from ._record import hidden, record
 from ._uapi import ffi
 from .backend import Backend, get_backend
 from .fdobject import FdObject, open_path
+
+if TYPE_CHECKING:
+    from .abi import LuAbi
 
 DEFAULT_PATH = "/dev/iommu"
 PAGE_SIZE = _mmap.PAGESIZE
@@ -1413,7 +1416,7 @@ class HWPT(_Invalidatable):
         return DirtyBitmap(iova, length, page_size, bytes(ffi.buffer(bitmap)))
 
     # -- live update ---------------------------------------------------------------
-    def mark_preserved(self, token: int, abi: str | None = None) -> None:
+    def mark_preserved(self, token: int, abi: str | LuAbi | None = None) -> None:
         """Mark this paging HWPT for live-update preservation with ``token``
         (unique per iommufd, else :class:`~pyiommufd.errors.AddressInUse`),
         through the LU ABI revision ``abi`` (a name such as ``"lu-v2"``, a
