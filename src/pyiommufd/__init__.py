@@ -12,6 +12,30 @@ from __future__ import annotations
 
 import importlib
 
+# typing.TYPE_CHECKING without importing typing: the names below are for type
+# checkers only, and stay lazy at run time.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+    from .abi import LU_V1 as LU_V1
+    from .abi import LU_V2 as LU_V2
+    from .abi import LuAbi as LuAbi
+    from .abi import probe_lu_abi as probe_lu_abi
+    from .backend import Backend as Backend
+    from .backend import LinuxBackend as LinuxBackend
+    from .errors import KernelError as KernelError
+    from .errors import PyiommufdError as PyiommufdError
+    from .errors import UsageError as UsageError
+    from .iommufd import HWPT as HWPT
+    from .iommufd import IOAS as IOAS
+    from .iommufd import IOMMUFD as IOMMUFD
+    from .luo import LiveUpdate as LiveUpdate
+    from .luo import Session as Session
+    from .memfd import MemFD as MemFD
+    from .pci import PciDevice as PciDevice
+    from .vfio import VfioDevice as VfioDevice
+
 __version__ = "0.1.0"
 
 _EXPORTS = {
@@ -26,7 +50,7 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'pyiommufd' has no attribute {name!r}")
@@ -35,7 +59,7 @@ def __getattr__(name: str):
     return value
 
 
-def __dir__():
+def __dir__() -> list[str]:
     return sorted(list(globals()) + list(_EXPORTS))
 
 

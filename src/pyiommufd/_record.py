@@ -14,10 +14,18 @@ cases used here, with one compiled ``__init__`` per class.
 Fields are the class annotations, in order; a class attribute is the
 default; :func:`hidden` leaves a field out of ``repr`` and ``==``;
 :func:`factory` makes a fresh default per instance (``field(default_factory=)``).
+
+Type checkers see :func:`record` as a dataclass transform (PEP 681) with
+:func:`factory` and :func:`hidden` as its field specifiers. They read a
+field's default only from a keyword argument, so write
+``factory(default_factory=list)`` and ``hidden(default=None)``.
 """
 from __future__ import annotations
 
-_MISSING = object()
+from typing import Any, Callable, TypeVar, dataclass_transform, overload
+
+_MISSING: Any = object()
+_T = TypeVar("_T")
 
 
 class FrozenRecordError(AttributeError):
@@ -27,52 +35,66 @@ class FrozenRecordError(AttributeError):
 class _Spec:
     __slots__ = ("default", "make", "shown", "compared")
 
-    def __init__(self, default=_MISSING, make=None, shown=True, compared=None):
+    def __init__(self, default: Any = _MISSING, make: Callable[[], Any] | None = None,
+                 shown: bool = True, compared: bool | None = None) -> None:
         self.default, self.make, self.shown = default, make, shown
         self.compared = shown if compared is None else compared
 
 
-def factory(make, *, shown: bool = True):
-    """A default built by ``make()`` for every instance."""
-    return _Spec(make=make, shown=shown)
+# Both return the field's value as far as a type checker knows (Any): the
+# decorator replaces the _Spec in the class body.
+def factory(default_factory: Callable[[], Any], *, shown: bool = True) -> Any:
+    """A default built by ``default_factory()`` for every instance."""
+    return _Spec(make=default_factory, shown=shown)
 
 
-def hidden(default=None, *, compare: bool = False):
+def hidden(default: Any = None, *, compare: bool = False) -> Any:
     """A field left out of ``repr`` (and of equality unless ``compare``),
     e.g. a buffer kept alive."""
     return _Spec(default=default, shown=False, compared=compare)
 
 
-def _frozen_setattr(self, name, value):
+def _frozen_setattr(self: object, name: str, value: object = None) -> None:
     raise FrozenRecordError(f"cannot assign to field {name!r} of a frozen {type(self).__name__}")
 
 
-def _repr(self):
+def _repr(self: Any) -> str:
     shown = ", ".join(f"{n}={getattr(self, n)!r}" for n in type(self).__record_shown__)
     return f"{type(self).__qualname__}({shown})"
 
 
-def _key(self):
+def _key(self: Any) -> tuple[Any, ...]:
     return tuple(getattr(self, n) for n in type(self).__record_compared__)
 
 
-def _eq(self, other):
+def _eq(self: object, other: object) -> Any:
     if other.__class__ is not self.__class__:
         return NotImplemented
     return _key(self) == _key(other)
 
 
-def _hash(self):
+def _hash(self: object) -> int:
     return hash(_key(self))
 
 
-def record(cls=None, *, frozen: bool = False):
+@overload
+def record(cls: type[_T]) -> type[_T]: ...
+@overload
+def record(cls: None = None, *, frozen: bool = False) -> Callable[[type[_T]], type[_T]]: ...
+
+
+@dataclass_transform(field_specifiers=(factory, hidden))
+def record(cls: type[_T] | None = None, *,
+           frozen: bool = False) -> type[_T] | Callable[[type[_T]], type[_T]]:
     """Make ``cls`` a record class (see the module docstring)."""
 
-    def wrap(cls):
+    def wrap(cls: Any) -> Any:
         names = list(cls.__dict__.get("__annotations__", {}))
-        params, body, env = [], [], {"_MISSING": _MISSING}
-        shown, compared = [], []
+        params: list[str] = []
+        body: list[str] = []
+        env: dict[str, Any] = {"_MISSING": _MISSING}
+        shown: list[str] = []
+        compared: list[str] = []
         assign = "_set(self, {0!r}, {1})" if frozen else "self.{0} = {1}"
         for name in names:
             value = cls.__dict__.get(name, _MISSING)
@@ -122,11 +144,12 @@ def record(cls=None, *, frozen: bool = False):
     return wrap if cls is None else wrap(cls)
 
 
-def fields(obj) -> tuple[str, ...]:
-    return type(obj).__record_fields__
+def fields(obj: Any) -> tuple[str, ...]:
+    names: tuple[str, ...] = type(obj).__record_fields__
+    return names
 
 
-def asdict(obj):
+def asdict(obj: Any) -> Any:
     """Fields as a dict, recursing into records, lists, tuples and dicts."""
     if hasattr(type(obj), "__record_fields__"):
         return {n: asdict(getattr(obj, n)) for n in type(obj).__record_fields__}
@@ -137,7 +160,7 @@ def asdict(obj):
     return obj
 
 
-def replace(obj, **changes):
-    kwargs = {n: getattr(obj, n) for n in type(obj).__record_fields__}
+def replace(obj: _T, **changes: Any) -> _T:
+    kwargs = {n: getattr(obj, n) for n in fields(obj)}
     kwargs.update(changes)
     return type(obj)(**kwargs)

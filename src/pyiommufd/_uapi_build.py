@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 BINDINGS = REPO / "include-bindings"
@@ -32,7 +33,7 @@ def cdef_text(root: Path = BINDINGS) -> str:
     return "\n".join(parts)
 
 
-def make_ffi(root: Path = BINDINGS):
+def make_ffi(root: Path = BINDINGS) -> Any:
     import cffi
 
     ffi = cffi.FFI()

@@ -18,10 +18,15 @@ from __future__ import annotations
 import errno as E
 import os
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 from . import errors, ioctl
+from ._uapi import ffi
 from .backend import Backend, get_backend
 from .errors import AbiError, UsageError
+
+if TYPE_CHECKING:
+    from _typeshed import HasFileno
 
 IOMMUFD_TYPE = 0x3B
 DEFAULT_NR = 0x95
@@ -44,7 +49,7 @@ class LuAbi:
 
     @property
     def size(self) -> int:
-        return ioctl.ffi.sizeof(self.struct)
+        return int(ffi.sizeof(self.struct))
 
     @property
     def ioctl_def(self) -> ioctl.IoctlDef:
@@ -141,7 +146,7 @@ class ProbeResult:
     def supported(self) -> bool:
         return self.abi is not None
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, object]:
         return {"nr": hex(self.nr), "status": self.status, "supported": self.supported,
                 "errnos": {str(k): errors.errname(v) for k, v in self.errnos.items()},
                 "reason": self.reason}
@@ -159,7 +164,7 @@ def _probe_once(be: Backend, iommufd_fd: int, request: int, size: int) -> int | 
     return None
 
 
-def probe_lu_abi(iommufd=None, *, nr: int | None = None, backend: Backend | None = None) -> ProbeResult:
+def probe_lu_abi(iommufd: int | HasFileno | None = None, *, nr: int | None = None, backend: Backend | None = None) -> ProbeResult:
     """Find out, without side effects, which LU revision the kernel has.
 
     | call (all-zero body, hwpt_id 0) | answer | meaning |
@@ -185,7 +190,7 @@ def probe_lu_abi(iommufd=None, *, nr: int | None = None, backend: Backend | None
         try:
             own_fd = be.open("/dev/iommu", os.O_RDWR | os.O_CLOEXEC)
         except OSError as exc:
-            return ProbeResult(nr, "error", reason=f"cannot open /dev/iommu: {os.strerror(exc.errno)}")
+            return ProbeResult(nr, "error", reason=f"cannot open /dev/iommu: {os.strerror(exc.errno or E.EIO)}")
         fd = own_fd
     else:
         fd = fd_of(iommufd)
@@ -218,7 +223,7 @@ def probe_lu_abi(iommufd=None, *, nr: int | None = None, backend: Backend | None
             be.close(own_fd)
 
 
-def select_lu_abi(name: str | LuAbi | None = None, *, iommufd=None, nr: int | None = None,
+def select_lu_abi(name: str | LuAbi | None = None, *, iommufd: int | HasFileno | None = None, nr: int | None = None,
                   backend: Backend | None = None) -> LuAbi:
     """The revision to use: ``name`` (or ``$PYIOMMUFD_LU_ABI``); ``probe`` or
     nothing at all asks the kernel. ``nr`` (or ``$PYIOMMUFD_LU_NR``) moves it."""

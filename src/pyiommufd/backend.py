@@ -15,7 +15,7 @@ import contextvars
 import fcntl
 import mmap as _mmap
 import os
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 # kexec_file_load(2) and reboot(2) numbers for x86_64 (the only arch with VT-d).
 SYS_KEXEC_FILE_LOAD = 320
@@ -40,12 +40,12 @@ class Backend:
     def dup(self, fd: int) -> int:
         raise NotImplementedError
 
-    def ioctl(self, fd: int, request: int, arg) -> int:
+    def ioctl(self, fd: int, request: int, arg: Any) -> int:
         """Issue ``ioctl(fd, request, &arg)``; ``arg`` is a writable buffer
         (a ``cffi`` buffer of the argument struct) that the kernel may update."""
         raise NotImplementedError
 
-    def ioctl_function(self):
+    def ioctl_function(self) -> Callable[[int, int, Any], Any]:
         """A plain ``f(fd, request, buffer)`` with :meth:`ioctl`'s effect, for
         hot paths that look it up once per call site; by default the bound
         method itself."""
@@ -129,10 +129,10 @@ class LinuxBackend(Backend):
 
     name = "linux"
 
-    _libc_handle = None
+    _libc_handle: Any = None
 
     @property
-    def _libc(self):
+    def _libc(self) -> Any:
         # ctypes only for kexec_file_load and reboot: loaded on first use
         if self._libc_handle is None:
             import ctypes
@@ -142,57 +142,59 @@ class LinuxBackend(Backend):
             self._libc_handle = libc
         return self._libc_handle
 
-    def open(self, path, flags=os.O_RDWR | os.O_CLOEXEC):
+    def open(self, path: str, flags: int = os.O_RDWR | os.O_CLOEXEC) -> int:
         return os.open(path, flags)
 
-    def close(self, fd):
+    def close(self, fd: int) -> None:
         os.close(fd)
 
-    def dup(self, fd):
+    def dup(self, fd: int) -> int:
         return os.dup(fd)
 
-    def ioctl(self, fd, request, arg):
-        return fcntl.ioctl(fd, request, arg, True)
+    def ioctl(self, fd: int, request: int, arg: Any) -> int:
+        rc: int = fcntl.ioctl(fd, request, arg, True)  # the syscall's result for a buffer
+        return rc
 
-    def ioctl_function(self):
+    def ioctl_function(self) -> Callable[[int, int, Any], Any]:
         # fcntl.ioctl mutates a writable buffer by default, exactly as ioctl()
         # asks: one Python frame fewer per hot-path ioctl
         return fcntl.ioctl
 
-    def ioctl_int(self, fd, request, value=0):
+    def ioctl_int(self, fd: int, request: int, value: int = 0) -> int:
         return fcntl.ioctl(fd, request, value)
 
-    def fcntl(self, fd, cmd, arg=0):
+    def fcntl(self, fd: int, cmd: int, arg: int = 0) -> int:
         return fcntl.fcntl(fd, cmd, arg)
 
-    def memfd_create(self, name, flags):
+    def memfd_create(self, name: str, flags: int) -> int:
         return os.memfd_create(name, flags)
 
-    def ftruncate(self, fd, length):
+    def ftruncate(self, fd: int, length: int) -> None:
         os.ftruncate(fd, length)
 
-    def fstat_size(self, fd):
+    def fstat_size(self, fd: int) -> int:
         return os.fstat(fd).st_size
 
-    def pread(self, fd, length, offset):
+    def pread(self, fd: int, length: int, offset: int) -> bytes:
         return os.pread(fd, length, offset)
 
-    def pwrite(self, fd, data, offset):
+    def pwrite(self, fd: int, data: bytes, offset: int) -> int:
         return os.pwrite(fd, data, offset)
 
-    def read(self, fd, length):
+    def read(self, fd: int, length: int) -> bytes:
         return os.read(fd, length)
 
-    def write(self, fd, data):
+    def write(self, fd: int, data: bytes) -> int:
         return os.write(fd, data)
 
-    def mmap(self, fd, length, offset=0, prot=_mmap.PROT_READ | _mmap.PROT_WRITE):
+    def mmap(self, fd: int, length: int, offset: int = 0,
+             prot: int = _mmap.PROT_READ | _mmap.PROT_WRITE) -> _mmap.mmap:
         return _mmap.mmap(fd, length, flags=_mmap.MAP_SHARED, prot=prot, offset=offset)
 
-    def eventfd(self, initval=0, flags=0):
+    def eventfd(self, initval: int = 0, flags: int = 0) -> int:
         return os.eventfd(initval, flags)
 
-    def kexec_file_load(self, kernel_fd, initrd_fd, cmdline, flags):
+    def kexec_file_load(self, kernel_fd: int, initrd_fd: int, cmdline: str, flags: int) -> None:
         import ctypes
 
         raw = cmdline.encode() + b"\0"
@@ -203,7 +205,7 @@ class LinuxBackend(Backend):
             err = ctypes.get_errno()
             raise OSError(err, os.strerror(err))
 
-    def reboot(self, cmd):
+    def reboot(self, cmd: int) -> None:
         import ctypes
 
         os.sync()
@@ -211,18 +213,18 @@ class LinuxBackend(Backend):
             err = ctypes.get_errno()
             raise OSError(err, os.strerror(err))
 
-    def exists(self, path):
+    def exists(self, path: str) -> bool:
         return os.path.exists(path)
 
-    def read_text(self, path):
+    def read_text(self, path: str) -> str:
         with open(path) as f:
             return f.read()
 
-    def read_bytes(self, path):
+    def read_bytes(self, path: str) -> bytes:
         with open(path, "rb") as f:
             return f.read()
 
-    def write_text(self, path, text):
+    def write_text(self, path: str, text: str) -> None:
         # sysfs attributes want one write(2) of the whole value.
         fd = os.open(path, os.O_WRONLY)
         try:
@@ -230,19 +232,19 @@ class LinuxBackend(Backend):
         finally:
             os.close(fd)
 
-    def listdir(self, path):
+    def listdir(self, path: str) -> list[str]:
         return sorted(os.listdir(path))
 
-    def readlink(self, path):
+    def readlink(self, path: str) -> str:
         return os.readlink(path)
 
-    def realpath(self, path):
+    def realpath(self, path: str) -> str:
         return os.path.realpath(path)
 
-    def geteuid(self):
+    def geteuid(self) -> int:
         return os.geteuid()
 
-    def kernel_release(self):
+    def kernel_release(self) -> str:
         return os.uname().release
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import errno as E
 import os
-from typing import Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping, cast
 
 
 # Linux has one value for ENOTSUP and EOPNOTSUPP; the kernel sources say EOPNOTSUPP.
@@ -53,6 +53,9 @@ class KernelError(PyiommufdError, OSError):
     """A syscall or ioctl failed. ``op`` names it, ``hint`` says what to do."""
 
     interface = "kernel"
+    # Set by partial() on the error of a bulk call, absent otherwise.
+    index: int
+    done: Any
 
     def __init__(self, op: str, err: int, hint: str | None = None, detail: str | None = None):
         OSError.__init__(self, err, os.strerror(err))
@@ -72,7 +75,7 @@ class KernelError(PyiommufdError, OSError):
             text += f"; {self.hint}"
         return text
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         return (raise_class, (type(self).__name__, self.op, self.errno, self.hint, self.detail))
 
 
@@ -205,7 +208,7 @@ def error_class(interface: str, err: int) -> type[KernelError]:
     return cls
 
 
-def raise_class(name: str, op: str, err: int, hint: str | None, detail: str | None):
+def raise_class(name: str, op: str, err: int, hint: str | None, detail: str | None) -> KernelError:
     """Unpickling helper: rebuilds a combined error class by name."""
     for interface, base in INTERFACES.items():
         cls = error_class(interface, err)
@@ -227,7 +230,7 @@ HINTS: dict[object, Hint] = {
     # LUO (Linux 7.3 kernel/liveupdate/luo_session.c and luo_file.c)
     ("open(/dev/liveupdate)", E.EBUSY): lambda ctx: (
         "/dev/liveupdate is exclusive: another process holds it"
-        + (f" (pid {', '.join(map(str, ctx['holders']))})" if ctx.get("holders") else "")
+        + (f" (pid {', '.join(map(str, cast(Iterable[int], ctx['holders'])))})" if ctx.get("holders") else "")
         + "; hand your fds to `pyiommufd agent` instead of opening it twice"),
     ("open(/dev/liveupdate)", E.ENOENT): "no /dev/liveupdate: boot with CONFIG_LIVEUPDATE, "
         "`liveupdate=on` and KHO enabled (kho=on or KEXEC_HANDOVER_ENABLE_DEFAULT)",
@@ -398,7 +401,8 @@ def _token_list(tokens: list[int], shown: int = 8) -> str:
     return ", ".join(hex(t) for t in tokens[:shown - 1]) + f", ... {tokens[-1]:#x}"
 
 
-def partial(error: KernelError, index: int, total: int, verb: str, tokens: list, done) -> KernelError:
+def partial(error: KernelError, index: int, total: int, verb: str, tokens: list[Any],
+            done: Any) -> KernelError:
     """Say in ``error`` that item ``index`` of a bulk call of ``total`` items
     failed, and what was already ``verb`` before it (``tokens``: the ids of
     those, for the message; ``done``: the results, kept on the error as

@@ -3,10 +3,14 @@ from __future__ import annotations
 
 import errno as E
 import os
+from typing import TYPE_CHECKING, Any, Self
 
 from . import errors, ioctl
 from .backend import Backend, get_backend
 from .errors import UsageError
+
+if TYPE_CHECKING:
+    from _typeshed import HasFileno
 
 
 def open_path(backend: Backend, path: str, op: str, interface: str) -> int:
@@ -72,23 +76,25 @@ class FdObject:
         if self._owned:
             self.backend.close(fd)
 
-    def __del__(self):
+    def __del__(self) -> None:
         if self.close_on_gc and getattr(self, "_fd", None) is not None and self._owned:
             try:
                 self.close()
             except Exception:  # noqa: BLE001 - never raise from a finalizer
                 pass
 
-    def _call(self, idef, *, context=None, detail: str | None = None, **fields):
+    def _call(self, idef: ioctl.IoctlDef, *, context: ioctl.Context = None, detail: ioctl.Detail = None,
+              **fields: Any) -> ioctl.CData:
         return ioctl.call(self.backend, self.fileno(), idef, context=context, detail=detail, **fields)
 
-    def _invoke(self, idef, arg, *, context=None, detail: str | None = None):
+    def _invoke(self, idef: ioctl.IoctlDef, arg: ioctl.CData, *, context: ioctl.Context = None,
+                detail: ioctl.Detail = None) -> Any:
         return ioctl.invoke(self.backend, self.fileno(), idef, arg, context=context, detail=detail)
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __repr__(self) -> str:
@@ -96,7 +102,7 @@ class FdObject:
         return f"<{type(self).__name__} {state}>"
 
 
-def fd_of(obj) -> int:
+def fd_of(obj: int | HasFileno) -> int:
     """The fd number of an int or of an object with ``fileno()``."""
     if isinstance(obj, bool):
         raise UsageError(f"not a file descriptor: {obj!r}")
@@ -107,4 +113,5 @@ def fd_of(obj) -> int:
     fileno = getattr(obj, "fileno", None)
     if fileno is None:
         raise UsageError(f"{type(obj).__name__} has no file descriptor")
-    return fileno()
+    fd: int = fileno()
+    return fd

@@ -17,7 +17,7 @@ only version signal the kernel gets.
 from __future__ import annotations
 
 import errno as E
-from typing import Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from . import errors
 from ._record import record
@@ -46,13 +46,19 @@ def ioc_type(request: int) -> int:
 
 def const(name: str) -> int:
     """An integer constant (``#define`` or enum value) from include-bindings."""
-    return ffi.integer_const(name)
+    return int(ffi.integer_const(name))
 
 
 # How an ioctl takes its argument.
 ARG_STRUCT = "struct"   # pointer to a struct with a size/argsz field
 ARG_VALUE = "value"     # an integer passed by value (legacy VFIO)
 ARG_NONE = "none"       # no argument
+
+# cffi ships no types: a cdata (struct pointer, array) or buffer is Any.
+CData = Any
+# Error context and detail, or callables that make them only on failure.
+Context = Mapping[str, object] | Callable[[], Mapping[str, object]] | None
+Detail = str | Callable[[], str] | None
 
 
 class IoctlDef:
@@ -65,6 +71,16 @@ class IoctlDef:
 
     __slots__ = ("name", "request", "struct", "interface", "size_field", "arg",
                  "_ptype", "_size", "_template", "_free")
+    name: str
+    request: int
+    struct: str | None
+    interface: str
+    size_field: str | None
+    arg: str
+    _ptype: Any  # the cffi pointer type, once built
+    _size: int
+    _template: bytes
+    _free: list[tuple[Any, Any]]  # (struct, buffer) pairs to lend out
 
     def __init__(self, name: str, request: int, struct: str | None, interface: str,
                  size_field: str | None = "size", arg: str = ARG_STRUCT):
@@ -80,18 +96,18 @@ class IoctlDef:
         setattr_(self, "_template", b"")
         setattr_(self, "_free", [])
 
-    def __setattr__(self, name, value):
+    def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError(f"IoctlDef is immutable: cannot set {name!r}")
 
-    def _key(self):
+    def _key(self) -> tuple[object, ...]:
         return (self.name, self.request, self.struct, self.interface, self.size_field, self.arg)
 
-    def __eq__(self, other):
+    def __eq__(self, other: object) -> bool:
         if other.__class__ is not self.__class__:
             return NotImplemented
         return self._key() == other._key()
 
-    def __hash__(self):
+    def __hash__(self) -> int:
         return hash(self._key())
 
     def __repr__(self) -> str:
@@ -120,7 +136,7 @@ class IoctlDef:
             object.__setattr__(self, "_ptype", ptype)
         return self
 
-    def fresh(self):
+    def fresh(self) -> CData:
         """A new zeroed struct with its size field set (a cdata pointer)."""
         ptype = self._ptype
         if ptype is None:
@@ -137,7 +153,7 @@ class IoctlDef:
     # set; give it back only after every output field has been read, and
     # never hand it (or its buffer) to the caller. A call that raises simply
     # does not give it back.
-    def take(self):
+    def take(self) -> tuple[CData, CData]:
         """``(struct, buffer)`` from the pool, zeroed, size field set."""
         try:
             arg, buf = self._free.pop()
@@ -147,11 +163,11 @@ class IoctlDef:
         buf[:] = self._template
         return arg, buf
 
-    def give(self, pair) -> None:
+    def give(self, pair: tuple[CData, CData]) -> None:
         self._free.append(pair)
 
     # Bulk calls build every struct first, in one array, then only issue.
-    def array(self, n: int):
+    def array(self, n: int) -> CData:
         """``n`` zeroed structs in one allocation, each with its size field set."""
         if self._ptype is None:
             self.prepare()
@@ -160,7 +176,7 @@ class IoctlDef:
             ffi.buffer(array)[:] = self._template * n
         return array
 
-    def buffers(self, array, n: int) -> list:
+    def buffers(self, array: CData, n: int) -> list[CData]:
         """The buffer of each struct of :meth:`array`."""
         return [ffi.buffer(array + i) for i in range(n)]
 
@@ -186,9 +202,10 @@ def prepare(*idefs: IoctlDef) -> None:
             idef.prepare()
 
 
-def new(idef: IoctlDef | str, extra: int = 0, **fields):
+def new(idef: IoctlDef | str, extra: int = 0, **fields: Any) -> CData:
     """Allocate ``idef``'s struct (plus ``extra`` trailing bytes), zeroed,
     with its size field set and ``fields`` assigned."""
+    struct: str | None
     if isinstance(idef, str):
         struct, size_field = idef, None
     else:
@@ -211,7 +228,7 @@ def new(idef: IoctlDef | str, extra: int = 0, **fields):
     return arg
 
 
-def buffer_of(arg, length: int | None = None):
+def buffer_of(arg: CData, length: int | None = None) -> CData:
     """The writable bytes the kernel sees for ``arg``."""
     if length is None:
         length = ffi.sizeof(ffi.typeof(arg).item)
@@ -221,7 +238,7 @@ def buffer_of(arg, length: int | None = None):
     return ffi.buffer(arg, length)
 
 
-def _declared_size(arg) -> int | None:
+def _declared_size(arg: CData) -> int | None:
     # argsz first: VFIO structs such as vfio_region_info and
     # vfio_iommu_type1_dma_map also have a "size" field that is not theirs.
     item = ffi.typeof(arg).item
@@ -232,14 +249,15 @@ def _declared_size(arg) -> int | None:
     return None
 
 
-def raw_ioctl(backend: Backend):
+def raw_ioctl(backend: Backend) -> Callable[[int, int, CData], Any]:
     """The function the hot paths call as ``f(fd, request, buffer)``, as the
     backend provides it (:meth:`Backend.ioctl_function`): the seam stays the
     backend's, and the real one hands out ``fcntl.ioctl`` itself."""
     return backend.ioctl_function()
 
 
-def failure(exc: OSError, idef: IoctlDef, context=None, detail=None) -> errors.KernelError:
+def failure(exc: OSError, idef: IoctlDef, context: Context = None,
+            detail: Detail = None) -> errors.KernelError:
     """The typed error for ``idef`` failing with ``exc``. ``context`` and
     ``detail`` may be callables, run only here: error context costs nothing
     on success."""
@@ -252,7 +270,8 @@ def failure(exc: OSError, idef: IoctlDef, context=None, detail=None) -> errors.K
     return errors.from_oserror(exc, idef.name, idef.interface, context=context, detail=detail)
 
 
-def issue(backend: Backend, fd: int, idef: IoctlDef, buf, context=None, detail=None) -> int:
+def issue(backend: Backend, fd: int, idef: IoctlDef, buf: CData, context: Context = None,
+          detail: Detail = None) -> int:
     """``backend.ioctl`` with the failure typed; the hot paths' one layer."""
     try:
         return backend.ioctl(fd, idef.request, buf)
@@ -262,14 +281,14 @@ def issue(backend: Backend, fd: int, idef: IoctlDef, buf, context=None, detail=N
         raise failure(exc, idef, context, detail) from None
 
 
-def invoke_raw(backend: Backend, fd: int, idef: IoctlDef, buf, *,
-               context: Mapping[str, object] | None = None, detail: str | None = None) -> int:
+def invoke_raw(backend: Backend, fd: int, idef: IoctlDef, buf: CData, *,
+               context: Context = None, detail: Detail = None) -> int:
     """Issue ``idef`` with a raw writable buffer and return the syscall's own
     result (a new fd for VFIO_GROUP_GET_DEVICE_FD and the DMA_BUF feature)."""
     return int(issue(backend, fd, idef, buf, context, detail) or 0)
 
 
-def _struct_buffer(idef: IoctlDef, arg):
+def _struct_buffer(idef: IoctlDef, arg: CData) -> CData:
     """The bytes of ``arg``: the struct, or more when its size field says so
     (argsz-extended VFIO replies, trailing arrays)."""
     ptype = idef._ptype
@@ -280,8 +299,8 @@ def _struct_buffer(idef: IoctlDef, arg):
     return buffer_of(arg)
 
 
-def invoke(backend: Backend, fd: int, idef: IoctlDef, arg=None, *,
-           context: Mapping[str, object] | None = None, detail: str | None = None):
+def invoke(backend: Backend, fd: int, idef: IoctlDef, arg: CData = None, *,
+           context: Context = None, detail: Detail = None) -> Any:
     """Issue ``idef`` on ``fd`` with ``arg`` (a cdata struct pointer, an int for
     value-style ioctls, or None). Returns ``arg`` for structs, else the result."""
     if idef.arg == ARG_STRUCT:
@@ -293,8 +312,8 @@ def invoke(backend: Backend, fd: int, idef: IoctlDef, arg=None, *,
         raise failure(exc, idef, context, detail) from None
 
 
-def call(backend: Backend, fd: int, idef: IoctlDef, /, *, context: Mapping[str, object] | None = None,
-         detail: str | None = None, **fields):
+def call(backend: Backend, fd: int, idef: IoctlDef, /, *, context: Context = None,
+         detail: Detail = None, **fields: Any) -> CData:
     """Allocate, fill, issue; return the struct as the kernel left it.
 
     ``backend``, ``fd`` and ``idef`` are positional-only, so struct fields
@@ -318,7 +337,8 @@ def call(backend: Backend, fd: int, idef: IoctlDef, /, *, context: Mapping[str, 
 
 
 def call_growing(backend: Backend, fd: int, idef: IoctlDef, /, *, count_field: str, ptr_field: str,
-                 elem_type: str, initial: int = 8, max_tries: int = 8, **fields):
+                 elem_type: str, initial: int = 8, max_tries: int = 8,
+                 **fields: Any) -> tuple[CData, list[CData]]:
     """EMSGSIZE two-call pattern: pass an array of ``initial`` entries; if the
     kernel answers EMSGSIZE it has written the needed count into
     ``count_field``; grow to that and call again. Returns ``(struct, list)``.
@@ -343,7 +363,8 @@ def call_growing(backend: Backend, fd: int, idef: IoctlDef, /, *, count_field: s
                             detail="the array kept growing between calls")
 
 
-def call_with_caps(backend: Backend, fd: int, idef: IoctlDef, /, **fields):
+def call_with_caps(backend: Backend, fd: int, idef: IoctlDef, /,
+                   **fields: Any) -> tuple[CData, bytes]:
     """VFIO argsz-extended call: if the kernel says it needs a larger argsz
     (capability chain), reallocate and call again. Returns ``(struct, bytes)``
     where ``bytes`` is the whole reply including the capability area."""
@@ -366,7 +387,7 @@ class Capability:
     offset: int
     data: bytes  # from the header's start to the next entry (or the end)
 
-    def view(self, struct: str):
+    def view(self, struct: str) -> tuple[CData, CData]:
         """Decode this capability as ``struct`` (a copy, bounds-checked)."""
         size = ffi.sizeof(struct)
         if size > len(self.data):

@@ -55,7 +55,7 @@ from __future__ import annotations
 import errno as E
 import mmap as _mmap
 from bisect import bisect_left, bisect_right
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable, Self, TypeVar
 
 from . import errors, ioctl
 from ._record import hidden, record
@@ -63,12 +63,16 @@ from ._uapi import ffi
 from .backend import Backend, get_backend
 from .fdobject import FdObject, open_path
 
+if TYPE_CHECKING:
+    from .abi import LuAbi
+
 DEFAULT_PATH = "/dev/iommu"
 PAGE_SIZE = _mmap.PAGESIZE
 U64_MAX = (1 << 64) - 1
 U32_MAX = (1 << 32) - 1
 
 C = ioctl.const
+_Wrapped = TypeVar("_Wrapped", bound="IommufdObject")
 
 # -- ioctl definitions ---------------------------------------------------------
 IOMMU_DESTROY = ioctl.define("IOMMU_DESTROY", "struct iommu_destroy", "iommufd")
@@ -177,12 +181,12 @@ def _aligned(value: int, what: str, alignment: int = PAGE_SIZE) -> int:
 
 
 def _length(value: Any, what: str = "length", alignment: int | None = PAGE_SIZE) -> int:
-    value = _int(value, what)
-    if value == 0:
+    length = _int(value, what)
+    if length == 0:
         raise errors.UsageError(f"{what} must not be 0")
     if alignment:
-        _aligned(value, what, alignment)
-    return value
+        _aligned(length, what, alignment)
+    return length
 
 
 def _range_end(start: int, length: int, what: str) -> None:
@@ -190,7 +194,7 @@ def _range_end(start: int, length: int, what: str) -> None:
         raise errors.UsageError(f"{what} [{start:#x}, +{length:#x}) wraps past 2^64")
 
 
-def _named(value: Any, table: dict[str, Any], what: str):
+def _named(value: Any, table: dict[str, Any], what: str) -> Any:
     if isinstance(value, str):
         try:
             return table[value.lower()]
@@ -217,7 +221,7 @@ def _fd_of(file_or_fd: Any, what: str = "file") -> int:
     return fd
 
 
-def buffer_address(buffer: Any, *, writable: bool, length: int | None = None):
+def buffer_address(buffer: Any, *, writable: bool, length: int | None = None) -> tuple[int, int, Any]:
     """``(address, length, pin)`` of a Python buffer or a cffi array.
 
     ``pin`` is the cffi object that keeps the buffer exported (so it can
@@ -304,9 +308,9 @@ class Mapping:
     start: int | None = None
     user_va: int | None = None
     copied_from: tuple[int, int] | None = None  # (src ioas id, src iova)
-    file: Any = hidden()
-    buffer: Any = hidden()
-    pin: Any = hidden()
+    file: Any = hidden(default=None)
+    buffer: Any = hidden(default=None)
+    pin: Any = hidden(default=None)
 
     @property
     def last(self) -> int:
@@ -402,7 +406,7 @@ class PageFault:
     cookie: int
 
 
-def _struct_dict(cdata, struct: str) -> dict[str, Any]:
+def _struct_dict(cdata: ioctl.CData, struct: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, fld in ffi.typeof(struct).fields:
         if name.startswith("__") or name == "reserved":
@@ -556,7 +560,7 @@ class IOMMUFD(FdObject):
         self._objects[ioas.id] = ioas
         return ioas
 
-    def _wrap(self, cls: type, obj_id: int, owned: bool):
+    def _wrap(self, cls: type[_Wrapped], obj_id: int, owned: bool) -> _Wrapped:
         obj_id = _int(obj_id, f"{cls.__name__} id", minimum=1, maximum=U32_MAX)
         known = self._objects.get(obj_id)
         if isinstance(known, cls):
@@ -862,10 +866,10 @@ class IommufdObject:
     def _implicit_destroy_ok(self) -> bool:
         return self.owned
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         if not self._implicit_destroy_ok():
             return
         try:
@@ -1001,10 +1005,10 @@ class IOAS(IommufdObject):
             arg.length = size
             arg.iova = iova_in
             try:
-                ictx._ioctl(ictx._fd, _MAP_REQUEST, buf)
+                ictx._ioctl(ictx._fd, _MAP_REQUEST, buf)  # type: ignore[arg-type]  # open: checked
             except OSError as exc:
                 raise ioctl.failure(exc, IOMMU_IOAS_MAP, None, detail) from None
-            got = arg.iova
+            got: int = arg.iova
             _MAP_POOL.append(pair)
         except BaseException:
             _release(pin)
@@ -1039,13 +1043,13 @@ class IOAS(IommufdObject):
             self.iommufd._ioctl(self.iommufd.fileno(), IOMMU_IOAS_MAP_FILE.request, buf)
         except OSError as exc:
             raise ioctl.failure(exc, IOMMU_IOAS_MAP_FILE) from None
-        got = arg.iova
+        got: int = arg.iova
         IOMMU_IOAS_MAP_FILE.give(pair)
         self._track(Mapping(got, length, "file", readable, writeable, fd, start, None, None,
                             None if isinstance(file_or_fd, int) else file_or_fd))
         return got
 
-    def map_file_many(self, items) -> list[int]:
+    def map_file_many(self, items: Iterable[Any]) -> list[int]:
         """IOMMU_IOAS_MAP_FILE of every item, in order; returns their IOVAs.
 
         Each item is a dict of :meth:`map_file`'s arguments (``file`` plus
@@ -1058,7 +1062,7 @@ class IOAS(IommufdObject):
         it, and it carries ``index`` and ``done`` (the IOVAs of items
         ``0..i-1``, which stay mapped and tracked)."""
         self._check()
-        prepared = []
+        prepared: list[Any] = []
         for index, item in enumerate(items):
             try:
                 if isinstance(item, dict):
@@ -1097,8 +1101,8 @@ class IOAS(IommufdObject):
             raise errors.partial(error, i, n, "mapped", [f"iova {v:#x}" for v in done], done) from None
         return self._track_files(prepared, array, n)
 
-    def _track_files(self, prepared, array, count: int) -> list[int]:
-        out = []
+    def _track_files(self, prepared: list[Any], array: ioctl.CData, count: int) -> list[int]:
+        out: list[int] = []
         for i in range(count):
             (fd, start, length, _, _), readable, writeable, file = prepared[i]
             got = array[i].iova
@@ -1106,7 +1110,8 @@ class IOAS(IommufdObject):
             out.append(got)
         return out
 
-    def _map_file_args(self, file_or_fd, start, length, iova, readable, writeable, hint_iova):
+    def _map_file_args(self, file_or_fd: Any, start: Any, length: Any, iova: Any, readable: bool,
+                       writeable: bool, hint_iova: Any) -> tuple[int, int, int, int, int]:
         """map_file's checks, in its order: ``(fd, start, length, iova, flags)``."""
         fd = _fd_of(file_or_fd)
         start = _aligned(_int(start, "start"), "start")
@@ -1172,10 +1177,10 @@ class IOAS(IommufdObject):
         arg.iova = iova
         arg.length = length
         try:
-            ictx._ioctl(ictx._fd, _UNMAP_REQUEST, buf)
+            ictx._ioctl(ictx._fd, _UNMAP_REQUEST, buf)  # type: ignore[arg-type]  # open: checked
         except OSError as exc:
             raise ioctl.failure(exc, IOMMU_IOAS_UNMAP) from None
-        done = arg.length
+        done: int = arg.length
         _UNMAP_POOL.append(pair)
         self._drop_tracked(iova, length)
         return done
@@ -1226,7 +1231,7 @@ class IOAS(IommufdObject):
     #: entries in the first IOVA_RANGES call; more take a second (EMSGSIZE) call
     ranges_initial = 8
 
-    def _ranges_call(self):
+    def _ranges_call(self) -> tuple[ioctl.CData, list[ioctl.CData]]:
         return ioctl.call_growing(self.backend, self.iommufd.fileno(), IOMMU_IOAS_IOVA_RANGES,
                                   count_field="num_iovas", ptr_field="allowed_iovas",
                                   elem_type="struct iommu_iova_range", initial=self.ranges_initial,
@@ -1411,7 +1416,7 @@ class HWPT(_Invalidatable):
         return DirtyBitmap(iova, length, page_size, bytes(ffi.buffer(bitmap)))
 
     # -- live update ---------------------------------------------------------------
-    def mark_preserved(self, token: int, abi: str | None = None) -> None:
+    def mark_preserved(self, token: int, abi: str | LuAbi | None = None) -> None:
         """Mark this paging HWPT for live-update preservation with ``token``
         (unique per iommufd, else :class:`~pyiommufd.errors.AddressInUse`),
         through the LU ABI revision ``abi`` (a name such as ``"lu-v2"``, a

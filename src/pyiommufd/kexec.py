@@ -31,14 +31,14 @@ def current_cmdline(backend: Backend | None = None) -> str:
     return reuse_cmdline(get_backend(backend).read_text("/proc/cmdline"))
 
 
-def _open_image(be: Backend, path: str, what: str) -> int:
+def _open_image(be: Backend, path: str | os.PathLike[str], what: str) -> int:
     try:
         return be.open(os.fspath(path), os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
         raise errors.from_oserror(exc, f"open({what})", "kexec", detail=os.fspath(path)) from None
 
 
-def load(kernel: str | os.PathLike, initrd: str | os.PathLike | None = None,
+def load(kernel: str | os.PathLike[str], initrd: str | os.PathLike[str] | None = None,
          cmdline: str | None = None, *, backend: Backend | None = None) -> str:
     """Load ``kernel`` (and ``initrd``) for the next kexec. ``cmdline=None``
     reuses the running kernel's. Returns the command line used."""

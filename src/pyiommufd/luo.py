@@ -12,12 +12,17 @@ from __future__ import annotations
 
 import errno as E
 import os
+from typing import TYPE_CHECKING, Iterable
 
 from . import errors, ioctl
 from ._record import record
+from ._uapi import ffi
 from .backend import Backend
 from .errors import UsageError
 from .fdobject import FdObject, fd_of
+
+if TYPE_CHECKING:
+    from _typeshed import HasFileno
 
 DEVICE = "/dev/liveupdate"
 SESSION_NAME_MAX = 63
@@ -95,7 +100,7 @@ def describe_fd(backend: Backend, fd: int) -> str | None:
 
 def holders_of(backend: Backend, path: str = DEVICE) -> list[int]:
     """PIDs that have ``path`` open (scans /proc/*/fd)."""
-    pids = []
+    pids: list[int] = []
     try:
         entries = backend.listdir("/proc")
     except OSError:
@@ -189,9 +194,10 @@ class Session(FdObject):
     def get_name(self) -> str:
         """The session's name as the kernel has it (LIVEUPDATE_SESSION_GET_NAME)."""
         arg = ioctl.call(self.backend, self.fd, GET_NAME)
-        return ioctl.ffi.string(arg.name).decode()
+        name: str = ffi.string(arg.name).decode()
+        return name
 
-    def preserve(self, obj, token: int) -> PreservedFile:
+    def preserve(self, obj: int | HasFileno, token: int) -> PreservedFile:
         """Preserve ``obj`` (an fd, or an object with ``fileno()``) under ``token``.
 
         Through a series kernel the order is memfd -> iommufd -> VFIO cdev,
@@ -218,7 +224,7 @@ class Session(FdObject):
         self.preserved[token] = record
         return record
 
-    def preserve_many(self, items) -> list[PreservedFile]:
+    def preserve_many(self, items: Iterable[tuple[int | HasFileno, int]]) -> list[PreservedFile]:
         """Preserve each ``(obj, token)`` of ``items``, in order: the bulk
         :meth:`preserve` for the critical path.
 
@@ -232,7 +238,7 @@ class Session(FdObject):
         """
         if self.incoming:
             raise UsageError(f"session {self.name!r} is incoming (retrieved): it takes retrieve/finish, not preserve")
-        prepared = []
+        prepared: list[tuple[int, int, str | None]] = []
         for index, item in enumerate(items):
             try:
                 obj, token = item
@@ -269,12 +275,12 @@ class Session(FdObject):
             raise errors.partial(error, i, n, "preserved", [r.token for r in done], done) from None
         return self._record_preserved(prepared)
 
-    def _record_preserved(self, prepared) -> list[PreservedFile]:
+    def _record_preserved(self, prepared: list[tuple[int, int, str | None]]) -> list[PreservedFile]:
         out = [PreservedFile(token, fd, kind) for fd, token, kind in prepared]
         self.preserved.update(zip((r.token for r in out), out))
         return out
 
-    def retrieve_all(self, tokens) -> dict[int, int]:
+    def retrieve_all(self, tokens: Iterable[int]) -> dict[int, int]:
         """Retrieve every token of ``tokens``, in order; returns ``{token: fd}``
         (the caller owns the fds). The bulk :meth:`retrieve` for the blackout
         window: the structs are built before the first ioctl.
@@ -322,7 +328,7 @@ class Session(FdObject):
             self._ioctl(self.fileno(), RETRIEVE_FD.request, buf)
         except OSError as exc:
             raise ioctl.failure(exc, RETRIEVE_FD, None, lambda: f"session {self.name!r}, token {token:#x}") from None
-        fd = arg.fd
+        fd: int = arg.fd
         RETRIEVE_FD.give(pair)
         self.retrieved[token] = fd
         return fd

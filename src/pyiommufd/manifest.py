@@ -52,12 +52,17 @@ import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable, Literal, overload
 
 from .backend import Backend, get_backend
 from . import memfd
 from .errors import UsageError
 from .memfd import seal_names
+
+if TYPE_CHECKING:
+    from _typeshed import HasFileno
+
+    from .memfd import MemFD, Seal
 
 FORMAT = "pyiommufd-manifest"
 VERSION = 1
@@ -91,12 +96,24 @@ def _token(value: Any, where: str) -> int:
     return value
 
 
+@overload
+def _uint(value: Any, where: str, *, optional: Literal[False] = False) -> int: ...
+@overload
+def _uint(value: Any, where: str, *, optional: bool) -> int | None: ...
+
+
 def _uint(value: Any, where: str, *, optional: bool = False) -> int | None:
     if value is None and optional:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise _fail(where, f"expected a non-negative integer, not {value!r}")
     return value
+
+
+@overload
+def _str(value: Any, where: str, *, optional: Literal[False] = False) -> str: ...
+@overload
+def _str(value: Any, where: str, *, optional: bool) -> str | None: ...
 
 
 def _str(value: Any, where: str, *, optional: bool = False) -> str | None:
@@ -107,13 +124,13 @@ def _str(value: Any, where: str, *, optional: bool = False) -> str | None:
     return value
 
 
-def _dict(value: Any, where: str) -> dict:
+def _dict(value: Any, where: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise _fail(where, f"expected an object, not {type(value).__name__}")
     return value
 
 
-def _list(value: Any, where: str) -> list:
+def _list(value: Any, where: str) -> list[Any]:
     if value is None:
         return []
     if not isinstance(value, list):
@@ -407,7 +424,7 @@ def checksum(doc: dict) -> str:
     return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def manifest_seals():
+def manifest_seals() -> Seal:
     """The seals the manifest memfd gets after writing: WRITE|SEAL|GROW|SHRINK,
     all within 7.3 memfd LUO's ``MEMFD_LUO_ALL_SEALS`` (Linux 7.3 mm/memfd_luo.c)."""
     from .memfd import Seal
@@ -415,7 +432,7 @@ def manifest_seals():
     return Seal.WRITE | Seal.SEAL | Seal.GROW | Seal.SHRINK
 
 
-def write_to_memfd(manifest: Manifest, backend: Backend | None = None):
+def write_to_memfd(manifest: Manifest, backend: Backend | None = None) -> MemFD:
     """Write ``manifest`` into a new memfd, seal it and return the
     :class:`~pyiommufd.memfd.MemFD` (preserve it at token 0 before anything else)."""
     from .memfd import MemFD
@@ -433,7 +450,7 @@ def write_to_memfd(manifest: Manifest, backend: Backend | None = None):
     return memfd
 
 
-def read_from_fd(fd, backend: Backend | None = None) -> Manifest:
+def read_from_fd(fd: int | HasFileno, backend: Backend | None = None) -> Manifest:
     """Read and validate the manifest in ``fd`` (an int or an object with
     ``fileno()``, e.g. token 0 retrieved after kexec)."""
     from .fdobject import fd_of

@@ -12,6 +12,7 @@ import enum
 import mmap as _mmap
 import os
 import re
+from typing import Iterable
 
 from . import errors, ioctl
 from .backend import Backend, get_backend
@@ -41,10 +42,10 @@ F_GET_SEALS = ioctl.const("F_GET_SEALS")
 #: every seal 7.3 memfd LUO can preserve (MEMFD_LUO_ALL_SEALS, Linux 7.3 mm/memfd_luo.c); others: EOPNOTSUPP
 LUO_PRESERVABLE_SEALS = Seal.SEAL | Seal.SHRINK | Seal.GROW | Seal.WRITE | Seal.FUTURE_WRITE | Seal.EXEC
 WRITE_SEALS = Seal.WRITE | Seal.FUTURE_WRITE
-SEAL_NAMES = tuple(s.name.lower() for s in Seal)
+SEAL_NAMES = tuple(s.name.lower() for s in Seal)  # type: ignore[union-attr]  # members have names
 
 
-def parse_seals(value) -> Seal:
+def parse_seals(value: str | Iterable[str] | int | None) -> Seal:
     """Seals from a string (``"seal,grow|shrink"``, ``"live-update"``,
     ``"none"``, ``F_SEAL_*`` names), a list of names, or an int bit mask."""
     if isinstance(value, bool):
@@ -75,7 +76,7 @@ def parse_seals(value) -> Seal:
 
 def seal_names(seals: int) -> list[str]:
     """Lower-case names of the set seal bits; unknown bits as one hex number."""
-    names = [s.name.lower() for s in Seal if s.value & int(seals)]
+    names = [s.name.lower() for s in Seal if s.value & int(seals)]  # type: ignore[union-attr]
     rest = int(seals) & ~int(LUO_PRESERVABLE_SEALS)
     if rest:
         names.append(f"{rest:#x}")

@@ -23,11 +23,13 @@ from __future__ import annotations
 import errno as E
 import posixpath
 import re
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 from . import errors
 from ._record import asdict, record
 from .backend import Backend, get_backend
+
+_T = TypeVar("_T")
 
 SYSFS_PCI_DEVICES = "/sys/bus/pci/devices"
 SYSFS_PCI_DRIVERS = "/sys/bus/pci/drivers"
@@ -90,7 +92,8 @@ class PciDeviceInfo:
     vfio_cdev: str | None
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        as_dict: dict[str, Any] = asdict(self)
+        return as_dict
 
 
 class PciDevice:
@@ -219,7 +222,7 @@ class PciDevice:
 
     def info(self) -> PciDeviceInfo:
         """A snapshot of everything above (missing attributes become None)."""
-        def opt(fn):
+        def opt(fn: Callable[[], _T]) -> _T | None:
             try:
                 return fn()
             except errors.KernelError:
@@ -349,7 +352,7 @@ class VfioBinding:
     def __enter__(self) -> "VfioBinding":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.restore()
 
 

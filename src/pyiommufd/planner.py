@@ -49,7 +49,7 @@ import random
 import re
 import tomllib
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from .errors import UsageError
 from .abi import REVISIONS as ABI_REVISIONS
@@ -58,6 +58,10 @@ from .luo import check_session_name
 from .manifest import MANIFEST_TOKEN
 from .memfd import LIVE_UPDATE_SEALS, LUO_PRESERVABLE_SEALS, seal_names
 from .memfd import WRITE_SEALS as MEMFD_WRITE_SEALS
+
+if TYPE_CHECKING:
+    from .agent.client import AgentClient
+    from .backend import Backend
 from .memfd import parse_seals as memfd_parse_seals
 
 PAGE_SIZE = 4096
@@ -191,11 +195,11 @@ class Plan:
         return None, None
 
     def as_dict(self) -> dict[str, Any]:
-        def clean(obj):
+        def clean(obj: Any) -> dict[str, Any]:
             d = asdict(obj)
             return d
 
-        out = {"session": self.session, "lu_abi": self.lu_abi, "manifest": self.manifest,
+        out: dict[str, Any] = {"session": self.session, "lu_abi": self.lu_abi, "manifest": self.manifest,
                "memfds": [], "iommufds": [clean(i) for i in self.iommufds],
                "devices": [clean(d) for d in self.devices]}
         for m in self.memfds:
@@ -343,7 +347,7 @@ def _bool(value: Any, where: str, default: bool) -> bool:
     return value
 
 
-def _items(data: dict, keys: tuple[str, ...], where: str) -> list:
+def _items(data: dict[str, Any], keys: tuple[str, ...], where: str) -> list[Any]:
     found = [k for k in keys if k in data]
     if len(found) > 1:
         raise UsageError(f"{where}: use one of {', '.join(found)}, not both")
@@ -360,7 +364,7 @@ def _items(data: dict, keys: tuple[str, ...], where: str) -> list:
     return value
 
 
-def _check_keys(data: dict, allowed: Iterable[str], where: str) -> None:
+def _check_keys(data: dict[str, Any], allowed: Iterable[str], where: str) -> None:
     unknown = sorted(set(data) - set(allowed))
     if unknown:
         raise UsageError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))} "
@@ -468,7 +472,7 @@ def plan_from_dict(data: Any, *, base_dir: str | None = None) -> Plan:
     return plan
 
 
-def load_plan(path: str | os.PathLike) -> Plan:
+def load_plan(path: str | os.PathLike[str]) -> Plan:
     """Read a TOML (``.toml``) or JSON plan file."""
     path = os.fspath(path)
     try:
@@ -653,10 +657,10 @@ def validate(plan: Plan) -> list[Problem]:
     """Every rule violation of ``plan``, errors and warnings. Never touches the kernel."""
     problems: list[Problem] = []
 
-    def err(code, message, where="", ref=""):
+    def err(code: str, message: str, where: str = "", ref: str = "") -> None:
         problems.append(Problem("error", code, message, where, ref))
 
-    def warn(code, message, where="", ref=""):
+    def warn(code: str, message: str, where: str = "", ref: str = "") -> None:
         problems.append(Problem("warning", code, message, where, ref))
 
     # session and ABI
@@ -838,6 +842,7 @@ def validate(plan: Plan) -> list[Problem]:
                 err("device-ident", str(exc), where)
                 ident = d.bdf
         else:
+            assert d.cdev is not None  # bdf is None here, so cdev is not
             ident = os.path.normpath(d.cdev)
             if not ident.startswith("/dev/vfio/devices/"):
                 warn("device-cdev", f"{d.cdev} is not under /dev/vfio/devices/: only VFIO device cdevs can be "
@@ -856,7 +861,7 @@ def validate(plan: Plan) -> list[Problem]:
                 "preserved in the same session", where, "4.5")
             continue
         iommufd, hwpt = plan.hwpt(d.hwpt)
-        if hwpt is None:
+        if iommufd is None or hwpt is None:  # both or neither
             err("device-hwpt-unknown", f"HWPT {d.hwpt!r} is not a HWPT of this plan", where)
             continue
         if not hwpt.mark:
@@ -873,10 +878,10 @@ def validate(plan: Plan) -> list[Problem]:
             dev = devices_by_name.get(h.device or "")
             if dev is None or dev.hwpt is None:
                 continue
-            other, _ = plan.hwpt(dev.hwpt)
-            if other is not None and other is not i:
+            bound_to, _ = plan.hwpt(dev.hwpt)
+            if bound_to is not None and bound_to is not i:
                 err("hwpt-device-iommufd", f"allocated for device {dev.name!r}, which is bound to iommufd "
-                    f"{other.name!r}", f"iommufd {i.name!r} HWPT {h.name!r}")
+                    f"{bound_to.name!r}", f"iommufd {i.name!r} HWPT {h.name!r}")
 
     if not any(m.preserve for m in plan.memfds) and not any(i.preserve for i in plan.iommufds) \
             and not any(d.preserve for d in plan.devices):
@@ -888,10 +893,11 @@ def validate(plan: Plan) -> list[Problem]:
 def assign_tokens(plan: Plan) -> Plan:
     """Fill in missing LUO tokens (from 1 up, skipping used ones and the
     manifest's 0) and missing HWPT LU tokens (per iommufd, from 1 up)."""
-    used = {o.token for o in (*plan.memfds, *plan.iommufds, *plan.devices) if o.token is not None}
+    specs: tuple[MemfdSpec | IommufdSpec | DeviceSpec, ...] = (*plan.memfds, *plan.iommufds, *plan.devices)
+    used = {o.token for o in specs if o.token is not None}
     used.add(MANIFEST_TOKEN)
     nxt = 1
-    for obj in (*plan.memfds, *plan.iommufds, *plan.devices):
+    for obj in specs:
         if obj.token is None and getattr(obj, "preserve", True):
             while nxt in used:
                 nxt += 1
@@ -940,7 +946,7 @@ def order(plan: Plan) -> list[Operation]:
     ops: list[Operation] = []
     abi = abi_name(plan) or "probe"
 
-    def add(action, target, detail="", **args):
+    def add(action: str, target: str, detail: str = "", **args: Any) -> None:
         ops.append(Operation(len(ops) + 1, action, target, detail, args))
 
     for m in plan.memfds:
@@ -957,7 +963,7 @@ def order(plan: Plan) -> list[Operation]:
             for mp in a.mappings:
                 if mp.kind != "file":
                     continue
-                size = plan.memfd(mp.memfd).size if plan.memfd(mp.memfd) else 0
+                size = mapped_memfd.size if (mapped_memfd := plan.memfd(mp.memfd)) else 0
                 length = mp.length if mp.length is not None else size - mp.offset
                 where = f"iova {mp.iova:#x}" if mp.iova is not None else "kernel-chosen iova"
                 add("map_file", f"{i.name}/{a.name}", f"{mp.memfd} [{mp.offset:#x}, +{length:#x}) at {where}",
@@ -1009,7 +1015,7 @@ def check_order(plan: Plan, ops: list[Operation]) -> list[Problem]:
     the ordering rules. Never touches the kernel."""
     problems: list[Problem] = []
 
-    def err(code, message, op: Operation, ref=""):
+    def err(code: str, message: str, op: Operation, ref: str = "") -> None:
         problems.append(Problem("error", code, message, f"step {op.step} {op.action} {op.target}", ref))
 
     done: dict[tuple[str, str], int] = {}
@@ -1120,6 +1126,7 @@ def content_chunks(contents: Contents, size: int, chunk: int = 1 << 20) -> Itera
             yield offset, block[:n]
             offset += n
     elif contents.kind == "file":
+        assert contents.path is not None  # file contents name one
         try:
             f = open(contents.path, "rb")
         except OSError as exc:
@@ -1151,7 +1158,7 @@ class Executed:
                 "manifest": self.manifest.as_dict() if self.manifest is not None else None}
 
 
-def execute(plan: Plan, client, *, backend=None, ops: list[Operation] | None = None,
+def execute(plan: Plan, client: AgentClient, *, backend: Backend | None = None, ops: list[Operation] | None = None,
             progress: Callable[[Operation], None] | None = None,
             notify: Callable[[str], None] | None = None) -> Executed:
     """Carry out a valid ``plan``: create and seal memfds, open and map the
@@ -1165,7 +1172,7 @@ def execute(plan: Plan, client, *, backend=None, ops: list[Operation] | None = N
     and the error re-raised (``notify`` is told). On return, this process's
     own fds are closed: the agent holds the references that matter."""
     from . import manifest as M
-    from .abi import select_lu_abi
+    from .abi import LuAbi, select_lu_abi
     from .backend import get_backend
     from .errors import PlanError
     from .iommufd import IOMMUFD
@@ -1174,12 +1181,13 @@ def execute(plan: Plan, client, *, backend=None, ops: list[Operation] | None = N
 
     be = get_backend(backend)
     problems = errors_in(validate(plan))
-    if ops is None and not problems:
-        ops = order(plan)
     if not problems:
+        if ops is None:
+            ops = order(plan)
         problems = errors_in(check_order(plan, ops))
     if problems:
         raise PlanError([p.describe() for p in problems])
+    assert ops is not None  # ordered above, the plan being valid
 
     memfds: dict[str, MemFD] = {}
     iommufds: dict[str, IOMMUFD] = {}
@@ -1190,23 +1198,33 @@ def execute(plan: Plan, client, *, backend=None, ops: list[Operation] | None = N
     digests: dict[str, str] = {}
     result = Executed(plan, objects={"memfds": memfds, "iommufds": iommufds, "devices": devices,
                                      "hwpts": hwpts})
-    lu = None
+    lu: LuAbi | None = None
     session_created = False
-    manifest_fd = None
+    manifest_fd: MemFD | None = None
 
-    def memfd_spec(name):
+    def memfd_spec(name: str) -> MemfdSpec:
         spec = plan.memfd(name)
         assert spec is not None, name
         return spec
 
-    def build_manifest():
+    def device_spec(name: str) -> DeviceSpec:
+        spec = plan.device(name)
+        assert spec is not None, name
+        return spec
+
+    def token(spec: MemfdSpec | IommufdSpec | DeviceSpec | HwptSpec) -> int:
+        value = spec.lu_token if isinstance(spec, HwptSpec) else spec.token
+        assert value is not None, spec.name  # assign_tokens() gave every preserved object one
+        return value
+
+    def build_manifest() -> M.Manifest:
         entries = []
         for m in plan.memfds:
             if not m.preserve:
                 continue
             if m.sha256 and m.name not in digests:
                 digests[m.name] = memfds[m.name].sha256()
-            entries.append(M.Entry(m.token, "memfd", m.name, size=m.size,
+            entries.append(M.Entry(token(m), "memfd", m.name, size=m.size,
                                    seals=[s for s in seal_names(m.seals) if not s.startswith("0x")],
                                    sha256=digests.get(m.name)))
         for i in plan.iommufds:
@@ -1217,12 +1235,12 @@ def execute(plan: Plan, client, *, backend=None, ops: list[Operation] | None = N
                 maps = []
                 for mp in mapped.get((i.name, a.name), []):
                     spec = memfd_spec(mp["memfd"])
-                    maps.append(M.Mapping(iova=mp["iova"], length=mp["length"], memfd_token=spec.token,
+                    maps.append(M.Mapping(iova=mp["iova"], length=mp["length"], memfd_token=spec.token,  # type: ignore[arg-type]  # None if not preserved
                                           memfd=spec.name, offset=mp["offset"], prot=mp["prot"]))
                 ioas_list.append(M.Ioas(id=ioases[(i.name, a.name)].id, name=a.name, mappings=maps))
-            hw = [M.Hwpt(id=hwpts[h.name].id, name=h.name, lu_token=h.lu_token, ioas=h.ioas, device=h.device)
+            hw = [M.Hwpt(id=hwpts[h.name].id, name=h.name, lu_token=token(h), ioas=h.ioas, device=h.device)
                   for h in i.hwpts if h.mark]
-            entries.append(M.Entry(i.token, "iommufd", i.name, ioas=ioas_list, hwpts=hw))
+            entries.append(M.Entry(token(i), "iommufd", i.name, ioas=ioas_list, hwpts=hw))
         for d in plan.devices:
             if not d.preserve:
                 continue
@@ -1238,7 +1256,7 @@ def execute(plan: Plan, client, *, backend=None, ops: list[Operation] | None = N
                 except OSError:
                     found = None
                 bdf = found.bdf if found is not None else None
-            entries.append(M.Entry(d.token, "vfio-cdev", d.name, bdf=bdf,
+            entries.append(M.Entry(token(d), "vfio-cdev", d.name, bdf=bdf,
                                    cdev=getattr(dev, "path", None) or d.cdev,
                                    iommufd_token=iommufd.token if iommufd is not None and iommufd.preserve else None,
                                    hwpt=d.hwpt))
@@ -1250,7 +1268,7 @@ def execute(plan: Plan, client, *, backend=None, ops: list[Operation] | None = N
                           lu_abi=lu.name if lu is not None else None, lu_nr=lu.nr if lu is not None else None)
 
     # consecutive memfd preserves go to the agent as one bulk request
-    pending_memfds: list[tuple[int, Any, dict, dict]] = []
+    pending_memfds: list[tuple[int, Any, dict[str, Any], dict[str, Any]]] = []
 
     def flush_memfds() -> None:
         if pending_memfds:
@@ -1293,8 +1311,8 @@ def execute(plan: Plan, client, *, backend=None, ops: list[Operation] | None = N
                     {"memfd": a["memfd"], "offset": a["offset"], "length": a["length"], "iova": iova,
                      "prot": prot})
             elif act == "open_device":
-                spec = plan.device(a["device"])
-                devices[spec.name] = VfioDevice.open(spec.bdf or spec.cdev, backend=be)
+                dev_spec = device_spec(a["device"])
+                devices[dev_spec.name] = VfioDevice.open(dev_spec.ident, backend=be)  # bdf or cdev: validated
             elif act == "bind":
                 devices[a["device"]].bind(iommufds[a["iommufd"]])
             elif act == "alloc_hwpt":
@@ -1328,22 +1346,22 @@ def execute(plan: Plan, client, *, backend=None, ops: list[Operation] | None = N
                                         "detail": f"{spec.size:#x} bytes, seals "
                                                   f"{'|'.join(s.upper() for s in seal_names(spec.seals)) or '-'}"}))
             elif act == "preserve_iommufd":
-                spec = next(x for x in plan.iommufds if x.name == a["iommufd"])
-                marks = [f"{h.name}={h.lu_token:#x}" for h in spec.hwpts if h.mark]
-                client.preserve(plan.session, a["token"], iommufds[spec.name],
-                                {"kind": "iommufd", "name": spec.name, "hwpts": marks,
+                iommufd_spec = next(x for x in plan.iommufds if x.name == a["iommufd"])
+                marks = [f"{h.name}={h.lu_token:#x}" for h in iommufd_spec.hwpts if h.mark]
+                client.preserve(plan.session, a["token"], iommufds[iommufd_spec.name],
+                                {"kind": "iommufd", "name": iommufd_spec.name, "hwpts": marks,
                                  "lu_abi": result.lu_abi})
-                result.preserved.append({"token": a["token"], "kind": "iommufd", "name": spec.name,
-                                         "detail": f"{len(spec.ioas)} IOAS, marked HWPTs "
+                result.preserved.append({"token": a["token"], "kind": "iommufd", "name": iommufd_spec.name,
+                                         "detail": f"{len(iommufd_spec.ioas)} IOAS, marked HWPTs "
                                                    f"{', '.join(marks) or '-'} ({result.lu_abi or 'no mark'})"})
             elif act == "preserve_cdev":
-                spec = plan.device(a["device"])
-                dev = devices[spec.name]
+                dev_spec = device_spec(a["device"])
+                dev = devices[dev_spec.name]
                 client.preserve(plan.session, a["token"], dev,
-                                {"kind": "vfio-cdev", "name": spec.name, "bdf": dev.bdf or spec.bdf,
-                                 "cdev": getattr(dev, "path", None) or spec.cdev, "hwpt": spec.hwpt})
-                result.preserved.append({"token": a["token"], "kind": "vfio-cdev", "name": spec.name,
-                                         "detail": f"{dev.bdf or spec.ident}, attached to {spec.hwpt}"})
+                                {"kind": "vfio-cdev", "name": dev_spec.name, "bdf": dev.bdf or dev_spec.bdf,
+                                 "cdev": getattr(dev, "path", None) or dev_spec.cdev, "hwpt": dev_spec.hwpt})
+                result.preserved.append({"token": a["token"], "kind": "vfio-cdev", "name": dev_spec.name,
+                                         "detail": f"{dev.bdf or dev_spec.ident}, attached to {dev_spec.hwpt}"})
             else:  # pragma: no cover - order() produces only known actions
                 raise UsageError(f"unknown operation {act!r}")
         flush_memfds()
@@ -1363,7 +1381,8 @@ def execute(plan: Plan, client, *, backend=None, ops: list[Operation] | None = N
     return result
 
 
-def _close_local(memfds, iommufds, devices, manifest_fd) -> None:
+def _close_local(memfds: dict[str, Any], iommufds: dict[str, Any], devices: dict[str, Any],
+                 manifest_fd: Any) -> None:
     """Close this process's own fds. Marked HWPTs are never destroyed
     (closing the iommufd fd leaves the objects to the kernel and the agent's
     reference)."""

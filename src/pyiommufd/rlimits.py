@@ -29,7 +29,7 @@ def raise_nofile(needed: int | None = None) -> int:
     return hard
 
 
-def emfile_hint(_context=None) -> str:
+def emfile_hint(_context: object = None) -> str:
     soft, hard = nofile()
     return (f"too many open files: the soft RLIMIT_NOFILE is {soft} (hard {hard}); `pyiommufd agent` "
             "and `pyiommufd preserve` raise the soft limit to the hard one, beyond that raise the hard "

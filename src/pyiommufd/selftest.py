@@ -27,7 +27,7 @@ from __future__ import annotations
 import errno as E
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from typing import Any, Callable, TypeVar
 
 from . import abi as lu_abi_mod
 from . import errors
@@ -36,6 +36,8 @@ from .iommufd import IOMMUFD
 from .luo import LiveUpdate, Session
 from .memfd import LIVE_UPDATE_SEALS, MemFD
 from .vfio import VfioDevice
+
+_T = TypeVar("_T")
 
 SESSION_NAME = "iommufd-test"
 BUFFER_SIZE = 1 << 20
@@ -93,7 +95,7 @@ class Handles:
 
     liveupdate: LiveUpdate
     session: Session
-    files: list[tuple[int, object, dict]] = field(default_factory=list)
+    files: list[tuple[int, object, dict[str, Any]]] = field(default_factory=list)
     others: list[object] = field(default_factory=list)
 
     def close(self) -> None:
@@ -119,7 +121,7 @@ class Report:
     def passed(self) -> bool:
         return self.result == "pass"
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return {
             "stage": self.stage, "result": self.result, "lacking": self.lacking, "lu_abi": self.lu_abi,
             "stopped_at": self.stopped_at,
@@ -196,7 +198,7 @@ class _Runner:
         self.on_step = on_step
         self.on_plan = on_plan
         self.plan: tuple[str, ...] | None = None
-        self.opened: list[object] = []
+        self.opened: list[Any] = []  # objects with close()
         self.unsettled: dict[int, str] = {}  # step index -> file kind whose handler it needs
         self.handlers_seen: set[str] = set()
         self.handlers_missing: dict[str, int] = {}  # file kind -> the step that showed it
@@ -263,8 +265,9 @@ class _Runner:
             self.record(name, "SKIP", "", f"not run: {reason}")
         self._emit()
 
-    def must(self, name: str, fn, *, expected: str = "succeeds", lacking: Callable[[OSError], str | None] = None,
-             detail: Callable[[object], str] | None = None, handler: str | None = None):
+    def must(self, name: str, fn: Callable[[], _T], *, expected: str = "succeeds",
+             lacking: Callable[[OSError], str | None] | None = None,
+             detail: Callable[[_T], str] | None = None, handler: str | None = None) -> _T:
         """Run a step that must succeed; stop the run if it does not. ``handler``
         names the file kind whose live-update handler a success proves."""
         try:
@@ -288,8 +291,8 @@ class _Runner:
             self.handler_works(handler)
         return value
 
-    def must_fail(self, name: str, fn, *, expected_errno: int | None = None, why: str = "",
-                  needs_handler: str | None = None):
+    def must_fail(self, name: str, fn: Callable[[], object], *, expected_errno: int | None = None,
+                  why: str = "", needs_handler: str | None = None) -> Step:
         """A step the kernel must refuse (with ``expected_errno`` if given).
         With ``needs_handler``, the refusal counts only once a preserve of that
         file kind has succeeded (see :meth:`finish`)."""
@@ -308,7 +311,7 @@ class _Runner:
         return self.record(name, "FAIL", expected, "the kernel accepted it")
 
 
-def _no_device(what: str):
+def _no_device(what: str) -> Callable[[OSError], str | None]:
     def check(exc: OSError) -> str | None:
         if exc.errno in (E.ENOENT, E.ENODEV, E.ENXIO):
             return f"kernel lacks {what}"
@@ -320,7 +323,7 @@ def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
-def _no_handler(kind: str):
+def _no_handler(kind: str) -> Callable[[OSError], str | None]:
     def check(exc: OSError) -> str | None:
         if exc.errno == E.ENOENT:
             return (f"kernel lacks {_article(kind)} {kind} live-update handler "

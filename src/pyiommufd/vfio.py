@@ -21,7 +21,7 @@ from __future__ import annotations
 import errno as E
 import mmap as _mmap
 import os
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from . import errors, ioctl, pci
 from ._record import factory, hidden, record
@@ -30,6 +30,9 @@ from .backend import Backend, get_backend
 from .fdobject import FdObject, open_path
 from .iommufd import (IOMMUFD, U32_MAX, U64_MAX, IommufdObject, _aligned, _int, _length,
                       _release, buffer_address)
+
+if TYPE_CHECKING:
+    import uuid as _uuid  # imported on use (VF tokens): slow to import
 
 C = ioctl.const
 CDEV_DIR = "/dev/vfio/devices"
@@ -115,7 +118,7 @@ EXTENSIONS = {"type1": C("VFIO_TYPE1_IOMMU"), "spapr_tce": C("VFIO_SPAPR_TCE_IOM
               "unmap_all": C("VFIO_UNMAP_ALL"), "update_vaddr": C("VFIO_UPDATE_VADDR")}
 
 
-def _write_tail(arg, base: int, data: bytes) -> None:
+def _write_tail(arg: ioctl.CData, base: int, data: bytes) -> None:
     if data:
         ffi.buffer(arg, base + len(data))[base:] = data
 
@@ -128,7 +131,7 @@ class DeviceInfo:
     flags: int
     num_regions: int
     num_irqs: int
-    caps: list[ioctl.Capability] = factory(list)
+    caps: list[ioctl.Capability] = factory(default_factory=list)
     pci_atomic_comp: int | None = None
 
     @property
@@ -152,7 +155,7 @@ class RegionInfo:
     flags: int
     size: int
     offset: int
-    caps: list[ioctl.Capability] = factory(list)
+    caps: list[ioctl.Capability] = factory(default_factory=list)
     sparse_areas: list[tuple[int, int]] | None = None  # (offset, size) within the region
     type: int | None = None
     subtype: int | None = None
@@ -277,6 +280,7 @@ class VfioDevice(_FdOwner):
         if not isinstance(cdev_path_or_bdf, str) or not cdev_path_or_bdf:
             raise errors.UsageError("give a cdev path (/dev/vfio/devices/vfioN) or a PCI address")
         bdf = None
+        path: str | None
         if cdev_path_or_bdf.startswith("/"):
             path = cdev_path_or_bdf
         elif pci.is_bdf(cdev_path_or_bdf):
@@ -374,7 +378,7 @@ class VfioDevice(_FdOwner):
         self._require_bound()
         pt_id = self._pt_id(hwpt_or_ioas)
         flags = 0
-        fields = {}
+        fields: dict[str, Any] = {}
         if pasid is not None:
             fields["pasid"] = _int(pasid, "pasid", maximum=(1 << 20) - 1)
             flags |= C("VFIO_DEVICE_ATTACH_PASID")
@@ -390,7 +394,7 @@ class VfioDevice(_FdOwner):
         """VFIO_DEVICE_DETACH_IOMMUFD_PT (the RID, or ``pasid``)."""
         self._require_bound()
         flags = 0
-        fields = {}
+        fields: dict[str, Any] = {}
         if pasid is not None:
             fields["pasid"] = _int(pasid, "pasid", maximum=(1 << 20) - 1)
             flags |= C("VFIO_DEVICE_DETACH_PASID")
@@ -663,7 +667,7 @@ class VfioDevice(_FdOwner):
         self._invoke(PCI_HOT_RESET, arg)
 
     # -- features ----------------------------------------------------------------
-    def _feature_arg(self, feature: int | str, flags: int, data: bytes):
+    def _feature_arg(self, feature: int | str, flags: int, data: bytes) -> tuple[int, ioctl.CData]:
         index = _index(feature, FEATURES, "device feature")
         if index > FEATURE_MASK:
             raise errors.UsageError(f"feature index {index:#x} is above {FEATURE_MASK:#x}")
@@ -681,7 +685,7 @@ class VfioDevice(_FdOwner):
         return result, bytes(buf)[base:]
 
     def feature(self, feature: int | str, data: bytes | None = None, *, op: str = "get",
-                length: int | None = None):
+                length: int | None = None) -> bytes | int | bool:
         """VFIO_DEVICE_FEATURE, generically.
 
         * ``op="get"``: returns the feature's data area after the call — pass
@@ -776,7 +780,7 @@ class Type1Info:
     iova_ranges: list[tuple[int, int]] | None = None  # inclusive (start, end)
     dma_avail: int | None = None
     migration: dict[str, int] | None = None
-    caps: list[ioctl.Capability] = factory(list)
+    caps: list[ioctl.Capability] = factory(default_factory=list)
 
 
 @record
@@ -786,8 +790,8 @@ class DmaMapping:
     user_va: int
     readable: bool
     writeable: bool
-    buffer: Any = hidden(compare=True)
-    pin: Any = hidden(compare=True)
+    buffer: Any = hidden(default=None, compare=True)
+    pin: Any = hidden(default=None, compare=True)
 
 
 class VfioContainer(_FdOwner):

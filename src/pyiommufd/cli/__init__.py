@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+from typing import Any
 
 import click
 
@@ -38,19 +39,22 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 
 
 class LazyGroup(click.Group):
-    def list_commands(self, ctx):
+    def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(COMMANDS)
 
-    def get_command(self, ctx, name):
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         entry = COMMANDS.get(name)
         if entry is None:
             return None
         module, attr, _ = entry
+        command: click.Command
         if module == "__init__":
-            return globals()[attr]
-        return getattr(importlib.import_module(f"{__name__}.{module}"), attr)
+            command = globals()[attr]
+        else:
+            command = getattr(importlib.import_module(f"{__name__}.{module}"), attr)
+        return command
 
-    def format_commands(self, ctx, formatter):
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         rows = [(name, COMMANDS[name][2]) for name in self.list_commands(ctx)]
         with formatter.section("Commands"):
             formatter.write_dl(rows)
@@ -60,7 +64,7 @@ class LazyGroup(click.Group):
 @click.option("--debug", is_flag=True, envvar="PYIOMMUFD_DEBUG", help="Show tracebacks.")
 @click.version_option(version=__version__, prog_name="pyiommufd")
 @click.pass_context
-def cli(ctx, debug):
+def cli(ctx: click.Context, debug: bool) -> None:
     """Userspace toolkit for Linux IOMMU live update: iommufd, VFIO cdevs and LUO.
 
     Every command takes --json; --debug may also follow the subcommand."""
@@ -73,7 +77,7 @@ def cli(ctx, debug):
 
 @click.command("exit-codes")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
-def exit_codes(as_json):
+def exit_codes(as_json: bool) -> None:
     """Print the table of exit codes."""
     if as_json:
         from .output import echo_json
@@ -113,13 +117,13 @@ def _split_options(argv: list[str]) -> tuple[list[str], bool, bool]:
     return (["--debug"] if debug else []) + rest + tail, debug, "--json" in head
 
 
-def report_error(*args, **kwargs) -> int:
+def report_error(*args: Any, **kwargs: Any) -> int:
     from . import output  # not at import time: `--help` stays light
 
     return output.report_error(*args, **kwargs)
 
 
-def main(argv=None) -> None:
+def main(argv: list[str] | None = None) -> None:
     import traceback
 
     argv, debug, as_json = _split_options(list(sys.argv[1:] if argv is None else argv))

@@ -12,11 +12,16 @@ from __future__ import annotations
 import json
 import os
 import time
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from . import exitcodes
 from .output import CommandError, echo_json, echo_table, hex4, json_option, require_root, warn
+
+if TYPE_CHECKING:
+    from ..backend import Backend
+    from ..pci import PciDevice
 
 DEFAULT_STATE_DIR = "/run/pyiommufd"
 STATE_FILE = "bind-state.json"
@@ -26,7 +31,7 @@ def state_path() -> str:
     return os.path.join(os.environ.get("PYIOMMUFD_STATE_DIR") or DEFAULT_STATE_DIR, STATE_FILE)
 
 
-def load_state() -> dict:
+def load_state() -> dict[str, Any]:
     path = state_path()
     try:
         with open(path) as f:
@@ -37,10 +42,11 @@ def load_state() -> dict:
         raise CommandError(f"cannot read the bind state {path}: {exc}", exitcodes.BAD_INPUT) from None
     if not isinstance(data, dict) or not isinstance(data.get("devices", {}), dict):
         raise CommandError(f"{path} is not a pyiommufd bind state file", exitcodes.BAD_INPUT)
-    return data.get("devices", {})
+    devices: dict[str, Any] = data.get("devices", {})
+    return devices
 
 
-def save_state(devices: dict) -> None:
+def save_state(devices: dict[str, Any]) -> None:
     path = state_path()
     try:
         os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
@@ -54,7 +60,7 @@ def save_state(devices: dict) -> None:
                            exitcodes.for_errno(exc.errno)) from None
 
 
-def _device(bdf: str, backend):
+def _device(bdf: str, backend: Backend) -> PciDevice:
     """Validate ``bdf`` (exit 2, before any sysfs access) and require the device (exit 2)."""
     from .. import pci
 
@@ -68,7 +74,7 @@ def _device(bdf: str, backend):
 
 @click.command("devices")
 @json_option
-def devices(as_json):
+def devices(as_json: bool) -> None:
     """List PCI devices with vendor:device, driver, IOMMU group and VFIO cdev."""
     from .. import pci
     from ..backend import get_backend
@@ -97,7 +103,7 @@ def devices(as_json):
 @click.command("bind")
 @click.argument("bdf")
 @json_option
-def bind(bdf, as_json):
+def bind(bdf: str, as_json: bool) -> None:
     """Bind the PCI device BDF to vfio-pci (driver_override) and print its VFIO cdev."""
     from .. import pci
     from ..backend import get_backend
@@ -131,7 +137,7 @@ def bind(bdf, as_json):
     click.echo(cdev)
 
 
-def _unbound(dev, before: str | None, now: str | None, as_json: bool, *, untouched: bool = False) -> None:
+def _unbound(dev: PciDevice, before: str | None, now: str | None, as_json: bool, *, untouched: bool = False) -> None:
     if as_json:
         echo_json({"bdf": dev.bdf, "driver_before": before, "driver": now, "changed": not untouched})
     elif untouched:
@@ -143,7 +149,7 @@ def _unbound(dev, before: str | None, now: str | None, as_json: bool, *, untouch
 @click.command("unbind")
 @click.argument("bdf")
 @json_option
-def unbind(bdf, as_json):
+def unbind(bdf: str, as_json: bool) -> None:
     """Give the PCI device BDF back to the driver it had before `pyiommufd bind`."""
     from .. import pci
     from ..backend import get_backend

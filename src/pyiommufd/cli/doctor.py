@@ -12,12 +12,16 @@ import errno as E
 import gzip
 import os
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from . import exitcodes
 from ..errors import errname
 from .output import CommandError, echo_json, echo_table, error_object, exit_with, json_option, report_error
+
+if TYPE_CHECKING:
+    from ..backend import Backend
 
 OK, WARN, FAIL, INFO = "ok", "warn", "fail", "info"
 
@@ -45,7 +49,7 @@ class Check:
     required: bool = False
 
 
-def read_kernel_config(be, release: str) -> tuple[dict[str, str] | None, str]:
+def read_kernel_config(be: Backend, release: str) -> tuple[dict[str, str] | None, str]:
     """``{"IOMMUFD": "y", ...}`` from /proc/config.gz or /boot/config-<release>,
     and where it came from. Options shown as ``is not set`` map to ``"n"``."""
     text = None
@@ -73,7 +77,7 @@ def read_kernel_config(be, release: str) -> tuple[dict[str, str] | None, str]:
     return config, source
 
 
-def _cmdline(be) -> list[str]:
+def _cmdline(be: Backend) -> list[str]:
     try:
         return be.read_text("/proc/cmdline").split()
     except OSError:
@@ -92,7 +96,7 @@ def _param(words: list[str], name: str) -> str | None:
 _TRUE = ("1", "y", "yes", "on", "true")
 
 
-def _holder_names(be, pids: list[int]) -> str:
+def _holder_names(be: Backend, pids: list[int]) -> str:
     parts = []
     for pid in pids:
         try:
@@ -114,7 +118,7 @@ def _memlock() -> tuple[str, str]:
     return OK, f"{soft >> 20} MiB"
 
 
-def run_checks(be) -> list[Check]:
+def run_checks(be: Backend) -> list[Check]:
     from .. import luo
 
     checks: list[Check] = []
@@ -237,7 +241,7 @@ def _agent_check() -> Check:
                  "(README: \"The agent under systemd\")")
 
 
-def _lu_abi_check(be, iommu_present: bool) -> Check:
+def _lu_abi_check(be: Backend, iommu_present: bool) -> Check:
     from .. import abi
 
     if not iommu_present:
@@ -257,7 +261,7 @@ def _lu_abi_check(be, iommu_present: bool) -> Check:
 
 @click.command("doctor")
 @json_option
-def doctor(as_json):
+def doctor(as_json: bool) -> None:
     """Check this host's readiness for IOMMU live update."""
     from ..backend import get_backend
 
@@ -278,7 +282,7 @@ def doctor(as_json):
 
 # -- caps ---------------------------------------------------------------------
 
-def probe_size0(be, fd: int, request: int) -> int | None:
+def probe_size0(be: Backend, fd: int, request: int) -> int | None:
     """Issue ``request`` with a struct whose ``size`` is 0: the dispatcher
     refuses it (EINVAL: known, ENOTTY: unknown) before any handler runs."""
     buf = bytearray(8)
@@ -297,7 +301,7 @@ def _verdict(err: int | None) -> str:
     return f"unexpected ({errname(err)})"
 
 
-def run_caps(be) -> tuple[dict, int]:
+def run_caps(be: Backend) -> tuple[dict[str, Any], int]:
     """Probe every registered iommufd ioctl, the LUO ioctls and the LU ABI.
     Returns the report and the exit code."""
     from .. import abi, ioctl, luo  # noqa: F401 - luo registers the LUO ioctls
@@ -309,8 +313,8 @@ def run_caps(be) -> tuple[dict, int]:
             pass
 
     code = exitcodes.OK
-    report: dict = {"kernel": be.kernel_release()}
-    iommufd: dict = {"device": "/dev/iommu", "open": "ok", "ioctls": []}
+    report: dict[str, Any] = {"kernel": be.kernel_release()}
+    iommufd: dict[str, Any] = {"device": "/dev/iommu", "open": "ok", "ioctls": []}
     report["iommufd"] = iommufd
     lu_names = {rev.ioctl_name for rev in abi.REVISIONS.values()}  # the LU ABI row covers them
     defs = sorted((d for d in ioctl.REGISTRY.values() if d.interface == "iommufd"
@@ -342,7 +346,7 @@ def run_caps(be) -> tuple[dict, int]:
         finally:
             be.close(fd)
 
-    lu: dict = {"device": luo.DEVICE, "open": "ok", "ioctls": []}
+    lu: dict[str, Any] = {"device": luo.DEVICE, "open": "ok", "ioctls": []}
     report["luo"] = lu
     device_level = [luo.CREATE_SESSION, luo.RETRIEVE_SESSION]
     session_level = [luo.PRESERVE_FD, luo.RETRIEVE_FD, luo.FINISH, luo.GET_NAME]
@@ -373,7 +377,7 @@ def run_caps(be) -> tuple[dict, int]:
 
 @click.command("caps")
 @json_option
-def caps(as_json):
+def caps(as_json: bool) -> None:
     """Probe, without side effects, the ioctls and the LU ABI revision this kernel has."""
     from ..backend import get_backend
 
@@ -405,8 +409,8 @@ def caps(as_json):
         raise CommandError(f"cannot open /dev/iommu: {iommufd_open_reason(report)}", code)
 
 
-def iommufd_open_reason(report: dict) -> str:
-    err = report["iommufd"]["open"]
+def iommufd_open_reason(report: dict[str, Any]) -> str:
+    err: str = report["iommufd"]["open"]
     return {"ENOENT": "no such device (CONFIG_IOMMUFD, modprobe iommufd)",
             "EACCES": "permission denied (run as root)",
             "EPERM": "operation not permitted (run as root)"}.get(err, err)

@@ -832,7 +832,7 @@ def agent(ctx, background, log_file, socket_path, as_json):
 def _agent_socket(socket_path: str | None) -> str | None:
     if socket_path:
         return socket_path
-    ctx = click.get_current_context()
+    ctx: click.Context | None = click.get_current_context()
     while ctx is not None:
         if isinstance(ctx.obj, dict) and ctx.obj.get("agent_socket"):
             return ctx.obj["agent_socket"]

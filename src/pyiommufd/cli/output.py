@@ -11,12 +11,15 @@ from __future__ import annotations
 import json
 import re
 import sys
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import click
 
 from ..errors import PyiommufdError
 from . import exitcodes
+
+if TYPE_CHECKING:
+    from ..backend import Backend
 
 
 class CommandError(PyiommufdError):
@@ -40,7 +43,7 @@ def warn(message: str) -> None:
     click.echo(f"pyiommufd: warning: {message}", err=True)
 
 
-def require_root(backend, what: str) -> None:
+def require_root(backend: Backend, what: str) -> None:
     """Exit 6 with one line unless the effective uid is 0."""
     euid = backend.geteuid()
     if euid != 0:
@@ -90,7 +93,7 @@ def clip(message: str) -> str:
                          message)
 
 
-def error_object(code: int, message: str, errno: int | None = None) -> dict:
+def error_object(code: int, message: str, errno: int | None = None) -> dict[str, Any]:
     """The JSON error object: exit code, errno (number and name) and the message."""
     from ..errors import errname
 

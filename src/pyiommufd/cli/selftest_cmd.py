@@ -123,7 +123,9 @@ def _vm_same_kernel(kernel: str, initrd: str | None) -> bool:
         return False
     same = os.environ.get(guest.ENV_KERNEL)
     same_initrd = os.environ.get(guest.ENV_INITRD) or None
-    return bool(same) and os.path.realpath(kernel) == os.path.realpath(same) and \
+    if not same:
+        return False
+    return os.path.realpath(kernel) == os.path.realpath(same) and \
         (initrd is None or (same_initrd is not None
                             and os.path.realpath(initrd) == os.path.realpath(same_initrd)))
 
