@@ -418,7 +418,7 @@ class Manifest:
         return cls.from_dict(data)
 
 
-def checksum(doc: dict) -> str:
+def checksum(doc: dict[str, Any]) -> str:
     """``sha256:<hex>`` of ``doc`` as canonical JSON (sorted keys, no spaces)."""
     canonical = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()

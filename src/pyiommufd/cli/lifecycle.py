@@ -432,9 +432,9 @@ def _check_manifest_fd(be, fd: int, session: str, manifest) -> None:
     problem = _check_kind(be, fd, "memfd")
     if problem is None:
         try:
-            sealed = MemFD.from_fd(fd, backend=be, owned=False).seals & Seal.WRITE
+            sealed = bool(MemFD.from_fd(fd, backend=be, owned=False).seals & Seal.WRITE)
         except OSError:
-            sealed = 0
+            sealed = False
         if not sealed:
             problem = "it is not sealed against writes, so anyone holding it could have changed it"
     if problem:
