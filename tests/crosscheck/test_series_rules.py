@@ -124,16 +124,24 @@ def _no_series(rig: Rig) -> bool:
     return not rig.caps.series
 
 
+def _marked(rig: Rig, hwpt) -> bool:
+    """Mark ``hwpt`` where the kernel has the series; without it the probe finds
+    no mark ioctl. Returns whether it was marked."""
+    if _no_series(rig):
+        with pytest.raises(errors.AbiError):
+            hwpt.mark_preserved(TOK_HWPT)
+        return False
+    hwpt.mark_preserved(TOK_HWPT, abi=rig.caps.lu_abi)
+    return True
+
+
 # -- the mark ioctl ---------------------------------------------------------------------------
 
 def test_mark(rig):
     iommufd, device, dev_id, ioas, hwpt, memfd = rig.device_setup()
-    if _no_series(rig):
-        with pytest.raises(errors.AbiError):
-            hwpt.mark_preserved(TOK_HWPT)
+    if not _marked(rig, hwpt):
         return
     lu = rig.caps.lu_abi
-    hwpt.mark_preserved(TOK_HWPT, abi=lu)
     hwpt.mark_preserved(TOK_HWPT, abi=lu)                 # same HWPT, same token: fine
     with pytest.raises(errors.NotFound):
         lu.mark(rig.backend, iommufd.fileno(), 9999, 1)   # no such id
@@ -146,11 +154,8 @@ def test_mark(rig):
 
 def test_re_mark_after_preserve(rig):
     iommufd, device, dev_id, ioas, hwpt, memfd = rig.device_setup()
-    if _no_series(rig):
-        with pytest.raises(errors.AbiError):
-            hwpt.mark_preserved(TOK_HWPT)
+    if not _marked(rig, hwpt):
         return
-    hwpt.mark_preserved(TOK_HWPT, abi=rig.caps.lu_abi)
     session = rig.stack.enter_context(rig.liveupdate().create_session("re-mark"))
     session.preserve(memfd, TOK_MEMFD)
     session.preserve(iommufd, TOK_IOMMUFD)
@@ -161,9 +166,7 @@ def test_re_mark_after_preserve(rig):
 
 def test_preserve_order(rig):
     iommufd, device, dev_id, ioas, hwpt, memfd = rig.device_setup()
-    series = not _no_series(rig)
-    if series:
-        hwpt.mark_preserved(TOK_HWPT, abi=rig.caps.lu_abi)
+    series = _marked(rig, hwpt)
     session = rig.stack.enter_context(rig.liveupdate().create_session("order"))
     with pytest.raises(errors.NotFound):
         session.preserve(device, TOK_CDEV)                # cdev before its iommufd
@@ -260,9 +263,7 @@ def test_same_iommufd_again_in_a_session(rig):
 
 def test_closing_the_session_unpreserves(rig):
     iommufd, device, dev_id, ioas, hwpt, memfd = rig.device_setup()
-    series = not _no_series(rig)
-    if series:
-        hwpt.mark_preserved(TOK_HWPT, abi=rig.caps.lu_abi)
+    series = _marked(rig, hwpt)
     lu = rig.liveupdate()
     for _round in range(3):
         with lu.create_session("rounds") as session:
