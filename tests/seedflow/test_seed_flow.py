@@ -35,8 +35,7 @@ def _run(target: KernelTarget, program: str):
         _unavailable(f"kernel {target.name}: {target.unavailable}")
     try:
         runner.find_qemu()
-        image = vmkernel.resolve_kernel(target.user_kernel, progress=print,
-                                        recipe=vmkernel.KernelRecipe.of(target.patches))
+        image = vmkernel.resolve_kernel(target.user_kernel, progress=print, recipe=target.recipe())
     except (runner.VmError, vmkernel.KernelBuildError) as exc:
         _unavailable(str(exc))
     if program == "c" and image.c_selftest is None:

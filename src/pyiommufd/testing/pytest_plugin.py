@@ -17,8 +17,9 @@ On the host
     is ``true``.
 
     Kernels: the ini option ``pyiommufd_vm_kernels`` lists them, one a line:
-    ``NAME [PATCH ...] [VAR=VALUE ...]``: a name, the patches to apply to the
-    pristine 7.3 tree (paths relative to the rootdir) and environment for the
+    ``NAME [PATCH ...] [FRAGMENT.config ...] [VAR=VALUE ...]``: a name, the
+    patches to apply to the pristine 7.3 tree and config fragments to add
+    (paths relative to the rootdir), and environment for the
     guest's pytest (e.g. ``PYIOMMUFD_LU_NR=0x96`` where the series moved its
     ioctl). Without it, one kernel: ``stock``. The first kernel's run reports
     under the tests' own node ids; every other kernel's under
@@ -323,9 +324,11 @@ class KernelTarget:
     guest environment; ``unavailable`` says why it cannot be built."""
 
     def __init__(self, name: str, patches: tuple[Path, ...] = (), env: dict[str, str] | None = None,
-                 user_kernel: str | None = None, unavailable: str | None = None) -> None:
+                 user_kernel: str | None = None, unavailable: str | None = None,
+                 fragments: tuple[Path, ...] = ()) -> None:
         self.name = name
         self.patches = patches
+        self.fragments = fragments
         self.env = dict(env or {})
         self.user_kernel = user_kernel
         self.unavailable = unavailable
@@ -336,6 +339,7 @@ class KernelTarget:
         if not words or "=" in words[0] or "/" in words[0]:
             raise pytest.UsageError(f"pyiommufd_vm_kernels: {line!r} does not start with a name")
         patches: list[Path] = []
+        fragments: list[Path] = []
         env: dict[str, str] = {}
         missing = []
         for word in words[1:]:
@@ -344,11 +348,16 @@ class KernelTarget:
                 env[var] = value
                 continue
             path = (rootdir / word).resolve()
-            patches.append(path)
+            (fragments if word.endswith(".config") else patches).append(path)
             if not path.is_file():
                 missing.append(word)
         why = (f"patch {', '.join(missing)} not found (relative to {rootdir})" if missing else None)
-        return cls(words[0], tuple(patches), env, unavailable=why)
+        return cls(words[0], tuple(patches), env, unavailable=why, fragments=tuple(fragments))
+
+    def recipe(self):
+        from pyiommufd.vm import kernel as vmkernel
+
+        return vmkernel.KernelRecipe.of(self.patches, self.fragments)
 
     def describe(self) -> str:
         if self.user_kernel:
@@ -543,9 +552,8 @@ class HostSide:
         self._say(f"[vm] kernel {target.describe()}: running {n} vm test(s) in the guest"
                   + (f" ({nk} two-stage kexec test(s))" if nk else ""))
         try:
-            from pyiommufd.vm import kernel as vmkernel, runner
-            recipe = vmkernel.KernelRecipe.of(target.patches)
-            res = runner.run(self._job(target), kernel=target.user_kernel, recipe=recipe,
+            from pyiommufd.vm import runner
+            res = runner.run(self._job(target), kernel=target.user_kernel, recipe=target.recipe(),
                              timeout=self.config.getoption("vm_timeout"), progress=self._say,
                              machine=self.config.getoption("vm_machine"))
         except Exception as exc:   # VmError and anything unexpected: the tier did not run
