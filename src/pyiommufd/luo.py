@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import errno as E
 import os
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 from . import errors, ioctl
 from ._record import record
@@ -260,20 +260,26 @@ class Session(FdObject):
         for entry, (fd, token, _) in zip(array, prepared):
             entry.fd = fd
             entry.token = token
-        bufs = PRESERVE_FD.buffers(array, n)
-        do_ioctl, sfd, request = self._ioctl, self.fileno(), PRESERVE_FD.request
-        i = 0
-        try:
-            for i in range(n):
-                do_ioctl(sfd, request, bufs[i])
-        except OSError as exc:
+        i, failed = self._issue_each(PRESERVE_FD.request, PRESERVE_FD.buffers(array, n))
+        if failed is not None:
             done = self._record_preserved(prepared[:i])
             fd, token, kind = prepared[i]
-            error = ioctl.failure(exc, PRESERVE_FD,
+            error = ioctl.failure(failed, PRESERVE_FD,
                                   lambda: {"kind": describe_fd(self.backend, fd) if kind is None else f"a {kind}"},
                                   lambda: f"session {self.name!r}, token {token:#x}")
             raise errors.partial(error, i, n, "preserved", [r.token for r in done], done) from None
         return self._record_preserved(prepared)
+
+    def _issue_each(self, request: int, bufs: Any) -> tuple[int, OSError | None]:
+        """The bulk calls' only loop: ``request`` with each prepared buffer in
+        turn; how many went through, and the error that stopped it."""
+        do_ioctl, sfd = self._ioctl, self.fileno()
+        for i, buf in enumerate(bufs):
+            try:
+                do_ioctl(sfd, request, buf)
+            except OSError as exc:
+                return i, exc
+        return len(bufs), None
 
     def _record_preserved(self, prepared: list[tuple[int, int, str | None]]) -> list[PreservedFile]:
         out = [PreservedFile(token, fd, kind) for fd, token, kind in prepared]
@@ -301,17 +307,12 @@ class Session(FdObject):
         array = RETRIEVE_FD.array(n)
         for i, token in enumerate(tokens):
             array[i].token = token
-        bufs = RETRIEVE_FD.buffers(array, n)
-        do_ioctl, sfd, request = self._ioctl, self.fileno(), RETRIEVE_FD.request
-        i = 0
-        try:
-            for i in range(n):
-                do_ioctl(sfd, request, bufs[i])
-        except OSError as exc:
+        i, failed = self._issue_each(RETRIEVE_FD.request, RETRIEVE_FD.buffers(array, n))
+        if failed is not None:
             done = {tokens[k]: array[k].fd for k in range(i)}
             self.retrieved.update(done)
             token = tokens[i]
-            error = ioctl.failure(exc, RETRIEVE_FD, None, lambda: f"session {self.name!r}, token {token:#x}")
+            error = ioctl.failure(failed, RETRIEVE_FD, None, lambda: f"session {self.name!r}, token {token:#x}")
             raise errors.partial(error, i, n, "retrieved", list(done), done) from None
         out = {tokens[k]: array[k].fd for k in range(n)}
         self.retrieved.update(out)
