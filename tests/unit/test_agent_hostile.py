@@ -342,7 +342,7 @@ def _as_nobody(fn) -> str:
             out = fn()
         except BaseException as exc:  # noqa: BLE001
             out = f"child error: {type(exc).__name__}: {exc}"
-        os.write(w, out.encode())
+        os.write(w, out.encode() or b"child: no output")
         os._exit(0)
     os.close(w)
     chunks = []
@@ -467,11 +467,14 @@ def test_a_client_refuses_an_agent_run_by_another_user(sockdir):
             conn, _ = s.accept()
             data = conn.recv(1 << 16, socket.MSG_WAITALL)
             os.write(ready_w, b"got %d bytes" % len(data))
+        except BaseException as exc:  # noqa: BLE001  (say why, not just die)
+            os.write(ready_w, f"child error: {exc!r}".encode())
         finally:
             os._exit(0)
     os.close(ready_w)
     try:
-        assert os.read(ready_r, 1) == b"x"
+        first = os.read(ready_r, 1)
+        assert first == b"x", first + os.read(ready_r, 4096)
         r, w = os.pipe()
         try:
             with pytest.raises(AgentUnavailable, match=f"runs as uid {NOBODY}"):
