@@ -83,3 +83,34 @@ def test_emfile_has_a_hint():
     soft, hard = rlimits.nofile()
     assert f"the soft RLIMIT_NOFILE is {soft} (hard {hard})" in str(info.value)
     assert "raise the hard limit" in str(info.value)
+
+
+def test_5000_memfds_in_one_session_through_the_cli(fake_kernel, tmp_path, monkeypatch):
+    """Issue 11's scale figure: LUO itself took 5000; the CLI (and its agent)
+    must too, raising the soft RLIMIT_NOFILE as far as the hard one allows."""
+    from click.testing import CliRunner
+
+    from pyiommufd.cli import cli
+
+    count = 5000
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 4 * count:
+        pytest.skip(f"the hard RLIMIT_NOFILE ({hard}) is below what {count} memfds need here")
+    monkeypatch.setenv("PYIOMMUFD_AGENT_SOCKET", str(tmp_path / "agent.sock"))
+    args = ["preserve", "--session", "five-thousand"]
+    for i in range(count):
+        args += ["--memfd", f"m{i}:4K"]
+    try:
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 0, result.output[-2000:]
+        assert f"0x{count:x}" in result.stdout              # the last memfd's token
+        status = CliRunner().invoke(cli, ["status", "--json"])
+        import json
+        sessions = {s["name"]: s for s in json.loads(status.stdout)["sessions"]}
+        assert len(sessions["five-thousand"]["tokens"]) == count + 1   # and the manifest
+    finally:
+        from pyiommufd.agent import in_process_agents
+
+        for srv in in_process_agents().values():
+            srv.shutdown()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
