@@ -224,3 +224,15 @@ def kt(request):
         if name in request.fixturenames:
             return KTest(request.getfixturevalue(name))
     return KTest(request.getfixturevalue("fake_kernel"))
+
+
+@pytest.fixture
+def sockdir():
+    """A private directory for agent sockets, short because AF_UNIX paths are
+    limited to 107 bytes."""
+    import shutil
+    import tempfile
+
+    d = tempfile.mkdtemp(prefix="pyiommufd-", dir="/tmp")
+    yield d
+    shutil.rmtree(d, ignore_errors=True)

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
-import tempfile
 
 import pytest
 
@@ -43,13 +41,6 @@ class Env:
 
     def read(self, fd: int, n: int) -> bytes:
         return self.k.pread(fd, n, 0)
-
-
-@pytest.fixture
-def sockdir():
-    d = tempfile.mkdtemp(prefix="pyiommufd-", dir="/tmp")
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 def _env(kernel, sockdir):

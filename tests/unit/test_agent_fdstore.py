@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import array
 import os
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 
 import pytest
@@ -83,13 +81,6 @@ class NotifySocket:
                 pass
         self.store.clear()
         self.sock.close()
-
-
-@pytest.fixture
-def sockdir():
-    d = tempfile.mkdtemp(prefix="pyiommufd-", dir="/tmp")
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture

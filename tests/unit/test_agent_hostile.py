@@ -8,10 +8,8 @@ from __future__ import annotations
 import errno
 import json
 import os
-import shutil
 import socket
 import struct
-import tempfile
 import threading
 import time
 
@@ -32,13 +30,6 @@ AS_NOBODY = pytest.mark.skipif(
     reason="needs root to drop to nobody, and a / that other users may search")
 HYPOTHESIS = settings(max_examples=150, deadline=None,
                       suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-
-
-@pytest.fixture
-def sockdir():
-    d = tempfile.mkdtemp(prefix="pyiommufd-", dir="/tmp")
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 class Target:

@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import socket
 import stat
 import struct
-import tempfile
 
 import pytest
 
@@ -18,14 +16,6 @@ from pyiommufd.agent import AgentClient, AgentPermissionDenied, AgentRefused, Ag
 from pyiommufd.agent import protocol as P
 from pyiommufd.agent.server import AgentServer, default_authorize
 from pyiommufd.backend import LinuxBackend
-
-
-@pytest.fixture
-def sockdir():
-    # AF_UNIX paths are limited to 107 bytes: keep them short
-    d = tempfile.mkdtemp(prefix="pyiommufd-", dir="/tmp")
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture

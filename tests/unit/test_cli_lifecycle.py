@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 
 import pytest
 
@@ -58,13 +56,6 @@ class Cli:
         for path, srv in in_process_agents().items():
             if path.startswith(self.dir):
                 srv.shutdown()
-
-
-@pytest.fixture
-def sockdir():
-    d = tempfile.mkdtemp(prefix="pyiommufd-", dir="/tmp")
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture
