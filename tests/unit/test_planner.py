@@ -392,3 +392,17 @@ def test_report_is_json_serializable():
     rep = P.report(plan_of())
     assert json.loads(json.dumps(rep))["valid"] is True
     assert rep["lu_abi"] == "lu-v1"
+
+
+# -- a device names itself one way -------------------------------------------------------------
+def test_device_with_both_bdf_and_cdev_is_one_clear_problem():
+    plan = plan_of(_set(["device", 0, "cdev"], "/dev/vfio/devices/vfio0"))
+    problems = [p for p in P.validate(plan) if p.code == "device-ident"]
+    assert [p.where for p in problems] == ["device 'dev0'"]
+    assert "not both" in problems[0].message
+    assert not P.report(plan)["valid"]
+
+
+def test_device_with_neither_bdf_nor_cdev_is_a_problem():
+    plan = plan_of(_del(["device", 0, "bdf"]))
+    assert "device-ident" in codes(plan)

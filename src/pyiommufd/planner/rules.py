@@ -225,8 +225,12 @@ def validate(plan: Plan) -> list[Problem]:
     idents: dict[str, str] = {}
     for d in plan.devices:
         where = f"device {d.name!r}"
-        if (d.bdf is None) == (d.cdev is None):
-            err("device-ident", "give exactly one of bdf or cdev", where)
+        ident: str | None = None
+        if d.bdf is not None and d.cdev is not None:
+            # no precedence: a plan naming one device two ways may mean either
+            err("device-ident", f"give bdf or cdev, not both (bdf {d.bdf}, cdev {d.cdev})", where)
+        elif d.bdf is None and d.cdev is None:
+            err("device-ident", "give bdf or cdev", where)
         elif d.bdf is not None:
             from ..pci import normalize_bdf
 
@@ -241,7 +245,7 @@ def validate(plan: Plan) -> list[Problem]:
             if not ident.startswith("/dev/vfio/devices/"):
                 warn("device-cdev", f"{d.cdev} is not under /dev/vfio/devices/: only VFIO device cdevs can be "
                      "preserved (group fds get ENOENT)", where, "4.5")
-        if d.bdf is not None or d.cdev is not None:
+        if ident is not None:
             if ident in idents:
                 err("device-duplicate", f"{ident} is also device {idents[ident]!r}", where)
             idents[ident] = d.name
