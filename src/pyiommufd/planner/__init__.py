@@ -57,7 +57,8 @@ from .rules import Problem, errors_in, validate
 from .spec import (LU_SEALS, LUO_SEALS, MEMFD_SIZE_MAX, PAGE_SIZE, U32_MAX, U64_MAX, WRITE_SEALS, Contents,
                    DeviceSpec, HwptSpec, IoasSpec, IommufdSpec, MappingSpec, MemfdSpec, Plan, abi_name,
                    device_iommufd, load_plan, marked_hwpts, memfds_needed_by, parse_contents, parse_int,
-                   parse_memfd_option, parse_seals, parse_size, parse_token, plan_from_dict, plan_from_options)
+                   parse_memfd_option, parse_seals, parse_size, parse_token, plan_from_dict, plan_from_options,
+                   preserved_ioas)
 
 __all__ = ["Plan", "MemfdSpec", "IommufdSpec", "IoasSpec", "MappingSpec", "HwptSpec", "DeviceSpec", "Contents",
            "Problem", "Operation", "plan_from_dict", "plan_from_options", "load_plan", "parse_memfd_option",
@@ -66,4 +67,4 @@ __all__ = ["Plan", "MemfdSpec", "IommufdSpec", "IoasSpec", "MappingSpec", "HwptS
            # the helpers and limits the package's modules share, importable as before the split
            "ACTIONS", "MEMFD_SIZE_MAX", "PAGE_SIZE", "U32_MAX", "U64_MAX", "WRITE_SEALS", "abi_name",
            "device_iommufd", "marked_hwpts", "memfds_needed_by", "parse_contents", "parse_int", "parse_seals",
-           "parse_size", "parse_token"]
+           "parse_size", "parse_token", "preserved_ioas"]

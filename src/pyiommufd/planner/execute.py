@@ -11,7 +11,8 @@ from ..errors import UsageError
 from ..memfd import seal_names
 from .order import Operation, check_order, order
 from .rules import errors_in, validate
-from .spec import Contents, DeviceSpec, HwptSpec, IommufdSpec, MemfdSpec, Plan, device_iommufd
+from .spec import (Contents, DeviceSpec, HwptSpec, IommufdSpec, MemfdSpec, Plan, device_iommufd,
+                   preserved_ioas)
 
 if TYPE_CHECKING:
     from ..agent.client import AgentClient
@@ -145,11 +146,12 @@ def execute(plan: Plan, client: AgentClient, *, backend: Backend | None = None, 
             if not i.preserve:
                 continue
             ioas_list = []
-            for a in i.ioas:
+            # what the kernel keeps: the IOASes of marked HWPTs, whose memfds validate() made preserved
+            for a in preserved_ioas(i):
                 maps = []
                 for mp in mapped.get((i.name, a.name), []):
                     spec = memfd_spec(mp["memfd"])
-                    maps.append(M.Mapping(iova=mp["iova"], length=mp["length"], memfd_token=spec.token,  # type: ignore[arg-type]  # None if not preserved
+                    maps.append(M.Mapping(iova=mp["iova"], length=mp["length"], memfd_token=token(spec),
                                           memfd=spec.name, offset=mp["offset"], prot=mp["prot"]))
                 ioas_list.append(M.Ioas(id=ioases[(i.name, a.name)].id, name=a.name, mappings=maps))
             hw = [M.Hwpt(id=hwpts[h.name].id, name=h.name, lu_token=token(h), ioas=h.ioas, device=h.device)

@@ -555,16 +555,22 @@ def marked_hwpts(plan: Plan) -> list[tuple[IommufdSpec, HwptSpec]]:
     return [(i, h) for i in plan.iommufds for h in i.hwpts if h.mark]
 
 
+def preserved_ioas(iommufd: IommufdSpec) -> list[IoasSpec]:
+    """The IOASes of ``iommufd`` that a marked HWPT uses: the only ones the
+    iommufd preserve checks and keeps (unmarked HWPTs and their IOAS are
+    ignored, the series' patch 11/14, iommufd preservation)."""
+    names = {h.ioas for h in iommufd.hwpts if h.mark}
+    return [ioas for ioas in iommufd.ioas if ioas.name in names]
+
+
 def memfds_needed_by(plan: Plan, iommufd: IommufdSpec) -> list[str]:
     """Memfds mapped in the IOASes of ``iommufd``'s marked HWPTs: the iommufd
     preserve needs each preserved in the same session first (the series' patch 11/14, iommufd preservation)."""
-    ioas_names = {h.ioas for h in iommufd.hwpts if h.mark}
     names: list[str] = []
-    for ioas in iommufd.ioas:
-        if ioas.name in ioas_names:
-            for m in ioas.mappings:
-                if m.kind == "file" and m.memfd not in names:
-                    names.append(m.memfd)
+    for ioas in preserved_ioas(iommufd):
+        for m in ioas.mappings:
+            if m.kind == "file" and m.memfd not in names:
+                names.append(m.memfd)
     return names
 
 

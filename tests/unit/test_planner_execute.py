@@ -1,0 +1,50 @@
+"""planner.execute on the fake kernel with an agent in a thread: what the
+manifest it writes says about the IOASes and their mappings."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from pyiommufd import manifest as M
+from pyiommufd import pci
+from pyiommufd import planner as P
+from pyiommufd.agent import AgentClient, AgentServer
+
+BDF = "0000:00:03.0"
+
+
+@pytest.fixture
+def agent(series_kernel, sockdir):
+    pci.PciDevice(BDF, series_kernel).bind_vfio()
+    path = os.path.join(sockdir, "agent.sock")
+    server = AgentServer(path, backend=series_kernel).serve_in_thread()
+    yield AgentClient(path)
+    server.shutdown()
+
+
+def plan_with_a_scratch_ioas() -> P.Plan:
+    """ioas0 is what the marked HWPT uses; scratch maps a memfd that is not
+    preserved, in an IOAS no HWPT uses (the kernel ignores it, seed-spec 4.4)."""
+    return P.plan_from_dict({
+        "session": "scratch", "lu_abi": "lu-v2",
+        "memfd": [{"name": "ram", "size": "64K", "token": 1},
+                  {"name": "bounce", "size": "8K", "preserve": False}],
+        "iommufd": [{"name": "ictx", "token": 2,
+                     "ioas": [{"name": "ioas0", "mappings": [{"memfd": "ram", "iova": 0x100000}]},
+                              {"name": "scratch", "mappings": [{"memfd": "bounce", "iova": 0x200000}]}],
+                     "hwpt": [{"name": "hwpt0", "ioas": "ioas0", "device": "nic", "lu_token": 7}]}],
+        "device": [{"name": "nic", "bdf": BDF, "hwpt": "hwpt0", "token": 3}],
+    })
+
+
+def test_a_mapping_of_an_unpreserved_memfd_stays_out_of_the_manifest(series_kernel, agent):
+    plan = plan_with_a_scratch_ioas()
+    assert P.errors_in(P.validate(plan)) == []
+    done = P.execute(plan, agent, backend=series_kernel)
+    manifest = M.Manifest.from_json(done.manifest.to_json()).validate()
+    iommufd = manifest.by_name("ictx")
+    assert iommufd is not None and iommufd.ioas is not None
+    assert [(a.name, [(m.memfd, m.memfd_token) for m in a.mappings]) for a in iommufd.ioas] == \
+        [("ioas0", [("ram", 1)])]
+    assert [h.ioas for h in iommufd.hwpts or []] == ["ioas0"]
