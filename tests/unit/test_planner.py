@@ -132,6 +132,7 @@ RULES = {
     "mapping-range": _set(MAP + ["offset"], "1M"),
     "mapping-overlap": lambda d: d["iommufd"][0]["ioas"][0]["mappings"].append(
         {"memfd": "buffer", "offset": 0, "length": 4096, "iova": 0x100001000}),
+    "mapping-iova-range": _set(MAP + ["iova"], (1 << 64) - 0x1000),
     "mapping-prot": _both(_set(MAP + ["readable"], False), _set(MAP + ["writeable"], False)),
     "hwpt-nested": _set(HWPT + ["data_type"], "vtd_s1"),
     "hwpt-ioas-unknown": _set(HWPT + ["ioas"], "ioas9"),
@@ -150,6 +151,7 @@ RULES = {
     "device-unattached": _del(["device", 0, "hwpt"]),
     "device-hwpt-unknown": _set(["device", 0, "hwpt"], "hwpt9"),
     "device-hwpt-unmarked": _set(HWPT + ["mark"], False),
+    "device-hwpt-nested": _set(HWPT + ["data_type"], "vtd_s1"),
     "device-iommufd-unpreserved": _set(["iommufd", 0, "preserve"], False),
     "hwpt-device-iommufd": lambda d: (
         d["iommufd"].append({"name": "iommufd1", "token": 9, "ioas": [{"name": "ioas1", "mappings": [
@@ -188,6 +190,35 @@ WARNINGS = {
 def test_warning(code):
     plan = plan_of(WARNINGS[code])
     assert code in codes(plan, "warning"), [str(p) for p in P.validate(plan)]
+
+
+def test_write_seals_on_an_unmapped_memfd_warn_that_nothing_can_write_it():
+    plan = plan_of(lambda d: d["memfd"].append({"name": "rom", "size": 4096, "seals": "seal,write", "token": 9}))
+    warnings = [p for p in P.validate(plan) if p.code == "seals-write"]
+    assert [p.where for p in warnings] == ["memfd 'rom'"]
+    assert "nothing can write" in warnings[0].message
+
+
+@pytest.mark.parametrize("where,mutate", [
+    ("IOAS", lambda d: d["iommufd"][0]["ioas"].append({"name": "ioas0"})),
+    ("HWPT", lambda d: d["iommufd"].append({"name": "iommufd1", "ioas": [{"name": "ioas1"}], "hwpt": [
+        {"name": "hwpt0", "ioas": "ioas1", "device": "dev0", "mark": False}]})),
+])
+def test_ioas_and_hwpt_names_are_unique(where, mutate):
+    problems = [p for p in P.validate(plan_of(mutate)) if p.code == "name-duplicate"]
+    assert len(problems) == 1 and problems[0].message.startswith(f"{where} name"), problems
+
+
+def test_a_new_rule_is_one_function_in_the_list(monkeypatch):
+    from pyiommufd.planner import rules
+
+    def no_plan_called_forbidden(plan):
+        if plan.session == "forbidden":
+            yield rules.error("session-forbidden", "not this one", "session")
+
+    monkeypatch.setattr(rules, "RULES", (*rules.RULES, no_plan_called_forbidden))
+    assert codes(plan_of(_set(["session"], "forbidden"))) == {"session-forbidden"}
+    assert codes(plan_of()) == set()
 
 
 def test_lu_v2_accepts_u64_hwpt_tokens():
