@@ -28,7 +28,7 @@ def plan_with_a_scratch_ioas() -> P.Plan:
     preserved, in an IOAS no HWPT uses (the kernel ignores it, seed-spec 4.4)."""
     return P.plan_from_dict({
         "session": "scratch", "lu_abi": "lu-v2",
-        "memfd": [{"name": "ram", "size": "64K", "token": 1},
+        "memfd": [{"name": "ram", "size": "64K", "token": 1, "contents": "random:5"},
                   {"name": "bounce", "size": "8K", "preserve": False}],
         "iommufd": [{"name": "ictx", "token": 2,
                      "ioas": [{"name": "ioas0", "mappings": [{"memfd": "ram", "iova": 0x100000}]},
@@ -42,9 +42,33 @@ def test_a_mapping_of_an_unpreserved_memfd_stays_out_of_the_manifest(series_kern
     plan = plan_with_a_scratch_ioas()
     assert P.errors_in(P.validate(plan)) == []
     done = P.execute(plan, agent, backend=series_kernel)
+    assert sorted(row["token"] for row in done.preserved) == [0, 1, 2, 3]   # not bounce
     manifest = M.Manifest.from_json(done.manifest.to_json()).validate()
     iommufd = manifest.by_name("ictx")
     assert iommufd is not None and iommufd.ioas is not None
     assert [(a.name, [(m.memfd, m.memfd_token) for m in a.mappings]) for a in iommufd.ioas] == \
         [("ioas0", [("ram", 1)])]
     assert [h.ioas for h in iommufd.hwpts or []] == ["ioas0"]
+
+
+def test_every_action_runs_and_in_the_order_it_was_given(series_kernel, agent):
+    plan = plan_with_a_scratch_ioas()
+    ops = P.order(plan)
+    seen: list[P.Operation] = []
+    P.execute(plan, agent, backend=series_kernel, ops=ops, progress=seen.append)
+    assert seen == ops
+    assert {op.action for op in seen} == set(P.ACTIONS)
+    status = agent.status()
+    assert [s["name"] for s in status["sessions"]] == ["scratch"]
+
+
+def test_a_failed_step_releases_the_half_built_session(series_kernel, agent):
+    plan = plan_with_a_scratch_ioas()
+    ops = P.order(plan)
+    cdev = next(op for op in ops if op.action == "preserve_cdev")
+    cdev.args["token"] = 1      # the memfd's: PRESERVE_FD says EEXIST
+    told: list[str] = []
+    with pytest.raises(OSError):
+        P.execute(plan, agent, backend=series_kernel, ops=ops, notify=told.append)
+    assert told and "released the half-built session 'scratch'" in told[0]
+    assert agent.status()["sessions"] == []
