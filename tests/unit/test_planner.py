@@ -148,7 +148,6 @@ RULES = {
     "device-duplicate": lambda d: (
         d["device"].append({"name": "dev1", "bdf": "00:03.0", "hwpt": "hwpt0", "token": 5})),
     "device-pasid": _set(["device", 0, "pasid"], [1]),
-    "device-unattached": _del(["device", 0, "hwpt"]),
     "device-hwpt-unknown": _set(["device", 0, "hwpt"], "hwpt9"),
     "device-hwpt-unmarked": _set(HWPT + ["mark"], False),
     "device-hwpt-nested": _set(HWPT + ["data_type"], "vtd_s1"),
@@ -183,6 +182,7 @@ WARNINGS = {
     "iommufd-unmarked": _both(_set(HWPT + ["mark"], False), _set(["device", 0, "preserve"], False)),
     "no-manifest": _set(["manifest"], False),
     "device-cdev": _both(_del(["device", 0, "bdf"]), _set(["device", 0, "cdev"], "/dev/vfio/7")),
+    "device-unattached": _both(_del(HWPT + ["device"]), _del(["device", 0, "hwpt"])),
 }
 
 
@@ -437,3 +437,14 @@ def test_device_with_both_bdf_and_cdev_is_one_clear_problem():
 def test_device_with_neither_bdf_nor_cdev_is_a_problem():
     plan = plan_of(_del(["device", 0, "bdf"]))
     assert "device-ident" in codes(plan)
+
+
+def test_an_unattached_device_is_preserved_without_iommu_state():
+    # the series keeps such a cdev with no IOMMU state (seed-spec 4.5): a warning, not an error
+    plan = P.plan_from_dict({"session": "s", "device": [{"name": "nic", "bdf": "0000:00:03.0"}]})
+    assert codes(plan) == set() and "device-unattached" in codes(plan, "warning")
+    actions = [o.action for o in P.order(plan)]
+    assert "open_device" in actions and "preserve_cdev" in actions
+    assert "bind" not in actions and "attach" not in actions
+    row = next(r for r in P.stage2_retrieves(plan) if r["kind"] == "vfio-cdev")
+    assert "without IOMMU state" in row["expect"] and "EPERM" not in row["expect"]

@@ -72,3 +72,12 @@ def test_a_failed_step_releases_the_half_built_session(series_kernel, agent):
         P.execute(plan, agent, backend=series_kernel, ops=ops, notify=told.append)
     assert told and "released the half-built session 'scratch'" in told[0]
     assert agent.status()["sessions"] == []
+
+
+def test_an_unattached_device_goes_into_the_manifest_without_iommu_state(series_kernel, agent):
+    plan = P.plan_from_dict({"session": "bare", "memfd": [{"name": "ram", "size": 4096}],
+                             "device": [{"name": "nic", "bdf": BDF}]})
+    done = P.execute(plan, agent, backend=series_kernel)
+    cdev = M.Manifest.from_json(done.manifest.to_json()).validate().by_name("nic")
+    assert cdev is not None and cdev.bdf == BDF
+    assert cdev.hwpt is None and cdev.iommufd_token is None

@@ -209,8 +209,9 @@ def stage2_retrieves(plan: Plan) -> list[dict[str, Any]]:
                         "expect": "ok (contents and seals restored)"})
     for d in plan.devices:
         if d.preserve:
-            out.append({"token": d.token, "kind": "vfio-cdev", "name": d.name,
-                        "expect": "ok after binding the device to vfio-pci; BIND_IOMMUFD then says EPERM"})
+            expect = ("ok after binding the device to vfio-pci; BIND_IOMMUFD then says EPERM" if d.hwpt is not None
+                      else "ok after binding the device to vfio-pci (preserved without IOMMU state)")
+            out.append({"token": d.token, "kind": "vfio-cdev", "name": d.name, "expect": expect})
     for i in plan.iommufds:
         if i.preserve:
             out.append({"token": i.token, "kind": "iommufd", "name": i.name,

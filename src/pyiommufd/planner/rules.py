@@ -485,10 +485,12 @@ def no_pasid(plan: Plan) -> Iterator[Problem]:
 
 
 def preserved_device_attached(plan: Plan) -> Iterator[Problem]:
+    # the kernel accepts this (no IOMMU state is kept), so it is not an error
     for d in plan.devices:
         if d.preserve and d.hwpt is None:
-            yield error("device-unattached", "a preserved device must be attached to a marked HWPT of an "
-                        "iommufd preserved in the same session", f"device {d.name!r}", "4.5")
+            yield warning("device-unattached", "preserved without a HWPT: the series keeps the cdev without IOMMU "
+                          "state, so its DMA mappings do not survive the kexec (attach it to a marked HWPT of a "
+                          "preserved iommufd to keep them)", f"device {d.name!r}", "4.5")
 
 
 def device_hwpt_known(plan: Plan) -> Iterator[Problem]:
