@@ -448,3 +448,15 @@ def test_an_unattached_device_is_preserved_without_iommu_state():
     assert "bind" not in actions and "attach" not in actions
     row = next(r for r in P.stage2_retrieves(plan) if r["kind"] == "vfio-cdev")
     assert "without IOMMU state" in row["expect"] and "EPERM" not in row["expect"]
+
+
+def test_an_unpreserved_hugetlb_memfd_is_the_kernels_business():
+    # nothing asks LUO to preserve it and no marked HWPT maps it: the kernel has nothing to refuse
+    scratch = {"name": "scratch", "size": "2M", "hugetlb": True, "preserve": False}
+    assert "hugetlb" not in codes(plan_of(lambda d: d["memfd"].append(scratch)))
+    assert "hugetlb" in codes(plan_of(lambda d: d["memfd"].append({**scratch, "preserve": True, "token": 9})))
+
+
+def test_unknown_seal_bits_name_the_kernels_answer():
+    problem = next(p for p in P.validate(plan_of(RULES["seals-unsupported"])) if p.code == "seals-unsupported")
+    assert "F_ADD_SEALS says EINVAL" in problem.message and "0x40" in problem.message

@@ -2,6 +2,7 @@
 manifest it writes says about the IOASes and their mappings."""
 from __future__ import annotations
 
+import errno
 import os
 
 import pytest
@@ -81,3 +82,14 @@ def test_an_unattached_device_goes_into_the_manifest_without_iommu_state(series_
     cdev = M.Manifest.from_json(done.manifest.to_json()).validate().by_name("nic")
     assert cdev is not None and cdev.bdf == BDF
     assert cdev.hwpt is None and cdev.iommufd_token is None
+
+
+def test_unknown_seal_bits_are_refused_by_f_add_seals_as_the_plan_says(series_kernel):
+    from pyiommufd.memfd import MemFD
+
+    plan = P.plan_from_dict({"session": "s", "memfd": [{"name": "ram", "size": 4096, "seals": 0x47}]})
+    assert "EINVAL" in next(p.message for p in P.validate(plan) if p.code == "seals-unsupported")
+    with MemFD.create("ram", 4096, sealing=True, backend=series_kernel) as memfd:
+        with pytest.raises(OSError) as info:
+            memfd.add_seals(0x47)
+    assert info.value.errno == errno.EINVAL

@@ -225,8 +225,9 @@ def memfd_size(plan: Plan) -> Iterator[Problem]:
 
 
 def no_hugetlb(plan: Plan) -> Iterator[Problem]:
+    mapped_by = _memfds_mapped_by_marked(plan)
     for m in plan.memfds:
-        if m.hugetlb:
+        if m.hugetlb and (m.preserve or m.name in mapped_by):
             yield error("hugetlb", "hugetlb memfds cannot be preserved by 7.3 memfd LUO (PRESERVE_FD says "
                         "ENOENT), and an iommufd mapping one can never be preserved", f"memfd {m.name!r}", "4.3")
 
@@ -234,9 +235,10 @@ def no_hugetlb(plan: Plan) -> Iterator[Problem]:
 def seals_preservable(plan: Plan) -> Iterator[Problem]:
     for m in plan.memfds:
         if m.seals & ~LUO_SEALS:
-            yield error("seals-unsupported", f"seal bits {m.seals & ~LUO_SEALS:#x} are outside what memfd LUO "
-                        "preserves (SEAL|SHRINK|GROW|WRITE|FUTURE_WRITE|EXEC): PRESERVE_FD says EOPNOTSUPP",
-                        f"memfd {m.name!r}", "4.3")
+            # 7.3's F_ALL_SEALS is MEMFD_LUO_ALL_SEALS: the seal step fails before any preserve
+            yield error("seals-unsupported", f"seal bits {m.seals & ~LUO_SEALS:#x} are not seals: F_ADD_SEALS says "
+                        "EINVAL (Linux 7.3 knows SEAL|SHRINK|GROW|WRITE|FUTURE_WRITE|EXEC, all of which memfd "
+                        "LUO preserves)", f"memfd {m.name!r}", "4.3")
 
 
 def sealed_before_map(plan: Plan) -> Iterator[Problem]:
