@@ -132,6 +132,7 @@ RULES = {
     "mapping-range": _set(MAP + ["offset"], "1M"),
     "mapping-overlap": lambda d: d["iommufd"][0]["ioas"][0]["mappings"].append(
         {"memfd": "buffer", "offset": 0, "length": 4096, "iova": 0x100001000}),
+    "mapping-iova-range": _set(MAP + ["iova"], (1 << 64) - 0x1000),
     "mapping-prot": _both(_set(MAP + ["readable"], False), _set(MAP + ["writeable"], False)),
     "hwpt-nested": _set(HWPT + ["data_type"], "vtd_s1"),
     "hwpt-ioas-unknown": _set(HWPT + ["ioas"], "ioas9"),
@@ -147,9 +148,9 @@ RULES = {
     "device-duplicate": lambda d: (
         d["device"].append({"name": "dev1", "bdf": "00:03.0", "hwpt": "hwpt0", "token": 5})),
     "device-pasid": _set(["device", 0, "pasid"], [1]),
-    "device-unattached": _del(["device", 0, "hwpt"]),
     "device-hwpt-unknown": _set(["device", 0, "hwpt"], "hwpt9"),
     "device-hwpt-unmarked": _set(HWPT + ["mark"], False),
+    "device-hwpt-nested": _set(HWPT + ["data_type"], "vtd_s1"),
     "device-iommufd-unpreserved": _set(["iommufd", 0, "preserve"], False),
     "hwpt-device-iommufd": lambda d: (
         d["iommufd"].append({"name": "iommufd1", "token": 9, "ioas": [{"name": "ioas1", "mappings": [
@@ -181,6 +182,7 @@ WARNINGS = {
     "iommufd-unmarked": _both(_set(HWPT + ["mark"], False), _set(["device", 0, "preserve"], False)),
     "no-manifest": _set(["manifest"], False),
     "device-cdev": _both(_del(["device", 0, "bdf"]), _set(["device", 0, "cdev"], "/dev/vfio/7")),
+    "device-unattached": _both(_del(HWPT + ["device"]), _del(["device", 0, "hwpt"])),
 }
 
 
@@ -188,6 +190,35 @@ WARNINGS = {
 def test_warning(code):
     plan = plan_of(WARNINGS[code])
     assert code in codes(plan, "warning"), [str(p) for p in P.validate(plan)]
+
+
+def test_write_seals_on_an_unmapped_memfd_warn_that_nothing_can_write_it():
+    plan = plan_of(lambda d: d["memfd"].append({"name": "rom", "size": 4096, "seals": "seal,write", "token": 9}))
+    warnings = [p for p in P.validate(plan) if p.code == "seals-write"]
+    assert [p.where for p in warnings] == ["memfd 'rom'"]
+    assert "nothing can write" in warnings[0].message
+
+
+@pytest.mark.parametrize("where,mutate", [
+    ("IOAS", lambda d: d["iommufd"][0]["ioas"].append({"name": "ioas0"})),
+    ("HWPT", lambda d: d["iommufd"].append({"name": "iommufd1", "ioas": [{"name": "ioas1"}], "hwpt": [
+        {"name": "hwpt0", "ioas": "ioas1", "device": "dev0", "mark": False}]})),
+])
+def test_ioas_and_hwpt_names_are_unique(where, mutate):
+    problems = [p for p in P.validate(plan_of(mutate)) if p.code == "name-duplicate"]
+    assert len(problems) == 1 and problems[0].message.startswith(f"{where} name"), problems
+
+
+def test_a_new_rule_is_one_function_in_the_list(monkeypatch):
+    from pyiommufd.planner import rules
+
+    def no_plan_called_forbidden(plan):
+        if plan.session == "forbidden":
+            yield rules.error("session-forbidden", "not this one", "session")
+
+    monkeypatch.setattr(rules, "RULES", (*rules.RULES, no_plan_called_forbidden))
+    assert codes(plan_of(_set(["session"], "forbidden"))) == {"session-forbidden"}
+    assert codes(plan_of()) == set()
 
 
 def test_lu_v2_accepts_u64_hwpt_tokens():
@@ -392,3 +423,40 @@ def test_report_is_json_serializable():
     rep = P.report(plan_of())
     assert json.loads(json.dumps(rep))["valid"] is True
     assert rep["lu_abi"] == "lu-v1"
+
+
+# -- a device names itself one way -------------------------------------------------------------
+def test_device_with_both_bdf_and_cdev_is_one_clear_problem():
+    plan = plan_of(_set(["device", 0, "cdev"], "/dev/vfio/devices/vfio0"))
+    problems = [p for p in P.validate(plan) if p.code == "device-ident"]
+    assert [p.where for p in problems] == ["device 'dev0'"]
+    assert "not both" in problems[0].message
+    assert not P.report(plan)["valid"]
+
+
+def test_device_with_neither_bdf_nor_cdev_is_a_problem():
+    plan = plan_of(_del(["device", 0, "bdf"]))
+    assert "device-ident" in codes(plan)
+
+
+def test_an_unattached_device_is_preserved_without_iommu_state():
+    # the series keeps such a cdev with no IOMMU state (seed-spec 4.5): a warning, not an error
+    plan = P.plan_from_dict({"session": "s", "device": [{"name": "nic", "bdf": "0000:00:03.0"}]})
+    assert codes(plan) == set() and "device-unattached" in codes(plan, "warning")
+    actions = [o.action for o in P.order(plan)]
+    assert "open_device" in actions and "preserve_cdev" in actions
+    assert "bind" not in actions and "attach" not in actions
+    row = next(r for r in P.stage2_retrieves(plan) if r["kind"] == "vfio-cdev")
+    assert "without IOMMU state" in row["expect"] and "EPERM" not in row["expect"]
+
+
+def test_an_unpreserved_hugetlb_memfd_is_the_kernels_business():
+    # nothing asks LUO to preserve it and no marked HWPT maps it: the kernel has nothing to refuse
+    scratch = {"name": "scratch", "size": "2M", "hugetlb": True, "preserve": False}
+    assert "hugetlb" not in codes(plan_of(lambda d: d["memfd"].append(scratch)))
+    assert "hugetlb" in codes(plan_of(lambda d: d["memfd"].append({**scratch, "preserve": True, "token": 9})))
+
+
+def test_unknown_seal_bits_name_the_kernels_answer():
+    problem = next(p for p in P.validate(plan_of(RULES["seals-unsupported"])) if p.code == "seals-unsupported")
+    assert "F_ADD_SEALS says EINVAL" in problem.message and "0x40" in problem.message
