@@ -9,8 +9,8 @@ as a value to compare. This module does that, and nothing more:
 
 * :class:`Struct` is a struct of our cffi declarations (``include-bindings/``)
   in a byte buffer of any length. Its size field is set to that length
-  unless you give ``size=``; fields are read and written by name, bytes by
-  offset.
+  unless you set the field yourself (``size=4``); fields are read and
+  written by name, bytes by offset.
 * :func:`ioctl` sends a :class:`Struct` (or any writable buffer, or an
   integer for value-style ioctls) through the backend seam, exactly as it
   is, and returns a :class:`Result`: the syscall's return value and errno.
@@ -33,7 +33,7 @@ from ._record import record
 from ._uapi import ffi
 from .backend import Backend, get_backend
 
-__all__ = ["Result", "Struct", "ioctl", "open_device", "request_of"]
+__all__ = ["Result", "Struct", "ioctl", "offsetofend", "open_device", "request_of"]
 
 
 @record(frozen=True)
@@ -58,25 +58,26 @@ class Result:
 
 
 class Struct:
-    """A C struct of our declarations in a buffer of ``length`` bytes.
+    """A C struct of our declarations in a buffer of ``nbytes`` bytes.
 
-    ``length`` defaults to ``sizeof(ctype)``; it may be smaller (the kernel
-    is sent only ``length`` bytes; fields past it can still be written here
-    but do not travel) or larger (a tail of zero bytes, see :meth:`tail`).
-    The size field (``size``, or ``argsz`` for VFIO structs, found by name)
-    is set to ``length`` unless ``size`` says otherwise (any value, 0
-    included); ``fields`` are assigned after it.
+    ``nbytes`` defaults to ``sizeof(ctype)``; it may be smaller (the kernel
+    is sent only ``nbytes`` bytes; fields past them can still be written
+    here but do not travel) or larger (a tail of zero bytes, see
+    :meth:`tail`). The size field (``size``, or ``argsz`` for VFIO structs)
+    is set to ``nbytes``; every keyword is a field, assigned after that, so
+    ``size=4`` (or ``argsz=...``) makes the size field say anything.
+    ``ctype`` and ``nbytes`` are positional, so fields named ``length`` or
+    ``size`` never clash with them.
     """
 
-    __slots__ = ("ctype", "length", "_backing", "_view")
+    __slots__ = ("ctype", "nbytes", "_backing", "_view")
 
     ctype: str
-    length: int
+    nbytes: int
     _backing: bytearray
     _view: Any  # the cffi pointer over _backing
 
-    def __init__(self, ctype: str | _ioctl.IoctlDef, length: int | None = None, *,
-                 size: int | None = None, **fields: Any) -> None:
+    def __init__(self, ctype: str | _ioctl.IoctlDef, nbytes: int | None = None, /, **fields: Any) -> None:
         if isinstance(ctype, _ioctl.IoctlDef):
             if ctype.struct is None:
                 raise errors.UsageError(f"{ctype.name} takes no struct")
@@ -85,19 +86,17 @@ class Struct:
             struct_size = int(ffi.sizeof(ctype))
         except (ffi.error, TypeError) as exc:
             raise errors.UsageError(f"unknown struct type {ctype!r}: {exc}") from None
-        if length is None:
-            length = struct_size
-        if isinstance(length, bool) or not isinstance(length, int) or length < 0:
-            raise errors.UsageError(f"length must be a non-negative integer, not {length!r}")
+        if nbytes is None:
+            nbytes = struct_size
+        if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
+            raise errors.UsageError(f"nbytes must be a non-negative integer, not {nbytes!r}")
         self.ctype = ctype
-        self.length = length
-        self._backing = bytearray(max(length, struct_size))
+        self.nbytes = nbytes
+        self._backing = bytearray(max(nbytes, struct_size))
         self._view = ffi.from_buffer(f"{ctype} *", self._backing, require_writable=True)
         size_field = self.size_field
         if size_field is not None:
-            self.set(**{size_field: length if size is None else size})
-        elif size is not None:
-            raise errors.UsageError(f"{ctype} has no size or argsz field")
+            self.set(**{size_field: nbytes})
         self.set(**fields)
 
     @property
@@ -147,8 +146,8 @@ class Struct:
 
     @property
     def buffer(self) -> memoryview:
-        """The ``length`` bytes the kernel is sent (writable, live)."""
-        return memoryview(self._backing)[:self.length]
+        """The ``nbytes`` bytes the kernel is sent (writable, live)."""
+        return memoryview(self._backing)[:self.nbytes]
 
     def __bytes__(self) -> bytes:
         return bytes(self.buffer)
@@ -156,7 +155,17 @@ class Struct:
     def __repr__(self) -> str:
         size_field = self.size_field
         size = f", {size_field}={getattr(self._view, size_field)}" if size_field else ""
-        return f"<Struct {self.ctype} length={self.length}{size}>"
+        return f"<Struct {self.ctype} nbytes={self.nbytes}{size}>"
+
+
+def offsetofend(ctype: str, field: str) -> int:
+    """Where ``field`` of ``ctype`` ends: the size of a struct's version that
+    ends at that field (the kernel's ``min_size``)."""
+    try:
+        member = dict(ffi.typeof(ctype).fields or ())[field]
+    except (ffi.error, KeyError, TypeError) as exc:
+        raise errors.UsageError(f"{ctype} has no field {field!r}: {exc}") from None
+    return int(member.offset + ffi.sizeof(member.type))
 
 
 def request_of(name: str) -> int:
@@ -180,7 +189,7 @@ def ioctl(fd: int, request: int | str | _ioctl.IoctlDef, arg: Struct | Any = Non
     """Send ``arg`` as it is with ``request`` on ``fd`` through the backend seam.
 
     ``request`` is a number, a constant's name or an :class:`~pyiommufd.ioctl.IoctlDef`.
-    ``arg`` is a :class:`Struct` (its ``length`` bytes go), any writable
+    ``arg`` is a :class:`Struct` (its ``nbytes`` bytes go), any writable
     buffer (``bytearray``, ``memoryview``, a cffi buffer), an ``int`` (passed
     by value, the legacy VFIO style) or None (value 0).
 
