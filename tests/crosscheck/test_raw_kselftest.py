@@ -13,6 +13,7 @@ from pyiommufd import errors, ioctl, raw
 from pyiommufd._uapi import ffi
 from pyiommufd.iommufd import (IOMMUFD, MAP_FIXED_IOVA, MAP_READABLE, MAP_WRITEABLE, OPTIONS, PAGE_SIZE,
                                aligned_buffer)
+from pyiommufd.memfd import MemFD
 
 RW_FIXED = MAP_READABLE | MAP_WRITEABLE | MAP_FIXED_IOVA
 OP_SET = ioctl.const("IOMMU_OPTION_OP_SET")
@@ -149,6 +150,23 @@ def test_the_object_model_maps_byte_granular_without_a_domain(kernel):
         ioas = ictx.alloc_ioas()
         assert ioas.map(aligned_buffer(PAGE_SIZE), 0x100007, length=100) == 0x100007
         assert ioas.unmap(0x100007, 100) == 100
+
+
+def test_byte_granular_map_file_and_copy_follow_the_same_rule(device, kernel):
+    with IOMMUFD.open() as ictx, MemFD.create("bytes", 4 * PAGE_SIZE) as memfd:
+        src, dst = ictx.alloc_ioas(), ictx.alloc_ioas()
+        assert src.map_file(memfd, start=100, length=PAGE_SIZE, iova=0x100007) == 0x100007
+        assert dst.copy(src, 0x100008, 50, 0x300005) == 0x300005
+        device.bind(ictx)
+        with pytest.raises(errors.AddressInUse):           # dst holds a byte-granular area
+            device.attach(dst)
+        dst.unmap_all()
+        device.attach(dst)
+        with pytest.raises(errors.InvalidArgument):
+            dst.copy(src, 0x100007, PAGE_SIZE, 0x400000)    # its bytes start 100 into a page
+        with pytest.raises(errors.InvalidArgument):
+            dst.map_file(memfd, start=100, length=PAGE_SIZE, iova=0x500000)
+        assert dst.map_file(memfd, start=PAGE_SIZE, length=PAGE_SIZE, iova=0x500000) == 0x500000
 
 
 def test_huge_pages_off_makes_the_alignment_a_page_even_without_a_domain(iommufd_fd):
