@@ -55,7 +55,7 @@ from __future__ import annotations
 import errno as E
 import mmap as _mmap
 from bisect import bisect_left, bisect_right
-from typing import TYPE_CHECKING, Any, Iterable, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Self, TypeVar
 
 from . import errors, ioctl
 from ._record import hidden, record
@@ -180,13 +180,26 @@ def _aligned(value: int, what: str, alignment: int = PAGE_SIZE) -> int:
     return value
 
 
-def _length(value: Any, what: str = "length", alignment: int | None = PAGE_SIZE) -> int:
+def _length(value: Any, what: str = "length", alignment: int | None = None) -> int:
     length = _int(value, what)
     if length == 0:
         raise errors.UsageError(f"{what} must not be 0")
     if alignment:
         _aligned(length, what, alignment)
     return length
+
+
+def _granularity(**values: int) -> Callable[[], str] | None:
+    """The detail for a failed call with byte-granular values, made only on
+    failure: the kernel takes them while the IOAS's iova_alignment is 1 (no
+    domain attached, huge pages on) and refuses them (EINVAL) once it is a page
+    (io_pagetable.c, iopt_calculate_iova_alignment), so the library leaves
+    the judgement to the kernel."""
+    odd = [f"{name} {value:#x}" for name, value in values.items() if value & _PAGE_MASK]
+    if not odd:
+        return None
+    return lambda: (f"{', '.join(odd)} not page aligned, which the kernel refuses (EINVAL) once "
+                    "the IOAS has a domain attached or huge pages off: see IOAS.iova_alignment()")
 
 
 def _range_end(start: int, length: int, what: str) -> None:
@@ -262,7 +275,7 @@ def buffer_address(buffer: Any, *, writable: bool, length: int | None = None) ->
 
 def aligned_buffer(length: int) -> _mmap.mmap:
     """Page-aligned anonymous memory for :meth:`IOAS.map` (an ``mmap.mmap``)."""
-    return _mmap.mmap(-1, _length(length))
+    return _mmap.mmap(-1, _length(length, alignment=PAGE_SIZE))
 
 
 def _release(pin: Any) -> None:
@@ -609,9 +622,8 @@ class IOMMUFD(FdObject):
         if value is None:
             arg = self._call(IOMMU_OPTION, option_id=opt, op=C("IOMMU_OPTION_OP_GET"), object_id=obj)
             return int(arg.val64)
+        # any u64: the kernel itself says which values an option takes (EINVAL)
         value = int(value) if isinstance(value, bool) else _int(value, "option value")
-        if value not in (0, 1):
-            raise errors.UsageError(f"option value must be 0 or 1 (got {value})")
         self._call(IOMMU_OPTION, option_id=opt, op=C("IOMMU_OPTION_OP_SET"), object_id=obj, val64=value)
         return value
 
@@ -934,8 +946,7 @@ class IOAS(IommufdObject):
                 | (MAP_FIXED_IOVA if fixed else 0))
 
     def _check_iova(self, iova: int | None, length: int, hint: int | None = None) -> int:
-        if (hint is None and iova.__class__ is int and iova >= 0 and not iova & _PAGE_MASK
-                and iova + length - 1 <= U64_MAX):
+        if hint is None and iova.__class__ is int and iova >= 0 and iova + length - 1 <= U64_MAX:
             return iova  # the common case, checked in one go
         if iova is None:
             if hint is None:
@@ -943,7 +954,7 @@ class IOAS(IommufdObject):
             return _int(hint, "hint_iova")
         if hint is not None:
             raise errors.UsageError("give iova (fixed) or hint_iova, not both")
-        iova = _aligned(_int(iova, "iova"), "iova")
+        iova = _int(iova, "iova")
         _range_end(iova, length, "IOVA range")
         return iova
 
@@ -957,7 +968,8 @@ class IOAS(IommufdObject):
         as the seed selftest does; 7.3 ignores it). Returns the IOVA.
 
         The buffer is referenced (and its export held) until it is unmapped.
-        The length must be a multiple of the page size. Use page-aligned
+        The IOVA and the length may be byte granular while the IOAS has no
+        domain attached; once one is, the kernel wants whole pages. Use page-aligned
         memory (``mmap.mmap``, :func:`aligned_buffer`): a ``bytearray`` is
         rarely page aligned, and the kernel keeps the buffer's page offset in
         the IOVA, which it refuses (EINVAL) once the IOAS has a domain; the
@@ -980,15 +992,15 @@ class IOAS(IommufdObject):
         else:
             _release(pin)
             addr, size, pin = buffer_address(buffer, writable=writeable, length=length)
-        detail = None
+        detail: ioctl.Detail = None
         if addr & _PAGE_MASK:
             detail = (f"user_va {addr:#x} is not page aligned: once a domain is attached the IOVA "
                       "must be page aligned and keeps the buffer's page offset; map page-aligned "
                       "memory (mmap.mmap, pyiommufd.iommufd.aligned_buffer())")
+        elif (size | (iova if isinstance(iova, int) else 0)) & _PAGE_MASK:
+            detail = _granularity(iova=iova if isinstance(iova, int) else 0, length=size)
         try:
-            if size & _PAGE_MASK:
-                _aligned(size, "length")
-            if (hint_iova is None and iova.__class__ is int and iova >= 0 and not iova & _PAGE_MASK
+            if (hint_iova is None and iova.__class__ is int and iova >= 0
                     and iova + size - 1 <= U64_MAX):
                 iova_in = iova
             else:
@@ -1042,7 +1054,8 @@ class IOAS(IommufdObject):
         try:
             self.iommufd._ioctl(self.iommufd.fileno(), IOMMU_IOAS_MAP_FILE.request, buf)
         except OSError as exc:
-            raise ioctl.failure(exc, IOMMU_IOAS_MAP_FILE) from None
+            raise ioctl.failure(exc, IOMMU_IOAS_MAP_FILE, None,
+                                _granularity(start=start, length=length, iova=iova_in)) from None
         got: int = arg.iova
         IOMMU_IOAS_MAP_FILE.give(pair)
         self._track(Mapping(got, length, "file", readable, writeable, fd, start, None, None,
@@ -1114,7 +1127,7 @@ class IOAS(IommufdObject):
                        writeable: bool, hint_iova: Any) -> tuple[int, int, int, int, int]:
         """map_file's checks, in its order: ``(fd, start, length, iova, flags)``."""
         fd = _fd_of(file_or_fd)
-        start = _aligned(_int(start, "start"), "start")
+        start = _int(start, "start")
         if length is None:
             try:
                 size = self.backend.fstat_size(fd)
@@ -1164,9 +1177,9 @@ class IOAS(IommufdObject):
         if self.destroyed or ictx._fd is None:
             self._check()
         if not (iova.__class__ is int and length.__class__ is int and iova >= 0 and length > 0
-                and not (iova | length) & _PAGE_MASK and iova + length - 1 <= U64_MAX):
+                and iova + length - 1 <= U64_MAX):
             # not the common case: the full checks, which say what is wrong
-            iova = _aligned(_int(iova, "iova"), "iova")
+            iova = _int(iova, "iova")
             length = _length(length)
             _range_end(iova, length, "IOVA range")
         try:
@@ -1179,7 +1192,7 @@ class IOAS(IommufdObject):
         try:
             ictx._ioctl(ictx._fd, _UNMAP_REQUEST, buf)  # type: ignore[arg-type]  # open: checked
         except OSError as exc:
-            raise ioctl.failure(exc, IOMMU_IOAS_UNMAP) from None
+            raise ioctl.failure(exc, IOMMU_IOAS_UNMAP, None, _granularity(iova=iova, length=length)) from None
         done: int = arg.length
         _UNMAP_POOL.append(pair)
         self._drop_tracked(iova, length)
@@ -1202,13 +1215,14 @@ class IOAS(IommufdObject):
         destination IOVA. Copies of MAP_FILE ranges stay file-backed."""
         self._check()
         src_id = self.iommufd._obj_id(src_ioas, "source IOAS")
-        src_iova = _aligned(_int(src_iova, "src_iova"), "src_iova")
+        src_iova = _int(src_iova, "src_iova")
         length = _length(length)
         _range_end(src_iova, length, "source IOVA range")
         dst_in = self._check_iova(dst_iova, length)
         flags = self._map_flags(readable, writeable, dst_iova is not None)
         arg = self.iommufd._call(IOMMU_IOAS_COPY, flags=flags, dst_ioas_id=self.id, src_ioas_id=src_id,
-                                 length=length, dst_iova=dst_in, src_iova=src_iova)
+                                 length=length, dst_iova=dst_in, src_iova=src_iova,
+                                 detail=_granularity(src_iova=src_iova, length=length, dst_iova=dst_in))
         got = int(arg.dst_iova)
         src = src_ioas if isinstance(src_ioas, IOAS) else self.iommufd._objects.get(src_id)
         origin = None

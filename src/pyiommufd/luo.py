@@ -46,18 +46,37 @@ def _shown(name: str, limit: int = 40) -> str:
     return f"'{text}'" if len(text) <= limit else f"'{text[:limit]}…' ({len(text)} characters)"
 
 
+def session_name_bytes(name: str) -> bytes:
+    """``name`` as the kernel's ``char name[64]`` gets it. Refuses only what
+    those bytes cannot say: a name that is no UTF-8 string, has a NUL (the
+    kernel would read a shorter name) or overflows the field. The kernel
+    judges the rest: an empty name, or 64 bytes with no room for the NUL, is
+    its EINVAL (luo_session.c, luo_session_create)."""
+    raw = _encoded(name)
+    if b"\0" in raw:
+        raise UsageError("session name may not contain NUL")
+    if len(raw) > SESSION_NAME_MAX + 1:
+        raise UsageError(f"session name {_shown(name)} is {len(raw)} bytes: the kernel's field "
+                         f"holds {SESSION_NAME_MAX + 1}")
+    return raw
+
+
 def check_session_name(name: str) -> bytes:
+    """A name LUO accepts, 1 to 63 bytes: the flows' (CLI, plans, manifests)
+    check before they start, so a bad name fails before anything is done."""
+    raw = _encoded(name)
+    if not 1 <= len(raw) <= SESSION_NAME_MAX:
+        raise UsageError(f"session name must be 1 to {SESSION_NAME_MAX} bytes, {_shown(name)} is {len(raw)}")
+    return session_name_bytes(name)
+
+
+def _encoded(name: str) -> bytes:
     if not isinstance(name, str):
         raise UsageError(f"session name must be a string, not {type(name).__name__}")
     try:
-        raw = name.encode()
+        return name.encode()
     except UnicodeEncodeError:
         raise UsageError(f"session name {_shown(name)} is not valid UTF-8") from None
-    if not 1 <= len(raw) <= SESSION_NAME_MAX:
-        raise UsageError(f"session name must be 1 to {SESSION_NAME_MAX} bytes, {_shown(name)} is {len(raw)}")
-    if b"\0" in raw:
-        raise UsageError("session name may not contain NUL")
-    return raw
 
 
 def check_token(token: int) -> int:
@@ -149,12 +168,12 @@ class LiveUpdate(FdObject):
         return cls(fd, backend=be)
 
     def create_session(self, name: str) -> "Session":
-        raw = check_session_name(name)
+        raw = session_name_bytes(name)
         arg = ioctl.call(self.backend, self.fd, CREATE_SESSION, name=raw, detail=lambda: f"session {name!r}")
         return Session(arg.fd, name, incoming=False, backend=self.backend)
 
     def retrieve_session(self, name: str) -> "Session":
-        raw = check_session_name(name)
+        raw = session_name_bytes(name)
         arg = ioctl.call(self.backend, self.fd, RETRIEVE_SESSION, name=raw, detail=lambda: f"session {name!r}")
         return Session(arg.fd, name, incoming=True, backend=self.backend)
 

@@ -111,3 +111,32 @@ def pytest_terminal_summary(terminalreporter):
     apart = sorted(r for r in _OUTCOMES if r not in everywhere)
     if apart:
         tr.write_line(f"{len(apart)} rule(s) disagree: " + ", ".join(apart), red=True, bold=True)
+
+
+# -- the device both worlds have: used by the iommufd rules and the raw-layer cases --------------
+VIRTIO_NET = (0x1AF4, 0x1041)
+
+
+@pytest.fixture
+def virtio_net(kernel):
+    """The first virtio-net (1af4:1041) function, bound to vfio-pci; back on
+    its driver afterwards."""
+    from pyiommufd import pci
+
+    found = [d for d in pci.list_devices() if (d.vendor, d.device) == VIRTIO_NET]
+    if not found:
+        pytest.fail(f"no {VIRTIO_NET[0]:04x}:{VIRTIO_NET[1]:04x} PCI function in this kernel")
+    binding = pci.PciDevice(found[0].bdf).bind_vfio()
+    yield binding
+    binding.restore()
+
+
+@pytest.fixture
+def device(virtio_net):
+    """The virtio-net's VFIO cdev, open (closed before the driver is restored:
+    the real kernel blocks an unbind while a cdev is open)."""
+    from pyiommufd.vfio import VfioDevice
+
+    dev = VfioDevice.open(virtio_net.vfio_cdev)
+    yield dev
+    dev.close()

@@ -22,11 +22,10 @@ from pyiommufd.iommufd import (IOMMU_DESTROY, IOMMU_HWPT_ALLOC, IOMMU_IOAS_ALLOC
                                MAP_FIXED_IOVA, MAP_READABLE, MAP_WRITEABLE, OPTIONS, PAGE_SIZE, U64_MAX,
                                IovaRange, aligned_buffer)
 from pyiommufd.memfd import LIVE_UPDATE_SEALS, MemFD, Seal
-from pyiommufd.vfio import ATTACH_IOMMUFD_PT, GET_INFO, VfioDevice
+from pyiommufd.vfio import ATTACH_IOMMUFD_PT, GET_INFO
 
 RW = MAP_READABLE | MAP_WRITEABLE
 OP_SET, OP_GET = ioctl.const("IOMMU_OPTION_OP_SET"), ioctl.const("IOMMU_OPTION_OP_GET")
-VIRTIO_NET = (0x1AF4, 0x1041)
 MSI_WINDOW = IovaRange(0xFEE00000, 0xFEEFFFFF)
 
 
@@ -328,27 +327,6 @@ def test_map_file_beyond_the_end_of_the_file_without_a_domain_is_accepted(iommuf
 
 
 # -- devices -----------------------------------------------------------------------------------
-
-@pytest.fixture
-def virtio_net(kernel):
-    """The first virtio-net (1af4:1041) function, bound to vfio-pci; back on
-    its driver afterwards."""
-    found = [d for d in pci.list_devices() if (d.vendor, d.device) == VIRTIO_NET]
-    if not found:
-        pytest.fail(f"no {VIRTIO_NET[0]:04x}:{VIRTIO_NET[1]:04x} PCI function in this kernel")
-    binding = pci.PciDevice(found[0].bdf).bind_vfio()
-    yield binding
-    binding.restore()
-
-
-@pytest.fixture
-def device(virtio_net):
-    """The virtio-net's VFIO cdev, open (closed before the driver is restored:
-    the real kernel blocks an unbind while a cdev is open)."""
-    dev = VfioDevice.open(virtio_net.vfio_cdev)
-    yield dev
-    dev.close()
-
 
 def test_virtio_net_is_on_vfio_pci_with_a_cdev(virtio_net, device):
     assert pci.PciDevice(virtio_net.bdf).driver == "vfio-pci"

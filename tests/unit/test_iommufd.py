@@ -210,8 +210,6 @@ def test_map_validation_happens_first(fake_kernel):
         buf = bytearray(PAGE_SIZE)
         bad = [
             lambda: ioas.map(bytearray()),                               # length 0
-            lambda: ioas.map(bytearray(100)),                            # unaligned size
-            lambda: ioas.map(buf, 0x123),                                # unaligned iova
             lambda: ioas.map(buf, -PAGE_SIZE),                           # negative iova
             lambda: ioas.map(buf, (1 << 64) - PAGE_SIZE + PAGE_SIZE),    # past 2^64
             lambda: ioas.map(buf, (1 << 64) - PAGE_SIZE, length=2 * PAGE_SIZE),
@@ -226,6 +224,23 @@ def test_map_validation_happens_first(fake_kernel):
         for call in bad:
             with pytest.raises(errors.UsageError):
                 call()
+        assert ioas.mappings == []
+
+
+def test_byte_granular_maps_are_left_to_the_kernel(fake_kernel):
+    """No domain: the kernel's iova_alignment is 1 and it takes them; with
+    huge pages off it is a page and the kernel's EINVAL comes through."""
+    with IOMMUFD.open() as ictx:
+        ioas = ictx.alloc_ioas()
+        assert ioas.map(bytearray(100), 0x123) == 0x123
+        m = memfd(MiB)
+        assert ioas.map_file(m, start=100, length=PAGE_SIZE + 1, iova=7 << 20) == 7 << 20
+        assert ioas.unmap(0x123, 100) == 100
+        assert ioas.unmap(7 << 20, PAGE_SIZE + 1) == PAGE_SIZE + 1
+        ioas.huge_pages(False)
+        with pytest.raises(errors.InvalidArgument) as info:
+            ioas.map(aligned_buffer(PAGE_SIZE), 0x123)
+        assert "iova 0x123 not page aligned" in str(info.value)
         assert ioas.mappings == []
 
 
@@ -292,12 +307,10 @@ def test_map_file_validation(fake_kernel):
         for call in (
             lambda: ioas.map_file("not a file"),
             lambda: ioas.map_file(-3),
-            lambda: ioas.map_file(m, start=100),
             lambda: ioas.map_file(m, start=MiB),                 # nothing left to map
             lambda: ioas.map_file(m, length=0),
-            lambda: ioas.map_file(m, length=PAGE_SIZE + 1),
             lambda: ioas.map_file(m, start=-PAGE_SIZE),
-            lambda: ioas.map_file(m, iova=7),
+            lambda: ioas.map_file(m, iova=-7),
         ):
             with pytest.raises(errors.UsageError):
                 call()
@@ -319,9 +332,12 @@ def test_unmap(fake_kernel):
         err = info.value
         assert isinstance(err, errors.NotFound) and err.op == "IOMMU_IOAS_UNMAP"
         assert "no mapping" in err.hint
-        for call in (lambda: ioas.unmap(a, 0), lambda: ioas.unmap(a, 100), lambda: ioas.unmap(3, PAGE_SIZE),
-                     lambda: ioas.unmap(-PAGE_SIZE, PAGE_SIZE), lambda: ioas.unmap((1 << 64) - PAGE_SIZE, 2 * PAGE_SIZE)):
+        for call in (lambda: ioas.unmap(a, 0), lambda: ioas.unmap(-PAGE_SIZE, PAGE_SIZE),
+                     lambda: ioas.unmap((1 << 64) - PAGE_SIZE, 2 * PAGE_SIZE)):
             with pytest.raises(errors.UsageError):
+                call()
+        for call in (lambda: ioas.unmap(a, 100), lambda: ioas.unmap(3, PAGE_SIZE)):
+            with pytest.raises(errors.NotFound):              # byte granular: the kernel judges
                 call()
         assert ioas.unmap_all() == PAGE_SIZE
         assert ioas.mappings == [] and ioas.unmap_all() == 0
@@ -350,11 +366,12 @@ def test_copy(fake_kernel):
         mm.close()
         with pytest.raises(errors.NotFound):
             dst.copy(src, 5 << 32, PAGE_SIZE)                 # nothing mapped there
-        for call in (lambda: dst.copy(src, at, 0), lambda: dst.copy(src, at + 1, PAGE_SIZE),
-                     lambda: dst.copy(src, at, PAGE_SIZE, 5), lambda: dst.copy(src, at, PAGE_SIZE, readable=False,
-                                                                               writeable=False)):
+        for call in (lambda: dst.copy(src, at, 0), lambda: dst.copy(src, -1, PAGE_SIZE),
+                     lambda: dst.copy(src, at, PAGE_SIZE, readable=False, writeable=False)):
             with pytest.raises(errors.UsageError):
                 call()
+        # byte granular, no domain on either side: the kernel takes it
+        assert dst.copy(src, at + 1, PAGE_SIZE, (6 << 32) + 5) == (6 << 32) + 5
 
 
 def test_copy_of_a_range_mapped_elsewhere(fake_kernel):
@@ -459,10 +476,11 @@ def test_options(fake_kernel):
         assert ictx.option("huge_pages", object_id=ioas) == 0
         assert ictx.option("HUGE_PAGES", True, object_id=ioas.id) == 1
         for call in (lambda: ictx.option("nope"), lambda: ictx.option("rlimit_mode", object_id=ioas),
-                     lambda: ictx.option("huge_pages"), lambda: ictx.option("huge_pages", 2, object_id=ioas),
-                     lambda: ictx.option("huge_pages", -1, object_id=ioas)):
+                     lambda: ictx.option("huge_pages"), lambda: ictx.option("huge_pages", -1, object_id=ioas)):
             with pytest.raises(errors.UsageError):
                 call()
+        with pytest.raises(errors.InvalidArgument):
+            ictx.option("huge_pages", 2, object_id=ioas)      # the kernel's own answer
         with pytest.raises(errors.NotSupported):
             ictx.option(7)
 

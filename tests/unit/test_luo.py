@@ -9,11 +9,24 @@ from pyiommufd.luo import LiveUpdate, Session
 from pyiommufd.memfd import MemFD
 
 
-@pytest.mark.parametrize("name", ["", "x" * 64, "a\0b"])
-def test_bad_session_names_are_refused_before_the_kernel(fake_kernel, name):
+@pytest.mark.parametrize("name", ["a\0b", "x" * 65, b"bytes", "\udcff"])
+def test_names_the_kernel_field_cannot_carry_are_refused_before_the_kernel(fake_kernel, name):
     with LiveUpdate.open() as lu:
         with pytest.raises(errors.UsageError):
             lu.create_session(name)
+
+
+@pytest.mark.parametrize("name", ["", "x" * 64])
+def test_names_the_kernel_can_judge_get_its_einval(fake_kernel, name):
+    with LiveUpdate.open() as lu:
+        with pytest.raises(errors.InvalidArgument):
+            lu.create_session(name)
+
+
+@pytest.mark.parametrize("name", ["", "x" * 64])
+def test_the_flows_check_refuses_what_luo_would(name):
+    with pytest.raises(errors.UsageError, match="1 to 63 bytes"):
+        luo.check_session_name(name)
 
 
 @pytest.mark.parametrize("token", [-1, 1 << 64, "1", True, 1.0])
