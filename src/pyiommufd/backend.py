@@ -2,7 +2,7 @@
 
 Every syscall the library makes goes through a :class:`Backend`. The real one,
 :class:`LinuxBackend`, talks to the running kernel. The test-only fake kernel
-(:mod:`pyiommufd.testing`) implements the same methods and decodes the very
+(:mod:`pyiommufd_testing`) implements the same methods and decodes the very
 ioctl buffers the real kernel would receive.
 
 Methods raise plain :class:`OSError` with ``errno`` set; the interface layers

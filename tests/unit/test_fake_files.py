@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from pyiommufd import errors, ioctl
-from pyiommufd.testing import FakeKernel
+from pyiommufd_testing import FakeKernel
 
 
 def test_placeholders_are_real_fds(fake_kernel, kt):

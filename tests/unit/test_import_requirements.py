@@ -7,7 +7,7 @@ CODE = """
 import sys
 sys.modules["pycparser"] = None          # any import of it now fails
 import pyiommufd, pyiommufd.iommufd, pyiommufd.vfio, pyiommufd.luo, pyiommufd.memfd
-import pyiommufd.kexec, pyiommufd.abi, pyiommufd.selftest, pyiommufd.testing.fake
+import pyiommufd.kexec, pyiommufd.abi, pyiommufd.selftest, pyiommufd_testing.fake
 from pyiommufd._uapi import ffi
 assert ffi.sizeof("struct iommu_ioas_map_file") == 40
 assert "cffi.cparser" not in sys.modules and "cffi.recompiler" not in sys.modules

@@ -14,7 +14,7 @@ from pyiommufd import backend, errors, ioctl, pci, vfio
 from pyiommufd._uapi import ffi
 from pyiommufd.backend import Backend, oserror
 from pyiommufd.iommufd import IOMMUFD, PAGE_SIZE, aligned_buffer
-from pyiommufd.testing import FakeKernel, FakePciDevice
+from pyiommufd_testing import FakeKernel, FakePciDevice
 from pyiommufd.vfio import (DependentDevice, DeviceInfo, HotResetInfo, IrqInfo, RegionInfo, VfioContainer,
                             VfioDevice, VfioGroup)
 

@@ -4,7 +4,7 @@ kernel (optionally carrying the live-update series), in-process.
 Every backend method behaves like the syscall: it receives the same bytes
 (ioctl arguments are the caller's writable struct buffers, decoded with
 :mod:`pyiommufd._uapi`), writes results back the same way and fails with
-``OSError(errno, strerror)``. See the modules of :mod:`pyiommufd.testing.fake`
+``OSError(errno, strerror)``. See the modules of :mod:`pyiommufd_testing.fake`
 for the rules each subsystem models and where they come from.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import os
 import posixpath
 import re
 
-from ...backend import Backend, oserror
+from pyiommufd.backend import Backend, oserror
 from .boot import Boot, BootConfig
 from .files import OpenFile
 from .iommufd import IommufdCtx, IommufdFile
