@@ -30,6 +30,11 @@ class Backend:
 
     name = "abstract"
 
+    #: Whether another process sees the same kernel state (Linux does; a test
+    #: double that keeps its state in this process does not). Decides where
+    #: the agent may run: a spawned daemon, or a thread of this process.
+    shared_with_other_processes: bool = False
+
     # -- file descriptors -------------------------------------------------
     def open(self, path: str, flags: int = os.O_RDWR | os.O_CLOEXEC) -> int:
         raise NotImplementedError
@@ -128,6 +133,7 @@ class LinuxBackend(Backend):
     """The running kernel."""
 
     name = "linux"
+    shared_with_other_processes = True
 
     _libc_handle: Any = None
 

@@ -780,12 +780,12 @@ def _start_agent(socket_path: str | None, background: bool, log_file: str | None
                  as_json: bool = False) -> None:
     from ..agent import protocol as P
     from ..agent import server
-    from ..backend import LinuxBackend, get_backend
+    from ..backend import get_backend
 
     path = P.default_socket_path(socket_path)
     be = get_backend()
     if background:
-        if not isinstance(be, LinuxBackend):
+        if not be.shared_with_other_processes:
             raise _usage("--background needs the Linux backend (a test backend lives in this process)")
         sys.stdout.flush()
         sys.stderr.flush()

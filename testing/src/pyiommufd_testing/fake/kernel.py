@@ -63,6 +63,8 @@ class FakeKernel(Backend):
     series rebased onto 7.3.4.
     """
 
+    shared_with_other_processes = False    # its state lives in this Python process
+
     name = "fake"
 
     def __init__(self, *, lu_abi: str | None = None, lu_nr: int = 0x95, liveupdate: bool = True,
