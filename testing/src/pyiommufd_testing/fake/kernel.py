@@ -390,6 +390,10 @@ class FakeKernel(Backend):
         return sorted(os.listdir(path))
 
     def readlink(self, path: str) -> str:
+        own_fd = re.fullmatch(r"/proc/self/fd/(\d+)", path)
+        if own_fd:
+            # Linux knows every fd, also one that came by SCM_RIGHTS: the fake learns it now
+            self.boot.table.lookup(int(own_fd[1]))
         if is_fake_path(path):
             try:
                 return self.fs.readlink(path)
