@@ -3,7 +3,9 @@
 # and venv, the VM tier's QEMU, kexec-tools and kernel build dependencies, gcc
 # for the conformance probe), then pyiommufd itself, editable with the test
 # extra, in the virtual environment .venv of this checkout (PEP 668: nothing
-# is installed into the system's Python). Safe to run again.
+# is installed into the system's Python). The test harness (the fake kernel,
+# the pytest plugin) is the second distribution in testing/, installed
+# editable alongside. Safe to run again.
 #
 # Afterwards: .venv/bin/pyiommufd and .venv/bin/python -m pytest.
 # PYTHON=/path/to/python3 picks the interpreter the venv is made from
@@ -42,7 +44,11 @@ if ! "$venv/bin/python" -c 'import pip' >/dev/null 2>&1; then
     "$python" -m venv "$venv"
 fi
 
-echo "bootstrap: pip install -e '.[test]' into $venv"
+# Two calls: pip 23 finds no pyiommufd for testing/'s dependency when the same
+# call names '.[test]'. The second call finds the extra's pyiommufd-testing
+# already satisfied by the local testing/.
+echo "bootstrap: pip install -e . -e ./testing, then -e '.[test]', into $venv"
+"$venv/bin/python" -m pip install -q --disable-pip-version-check -e . -e ./testing
 "$venv/bin/python" -m pip install -q --disable-pip-version-check -e '.[test]'
 "$venv/bin/python" -c "import pyiommufd._uapi" \
     || { echo "bootstrap: pip succeeded but pyiommufd._uapi cannot be imported" >&2; exit 1; }

@@ -2,7 +2,7 @@
 
 Every syscall the library makes goes through a :class:`Backend`. The real one,
 :class:`LinuxBackend`, talks to the running kernel. The test-only fake kernel
-(:mod:`pyiommufd.testing`) implements the same methods and decodes the very
+(:mod:`pyiommufd_testing`) implements the same methods and decodes the very
 ioctl buffers the real kernel would receive.
 
 Methods raise plain :class:`OSError` with ``errno`` set; the interface layers
@@ -29,6 +29,11 @@ class Backend:
     """The syscall seam. Subclasses implement every method."""
 
     name = "abstract"
+
+    #: Whether another process sees the same kernel state (Linux does; a test
+    #: double that keeps its state in this process does not). Decides where
+    #: the agent may run: a spawned daemon, or a thread of this process.
+    shared_with_other_processes: bool = False
 
     # -- file descriptors -------------------------------------------------
     def open(self, path: str, flags: int = os.O_RDWR | os.O_CLOEXEC) -> int:
@@ -128,6 +133,7 @@ class LinuxBackend(Backend):
     """The running kernel."""
 
     name = "linux"
+    shared_with_other_processes = True
 
     _libc_handle: Any = None
 

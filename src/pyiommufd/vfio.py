@@ -21,6 +21,7 @@ from __future__ import annotations
 import errno as E
 import mmap as _mmap
 import os
+import re
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from . import errors, ioctl, pci
@@ -255,6 +256,36 @@ def _open(backend: Backend, path: str, op: str) -> int:
 
 
 # -- the device ----------------------------------------------------------------
+def cdev_path(device: str, backend: Backend | None = None) -> tuple[str, str | None]:
+    """The VFIO cdev path that ``device`` names, and its PCI address if it is one:
+    an absolute path, ``vfioN``, or a PCI address resolved through
+    sysfs ``/sys/bus/pci/devices/<bdf>/vfio-dev/vfioN``. Whether the node exists
+    is left to whoever opens it."""
+    be = get_backend(backend)
+    if not isinstance(device, str) or not device:
+        raise errors.UsageError("give a cdev path (/dev/vfio/devices/vfioN) or a PCI address")
+    if device.startswith("/"):
+        return device, None
+    if pci.is_bdf(device):
+        dev = pci.PciDevice(device, be)
+        dev.require()
+        path = dev.vfio_cdev
+        if path is None:
+            driver = dev.driver
+            raise errors.make_error(
+                f"open(vfio cdev of {dev.bdf})", "sysfs", E.ENODEV,
+                detail=f"{dev.bdf} has no VFIO cdev (no vfio-dev/ in sysfs): it is on {driver or 'no driver'}; "
+                       f"bind it to vfio-pci (pyiommufd bind {dev.bdf}, PciDevice.bind_vfio()), and the kernel "
+                       "needs CONFIG_VFIO_DEVICE_CDEV")
+        return path, dev.bdf
+    if re.fullmatch(r"vfio\d+", device):
+        return f"{CDEV_DIR}/{device}", None
+    if ":" in device:
+        pci.normalize_bdf(device)   # looks like a PCI address but is not one: says why
+    raise errors.UsageError(f"{device!r} is neither a VFIO cdev ({CDEV_DIR}/vfioN) "
+                            "nor a PCI address (0000:00:03.0)")
+
+
 class VfioDevice(_FdOwner):
     """A VFIO device fd: a cdev (``/dev/vfio/devices/vfioN``), a cdev fd
     retrieved from a LUO session, or a legacy GROUP_GET_DEVICE_FD fd."""
@@ -277,28 +308,7 @@ class VfioDevice(_FdOwner):
         """Open a cdev by path, or by PCI address (``0000:00:03.0``/``00:03.0``)
         through sysfs ``/sys/bus/pci/devices/<bdf>/vfio-dev/vfioN``."""
         be = get_backend(backend)
-        if not isinstance(cdev_path_or_bdf, str) or not cdev_path_or_bdf:
-            raise errors.UsageError("give a cdev path (/dev/vfio/devices/vfioN) or a PCI address")
-        bdf = None
-        path: str | None
-        if cdev_path_or_bdf.startswith("/"):
-            path = cdev_path_or_bdf
-        elif pci.is_bdf(cdev_path_or_bdf):
-            dev = pci.PciDevice(cdev_path_or_bdf, be)
-            bdf = dev.bdf
-            dev.require()
-            path = dev.vfio_cdev
-            if path is None:
-                driver = dev.driver
-                raise errors.make_error(
-                    f"open(vfio cdev of {bdf})", "sysfs", E.ENODEV,
-                    detail=f"{bdf} has no vfio-dev/ in sysfs: it is on {driver or 'no driver'}; bind it "
-                           "to vfio-pci (PciDevice.bind_vfio()), and the kernel needs CONFIG_VFIO_DEVICE_CDEV")
-        elif cdev_path_or_bdf.startswith("vfio") and cdev_path_or_bdf[4:].isdigit():
-            path = f"{CDEV_DIR}/{cdev_path_or_bdf}"
-        else:
-            raise errors.UsageError(f"{cdev_path_or_bdf!r} is neither a cdev path (/dev/vfio/devices/vfioN) "
-                                    "nor a PCI address (0000:00:03.0)")
+        path, bdf = cdev_path(cdev_path_or_bdf, be)
         fd = _open(be, path, "open(vfio cdev)")
         return cls(fd, backend=be, owned=True, path=path, bdf=bdf)
 
@@ -993,7 +1003,7 @@ class VfioGroup(_FdOwner):
 
 
 __all__ = [
-    "VfioDevice", "VfioContainer", "VfioGroup", "DeviceInfo", "RegionInfo", "IrqInfo", "HotResetInfo",
+    "cdev_path", "VfioDevice", "VfioContainer", "VfioGroup", "DeviceInfo", "RegionInfo", "IrqInfo", "HotResetInfo",
     "DependentDevice", "Type1Info", "DmaMapping", "GroupStatus", "IRQ_INDEX", "REGION_INDEX", "FEATURES",
     "EXTENSIONS",
 ]

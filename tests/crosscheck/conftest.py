@@ -1,6 +1,6 @@
 """Cross-check: each test here runs against the fake kernel (tier unit, on the
 host) and against the real Linux 7.3 kernel (tier vm, in the QEMU guest). Any
-disagreement is a bug in the fake (pyiommufd.testing)."""
+disagreement is a bug in the fake (pyiommufd_testing)."""
 from dataclasses import dataclass
 
 import pytest
@@ -18,7 +18,7 @@ class Kernel:
                         pytest.param("real", marks=pytest.mark.pyiommufd_vm)])
 def kernel(request):
     if request.param == "fake":
-        from pyiommufd.testing import FakeKernel
+        from pyiommufd_testing import FakeKernel
 
         fake = FakeKernel()
         with backend_mod.use(fake):
@@ -46,7 +46,7 @@ def _first_vm_kernel(config) -> str:
 def _rule_and_side(nodeid: str, first_kernel: str) -> tuple[str, str] | None:
     if "/crosscheck/" not in nodeid or "[" not in nodeid:
         return None
-    from pyiommufd.testing.pytest_plugin import split_target
+    from pyiommufd_testing.pytest_plugin import split_target
 
     nodeid, kernel = split_target(nodeid)
     kernel = kernel or first_kernel

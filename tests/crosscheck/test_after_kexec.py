@@ -12,7 +12,7 @@ from pyiommufd.abi import ENV_NR
 from pyiommufd.iommufd import IOMMUFD
 from pyiommufd.luo import LiveUpdate
 from pyiommufd.memfd import MemFD
-from pyiommufd.testing.capabilities import probe
+from pyiommufd_testing.capabilities import probe
 
 SESSION = "after-kexec"
 TOK_MEMFD, TOK_IOMMUFD = 0xA1, 0xA2
@@ -64,7 +64,7 @@ def test_what_a_session_gives_back_after_kexec(side, request, monkeypatch):
         else:
             stage2(lu_stage.liveupdate, lu_stage.load("expect"))
         return
-    from pyiommufd.testing import FakeKernel
+    from pyiommufd_testing import FakeKernel
 
     if side == "fake-series":
         fake = FakeKernel(lu_abi="lu-v1", lu_nr=0x96, vfio_lu_handler=False)

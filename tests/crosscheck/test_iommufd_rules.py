@@ -2,7 +2,7 @@
 on the fake kernel and on the real one in the VM.
 
 Where the fake answers differently, the test asserts the real kernel's answer
-and the fake is fixed (pyiommufd.testing); until then the fake parameter is
+and the fake is fixed (pyiommufd_testing); until then the fake parameter is
 marked ``xfail(strict=True)`` so the discrepancy stays visible.
 
 The device tests bind "the first virtio-net (1af4:1041) PCI function" in both

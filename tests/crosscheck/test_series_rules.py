@@ -2,7 +2,7 @@
 code on the fake (stock 7.3, and the series as rebased onto 7.3.4: lu-v1 at
 0x96, no vfio-pci handler) and on every real kernel of the vm tier.
 
-Each test asks the kernel what it has (:mod:`pyiommufd.testing.capabilities`)
+Each test asks the kernel what it has (:mod:`pyiommufd_testing.capabilities`)
 and asserts the outcome that follows: the series' rule where the kernel has
 the mark ioctl and the iommufd handler, and the stock answer (no mark ioctl,
 LUO's ENOENT for an iommufd) where it does not. Nothing is skipped for being
@@ -23,7 +23,7 @@ from pyiommufd.abi import ENV_NR
 from pyiommufd.iommufd import IOMMUFD
 from pyiommufd.luo import LiveUpdate
 from pyiommufd.memfd import MemFD
-from pyiommufd.testing.capabilities import KernelCaps, probe
+from pyiommufd_testing.capabilities import KernelCaps, probe
 from pyiommufd.vfio import VfioDevice
 
 MiB = 1 << 20
@@ -89,7 +89,7 @@ def rig(request, monkeypatch):
         be: backend_mod.Backend = backend_mod.LinuxBackend()
         fake = None
     else:
-        from pyiommufd.testing import FakeKernel
+        from pyiommufd_testing import FakeKernel
 
         if request.param == "fake-series":   # the series as rebased onto 7.3.4
             fake = FakeKernel(lu_abi="lu-v1", lu_nr=0x96, vfio_lu_handler=False)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pyiommufd.testing.pytest_plugin import KernelTarget, kernel_targets
+from pyiommufd_testing.pytest_plugin import KernelTarget, kernel_targets
 from pyiommufd.vm import kernel as vmkernel, runner, seedflow
 
 from seedflow_results import record

@@ -1,7 +1,7 @@
 """Fixtures for the fake-kernel tier.
 
 ``fake_kernel`` (stock 7.3), ``series_kernel`` (lu-v2) and
-``series_kernel_v1`` install a :class:`pyiommufd.testing.FakeKernel` with
+``series_kernel_v1`` install a :class:`pyiommufd_testing.FakeKernel` with
 :func:`pyiommufd.backend.use` for the test and shut it down afterwards,
 closing every real placeholder fd.
 
@@ -17,7 +17,7 @@ import pytest
 
 from pyiommufd import backend, ioctl
 from pyiommufd._uapi import ffi
-from pyiommufd.testing import FakeKernel
+from pyiommufd_testing import FakeKernel
 
 
 class Defs:

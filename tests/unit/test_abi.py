@@ -53,7 +53,7 @@ import errno as E  # noqa: E402
 
 from pyiommufd.backend import use  # noqa: E402
 from pyiommufd.iommufd import IOMMUFD  # noqa: E402
-from pyiommufd.testing import FakeKernel  # noqa: E402
+from pyiommufd_testing import FakeKernel  # noqa: E402
 
 
 @pytest.mark.parametrize("flavour, nr, status, errnos", [

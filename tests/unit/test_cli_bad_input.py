@@ -21,7 +21,7 @@ from pyiommufd import agent
 from pyiommufd.backend import use
 import cli_support
 from pyiommufd.cli import COMMANDS
-from pyiommufd.testing import FakeKernel, FakePciDevice
+from pyiommufd_testing import FakeKernel, FakePciDevice
 
 LONG = "x" * 64
 HUGE_NAME = "n" * 10_000

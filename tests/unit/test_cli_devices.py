@@ -7,7 +7,7 @@ import pytest
 
 from pyiommufd.backend import use
 from cli_support import run_cli
-from pyiommufd.testing import FakeKernel, FakePciDevice
+from pyiommufd_testing import FakeKernel, FakePciDevice
 
 BDF = "0000:00:03.0"
 CDEV = "/dev/vfio/devices/vfio0"

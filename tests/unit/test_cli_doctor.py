@@ -11,7 +11,7 @@ import pytest
 from pyiommufd.backend import use
 from pyiommufd.cli import doctor as doctor_mod
 from cli_support import Result, run_cli
-from pyiommufd.testing import FakeKernel
+from pyiommufd_testing import FakeKernel
 
 
 def checks_of(r: Result) -> dict[str, dict]:

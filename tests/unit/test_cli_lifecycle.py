@@ -13,7 +13,7 @@ import pytest
 from pyiommufd import pci
 from pyiommufd.agent import AgentServer, in_process_agents
 from pyiommufd.cli import cli, lifecycle
-from pyiommufd.testing import SimulatedKexec
+from pyiommufd_testing import SimulatedKexec
 
 from cli_support import cli_runner
 

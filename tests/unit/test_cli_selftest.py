@@ -13,7 +13,7 @@ import pytest
 from pyiommufd import agent, luo
 from pyiommufd.backend import use
 from cli_support import error_lines, run_cli
-from pyiommufd.testing import FakeKernel, FakePciDevice, SimulatedKexec
+from pyiommufd_testing import FakeKernel, FakePciDevice, SimulatedKexec
 
 BDF = "0000:00:03.0"
 CDEV = "/dev/vfio/devices/vfio0"

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from pyiommufd import errors, ioctl
-from pyiommufd.testing import FakeKernel
+from pyiommufd_testing import FakeKernel
 
 
 def test_placeholders_are_real_fds(fake_kernel, kt):
@@ -140,3 +140,21 @@ def test_ioctl_on_closed_fd_is_ebadf(fake_kernel):
     with pytest.raises(OSError) as exc:
         fake_kernel.ioctl(987654, 0x3B80, ioctl.buffer_of(arg))
     assert exc.value.errno == errno.EBADF
+
+
+def test_an_fd_received_by_scm_rights_shows_its_fake_file_in_proc():
+    """Linux knows every fd of a process; the fake learns one it did not hand
+    out when it is asked about it, so no caller has to introduce it first."""
+    with FakeKernel() as k:
+        iommufd = k.open("/dev/iommu")
+        a, b = socket.socketpair(socket.AF_UNIX)
+        try:
+            socket.send_fds(a, [b"x"], [iommufd])
+            _, [received], _, _ = socket.recv_fds(b, 1, 1)
+            assert received != iommufd
+            assert k.readlink(f"/proc/self/fd/{received}") == "/dev/iommu"
+            k.close(received)
+        finally:
+            a.close()
+            b.close()
+            k.close(iommufd)

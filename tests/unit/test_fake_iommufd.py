@@ -6,7 +6,7 @@ import pytest
 
 from pyiommufd import errors, ioctl
 from pyiommufd._uapi import ffi
-from pyiommufd.testing import FakeKernel
+from pyiommufd_testing import FakeKernel
 from pyiommufd.backend import use
 
 U64_MAX = (1 << 64) - 1
@@ -287,14 +287,14 @@ def test_iova_ranges(fake_kernel, kt, dev):
     (30, 0b00010, 0),       # nothing fits
 ])
 def test_vtd_second_stage_width_follows_mgaw_and_sagaw(mgaw, sagaw, bits):
-    from pyiommufd.testing.fake.iommufd import cap_mgaw, vtd_ss_vasz_lg2
+    from pyiommufd_testing.fake.iommufd import cap_mgaw, vtd_ss_vasz_lg2
     cap = ((mgaw - 1) << 16) | (sagaw << 8)
     assert cap_mgaw(cap) == mgaw
     assert vtd_ss_vasz_lg2(cap) == bits
 
 
 def test_vtd_second_stage_page_sizes_follow_sslps():
-    from pyiommufd.testing.fake.iommufd import VTD_CAP, vtd_ss_pgsizes
+    from pyiommufd_testing.fake.iommufd import VTD_CAP, vtd_ss_pgsizes
     assert vtd_ss_pgsizes(VTD_CAP) == (1 << 12) | (1 << 21) | (1 << 30)
     assert vtd_ss_pgsizes(VTD_CAP & ~(0xF << 34)) == 1 << 12
     assert vtd_ss_pgsizes((VTD_CAP & ~(0xF << 34)) | (1 << 34)) == (1 << 12) | (1 << 21)
@@ -426,7 +426,7 @@ def test_hw_info_reports_a_device_without_ats(fake_kernel, kt, dev):
 
 
 def test_hw_info_of_a_device_with_ats(kt):
-    from pyiommufd.testing import FakePciDevice
+    from pyiommufd_testing import FakePciDevice
     with FakeKernel(devices=[FakePciDevice(ats=True, cfg_size=4096)]) as k, use(k):
         t = type(kt)(k)
         t.vfio_pci()
@@ -444,7 +444,7 @@ def test_hw_info_of_a_device_with_ats(kt):
 
 
 def test_ats_needs_pcie_config_space():
-    from pyiommufd.testing import FakePciDevice
+    from pyiommufd_testing import FakePciDevice
     with pytest.raises(ValueError):
         FakePciDevice(ats=True, cfg_size=256)
 

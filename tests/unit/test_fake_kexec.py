@@ -7,7 +7,7 @@ import pytest
 
 from pyiommufd import errors, ioctl
 from pyiommufd.backend import LINUX_REBOOT_CMD_KEXEC, KEXEC_FILE_NO_INITRAMFS, KEXEC_FILE_UNLOAD
-from pyiommufd.testing import FakeKernel, SimulatedKexec
+from pyiommufd_testing import FakeKernel, SimulatedKexec
 
 
 def load_image(k, cmdline=None):

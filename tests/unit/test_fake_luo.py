@@ -7,7 +7,7 @@ import pytest
 
 from pyiommufd import errors, ioctl
 from pyiommufd._uapi import ffi
-from pyiommufd.testing import FakeKernel
+from pyiommufd_testing import FakeKernel
 
 D = None  # filled from the kt fixture's Defs
 

@@ -8,7 +8,7 @@ import pytest
 from pyiommufd import errors, ioctl
 from pyiommufd._uapi import ffi
 from pyiommufd.backend import LINUX_REBOOT_CMD_KEXEC, use
-from pyiommufd.testing import FakeKernel, FakePciDevice, SimulatedKexec
+from pyiommufd_testing import FakeKernel, FakePciDevice, SimulatedKexec
 
 U64_MAX = (1 << 64) - 1
 TOK_IOMMUFD, TOK_CDEV, TOK_HWPT, TOK_MEMFD = 0x123456, 0x654321, 0x789012, 0x890123

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from pyiommufd.testing import FakeKernel, FakePciDevice
+from pyiommufd_testing import FakeKernel, FakePciDevice
 
 BDF = "0000:00:03.0"
 DEV = f"/sys/bus/pci/devices/{BDF}"

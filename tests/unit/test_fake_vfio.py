@@ -7,7 +7,7 @@ import pytest
 from pyiommufd import errors, ioctl
 from pyiommufd._uapi import ffi
 from pyiommufd.backend import use
-from pyiommufd.testing import FakeKernel, FakePciDevice
+from pyiommufd_testing import FakeKernel, FakePciDevice
 
 CONFIG_OFFSET = 7 << 40
 
@@ -362,7 +362,7 @@ def test_rom_region_without_a_usable_rom(kt, rom_size, rom, size, flags, read_er
 
 
 def test_rom_image_size_walks_the_image_chain():
-    from pyiommufd.testing.fake.pci import option_rom, rom_image_size
+    from pyiommufd_testing.fake.pci import option_rom, rom_image_size
     one = option_rom(0x1AF4, 0x1041, 0x020000, sectors=4)
     assert rom_image_size(one, 64 * 1024) == 4 * 512
     assert rom_image_size(one, 1024) == 1024            # never more than the window

@@ -8,7 +8,7 @@ import pytest
 from pyiommufd import ioctl, pci
 from pyiommufd._uapi import ffi
 from pyiommufd.backend import use
-from pyiommufd.testing import FakeKernel, FakePciDevice
+from pyiommufd_testing import FakeKernel, FakePciDevice
 from pyiommufd.vfio import VfioContainer, VfioDevice, VfioGroup
 
 BDF = "0000:00:03.0"

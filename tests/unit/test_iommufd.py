@@ -15,7 +15,7 @@ from pyiommufd.backend import Backend
 from pyiommufd.iommufd import (HWPT, IOAS, IOMMUFD, PAGE_SIZE, DirtyBitmap, FaultQueue, IovaRange,
                                Mapping, aligned_buffer, buffer_address)
 from pyiommufd.memfd import MemFD
-from pyiommufd.testing import FakeKernel
+from pyiommufd_testing import FakeKernel
 from pyiommufd.vfio import VfioDevice
 
 BDF = "0000:00:03.0"

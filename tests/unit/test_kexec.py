@@ -2,7 +2,7 @@
 import pytest
 
 from pyiommufd import errors, kexec
-from pyiommufd.testing import SimulatedKexec
+from pyiommufd_testing import SimulatedKexec
 
 
 def test_execute_without_a_loaded_image_is_einval(fake_kernel):

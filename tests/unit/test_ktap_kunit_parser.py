@@ -17,7 +17,7 @@ import tempfile
 import pytest
 
 from pyiommufd import agent
-from pyiommufd.testing import SimulatedKexec
+from pyiommufd_testing import SimulatedKexec
 
 from cli_support import run_cli
 

@@ -2,6 +2,10 @@
 use, the version and dependency floors live in one place each, the licence is
 shipped."""
 import re
+import shutil
+import subprocess
+import sys
+import zipfile
 import tomllib
 from pathlib import Path
 
@@ -67,3 +71,42 @@ def test_build_and_runtime_cffi_floors_agree():
     build = [r for r in PYPROJECT["build-system"]["requires"] if r.startswith("cffi")]
     runtime = [r for r in PYPROJECT["project"]["dependencies"] if r.startswith("cffi")]
     assert build == runtime == ["cffi>=1.15.1"]  # Debian bookworm's python3-cffi
+
+
+def _build_wheel(tmp_path: Path) -> Path:
+    """The root's wheel, built by pip from a copy of the files the build reads
+    (a stale build/ in the checkout must not decide what ships)."""
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "setup.py", "MANIFEST.in", "README.md", "LICENSE"):
+        shutil.copy2(ROOT / name, source / name)
+    skip = shutil.ignore_patterns("__pycache__", "*.egg-info", "_uapi.py")
+    for tree in ("src", "include-bindings"):
+        shutil.copytree(ROOT / tree, source / tree, ignore=skip)
+    out = tmp_path / "wheels"
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--disable-pip-version-check",
+                           "--no-deps", "-w", str(out), str(source)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    (wheel,) = out.glob("pyiommufd-*.whl")
+    return wheel
+
+
+def test_the_wheel_ships_no_fake_kernel_and_no_pytest_plugin(tmp_path):
+    with zipfile.ZipFile(_build_wheel(tmp_path)) as wheel:
+        names = wheel.namelist()
+        entry_points = next((wheel.read(n).decode() for n in names if n.endswith(".dist-info/entry_points.txt")), "")
+    assert "pyiommufd/iommufd.py" in names and "pyiommufd/_uapi.py" in names
+    harness = [n for n in names if "testing" in n.split("/")[0] or "/testing/" in n
+               or "fake" in n or "pytest_plugin" in n]
+    assert harness == []
+    assert "pytest11" not in entry_points
+    assert "pyiommufd.cli:main" in entry_points
+
+
+def test_the_test_extra_names_the_harness_distribution_of_this_repository():
+    assert "pyiommufd-testing" in PYPROJECT["project"]["optional-dependencies"]["test"]
+    harness = tomllib.loads((ROOT / "testing" / "pyproject.toml").read_text())["project"]
+    assert harness["name"] == "pyiommufd-testing"
+    assert "pyiommufd" in harness["dependencies"]
+    assert "entry-points" not in harness   # the plugin stays opt-in (-p)
+    assert "-p pyiommufd_testing.pytest_plugin" in PYPROJECT["tool"]["pytest"]["ini_options"]["addopts"]

@@ -5,7 +5,7 @@ import pytest
 
 from pyiommufd import errors, pci
 from pyiommufd.backend import Backend
-from pyiommufd.testing import FakeKernel, FakePciDevice
+from pyiommufd_testing import FakeKernel, FakePciDevice
 from pyiommufd.vfio import VfioDevice
 
 BDF = "0000:00:03.0"

@@ -13,7 +13,7 @@ import pytest
 from pyiommufd import errors, rlimits
 from pyiommufd.agent import AgentServer
 from pyiommufd.memfd import MemFD
-from pyiommufd.testing import FakeKernel
+from pyiommufd_testing import FakeKernel
 
 
 @pytest.fixture

@@ -98,7 +98,7 @@ def test_busy_liveupdate_is_a_failed_first_step(series_kernel, vfio_bound):
 
 def test_no_liveupdate_device_is_unsupported(vfio_bound):
     from pyiommufd.backend import use
-    from pyiommufd.testing import FakeKernel
+    from pyiommufd_testing import FakeKernel
 
     with FakeKernel(liveupdate=False) as fake, use(fake):
         vfio_bound()
@@ -162,7 +162,7 @@ def test_ordering_checks_are_reported_in_order_once_settled(series_kernel, vfio_
 
 def test_a_run_stopped_before_the_stage_is_known_plans_what_it_did(vfio_bound):
     from pyiommufd.backend import use
-    from pyiommufd.testing import FakeKernel
+    from pyiommufd_testing import FakeKernel
 
     with FakeKernel(liveupdate=False) as fake, use(fake):
         vfio_bound()

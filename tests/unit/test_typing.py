@@ -1,5 +1,5 @@
 """py.typed is true: mypy, with the settings in pyproject.toml ([tool.mypy]:
-strict on the runtime package, pyiommufd.testing left out), finds nothing.
+strict on the runtime package, pyiommufd_testing left out), finds nothing.
 The public names import with their real types, not Any."""
 import os
 import textwrap

@@ -14,7 +14,7 @@ from pyiommufd import backend, errors, ioctl, pci, vfio
 from pyiommufd._uapi import ffi
 from pyiommufd.backend import Backend, oserror
 from pyiommufd.iommufd import IOMMUFD, PAGE_SIZE, aligned_buffer
-from pyiommufd.testing import FakeKernel, FakePciDevice
+from pyiommufd_testing import FakeKernel, FakePciDevice
 from pyiommufd.vfio import (DependentDevice, DeviceInfo, HotResetInfo, IrqInfo, RegionInfo, VfioContainer,
                             VfioDevice, VfioGroup)
 
@@ -717,3 +717,30 @@ def test_dma_buf_scripted():
 
     k.handlers[req("VFIO_DEVICE_FEATURE")] = feature
     assert VfioDevice.from_fd(5, backend=k).dma_buf("bar4", [(0, 0x1000), (0x2000, 0x2000)]) == 77
+
+
+@pytest.mark.parametrize("device, error, message", [
+    ("00:03.8", "UsageError", "not a PCI address"),
+    ("eth0", "UsageError", "neither a VFIO cdev"),
+    ("0000:00:09.0", "NotFound", "no PCI device 0000:00:09.0"),
+    ("0000:00:03.0", "KernelError", "has no VFIO cdev"),    # on virtio-pci, not vfio-pci
+])
+def test_cdev_path_says_why_a_name_is_no_cdev(device, error, message):
+    from pyiommufd import errors
+    from pyiommufd.vfio import cdev_path
+    from pyiommufd_testing import FakeKernel
+
+    with FakeKernel() as k, pytest.raises(getattr(errors, error), match=message):
+        cdev_path(device, k)
+
+
+def test_cdev_path_of_a_bound_device_is_the_one_open_uses():
+    from pyiommufd.vfio import cdev_path
+    from pyiommufd_testing import FakeKernel, FakePciDevice
+
+    with FakeKernel(devices=[FakePciDevice(driver="vfio-pci")]) as k:
+        path, bdf = cdev_path("00:03.0", k)
+        assert (path, bdf) == ("/dev/vfio/devices/vfio0", "0000:00:03.0")
+        assert cdev_path("vfio0", k) == (path, None)
+        with VfioDevice.open("00:03.0", backend=k) as dev:
+            assert (dev.path, dev.bdf) == (path, bdf)

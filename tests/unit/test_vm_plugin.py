@@ -56,7 +56,7 @@ def vm_pytester(pytester, tmp_path, monkeypatch):
     monkeypatch.setenv("PYIOMMUFD_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("CI", raising=False)
     monkeypatch.delenv("PYIOMMUFD_IN_GUEST", raising=False)
-    pytester.makeini("[pytest]\naddopts = -p no:cacheprovider -p pyiommufd.testing.pytest_plugin\n")
+    pytester.makeini("[pytest]\naddopts = -p no:cacheprovider -p pyiommufd_testing.pytest_plugin\n")
     return pytester
 
 
@@ -165,7 +165,7 @@ def test_lu_stage_outside_the_vm(pytester, monkeypatch):
         def test_plain(lu_stage):
             pass
     ''')
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "pyiommufd.testing.pytest_plugin", timeout=60)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "pyiommufd_testing.pytest_plugin", timeout=60)
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(["*lu_stage fixture is for @pytest.mark.pyiommufd_kexec tests only*"])
 
@@ -188,7 +188,7 @@ def test_guest_side_reorders_kexec_tests_last(pytester, tmp_path, monkeypatch):
         def test_v():
             pass
     ''')
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "pyiommufd.testing.pytest_plugin", "-v", timeout=60)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "pyiommufd_testing.pytest_plugin", "-v", timeout=60)
     out = result.stdout.str()
     assert out.index("test_g.py::test_v") < out.index("test_g.py::test_k")
     lines = (share / "pytest-1.jsonl").read_text().splitlines()
@@ -205,7 +205,7 @@ def test_guest_side_reorders_kexec_tests_last(pytester, tmp_path, monkeypatch):
 
 
 def test_heavy_plugins_load_in_the_guest_only_when_needed(pytester):
-    from pyiommufd.testing import pytest_plugin as plug
+    from pyiommufd_testing import pytest_plugin as plug
 
     pytester.makepyfile(test_h='''
         import pytest
@@ -226,7 +226,7 @@ def test_heavy_plugins_load_in_the_guest_only_when_needed(pytester):
 
 
 def _ini(pytester, kernels: str) -> None:
-    pytester.makeini("[pytest]\naddopts = -p no:cacheprovider -p pyiommufd.testing.pytest_plugin\n"
+    pytester.makeini("[pytest]\naddopts = -p no:cacheprovider -p pyiommufd_testing.pytest_plugin\n"
                      f"pyiommufd_vm_kernels =\n{kernels}")
 
 
@@ -309,7 +309,7 @@ import pytest
 def test_theirs():
     pass
 ''')
-    vm_pytester.makeini("[pytest]\naddopts = -p no:cacheprovider -p pyiommufd.testing.pytest_plugin\n"
+    vm_pytester.makeini("[pytest]\naddopts = -p no:cacheprovider -p pyiommufd_testing.pytest_plugin\n"
                         "markers = vm: their own marker\n")
     result = vm_pytester.runpytest_subprocess("-rA", "--vm-kernel", "/nonexistent/bzImage",
                                               timeout=60)
@@ -320,7 +320,7 @@ def test_theirs():
 def test_the_plugin_is_not_loaded_unless_asked_for(pytester):
     pytester.makepyfile(test_p='''
 def test_plugin_absent(pytestconfig):
-    assert not pytestconfig.pluginmanager.has_plugin("pyiommufd.testing.pytest_plugin")
+    assert not pytestconfig.pluginmanager.has_plugin("pyiommufd_testing.pytest_plugin")
 ''')
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", timeout=60)
     result.assert_outcomes(passed=1)

@@ -84,7 +84,7 @@ def vfio_device(request):
 
 @pytest.fixture(scope="session")
 def kernel_caps():
-    """What this kernel has (pyiommufd.testing.capabilities.KernelCaps): the LU
+    """What this kernel has (pyiommufd_testing.capabilities.KernelCaps): the LU
     ioctl at the configured nr, an iommufd and a vfio-pci live-update handler.
     Probed once in stage 1 with the test device on vfio-pci, and kept in the
     results share for stage 2 (after a kexec a preserved device cannot be used
@@ -92,8 +92,8 @@ def kernel_caps():
     from pathlib import Path
 
     from pyiommufd.pci import PciDevice
-    from pyiommufd.testing import pytest_plugin
-    from pyiommufd.testing.capabilities import KernelCaps, probe
+    from pyiommufd_testing import pytest_plugin
+    from pyiommufd_testing.capabilities import KernelCaps, probe
 
     saved = Path(os.environ.get("PYIOMMUFD_VM_RESULTS") or "/run/pyiommufd-results") / "kernel-caps.json"
     if os.environ.get("PYIOMMUFD_LU_STAGE") == "2" and saved.exists():

@@ -18,7 +18,7 @@ import time
 from typing import Any, Iterable
 
 from .. import errors
-from ..backend import Backend, LinuxBackend, get_backend
+from ..backend import Backend, get_backend
 from ..errors import UsageError
 from ..fdobject import fd_of
 from . import protocol as P
@@ -282,15 +282,15 @@ def ensure_running(socket_path: str | os.PathLike | None = None, backend: Backen
                    timeout: float = 15.0) -> AgentClient:
     """An :class:`AgentClient` for a running agent; start one if none answers.
 
-    With the Linux backend a background daemon is spawned
-    (``python -m pyiommufd.agent --background``, a fresh process, so it
-    inherits none of the caller's fds). With another backend (the fake
-    kernel) the agent runs in a daemon thread of this process."""
+    With a backend whose kernel state other processes share (Linux) a
+    background daemon is spawned (``python -m pyiommufd.agent --background``,
+    a fresh process, so it inherits none of the caller's fds). Otherwise (the
+    fake kernel) the agent runs in a daemon thread of this process."""
     client = AgentClient(socket_path)
     if client.is_running():
         return client
     be = get_backend(backend)
-    if isinstance(be, LinuxBackend):
+    if be.shared_with_other_processes:
         cmd = [sys.executable, "-m", "pyiommufd.agent", "--background", "--socket", client.socket_path]
         proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True, timeout=timeout, close_fds=True)

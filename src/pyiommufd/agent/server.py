@@ -161,15 +161,6 @@ def _close(backend: Backend, fd: int | None) -> None:
             pass
 
 
-def _touch(backend: Backend, fd: int) -> None:
-    """Let the backend see ``fd`` once (the fake kernel learns about fds that
-    arrived by SCM_RIGHTS lazily; on Linux this is a harmless fstat)."""
-    try:
-        backend.fstat_size(fd)
-    except OSError:
-        pass
-
-
 def _require(args: dict, key: str, kind: type | tuple, what: str | None = None):
     value = args.get(key)
     if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
@@ -614,7 +605,6 @@ class AgentServer:
         parsed: list[tuple[int, str, sdnotify.FdName]] = []
         ignored: list[str] = []
         for fd, text in inherited:
-            _touch(self.backend, fd)
             name = sdnotify.parse_fdname(text)
             if name is None:
                 # not ours: leave it in the store, close our copy
@@ -708,7 +698,6 @@ class AgentServer:
         token = check_token(args.get("token"))
         meta = _meta(args.get("meta"))
         fd = fds.get(args.get("fd", 0), "preserve")
-        _touch(self.backend, fd)
         if token in held.files:
             # the kernel says EEXIST too; answer without touching it
             raise errors.make_error("LIVEUPDATE_SESSION_PRESERVE_FD", "luo", E.EEXIST,
@@ -735,7 +724,6 @@ class AgentServer:
                 raise UsageError("preserve_many: each file is an object")
             token = check_token(spec.get("token"))
             fd = fds.get(spec.get("fd"), f"preserve_many token {token:#x}")
-            _touch(self.backend, fd)
             if token in held.files or token in seen:
                 raise errors.make_error("LIVEUPDATE_SESSION_PRESERVE_FD", "luo", E.EEXIST,
                                         detail=f"session {held.name!r}, token {token:#x}")
@@ -792,7 +780,6 @@ class AgentServer:
             plans.append((name, incoming, session_fd, files, spec))
         lu_fd = None if lu_index is None else fds.get(lu_index, "adopt /dev/liveupdate")
         if lu_fd is not None and self.liveupdate is None:
-            _touch(self.backend, lu_fd)
             if describe_fd(self.backend, lu_fd) != self.liveupdate_path:
                 raise UsageError(f"adopt: the fd sent as /dev/liveupdate is not {self.liveupdate_path} "
                                  f"({describe_fd(self.backend, lu_fd) or 'unknown'})")
@@ -800,7 +787,6 @@ class AgentServer:
         result = {"liveupdate": None, "sessions": []}
         if lu_fd is not None:
             if self.liveupdate is None:
-                _touch(self.backend, lu_fd)
                 self.liveupdate = LiveUpdate(fds.keep(lu_fd), backend=self.backend)
                 self.liveupdate_error = None
                 result["liveupdate"] = "adopted"
@@ -809,12 +795,10 @@ class AgentServer:
             else:
                 result["liveupdate"] = "already held"
         for name, incoming, session_fd, files, spec in plans:
-            _touch(self.backend, session_fd)
             session = Session(fds.keep(session_fd), name, incoming=incoming, backend=self.backend)
             held = HeldSession(name, session, incoming=incoming, adopted=True)
             for token, ffd, f in files:
                 if ffd is not None:
-                    _touch(self.backend, ffd)
                     fds.keep(ffd)
                 meta = _meta(f.get("meta"))
                 kind = P.normalize_kind(f.get("kind") or meta.pop("kind", None)) or (
@@ -842,7 +826,6 @@ class AgentServer:
 
     def _check_session_fd(self, fd: int, name: str) -> None:
         """An fd handed over as session ``name`` must be that LUO session."""
-        _touch(self.backend, fd)
         try:
             actual = Session(fd, name, incoming=False, backend=self.backend, owned=False).get_name()
         except (errors.PyiommufdError, OSError):

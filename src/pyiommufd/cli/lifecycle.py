@@ -409,12 +409,11 @@ def _verify_memfd(be, fd: int, entry) -> list[str]:
 
 def _check_kind(be, fd: int, kind: str) -> str | None:
     """None when ``fd`` is the kind of file the manifest says; else what it is."""
-    from ..agent.server import _touch, kind_of_fd
+    from ..agent.server import kind_of_fd
     from ..luo import describe_fd
 
     if kind == "other":
         return None
-    _touch(be, fd)      # a test backend learns of fds that came over the socket lazily
     actual = kind_of_fd(be, fd)
     if actual == kind:
         return None
@@ -780,12 +779,12 @@ def _start_agent(socket_path: str | None, background: bool, log_file: str | None
                  as_json: bool = False) -> None:
     from ..agent import protocol as P
     from ..agent import server
-    from ..backend import LinuxBackend, get_backend
+    from ..backend import get_backend
 
     path = P.default_socket_path(socket_path)
     be = get_backend()
     if background:
-        if not isinstance(be, LinuxBackend):
+        if not be.shared_with_other_processes:
             raise _usage("--background needs the Linux backend (a test backend lives in this process)")
         sys.stdout.flush()
         sys.stderr.flush()

@@ -27,43 +27,29 @@ from . import exitcodes
 from .output import CommandError, echo_json, error_object, exit_with, json_option, report_error
 
 DEFAULT_SESSION = "iommufd-test"
-VFIO_CDEV_DIR = "/dev/vfio/devices"
 
 
 def resolve_device(device: str, backend) -> str:
-    """The VFIO cdev path for DEVICE (a cdev path, ``vfioN`` or a BDF).
-    Raises exit code 2 for anything that does not name an existing cdev."""
-    from .. import pci
-    from ..errors import UsageError
+    """The VFIO cdev path for DEVICE (a cdev path, ``vfioN`` or a BDF), resolved
+    as :meth:`pyiommufd.vfio.VfioDevice.open` does. Raises exit code 2 for
+    anything that does not name an existing cdev."""
+    from .. import errors, vfio
 
-    if pci.is_bdf(device):
-        dev = pci.PciDevice(device, backend)
-        if not dev.exists:
-            raise CommandError(f"no PCI device {dev.bdf} (`pyiommufd devices` lists them)")
-        cdev = dev.vfio_cdev
-        if cdev is None:
-            driver = dev.driver
-            raise CommandError(f"{dev.bdf} has no VFIO cdev (driver: {driver or 'none'}); "
-                               f"bind it first: pyiommufd bind {dev.bdf}")
-        return cdev
-    if ":" in device and "/" not in device:
-        pci.normalize_bdf(device)  # looks like a PCI address but is not one: say why (exit 2)
-    if re.fullmatch(r"vfio\d+", device):
-        path = f"{VFIO_CDEV_DIR}/{device}"
-    elif "/" in device:
-        path = device
-    else:
-        raise UsageError(f"{device!r} is neither a VFIO cdev ({VFIO_CDEV_DIR}/vfioN) "
-                         "nor a PCI address (0000:00:03.0)")
+    try:
+        path, bdf = vfio.cdev_path(device, backend)
+    except errors.KernelError as exc:   # no such PCI device, or not on vfio-pci
+        raise CommandError(exc.detail or str(exc)) from None
+    if bdf is not None:
+        return path
     if re.fullmatch(r"/dev/vfio/(\d+|noiommu-\d+|vfio)", os.path.normpath(path)):
-        raise UsageError(f"{path} is a legacy VFIO group/container node; the series preserves "
-                         f"device cdevs ({VFIO_CDEV_DIR}/vfioN) only")
+        raise errors.UsageError(f"{path} is a legacy VFIO group/container node; the series preserves "
+                                f"device cdevs ({vfio.CDEV_DIR}/vfioN) only")
     if not backend.exists(path):
         raise CommandError(f"no such device node {path} (is the device bound to vfio-pci? "
                            "`pyiommufd devices` shows the cdevs)")
     real = backend.realpath(path)
-    if not re.fullmatch(rf"{VFIO_CDEV_DIR}/vfio\d+", real):
-        raise CommandError(f"{path} is not a VFIO device cdev ({VFIO_CDEV_DIR}/vfioN)")
+    if not re.fullmatch(rf"{vfio.CDEV_DIR}/vfio\d+", real):
+        raise CommandError(f"{path} is not a VFIO device cdev ({vfio.CDEV_DIR}/vfioN)")
     return path
 
 

@@ -23,8 +23,8 @@ import bisect
 import errno as E
 from functools import lru_cache
 
-from ..._uapi import ffi
-from ...backend import oserror
+from pyiommufd._uapi import ffi
+from pyiommufd.backend import oserror
 
 U32_MAX = (1 << 32) - 1
 U64_MAX = (1 << 64) - 1

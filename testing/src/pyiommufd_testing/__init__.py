@@ -1,6 +1,6 @@
 """Test support: a fake Linux 7.3 kernel behind the backend seam.
 
->>> from pyiommufd.testing import FakeKernel
+>>> from pyiommufd_testing import FakeKernel
 >>> from pyiommufd.backend import use
 >>> with FakeKernel(lu_abi="lu-v2") as fake, use(fake):
 ...     ...   # pyiommufd code runs against the fake
@@ -23,4 +23,4 @@ def __getattr__(name: str):
         from . import fake
 
         return getattr(fake, name)
-    raise AttributeError(f"module 'pyiommufd.testing' has no attribute {name!r}")
+    raise AttributeError(f"module 'pyiommufd_testing' has no attribute {name!r}")

@@ -1,5 +1,5 @@
 """pytest plugin for the real-kernel VM tier. Opt-in: a project loads it with
-``-p pyiommufd.testing.pytest_plugin`` (pyiommufd's own pyproject does); it
+``-p pyiommufd_testing.pytest_plugin`` (pyiommufd's own pyproject does); it
 acts only on tests marked ``pyiommufd_vm`` or ``pyiommufd_kexec``, so another
 project's ``vm`` marker never boots a VM.
 

@@ -4,7 +4,7 @@ kernel (optionally carrying the live-update series), in-process.
 Every backend method behaves like the syscall: it receives the same bytes
 (ioctl arguments are the caller's writable struct buffers, decoded with
 :mod:`pyiommufd._uapi`), writes results back the same way and fails with
-``OSError(errno, strerror)``. See the modules of :mod:`pyiommufd.testing.fake`
+``OSError(errno, strerror)``. See the modules of :mod:`pyiommufd_testing.fake`
 for the rules each subsystem models and where they come from.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import os
 import posixpath
 import re
 
-from ...backend import Backend, oserror
+from pyiommufd.backend import Backend, oserror
 from .boot import Boot, BootConfig
 from .files import OpenFile
 from .iommufd import IommufdCtx, IommufdFile
@@ -62,6 +62,8 @@ class FakeKernel(Backend):
     cdev series it depends on): LUO has no handler for a VFIO cdev, as on the
     series rebased onto 7.3.4.
     """
+
+    shared_with_other_processes = False    # its state lives in this Python process
 
     name = "fake"
 
@@ -388,6 +390,10 @@ class FakeKernel(Backend):
         return sorted(os.listdir(path))
 
     def readlink(self, path: str) -> str:
+        own_fd = re.fullmatch(r"/proc/self/fd/(\d+)", path)
+        if own_fd:
+            # Linux knows every fd, also one that came by SCM_RIGHTS: the fake learns it now
+            self.boot.table.lookup(int(own_fd[1]))
         if is_fake_path(path):
             try:
                 return self.fs.readlink(path)

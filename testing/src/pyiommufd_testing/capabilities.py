@@ -21,8 +21,8 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .. import abi as abi_mod, errors
-from ..backend import Backend, get_backend
+from pyiommufd import abi as abi_mod, errors
+from pyiommufd.backend import Backend, get_backend
 
 PROBE_SESSION = "pyiommufd-caps-probe"
 PROBE_TOKEN_HWPT = 0x5EED
@@ -82,7 +82,7 @@ def probe(*, liveupdate=None, vfio_cdev: str | None = None,
     """Ask the kernel. ``liveupdate`` is an open :class:`pyiommufd.luo.LiveUpdate`
     to use (``/dev/liveupdate`` is exclusive); ``vfio_cdev`` a device cdev on
     vfio-pci that nothing else has bound (its handler is probed only then)."""
-    from ..luo import LiveUpdate
+    from pyiommufd.luo import LiveUpdate
 
     be = get_backend(backend)
     result = abi_mod.probe_lu_abi(backend=be)
@@ -102,7 +102,7 @@ def probe(*, liveupdate=None, vfio_cdev: str | None = None,
 
 
 def _probe_iommufd(lu, be) -> bool:
-    from ..iommufd import IOMMUFD
+    from pyiommufd.iommufd import IOMMUFD
 
     with lu.create_session(PROBE_SESSION) as session, IOMMUFD.open(backend=be) as iommufd:
         return _handler_answer(_preserve_errno(session, iommufd, _IOMMUFD_TOKEN), "an empty iommufd")
@@ -113,8 +113,8 @@ def _probe_vfio(lu, vfio_cdev: str, lu_abi: abi_mod.LuAbi | None, be) -> bool:
     to a marked HWPT, its iommufd preserved first. Without the series' mark
     ioctl and iommufd handler no vfio-pci handler can accept a cdev (it hands
     the device to the iommufd's handler), so LUO's answer alone is taken."""
-    from ..iommufd import IOMMUFD
-    from ..vfio import VfioDevice
+    from pyiommufd.iommufd import IOMMUFD
+    from pyiommufd.vfio import VfioDevice
 
     with IOMMUFD.open(backend=be) as iommufd, VfioDevice.open(vfio_cdev, backend=be) as device:
         dev_id = device.bind(iommufd)
