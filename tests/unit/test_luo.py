@@ -113,7 +113,7 @@ def test_a_memfd_luo_gives_back_is_described_as_a_memfd(fake_kernel):
     """memfd_luo makes the retrieved file itself (memfd_alloc_file("")): its
     /proc link is "/ (deleted)", not "/memfd:...", as on the real kernel; it is
     still a memfd to every check that asks what a file is."""
-    from pyiommufd.agent.server import kind_of_fd
+    from pyiommufd.agent.registry import kind_of_fd
     from pyiommufd.luo import LiveUpdate, describe_fd
     from pyiommufd.memfd import MemFD
 

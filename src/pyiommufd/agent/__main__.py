@@ -14,7 +14,7 @@ def main(argv=None) -> int:
     parser.add_argument("--log-file")
     args = parser.parse_args(argv)
     from .. import errors
-    from .server import configure_logging, run_foreground, start_background
+    from .daemon import configure_logging, run_foreground, start_background
 
     try:
         if args.background:

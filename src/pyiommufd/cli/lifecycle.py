@@ -409,7 +409,7 @@ def _verify_memfd(be, fd: int, entry) -> list[str]:
 
 def _check_kind(be, fd: int, kind: str) -> str | None:
     """None when ``fd`` is the kind of file the manifest says; else what it is."""
-    from ..agent.server import _touch, kind_of_fd
+    from ..agent.registry import _touch, kind_of_fd
     from ..luo import describe_fd
 
     if kind == "other":
@@ -779,7 +779,7 @@ def _echo_status(st: dict) -> None:
 def _start_agent(socket_path: str | None, background: bool, log_file: str | None,
                  as_json: bool = False) -> None:
     from ..agent import protocol as P
-    from ..agent import server
+    from ..agent import daemon, server
     from ..backend import LinuxBackend, get_backend
 
     path = P.default_socket_path(socket_path)
@@ -789,14 +789,14 @@ def _start_agent(socket_path: str | None, background: bool, log_file: str | None
             raise _usage("--background needs the Linux backend (a test backend lives in this process)")
         sys.stdout.flush()
         sys.stderr.flush()
-        pid = server.start_background(path, log_file=log_file)
-        log = log_file or server.default_log_path(path)
+        pid = daemon.start_background(path, log_file=log_file)
+        log = log_file or daemon.default_log_path(path)
         if as_json:
             echo_json({"pid": pid, "socket": path, "log": log, "background": True})
         else:
             click.echo(f"agent started in the background: pid {pid}, socket {path}, log {log}")
         return
-    server.configure_logging(stream=sys.stderr)
+    daemon.configure_logging(stream=sys.stderr)
     from ..agent import sdnotify
 
     srv = server.AgentServer(path, backend=be, inherited=sdnotify.listen_fds()).start()
