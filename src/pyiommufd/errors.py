@@ -45,6 +45,11 @@ class PlanError(UsageError):
         super().__init__("; ".join(self.problems))
 
 
+class VerificationFailed(PyiommufdError):
+    """A check found a difference: a restored file is not what its manifest
+    says, or the manifest itself cannot be trusted."""
+
+
 class AbiError(PyiommufdError):
     """The requested LU ABI revision is unknown or absent from this kernel."""
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from pyiommufd import abi, pci
-from pyiommufd.cli import exitcodes
+from pyiommufd import exitcodes
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 

@@ -14,6 +14,7 @@ def main(argv=None) -> int:
     parser.add_argument("--log-file")
     args = parser.parse_args(argv)
     from .. import errors
+    from ..exitcodes import exit_code_for
     from .daemon import configure_logging, run_foreground, start_background
 
     try:
@@ -26,10 +27,10 @@ def main(argv=None) -> int:
         return 0
     except errors.PyiommufdError as exc:
         print(f"pyiommufd: error: {exc}", file=sys.stderr)
-        return getattr(exc, "exit_code", 2)
+        return exit_code_for(exc)
     except OSError as exc:
         print(f"pyiommufd: error: {exc}", file=sys.stderr)
-        return 3
+        return exit_code_for(exc)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import struct
 from typing import Any, Iterable
 
 from .. import errors
-from ..cli import exitcodes
+from .. import exitcodes
 
 VERSION = 1
 MAX_MESSAGE = 16 << 20

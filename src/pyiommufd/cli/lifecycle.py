@@ -79,12 +79,11 @@ def handle_errors(fn):
         except (errors.PyiommufdError, OSError) as exc:
             import traceback
 
-            from . import _exit_code_for
             from .output import report_error
 
             if _debug():
                 traceback.print_exc()
-            sys.exit(report_error(str(exc), _exit_code_for(exc), errno=getattr(exc, "errno", None),
+            sys.exit(report_error(str(exc), exitcodes.exit_code_for(exc), errno=getattr(exc, "errno", None),
                                   as_json=bool(kwargs.get("as_json"))))
 
     return wrapper
@@ -382,66 +381,6 @@ def expand(args: list[str], fds: dict[int, int], manifest) -> list[str]:
     return out
 
 
-def _verify_memfd(be, fd: int, entry) -> list[str]:
-    """Differences between a retrieved memfd and its manifest entry."""
-    from ..memfd import MemFD
-
-    problems = []
-    mfd = MemFD.from_fd(fd, backend=be, owned=False)
-    size = mfd.size
-    if entry.size is not None and size != entry.size:
-        problems.append(f"size {size:#x}, manifest says {entry.size:#x}")
-    if entry.seals is not None:
-        try:
-            from ..manifest import seal_names
-
-            got = sorted(seal_names(mfd.seals))
-            if got != sorted(entry.seals):
-                problems.append(f"seals {'|'.join(got) or '-'}, manifest says {'|'.join(entry.seals) or '-'}")
-        except OSError as exc:
-            problems.append(f"cannot read the seals: {exc}")
-    if entry.sha256 is not None and not problems:
-        digest = mfd.sha256()
-        if digest != entry.sha256:
-            problems.append(f"sha256 {digest[:16]}…, manifest says {entry.sha256[:16]}…")
-    return problems
-
-
-def _check_kind(be, fd: int, kind: str) -> str | None:
-    """None when ``fd`` is the kind of file the manifest says; else what it is."""
-    from ..agent.registry import _touch, kind_of_fd
-    from ..luo import describe_fd
-
-    if kind == "other":
-        return None
-    _touch(be, fd)      # a test backend learns of fds that came over the socket lazily
-    actual = kind_of_fd(be, fd)
-    if actual == kind:
-        return None
-    return f"the manifest says {kind}, the kernel handed back {describe_fd(be, fd) or 'something else'}"
-
-
-def _check_manifest_fd(be, fd: int, session: str, manifest) -> None:
-    """Refuse a token 0 that could have been rewritten, or that describes
-    another session."""
-    from ..memfd import MemFD, Seal
-
-    if manifest.session != session:
-        raise CommandError(f"the manifest at token 0 of session {session!r} describes session "
-                           f"{manifest.session!r}: refusing to use it", exitcodes.CHECK_FAILED)
-    problem = _check_kind(be, fd, "memfd")
-    if problem is None:
-        try:
-            sealed = bool(MemFD.from_fd(fd, backend=be, owned=False).seals & Seal.WRITE)
-        except OSError:
-            sealed = False
-        if not sealed:
-            problem = "it is not sealed against writes, so anyone holding it could have changed it"
-    if problem:
-        raise CommandError(f"the manifest at token 0 of session {session!r} cannot be trusted: {problem}",
-                           exitcodes.CHECK_FAILED)
-
-
 def _fdname(text: str) -> str:
     from ..agent.sdnotify import encode_part
 
@@ -506,88 +445,21 @@ def restore(session, verify, bind_vfio, do_exec, command, socket_path, as_json):
 
 
 def _restore(client, be, session, verify, bind_vfio, do_exec, command, as_json):
-    from .. import errors
-    from ..manifest import MANIFEST_TOKEN, read_from_fd
+    from ..errors import VerificationFailed
+    from ..manifest import MANIFEST_TOKEN
+    from ..restore import TokenStatus, restore_session
 
-    info = client.retrieve_session(session)
+    done = restore_session(client, be, session, verify=verify, bind_vfio=bind_vfio)
     try:
-        fd0 = client.retrieve(session, MANIFEST_TOKEN)
-    except errors.NotFound:
-        raise CommandError(f"session {session!r} has no manifest at token 0: it was not preserved by "
-                           "`pyiommufd preserve` (the agent holds it; retrieve tokens with the Python API)",
-                           exitcodes.BAD_INPUT) from None
-    fds: dict[int, int] = {MANIFEST_TOKEN: fd0}
-    bulk: dict[int, int] = {}
-    try:
-        manifest = read_from_fd(fd0, be)
-        _check_manifest_fd(be, fd0, session, manifest)
+        manifest = done.manifest
         wanted = {resolve_placeholder(k, manifest) for k in placeholders(command)} if do_exec else set()
-        rows: list[dict[str, Any]] = [{"token": MANIFEST_TOKEN, "kind": "manifest", "name": "manifest",
-                                       "status": "retrieved", "fd": fd0}]
-        first_error: Exception | None = None
-        mismatches = 0
-        unbound: list[str] = []
-        order = manifest.retrieve_order()
-        # memfds need no readiness check: retrieve them all in one request;
-        # if one fails, the loop below retrieves one by one (and reports it)
-        try:
-            bulk = client.retrieve_many(session, [e.token for e in order if e.kind == "memfd"])
-        except errors.KernelError:
-            bulk = {}
-        for entry in order:
-            row: dict[str, Any] = {"token": entry.token, "kind": entry.kind, "name": entry.name}
-            if entry.kind == "vfio-cdev" and entry.bdf:
-                row["bdf"] = entry.bdf
-                note = _vfio_ready(be, entry.bdf, bind_vfio)
-                if note is not None:
-                    row["status"], row["note"] = "not-bound", note
-                    unbound.append(entry.bdf)
-                    rows.append(row)
-                    continue
-            try:
-                fd = bulk.pop(entry.token) if entry.token in bulk else client.retrieve(session, entry.token)
-            except errors.KernelError as exc:
-                row["error"] = str(exc)
-                row["errno"] = _errname(exc.errno)
-                if entry.kind == "iommufd" and exc.errno == E.EOPNOTSUPP:
-                    row["status"] = "expected-failure"
-                    row["note"] = ("EOPNOTSUPP: Phase 1 of the series cannot restore an iommufd; the HWPTs "
-                                   "stay kernel-owned and FINISH will say EBUSY (the series' cover letter: what Phase 1 restores after the kexec)")
-                else:
-                    row["status"] = "failed"
-                    first_error = first_error or exc
-                rows.append(row)
-                continue
-            fds[entry.token] = fd
-            row["status"] = "retrieved"
-            row["fd"] = fd
-            wrong_kind = _check_kind(be, fd, entry.kind) if verify else None
-            if wrong_kind:
-                row["verify"] = wrong_kind
-                mismatches += 1
-            elif entry.kind == "memfd":
-                row["size"] = entry.size
-                if verify:
-                    diffs = _verify_memfd(be, fd, entry)
-                    row["verify"] = "ok" if not diffs else "; ".join(diffs)
-                    mismatches += bool(diffs)
-            rows.append(row)
-        result = {"session": session, "already_held": info.get("already_held", False),
-                  "manifest": manifest.as_dict(), "tokens": rows,
-                  "verified": (mismatches == 0) if verify else None}
-        failure: Exception | None = first_error
-        if failure is None and unbound:
-            failure = CommandError(f"not retrieved: the cdev of {', '.join(unbound)}, which is not bound to "
-                                   f"vfio-pci; bind it (`pyiommufd bind {unbound[0]}`, or restore --bind-vfio) "
-                                   "and run restore again (a failed retrieve would be sticky)",
-                                   exitcodes.CHECK_FAILED)
-        if failure is None and mismatches:
-            failure = CommandError(f"{mismatches} file(s) differ from the manifest"
-                                   + ("; not executing anything" if do_exec else ""), exitcodes.CHECK_FAILED)
+        result = done.as_dict()
+        failure = done.failure()
+        if failure is not None and do_exec and done.mismatches and not done.unbound and done.first_error is None:
+            failure = VerificationFailed(f"{failure}; not executing anything")
         if failure is not None:
-            from . import _exit_code_for
-
-            result["error"] = error_object(_exit_code_for(failure), str(failure), getattr(failure, "errno", None))
+            result["error"] = error_object(exitcodes.exit_code_for(failure), str(failure),
+                                           getattr(failure, "errno", None))
         # with --exec, stdout belongs to the command: the report goes to stderr
         out = sys.stderr if do_exec else None
         if as_json:
@@ -601,19 +473,19 @@ def _restore(client, be, session, verify, bind_vfio, do_exec, command, as_json):
                   f"{manifest.kernel_release or '?'}, LU ABI {manifest.lu_abi or '-'}):", out)
             from .output import table
 
-            _echo(table([(_hex(r["token"]), r["kind"], r["name"], r["status"], r.get("fd"),
-                          r.get("verify") or r.get("note") or r.get("error"))
-                         for r in rows], ("token", "kind", "name", "status", "fd", "details")), out)
+            _echo(table([(_hex(t.token), t.kind, t.name, t.status.value, t.fd, t.details) for t in done.tokens],
+                        ("token", "kind", "name", "status", "fd", "details")), out)
         if failure is not None:
             raise failure
         if not do_exec:
             return
+        fds = done.fds
         missing = sorted(t for t in wanted if t not in fds)
         if missing:
-            bad = next(r for r in rows if r["token"] == missing[0])
-            code = exitcodes.UNSUPPORTED if bad.get("status") == "expected-failure" else exitcodes.KERNEL_ERROR
-            raise CommandError(f"--exec: token {missing[0]:#x} ({bad['name']}) was not retrieved: "
-                               f"{bad.get('error') or bad.get('note')}", code)
+            bad = done.by_token(missing[0])
+            code = exitcodes.UNSUPPORTED if bad.status is TokenStatus.EXPECTED_FAILURE else exitcodes.KERNEL_ERROR
+            raise CommandError(f"--exec: token {missing[0]:#x} ({bad.name}) was not retrieved: "
+                               f"{bad.error or bad.note}", code)
         # the command gets every retrieved file, manifest first, at 3, 4, ...
         passed = [t for t in [MANIFEST_TOKEN] + [e.token for e in manifest.entries] if t in fds]
         names = ["manifest" if t == MANIFEST_TOKEN else _fdname(manifest.entry(t).name) for t in passed]
@@ -627,34 +499,7 @@ def _restore(client, be, session, verify, bind_vfio, do_exec, command, as_json):
                                exitcodes.BAD_INPUT if exc.errno in (E.ENOENT, E.EACCES) else exitcodes.KERNEL_ERROR
                                ) from None
     finally:
-        # our copies; the agent keeps its own until finish
-        for fd in [*fds.values(), *bulk.values()]:
-            try:
-                be.close(fd)
-            except OSError:
-                pass
-
-
-def _vfio_ready(be, bdf: str, bind: bool) -> str | None:
-    """None when ``bdf`` is on vfio-pci (after binding it, with ``bind``);
-    else why its cdev must not be retrieved yet."""
-    from .. import errors, pci
-
-    try:
-        dev = pci.PciDevice(bdf, be)
-        dev.require()
-        driver = dev.driver
-        if driver == pci.VFIO_PCI_DRIVER:
-            return None
-        if bind:
-            dev.bind_vfio()
-            if dev.driver == pci.VFIO_PCI_DRIVER:
-                return None
-            return f"bound {bdf} to vfio-pci, but it is on {dev.driver or 'no driver'}"
-    except (errors.PyiommufdError, OSError) as exc:
-        return f"cannot check {bdf}: {exc}"
-    return (f"{bdf} is on {driver or 'no driver'}, not vfio-pci: bind it first (`pyiommufd bind {bdf}` or "
-            "--bind-vfio); retrieving now would fail for good (failed retrieves are sticky)")
+        done.close(be)   # our copies; the agent keeps its own until finish
 
 
 def echo_json_printed() -> None:
