@@ -19,7 +19,7 @@ from ._record import record
 from ._uapi import ffi
 from .backend import Backend
 from .errors import UsageError
-from .fdobject import FdObject, fd_of
+from .fdobject import FdObject, FileKind, fd_of
 
 if TYPE_CHECKING:
     from _typeshed import HasFileno
@@ -81,21 +81,53 @@ def _has_seals(backend: Backend, fd: int) -> bool:
     return True
 
 
-def describe_fd(backend: Backend, fd: int) -> str | None:
-    """What kind of file ``fd`` is, from /proc/self/fd, for hints."""
+def fd_target(backend: Backend, fd: int) -> str | None:
+    """What ``/proc/self/fd/FD`` points at (None when it cannot be read)."""
     try:
-        target = backend.readlink(f"/proc/self/fd/{fd}")
+        return backend.readlink(f"/proc/self/fd/{fd}")
     except OSError:
         return None
+
+
+def kind_of_fd(backend: Backend, fd: int) -> FileKind:
+    """What kind of file ``fd`` is, from /proc/self/fd (OTHER when unknown)."""
+    target = fd_target(backend, fd)
+    if target is None:
+        return FileKind.OTHER
+    return _kind_of_target(backend, fd, target)
+
+
+def _kind_of_target(backend: Backend, fd: int, target: str) -> FileKind:
     if target.startswith("/memfd:") or (target == RETRIEVED_MEMFD_PATH and _has_seals(backend, fd)):
-        return "a memfd"
+        return FileKind.MEMFD
     if target == "/dev/iommu":
-        return "an iommufd"
+        return FileKind.IOMMUFD
     if target.startswith("/dev/vfio/devices/") or "vfio-device" in target:
-        return "a VFIO device cdev"
+        return FileKind.VFIO_CDEV
+    if target == "/dev/vfio/vfio":
+        return FileKind.VFIO_CONTAINER
     if target.startswith("/dev/vfio/"):
+        return FileKind.VFIO_GROUP
+    return FileKind.OTHER
+
+
+def describe_fd(backend: Backend, fd: int) -> str | None:
+    """What ``fd`` is, in words, for hints and messages."""
+    target = fd_target(backend, fd)
+    if target is None:
+        return None
+    kind = _kind_of_target(backend, fd, target)
+    if kind is FileKind.OTHER:
+        return target
+    if kind in (FileKind.VFIO_GROUP, FileKind.VFIO_CONTAINER):
         return "a VFIO group (only cdevs can be preserved)"
-    return target
+    return kind.description
+
+
+def _kind_of(obj: object) -> FileKind | None:
+    """The kind an object says it is (None for a bare fd)."""
+    kind = getattr(obj, "kind", None)
+    return kind if isinstance(kind, FileKind) else None
 
 
 def holders_of(backend: Backend, path: str = DEVICE) -> list[int]:
@@ -130,7 +162,7 @@ _HOT_IOCTLS = (CREATE_SESSION, RETRIEVE_SESSION, PRESERVE_FD, RETRIEVE_FD, FINIS
 class LiveUpdate(FdObject):
     """The one open ``/dev/liveupdate`` of this process."""
 
-    kind = "liveupdate"
+    kind = FileKind.LIVEUPDATE
 
     def __init__(self, fd: int, *, backend: Backend | None = None, owned: bool = True):
         super().__init__(fd, backend=backend, owned=owned)
@@ -171,14 +203,14 @@ class LiveUpdate(FdObject):
 class PreservedFile:
     token: int
     fd: int
-    kind: str | None
+    kind: FileKind | None
 
 
 class Session(FdObject):
     """A LUO session. Outgoing (created) sessions take ``preserve``; incoming
     (retrieved, after a kexec) sessions take ``retrieve`` and ``finish``."""
 
-    kind = "session"
+    kind = FileKind.LUO_SESSION
 
     def __init__(self, fd: int, name: str, *, incoming: bool, backend: Backend | None = None,
                  owned: bool = True):
@@ -208,7 +240,7 @@ class Session(FdObject):
         if self.incoming:
             raise UsageError(f"session {self.name!r} is incoming (retrieved): it takes retrieve/finish, not preserve")
         fd = fd_of(obj)
-        kind = getattr(obj, "kind", None) if not isinstance(obj, int) else None
+        kind = _kind_of(obj)
         arg, buf = pair = PRESERVE_FD.take()
         arg.fd = fd
         arg.token = token
@@ -217,7 +249,7 @@ class Session(FdObject):
         except OSError as exc:
             # what the file is (a /proc read) only matters for the error message
             raise ioctl.failure(exc, PRESERVE_FD,
-                                lambda: {"kind": describe_fd(self.backend, fd) if kind is None else f"a {kind}"},
+                                lambda: {"kind": describe_fd(self.backend, fd) if kind is None else kind.description},
                                 lambda: f"session {self.name!r}, token {token:#x}") from None
         PRESERVE_FD.give(pair)
         record = PreservedFile(token, fd, kind)
@@ -238,7 +270,7 @@ class Session(FdObject):
         """
         if self.incoming:
             raise UsageError(f"session {self.name!r} is incoming (retrieved): it takes retrieve/finish, not preserve")
-        prepared: list[tuple[int, int, str | None]] = []
+        prepared: list[tuple[int, int, FileKind | None]] = []
         for index, item in enumerate(items):
             try:
                 obj, token = item
@@ -254,7 +286,7 @@ class Session(FdObject):
                 fd = fd_of(obj)
             except UsageError as exc:
                 raise UsageError(f"preserve_many: item {index + 1}: {exc}") from None
-            prepared.append((fd, token, getattr(obj, "kind", None) if not isinstance(obj, int) else None))
+            prepared.append((fd, token, _kind_of(obj)))
         n = len(prepared)
         array = PRESERVE_FD.array(n)
         for entry, (fd, token, _) in zip(array, prepared):
@@ -265,7 +297,7 @@ class Session(FdObject):
             done = self._record_preserved(prepared[:i])
             fd, token, kind = prepared[i]
             error = ioctl.failure(failed, PRESERVE_FD,
-                                  lambda: {"kind": describe_fd(self.backend, fd) if kind is None else f"a {kind}"},
+                                  lambda: {"kind": describe_fd(self.backend, fd) if kind is None else kind.description},
                                   lambda: f"session {self.name!r}, token {token:#x}")
             raise errors.partial(error, i, n, "preserved", [r.token for r in done], done) from None
         return self._record_preserved(prepared)
@@ -281,7 +313,7 @@ class Session(FdObject):
                 return i, exc
         return len(bufs), None
 
-    def _record_preserved(self, prepared: list[tuple[int, int, str | None]]) -> list[PreservedFile]:
+    def _record_preserved(self, prepared: list[tuple[int, int, FileKind | None]]) -> list[PreservedFile]:
         out = [PreservedFile(token, fd, kind) for fd, token, kind in prepared]
         self.preserved.update(zip((r.token for r in out), out))
         return out

@@ -52,6 +52,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from .errors import UsageError
+from .fdobject import FileKind
 from .abi import REVISIONS as ABI_REVISIONS
 from .abi import lookup as abi_lookup
 from .luo import check_session_name
@@ -1224,7 +1225,7 @@ def execute(plan: Plan, client: AgentClient, *, backend: Backend | None = None, 
                 continue
             if m.sha256 and m.name not in digests:
                 digests[m.name] = memfds[m.name].sha256()
-            entries.append(M.Entry(token(m), "memfd", m.name, size=m.size,
+            entries.append(M.Entry(token(m), FileKind.MEMFD, m.name, size=m.size,
                                    seals=[s for s in seal_names(m.seals) if not s.startswith("0x")],
                                    sha256=digests.get(m.name)))
         for i in plan.iommufds:
@@ -1240,7 +1241,7 @@ def execute(plan: Plan, client: AgentClient, *, backend: Backend | None = None, 
                 ioas_list.append(M.Ioas(id=ioases[(i.name, a.name)].id, name=a.name, mappings=maps))
             hw = [M.Hwpt(id=hwpts[h.name].id, name=h.name, lu_token=token(h), ioas=h.ioas, device=h.device)
                   for h in i.hwpts if h.mark]
-            entries.append(M.Entry(token(i), "iommufd", i.name, ioas=ioas_list, hwpts=hw))
+            entries.append(M.Entry(token(i), FileKind.IOMMUFD, i.name, ioas=ioas_list, hwpts=hw))
         for d in plan.devices:
             if not d.preserve:
                 continue
@@ -1256,7 +1257,7 @@ def execute(plan: Plan, client: AgentClient, *, backend: Backend | None = None, 
                 except OSError:
                     found = None
                 bdf = found.bdf if found is not None else None
-            entries.append(M.Entry(token(d), "vfio-cdev", d.name, bdf=bdf,
+            entries.append(M.Entry(token(d), FileKind.VFIO_CDEV, d.name, bdf=bdf,
                                    cdev=getattr(dev, "path", None) or d.cdev,
                                    iommufd_token=iommufd.token if iommufd is not None and iommufd.preserve else None,
                                    hwpt=d.hwpt))

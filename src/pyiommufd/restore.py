@@ -17,6 +17,7 @@ from . import errors
 from . import manifest as M
 from .backend import Backend
 from .errors import VerificationFailed
+from .fdobject import FileKind
 from .manifest import MANIFEST_TOKEN, Entry, Manifest
 
 if TYPE_CHECKING:
@@ -37,7 +38,7 @@ class TokenStatus(enum.Enum):
 @dataclass
 class RestoredToken:
     token: int
-    kind: str
+    kind: FileKind
     name: str
     status: TokenStatus
     fd: int | None = None
@@ -54,7 +55,7 @@ class RestoredToken:
         return self.verify or self.note or self.error
 
     def as_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"token": self.token, "kind": self.kind, "name": self.name}
+        out: dict[str, Any] = {"token": self.token, "kind": self.kind.value, "name": self.name}
         if self.bdf is not None:
             out["bdf"] = self.bdf
         out["status"] = self.status.value
@@ -65,7 +66,7 @@ class RestoredToken:
             out["errno"] = errors.errname(self.errno)
         if self.fd is not None:
             out["fd"] = self.fd
-        if self.status is TokenStatus.RETRIEVED and self.kind == "memfd":
+        if self.status is TokenStatus.RETRIEVED and self.kind is FileKind.MEMFD:
             out["size"] = self.size
         if self.verify is not None:
             out["verify"] = self.verify
@@ -142,13 +143,13 @@ def restore_session(client: AgentClient, backend: Backend, session: str, *, veri
         manifest = M.read_from_fd(fd0, backend)
         check_manifest_fd(backend, fd0, session, manifest)
         done = Restored(session, bool(info.get("already_held", False)), manifest,
-                        [RestoredToken(MANIFEST_TOKEN, "manifest", "manifest", TokenStatus.RETRIEVED, fd=fd0)],
+                        [RestoredToken(MANIFEST_TOKEN, FileKind.MANIFEST, "manifest", TokenStatus.RETRIEVED, fd=fd0)],
                         fds, None)
         order = manifest.retrieve_order()
         # memfds need no readiness check: retrieve them all in one request;
         # if one fails, the loop below retrieves one by one (and reports it)
         try:
-            bulk = client.retrieve_many(session, [e.token for e in order if e.kind == "memfd"])
+            bulk = client.retrieve_many(session, [e.token for e in order if e.kind is FileKind.MEMFD])
         except errors.KernelError:
             bulk = {}
         for entry in order:
@@ -167,7 +168,7 @@ def restore_session(client: AgentClient, backend: Backend, session: str, *, veri
 def _restore_entry(client: AgentClient, backend: Backend, done: Restored, entry: Entry, bulk: dict[int, int],
                    verify: bool, bind_vfio: bool) -> RestoredToken:
     row = RestoredToken(entry.token, entry.kind, entry.name, TokenStatus.FAILED)
-    if entry.kind == "vfio-cdev" and entry.bdf:
+    if entry.kind is FileKind.VFIO_CDEV and entry.bdf:
         row.bdf = entry.bdf
         note = vfio_ready(backend, entry.bdf, bind_vfio)
         if note is not None:
@@ -178,7 +179,7 @@ def _restore_entry(client: AgentClient, backend: Backend, done: Restored, entry:
         fd = bulk.pop(entry.token) if entry.token in bulk else client.retrieve(done.session, entry.token)
     except errors.KernelError as exc:
         row.error, row.errno = str(exc), exc.errno
-        if entry.kind == "iommufd" and exc.errno == E.EOPNOTSUPP:
+        if entry.kind is FileKind.IOMMUFD and exc.errno == E.EOPNOTSUPP:
             row.status = TokenStatus.EXPECTED_FAILURE
             row.note = ("EOPNOTSUPP: Phase 1 of the series cannot restore an iommufd; the HWPTs stay "
                         "kernel-owned and FINISH will say EBUSY (the series' cover letter: what Phase 1 "
@@ -192,7 +193,7 @@ def _restore_entry(client: AgentClient, backend: Backend, done: Restored, entry:
     if wrong_kind:
         row.verify = wrong_kind
         done.mismatches += 1
-    elif entry.kind == "memfd":
+    elif entry.kind is FileKind.MEMFD:
         row.size = entry.size
         if verify:
             diffs = verify_memfd(backend, fd, entry)
@@ -232,18 +233,18 @@ def verify_memfd(backend: Backend, fd: int, entry: Entry) -> list[str]:
     return problems
 
 
-def check_kind(backend: Backend, fd: int, kind: str) -> str | None:
+def check_kind(backend: Backend, fd: int, kind: FileKind) -> str | None:
     """None when ``fd`` is the kind of file the manifest says; else what it is."""
-    from .agent.registry import _touch, kind_of_fd
-    from .luo import describe_fd
+    from .agent.registry import _touch
+    from .luo import describe_fd, kind_of_fd
 
-    if kind == "other":
+    if kind is FileKind.OTHER:
         return None
     _touch(backend, fd)      # a test backend learns of fds that came over the socket lazily
     actual = kind_of_fd(backend, fd)
     if actual == kind:
         return None
-    return f"the manifest says {kind}, the kernel handed back {describe_fd(backend, fd) or 'something else'}"
+    return f"the manifest says {kind.value}, the kernel handed back {describe_fd(backend, fd) or 'something else'}"
 
 
 def check_manifest_fd(backend: Backend, fd: int, session: str, manifest: Manifest) -> None:
@@ -254,7 +255,7 @@ def check_manifest_fd(backend: Backend, fd: int, session: str, manifest: Manifes
     if manifest.session != session:
         raise VerificationFailed(f"the manifest at token 0 of session {session!r} describes session "
                                  f"{manifest.session!r}: refusing to use it")
-    problem = check_kind(backend, fd, "memfd")
+    problem = check_kind(backend, fd, FileKind.MEMFD)
     if problem is None:
         try:
             sealed = bool(MemFD.from_fd(fd, backend=backend, owned=False).seals & Seal.WRITE)

@@ -32,6 +32,7 @@ from typing import Any, Callable, TypeVar
 from . import abi as lu_abi_mod
 from . import errors
 from .backend import Backend, get_backend
+from .fdobject import FileKind
 from .iommufd import IOMMUFD
 from .luo import LiveUpdate, Session
 from .memfd import LIVE_UPDATE_SEALS, MemFD
@@ -385,9 +386,9 @@ def _stage1(r: _Runner, luo: LiveUpdate, device: str, session_name: str, tokens:
     r.must("preserve iommufd again", lambda: session.preserve(iommufd, tokens.iommufd))
     r.must("preserve cdev again", lambda: session.preserve(cdev, tokens.cdev))
     r.report.handles = Handles(luo, session, files=[
-        (tokens.memfd, memfd, {"kind": "memfd", "name": "buffer", "size": BUFFER_SIZE}),
-        (tokens.iommufd, iommufd, {"kind": "iommufd", "hwpt_token": tokens.hwpt}),
-        (tokens.cdev, cdev, {"kind": "vfio-cdev", "device": device}),
+        (tokens.memfd, memfd, {"kind": FileKind.MEMFD.value, "name": "buffer", "size": BUFFER_SIZE}),
+        (tokens.iommufd, iommufd, {"kind": FileKind.IOMMUFD.value, "hwpt_token": tokens.hwpt}),
+        (tokens.cdev, cdev, {"kind": FileKind.VFIO_CDEV.value, "device": device}),
     ], others=[hwpt, ioas])
 
 

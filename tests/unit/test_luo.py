@@ -4,6 +4,7 @@ import os
 
 import pytest
 
+from pyiommufd.fdobject import FileKind
 from pyiommufd import errors, luo
 from pyiommufd.luo import LiveUpdate, Session
 from pyiommufd.memfd import MemFD
@@ -26,7 +27,7 @@ def test_bad_tokens_are_refused(fake_kernel, token):
 def test_preserve_records_tokens_and_kinds(fake_kernel):
     with LiveUpdate.open() as lu, lu.create_session("rec") as session, MemFD.create("m", 4096) as m:
         record = session.preserve(m, (1 << 64) - 1)
-        assert record.kind == "memfd" and record.fd == m.fileno()
+        assert record.kind is FileKind.MEMFD and record.fd == m.fileno()
         assert session.preserved == {(1 << 64) - 1: record}
         assert "outgoing" in repr(session)
 
@@ -113,8 +114,7 @@ def test_a_memfd_luo_gives_back_is_described_as_a_memfd(fake_kernel):
     """memfd_luo makes the retrieved file itself (memfd_alloc_file("")): its
     /proc link is "/ (deleted)", not "/memfd:...", as on the real kernel; it is
     still a memfd to every check that asks what a file is."""
-    from pyiommufd.agent.registry import kind_of_fd
-    from pyiommufd.luo import LiveUpdate, describe_fd
+    from pyiommufd.luo import LiveUpdate, describe_fd, kind_of_fd
     from pyiommufd.memfd import MemFD
 
     lu = LiveUpdate.open()
@@ -126,7 +126,7 @@ def test_a_memfd_luo_gives_back_is_described_as_a_memfd(fake_kernel):
         fd = lu2.retrieve_session("described").retrieve(1)
         assert fake_kernel.readlink(f"/proc/self/fd/{fd}") == "/ (deleted)"
         assert describe_fd(fake_kernel, fd) == "a memfd"
-        assert kind_of_fd(fake_kernel, fd) == "memfd"
+        assert kind_of_fd(fake_kernel, fd) is FileKind.MEMFD
     import os
     r, w = os.pipe()
     assert describe_fd(fake_kernel, r) != "a memfd"

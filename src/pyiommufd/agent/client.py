@@ -20,7 +20,7 @@ from typing import Any, Iterable
 from .. import errors
 from ..backend import Backend, LinuxBackend, get_backend
 from ..errors import UsageError
-from ..fdobject import fd_of
+from ..fdobject import FileKind, fd_of
 from . import protocol as P
 from .protocol import AgentProtocolError, AgentUnavailable
 
@@ -142,8 +142,8 @@ class AgentClient:
         JSON-able) shows in ``status``. Kernel errors re-raise typed."""
         fd = fd_of(file)
         meta = dict(meta or {})
-        if "kind" not in meta and getattr(file, "kind", None):
-            meta["kind"] = _kind_name(file.kind)
+        if "kind" not in meta and isinstance(getattr(file, "kind", None), FileKind):
+            meta["kind"] = file.kind.value
         if "name" not in meta and isinstance(getattr(file, "name", None), str):
             meta["name"] = file.name
         result, got = self.call("preserve", [fd], session=session, token=token, meta=meta, fd=0)
@@ -162,8 +162,8 @@ class AgentClient:
             wire, fds = [], []
             for token, file, meta in chunk:
                 meta = dict(meta or {})
-                if "kind" not in meta and getattr(file, "kind", None):
-                    meta["kind"] = _kind_name(file.kind)
+                if "kind" not in meta and isinstance(getattr(file, "kind", None), FileKind):
+                    meta["kind"] = file.kind.value
                 if "name" not in meta and isinstance(getattr(file, "name", None), str):
                     meta["name"] = file.name
                 fds.append(fd_of(file))
@@ -255,8 +255,6 @@ class AgentClient:
         return self._simple("stop", force=force)
 
 
-def _kind_name(kind: str) -> str | None:
-    return P.normalize_kind(kind)
 
 
 def _close_fds(fds: Iterable[int]) -> None:
@@ -357,7 +355,8 @@ def hand_over(liveupdate: Any, session: Any, files: list[tuple[int, Any, dict]],
         except (TypeError, ValueError):
             raise UsageError("hand_over files are (token, fd_or_obj, meta) tuples") from None
         meta = dict(meta or {})
-        kind = meta.pop("kind", None) or (_kind_name(obj.kind) if getattr(obj, "kind", None) else None)
+        kind = meta.pop("kind", None) or (obj.kind.value if isinstance(getattr(obj, "kind", None), FileKind)
+                                          else None)
         name = meta.pop("name", None) or (obj.name if isinstance(getattr(obj, "name", None), str) else None)
         entries.append({"token": token, "file": obj, "kind": kind, "name": name, "meta": meta})
     client.adopt(liveupdate=liveupdate, sessions=[{

@@ -11,11 +11,12 @@ from typing import Any
 from .. import errors
 from ..backend import Backend
 from ..errors import UsageError
-from ..luo import LiveUpdate, PreservedFile, Session, check_session_name, check_token, describe_fd
+from ..fdobject import FileKind
+from ..luo import LiveUpdate, PreservedFile, Session, check_session_name, check_token, fd_target, kind_of_fd
 from . import protocol as P
 from . import sdnotify
 from .protocol import AgentRefused
-from .registry import HeldFile, HeldSession, Registry, _touch, close_fd, kind_of_fd
+from .registry import HeldFile, HeldSession, Registry, _touch, close_fd
 
 log = logging.getLogger("pyiommufd.agent")
 
@@ -94,10 +95,10 @@ class RequestHandlers(Registry):
             # the kernel says EEXIST too; answer without touching it
             raise errors.make_error("LIVEUPDATE_SESSION_PRESERVE_FD", "luo", E.EEXIST,
                                     detail=f"session {held.name!r}, token {token:#x}")
-        held.session.preserve(fd, token)
-        kind = P.normalize_kind(meta.pop("kind", None)) or kind_of_fd(self.backend, fd)
+        kind = P.parse_kind(meta.pop("kind", None)) or kind_of_fd(self.backend, fd)
         name = meta.pop("name", None)
-        held.files[token] = HeldFile(token, str(kind), name, meta, fds.keep(fd), "preserved")
+        held.session.preserve(fd, token)
+        held.files[token] = HeldFile(token, kind, name, meta, fds.keep(fd), "preserved")
         log.info("preserved token %#x (%s %s) in %r", token, kind, name or "", held.name)
         self._store_file(held, held.files[token])
         return held.files[token].as_dict(), []
@@ -121,9 +122,11 @@ class RequestHandlers(Registry):
                 raise errors.make_error("LIVEUPDATE_SESSION_PRESERVE_FD", "luo", E.EEXIST,
                                         detail=f"session {held.name!r}, token {token:#x}")
             seen.add(token)
-            items.append((token, fd, _meta(spec.get("meta"))))
+            meta = _meta(spec.get("meta"))
+            kind = P.parse_kind(meta.pop("kind", None)) or kind_of_fd(self.backend, fd)
+            items.append((token, fd, kind, meta))
         try:
-            held.session.preserve_many([(fd, token) for token, fd, _ in items])
+            held.session.preserve_many([(fd, token) for token, fd, _, _ in items])
         except errors.KernelError as exc:
             self._hold_preserved(held, items[:getattr(exc, "index", 0)], fds)
             raise
@@ -131,10 +134,9 @@ class RequestHandlers(Registry):
 
     def _hold_preserved(self, held: HeldSession, items, fds) -> list[dict[str, Any]]:
         out = []
-        for token, fd, meta in items:
-            kind = P.normalize_kind(meta.pop("kind", None)) or kind_of_fd(self.backend, fd)
+        for token, fd, kind, meta in items:
             name = meta.pop("name", None)
-            f = held.files[token] = HeldFile(token, str(kind), name, meta, fds.keep(fd), "preserved")
+            f = held.files[token] = HeldFile(token, kind, name, meta, fds.keep(fd), "preserved")
             self._store_file(held, f)
             out.append(f.as_dict())
         log.info("preserved %d files in %r", len(items), held.name)
@@ -168,15 +170,18 @@ class RequestHandlers(Registry):
                     raise UsageError(f"adopt: token {token:#x} listed twice in session {name!r}")
                 seen.add(token)
                 ffd = None if f.get("fd") is None else fds.get(f.get("fd"), f"adopt token {token:#x}")
-                files.append((token, ffd, f))
+                meta = _meta(f.get("meta"))
+                said = P.parse_kind(f.get("kind") or meta.pop("kind", None))
+                files.append((token, ffd, f, meta, said))
             self._check_session_fd(session_fd, name)
             plans.append((name, incoming, session_fd, files, spec))
         lu_fd = None if lu_index is None else fds.get(lu_index, "adopt /dev/liveupdate")
         if lu_fd is not None and self.liveupdate is None:
             _touch(self.backend, lu_fd)
-            if describe_fd(self.backend, lu_fd) != self.liveupdate_path:
+            target = fd_target(self.backend, lu_fd)
+            if target != self.liveupdate_path:
                 raise UsageError(f"adopt: the fd sent as /dev/liveupdate is not {self.liveupdate_path} "
-                                 f"({describe_fd(self.backend, lu_fd) or 'unknown'})")
+                                 f"({target or 'unknown'})")
         # everything checked: take the fds
         result = {"liveupdate": None, "sessions": []}
         if lu_fd is not None:
@@ -193,13 +198,11 @@ class RequestHandlers(Registry):
             _touch(self.backend, session_fd)
             session = Session(fds.keep(session_fd), name, incoming=incoming, backend=self.backend)
             held = HeldSession(name, session, incoming=incoming, adopted=True)
-            for token, ffd, f in files:
+            for token, ffd, f, meta, said in files:
                 if ffd is not None:
                     _touch(self.backend, ffd)
                     fds.keep(ffd)
-                meta = _meta(f.get("meta"))
-                kind = P.normalize_kind(f.get("kind") or meta.pop("kind", None)) or (
-                    kind_of_fd(self.backend, ffd) if ffd is not None else "other")
+                kind = said or (kind_of_fd(self.backend, ffd) if ffd is not None else FileKind.OTHER)
                 fname = f.get("name") or meta.pop("name", None)
                 if incoming:
                     state = f.get("state") or ("retrieved" if ffd is not None else "pending")
@@ -208,7 +211,7 @@ class RequestHandlers(Registry):
                 else:
                     state = "preserved"
                     session.preserved[token] = PreservedFile(token, ffd if ffd is not None else -1, kind)
-                held.files[token] = HeldFile(token, str(kind), fname, meta, ffd, state)
+                held.files[token] = HeldFile(token, kind, fname, meta, ffd, state)
             if incoming:
                 if 0 in held.files and held.files[0].fd is not None:
                     self._load_manifest(held, held.files[0].fd)
@@ -251,11 +254,11 @@ class RequestHandlers(Registry):
             except errors.NotFound:
                 held.manifest_error = "no token 0: this session has no pyiommufd manifest"
             except errors.KernelError as exc:
-                held.files[MANIFEST_TOKEN] = HeldFile(MANIFEST_TOKEN, "manifest", MANIFEST_NAME, state="failed",
+                held.files[MANIFEST_TOKEN] = HeldFile(MANIFEST_TOKEN, FileKind.MANIFEST, MANIFEST_NAME, state="failed",
                                                       error=P.encode_error(exc))
                 held.manifest_error = f"retrieving token 0 failed: {exc}"
             else:
-                held.files[MANIFEST_TOKEN] = HeldFile(MANIFEST_TOKEN, "manifest", MANIFEST_NAME, fd=fd,
+                held.files[MANIFEST_TOKEN] = HeldFile(MANIFEST_TOKEN, FileKind.MANIFEST, MANIFEST_NAME, fd=fd,
                                                       state="retrieved")
                 self._store_file(held, held.files[MANIFEST_TOKEN])
                 self._load_manifest(held, fd)
@@ -273,7 +276,7 @@ class RequestHandlers(Registry):
             fd = held.session.retrieve(token)
         except errors.KernelError as exc:
             if f is None:
-                f = held.files[token] = HeldFile(token, "other")
+                f = held.files[token] = HeldFile(token, FileKind.OTHER)
             f.state, f.error = "failed", P.encode_error(exc)
             raise
         if f is None:
@@ -300,7 +303,7 @@ class RequestHandlers(Registry):
             self._hold_retrieved(held, dict(zip(todo[:index], (held.session.retrieved[t] for t in todo[:index]))))
             f = held.files.get(todo[index])
             if f is None:
-                f = held.files[todo[index]] = HeldFile(todo[index], "other")
+                f = held.files[todo[index]] = HeldFile(todo[index], FileKind.OTHER)
             f.state, f.error = "failed", P.encode_error(exc)
             exc.index = tokens.index(todo[index])
             raise

@@ -16,32 +16,18 @@ from typing import Any
 from .. import errors
 from ..backend import Backend
 from ..errors import UsageError
-from ..luo import LiveUpdate, PreservedFile, Session, describe_fd
+from ..fdobject import FileKind
+from ..luo import LiveUpdate, PreservedFile, Session, kind_of_fd
 from . import sdnotify
 
 log = logging.getLogger("pyiommufd.agent")
-
-FILE_KINDS = ("memfd", "iommufd", "vfio-cdev", "manifest", "other")
-
-
-def kind_of_fd(backend: Backend, fd: int) -> str:
-    """memfd / iommufd / vfio-cdev / other, from what ``fd`` is."""
-    text = describe_fd(backend, fd) or ""
-    if text == "a memfd":
-        return "memfd"
-    if text == "an iommufd":
-        return "iommufd"
-    if text == "a VFIO device cdev":
-        return "vfio-cdev"
-    return "other"
-
 
 @dataclass
 class HeldFile:
     """One token of a session as the agent knows it."""
 
     token: int
-    kind: str
+    kind: FileKind
     name: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     fd: int | None = None        # the agent's own reference, if it holds one
@@ -49,7 +35,7 @@ class HeldFile:
     error: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        out = {"token": self.token, "token_hex": f"{self.token:#x}", "kind": self.kind, "name": self.name,
+        out = {"token": self.token, "token_hex": f"{self.token:#x}", "kind": self.kind.value, "name": self.name,
                "meta": self.meta, "state": self.state, "held": self.fd is not None}
         if self.error:
             out["error"] = self.error
@@ -213,7 +199,7 @@ class Registry:
         held.manifest_error = None
         zero = held.files.get(M.MANIFEST_TOKEN)
         if zero is not None:
-            zero.kind, zero.name = "manifest", M.MANIFEST_NAME
+            zero.kind, zero.name = FileKind.MANIFEST, M.MANIFEST_NAME
         for entry in manifest.entries:
             f = held.files.get(entry.token)
             if f is None:

@@ -553,17 +553,20 @@ def _errname(err: Any) -> str:
     return errname(err) if isinstance(err, int) else str(err)
 
 
-def _summary(kind: str, meta: dict) -> str:
-    """One short line for a token's metadata."""
+def _summary(kind_value: str, meta: dict) -> str:
+    """One short line for a token's metadata (``kind_value``: as the agent sent it)."""
+    from ..fdobject import FileKind
+
+    kind = next((k for k in FileKind if k.value == kind_value), FileKind.OTHER)
     parts = []
-    if kind == "memfd":
+    if kind is FileKind.MEMFD:
         if meta.get("size") is not None:
             parts.append(f"{meta['size']:#x} bytes")
         if meta.get("seals"):
             parts.append("seals " + "|".join(s.upper() for s in meta["seals"]))
         if meta.get("sha256"):
             parts.append(f"sha256 {meta['sha256'][:12]}…")
-    elif kind == "iommufd":
+    elif kind is FileKind.IOMMUFD:
         ioas = meta.get("ioas")
         if isinstance(ioas, list):
             maps = sum(len(a.get("mappings", [])) for a in ioas if isinstance(a, dict))
@@ -574,7 +577,7 @@ def _summary(kind: str, meta: dict) -> str:
             parts.append("HWPTs " + ", ".join(marks))
         if meta.get("lu_abi"):
             parts.append(str(meta["lu_abi"]))
-    elif kind == "vfio-cdev":
+    elif kind is FileKind.VFIO_CDEV:
         parts += [str(meta[k]) for k in ("bdf", "cdev") if meta.get(k)]
         if meta.get("hwpt"):
             parts.append(f"on {meta['hwpt']}")
