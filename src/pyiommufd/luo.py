@@ -206,6 +206,41 @@ class PreservedFile:
     kind: FileKind | None
 
 
+class RetrievedFile:
+    """A file retrieved from an incoming session: ``token``, the new ``fd``
+    (the caller's to close) and its :class:`FileKind`. The kind is asked of
+    /proc on first use, so a retrieve stays one ioctl in the blackout window."""
+
+    __slots__ = ("token", "fd", "_backend", "_kind")
+
+    def __init__(self, token: int, fd: int, backend: Backend, kind: FileKind | None = None):
+        self.token = token
+        self.fd = fd
+        self._backend = backend
+        self._kind = kind
+
+    @property
+    def kind(self) -> FileKind:
+        if self._kind is None:
+            self._kind = kind_of_fd(self._backend, self.fd)
+        return self._kind
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, RetrievedFile):
+            return NotImplemented
+        return (self.token, self.fd) == (other.token, other.fd)
+
+    def __hash__(self) -> int:
+        return hash((self.token, self.fd))
+
+    def __repr__(self) -> str:
+        kind = "?" if self._kind is None else self._kind.value
+        return f"RetrievedFile(token={self.token:#x}, fd={self.fd}, kind={kind})"
+
+
 class Session(FdObject):
     """A LUO session. Outgoing (created) sessions take ``preserve``; incoming
     (retrieved, after a kexec) sessions take ``retrieve`` and ``finish``."""
@@ -219,7 +254,9 @@ class Session(FdObject):
         self.incoming = incoming
         self._ioctl = ioctl.raw_ioctl(self.backend)
         self.preserved: dict[int, PreservedFile] = {}
-        self.retrieved: dict[int, int] = {}
+        #: the first retrieval of each token (a second one gives the caller
+        #: another reference, which stays the caller's alone)
+        self.retrieved: dict[int, RetrievedFile] = {}
         #: tokens stage 2 expects (from a manifest); used to name unretrieved ones on EBUSY
         self.expected_tokens: set[int] = set()
 
@@ -318,15 +355,16 @@ class Session(FdObject):
         self.preserved.update(zip((r.token for r in out), out))
         return out
 
-    def retrieve_all(self, tokens: Iterable[int]) -> dict[int, int]:
-        """Retrieve every token of ``tokens``, in order; returns ``{token: fd}``
-        (the caller owns the fds). The bulk :meth:`retrieve` for the blackout
-        window: the structs are built before the first ioctl.
+    def retrieve_all(self, tokens: Iterable[int]) -> dict[int, RetrievedFile]:
+        """Retrieve every token of ``tokens``, in order; returns
+        ``{token: RetrievedFile}`` (the caller owns the fds). The bulk
+        :meth:`retrieve` for the blackout window: the structs are built
+        before the first ioctl.
 
         If the kernel refuses token ``i``, the error is that retrieve's typed
         error; its detail names the failed item and those retrieved before
-        it, and it carries ``index`` and ``done`` (``{token: fd}`` of the
-        ones retrieved, also in ``self.retrieved``: close or use them)."""
+        it, and it carries ``index`` and ``done`` (``{token: RetrievedFile}``
+        of the ones retrieved, also in ``self.retrieved``: close or use them)."""
         if not self.incoming:
             raise UsageError(f"session {self.name!r} is outgoing (created): it takes preserve, not retrieve")
         tokens = list(tokens)
@@ -340,17 +378,14 @@ class Session(FdObject):
         for i, token in enumerate(tokens):
             array[i].token = token
         i, failed = self._issue_each(RETRIEVE_FD.request, RETRIEVE_FD.buffers(array, n))
+        done = {tokens[k]: self.record_retrieved(tokens[k], array[k].fd) for k in range(i)}
         if failed is not None:
-            done = {tokens[k]: array[k].fd for k in range(i)}
-            self.retrieved.update(done)
             token = tokens[i]
             error = ioctl.failure(failed, RETRIEVE_FD, None, lambda: f"session {self.name!r}, token {token:#x}")
             raise errors.partial(error, i, n, "retrieved", list(done), done) from None
-        out = {tokens[k]: array[k].fd for k in range(n)}
-        self.retrieved.update(out)
-        return out
+        return done
 
-    def retrieve(self, token: int) -> int:
+    def retrieve(self, token: int) -> RetrievedFile:
         """Retrieve the file preserved under ``token``; the caller owns the new fd."""
         check_token(token)
         if not self.incoming:
@@ -363,8 +398,14 @@ class Session(FdObject):
             raise ioctl.failure(exc, RETRIEVE_FD, None, lambda: f"session {self.name!r}, token {token:#x}") from None
         fd: int = arg.fd
         RETRIEVE_FD.give(pair)
-        self.retrieved[token] = fd
-        return fd
+        return self.record_retrieved(token, fd)
+
+    def record_retrieved(self, token: int, fd: int, kind: FileKind | None = None) -> RetrievedFile:
+        """Note ``fd`` as ``token``'s retrieved file (a retrieve, or an fd
+        handed over that was retrieved elsewhere); the first one stays."""
+        got = RetrievedFile(token, fd, self.backend, kind)
+        self.retrieved.setdefault(token, got)
+        return got
 
     def finish(self) -> None:
         """Tell the kernel the live update of this session is complete."""

@@ -394,7 +394,7 @@ def _stage1(r: _Runner, luo: LiveUpdate, device: str, session_name: str, tokens:
 
 def _stage2(r: _Runner, session: Session, tokens: Tokens) -> None:
     be = r.backend
-    cdev_fd = r.must(f"retrieve cdev (token {tokens.cdev:#x})", lambda: session.retrieve(tokens.cdev),
+    cdev_fd = r.must(f"retrieve cdev (token {tokens.cdev:#x})", lambda: session.retrieve(tokens.cdev).fd,
                      detail=lambda fd: f"fd {fd}")
     cdev = VfioDevice.from_fd(cdev_fd, backend=be)
     r.opened.append(cdev)

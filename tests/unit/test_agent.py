@@ -298,7 +298,7 @@ def test_hand_over_incoming(env):
     # a stage-2 program retrieved the session itself, then hands it to the agent
     lu = LiveUpdate.open(backend=env.k)
     session = lu.retrieve_session("s")
-    fd = session.retrieve(3)
+    fd = session.retrieve(3).fd
     env.server = AgentServer(env.path, backend=env.k, open_liveupdate=False).serve_in_thread()
     hand_over(lu, session, [(3, fd, {"kind": "memfd", "name": "ram"})], socket_path=env.path)
     os.close(fd)

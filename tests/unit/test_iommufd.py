@@ -9,8 +9,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from pyiommufd.fdobject import FileKind
 from pyiommufd import backend, errors, ioctl, pci
+from pyiommufd.fdobject import FileKind
 from pyiommufd._uapi import ffi
 from pyiommufd.backend import Backend
 from pyiommufd.iommufd import (HWPT, IOAS, IOMMUFD, PAGE_SIZE, DirtyBitmap, FaultQueue, IovaRange,

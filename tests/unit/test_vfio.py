@@ -10,8 +10,8 @@ import uuid
 
 import pytest
 
-from pyiommufd.fdobject import FileKind
 from pyiommufd import backend, errors, ioctl, pci, vfio
+from pyiommufd.fdobject import FileKind
 from pyiommufd._uapi import ffi
 from pyiommufd.backend import Backend, oserror
 from pyiommufd.iommufd import IOMMUFD, PAGE_SIZE, aligned_buffer

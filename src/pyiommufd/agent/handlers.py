@@ -12,7 +12,7 @@ from .. import errors
 from ..backend import Backend
 from ..errors import UsageError
 from ..fdobject import FileKind
-from ..luo import LiveUpdate, PreservedFile, Session, check_session_name, check_token, fd_target, kind_of_fd
+from ..luo import LiveUpdate, PreservedFile, RetrievedFile, Session, check_session_name, check_token, fd_target, kind_of_fd
 from . import protocol as P
 from . import sdnotify
 from .protocol import AgentRefused
@@ -207,7 +207,7 @@ class RequestHandlers(Registry):
                 if incoming:
                     state = f.get("state") or ("retrieved" if ffd is not None else "pending")
                     if state == "retrieved" and ffd is not None:
-                        session.retrieved[token] = ffd
+                        session.record_retrieved(token, ffd, kind)
                 else:
                     state = "preserved"
                     session.preserved[token] = PreservedFile(token, ffd if ffd is not None else -1, kind)
@@ -250,7 +250,7 @@ class RequestHandlers(Registry):
 
         if args.get("manifest", True):
             try:
-                fd = session.retrieve(MANIFEST_TOKEN)
+                fd = session.retrieve(MANIFEST_TOKEN).fd
             except errors.NotFound:
                 held.manifest_error = "no token 0: this session has no pyiommufd manifest"
             except errors.KernelError as exc:
@@ -273,14 +273,15 @@ class RequestHandlers(Registry):
         if f is not None and f.fd is not None:
             return f.as_dict(), [f.fd]
         try:
-            fd = held.session.retrieve(token)
+            got = held.session.retrieve(token)
         except errors.KernelError as exc:
             if f is None:
                 f = held.files[token] = HeldFile(token, FileKind.OTHER)
             f.state, f.error = "failed", P.encode_error(exc)
             raise
+        fd = got.fd
         if f is None:
-            f = held.files[token] = HeldFile(token, kind_of_fd(self.backend, fd))
+            f = held.files[token] = HeldFile(token, got.kind)
         f.fd, f.state, f.error = fd, "retrieved", None
         log.info("retrieved token %#x (%s %s) of %r", token, f.kind, f.name or "", held.name)
         self._store_file(held, f)
@@ -300,7 +301,7 @@ class RequestHandlers(Registry):
             got = held.session.retrieve_all(todo)
         except errors.KernelError as exc:
             index = getattr(exc, "index", 0)
-            self._hold_retrieved(held, dict(zip(todo[:index], (held.session.retrieved[t] for t in todo[:index]))))
+            self._hold_retrieved(held, exc.done)
             f = held.files.get(todo[index])
             if f is None:
                 f = held.files[todo[index]] = HeldFile(todo[index], FileKind.OTHER)
@@ -310,12 +311,12 @@ class RequestHandlers(Registry):
         self._hold_retrieved(held, got)
         return {"files": [held.files[t].as_dict() for t in tokens]}, [held.files[t].fd for t in tokens]
 
-    def _hold_retrieved(self, held: HeldSession, got: dict[int, int]) -> None:
-        for token, fd in got.items():
+    def _hold_retrieved(self, held: HeldSession, got: dict[int, RetrievedFile]) -> None:
+        for token, record in got.items():
             f = held.files.get(token)
             if f is None:
-                f = held.files[token] = HeldFile(token, kind_of_fd(self.backend, fd))
-            f.fd, f.state, f.error = fd, "retrieved", None
+                f = held.files[token] = HeldFile(token, record.kind)
+            f.fd, f.state, f.error = record.fd, "retrieved", None
         log.info("retrieved %d tokens of %r", len(got), held.name)
 
     def _op_finish(self, args, fds):

@@ -291,7 +291,7 @@ class Registry:
                 continue
             kind = kind_of_fd(self.backend, fd)
             if name.incoming:
-                held.session.retrieved[name.token] = fd
+                held.session.record_retrieved(name.token, fd, kind)
                 state = "retrieved"
             else:
                 held.session.preserved[name.token] = PreservedFile(name.token, fd, kind)
