@@ -60,7 +60,8 @@ def check_session_name(name: str) -> bytes:
     return raw
 
 
-def check_token(token: int) -> int:
+def check_token(token: object) -> int:
+    """``token`` if it is a LUO token (an int from 0 to 2**64-1); else UsageError."""
     if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token <= TOKEN_MAX:
         raise UsageError(f"a LUO token is an integer from 0 to 2**64-1, not {token!r}")
     return token

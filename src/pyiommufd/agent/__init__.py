@@ -12,12 +12,14 @@ across commands (and across the kexec's stage boundary, until finish).
 """
 from __future__ import annotations
 
+from typing import Any
+
 from .client import AgentClient, ensure_running, hand_over, in_process_agents
 from .protocol import (DEFAULT_SOCKET, ENV_SOCKET, AgentError, AgentPermissionDenied, AgentProtocolError,
                        AgentRefused, AgentUnavailable, default_socket_path)
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     # the server pulls in luo/manifest; import it only when asked for
     if name in ("AgentServer", "default_authorize"):
         from . import server

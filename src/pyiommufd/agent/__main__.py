@@ -7,7 +7,7 @@ import argparse
 import sys
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pyiommufd.agent")
     parser.add_argument("--background", action="store_true")
     parser.add_argument("--socket")

@@ -6,6 +6,7 @@ import logging
 import os
 import select
 import time
+from typing import TextIO
 
 from ..backend import Backend
 from . import protocol as P
@@ -21,7 +22,7 @@ def default_log_path(socket_path: str) -> str:
     return os.path.join(os.path.dirname(os.path.abspath(socket_path)), "agent.log")
 
 
-def configure_logging(level: int = logging.INFO, stream=None) -> None:
+def configure_logging(level: int = logging.INFO, stream: TextIO | None = None) -> None:
     handler = logging.StreamHandler(stream)
     handler.setFormatter(logging.Formatter("%(asctime)s pyiommufd-agent[%(process)d] %(levelname)s %(message)s"))
     log.handlers[:] = [handler]

@@ -47,7 +47,7 @@ class RequestFds:
             close_fd(self.backend, fd)
 
 
-def _require(args: dict, key: str, kind: type | tuple, what: str | None = None):
+def _require(args: dict[str, Any], key: str, kind: type, what: str | None = None) -> Any:
     value = args.get(key)
     if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
         raise UsageError(f"request argument {key!r} ({what or key}) is missing or has the wrong type")
@@ -62,17 +62,31 @@ def _meta(value: Any) -> dict[str, Any]:
     return dict(value)
 
 
-class RequestHandlers(Registry):
-    """The requests, run one at a time under the server's lock."""
+#: a handler's answer: the result, and the fds to send with it
+Reply = tuple[dict[str, Any], list[int]]
+#: a file to preserve: token, fd, kind, the rest of its meta
+PreserveItem = tuple[int, int, FileKind, dict[str, Any]]
 
-    def _op_ping(self, args, fds):
+
+class RequestHandlers(Registry):
+    """The requests, run one at a time under the registry's lock."""
+
+    def _info(self) -> dict[str, Any]:
+        """Who the agent is (its socket, pid, version): the server's to say."""
+        raise NotImplementedError
+
+    def request_stop(self, *, release: bool = True) -> None:
+        """Stop serving: the server's to do."""
+        raise NotImplementedError
+
+    def _op_ping(self, args: dict[str, Any], fds: RequestFds) -> Reply:
         return self._info(), []
 
-    def _op_status(self, args, fds):
+    def _op_status(self, args: dict[str, Any], fds: RequestFds) -> Reply:
         sessions = [s.as_dict() for s in sorted(self.sessions.values(), key=lambda s: (s.name, s.incoming))]
         return {"agent": self._info(), "sessions": sessions}, []
 
-    def _op_create_session(self, args, fds):
+    def _op_create_session(self, args: dict[str, Any], fds: RequestFds) -> Reply:
         name = _require(args, "name", str, "session name")
         check_session_name(name)
         if (name, False) in self.sessions:
@@ -85,7 +99,7 @@ class RequestHandlers(Registry):
         self._store_session(held)
         return held.as_dict(), []
 
-    def _op_preserve(self, args, fds):
+    def _op_preserve(self, args: dict[str, Any], fds: RequestFds) -> Reply:
         held = self._session(args.get("session"), incoming=False)
         token = check_token(args.get("token"))
         meta = _meta(args.get("meta"))
@@ -103,7 +117,7 @@ class RequestHandlers(Registry):
         self._store_file(held, held.files[token])
         return held.files[token].as_dict(), []
 
-    def _op_preserve_many(self, args, fds):
+    def _op_preserve_many(self, args: dict[str, Any], fds: RequestFds) -> Reply:
         """``files``: ``[{"token", "fd" (index), "meta"}]``, preserved in order
         by one :meth:`Session.preserve_many`. Everything is checked first; on a
         failure part-way the files before it stay preserved and held."""
@@ -111,7 +125,8 @@ class RequestHandlers(Registry):
         specs = args.get("files")
         if not isinstance(specs, list):
             raise UsageError("preserve_many: files must be a list")
-        items, seen = [], set()
+        items: list[PreserveItem] = []
+        seen: set[int] = set()
         for spec in specs:
             if not isinstance(spec, dict):
                 raise UsageError("preserve_many: each file is an object")
@@ -132,7 +147,8 @@ class RequestHandlers(Registry):
             raise
         return {"files": self._hold_preserved(held, items, fds)}, []
 
-    def _hold_preserved(self, held: HeldSession, items, fds) -> list[dict[str, Any]]:
+    def _hold_preserved(self, held: HeldSession, items: list[PreserveItem], fds: RequestFds
+                        ) -> list[dict[str, Any]]:
         out = []
         for token, fd, kind, meta in items:
             name = meta.pop("name", None)
@@ -142,7 +158,7 @@ class RequestHandlers(Registry):
         log.info("preserved %d files in %r", len(items), held.name)
         return out
 
-    def _op_adopt(self, args, fds):
+    def _op_adopt(self, args: dict[str, Any], fds: RequestFds) -> Reply:
         lu_index = args.get("liveupdate")
         specs = args.get("sessions") or []
         if not isinstance(specs, list):
@@ -183,7 +199,8 @@ class RequestHandlers(Registry):
                 raise UsageError(f"adopt: the fd sent as /dev/liveupdate is not {self.liveupdate_path} "
                                  f"({target or 'unknown'})")
         # everything checked: take the fds
-        result = {"liveupdate": None, "sessions": []}
+        adopted: list[dict[str, Any]] = []
+        result: dict[str, Any] = {"liveupdate": None, "sessions": adopted}
         if lu_fd is not None:
             if self.liveupdate is None:
                 _touch(self.backend, lu_fd)
@@ -217,7 +234,7 @@ class RequestHandlers(Registry):
                     self._load_manifest(held, held.files[0].fd)
                 session.expected_tokens = set(held.files)
             self.sessions[held.key] = held
-            result["sessions"].append(held.as_dict())
+            adopted.append(held.as_dict())
             log.info("adopted %s session %r with %d files", held.direction, name, len(held.files))
             self._store_session(held)
             for f in held.files.values():
@@ -233,7 +250,7 @@ class RequestHandlers(Registry):
             raise UsageError(f"adopt: the fd sent as session {name!r} is not a LUO session") from None
         if actual != name:
             raise UsageError(f"adopt: the fd sent as session {name!r} is LUO session {actual!r}")
-    def _op_retrieve_session(self, args, fds):
+    def _op_retrieve_session(self, args: dict[str, Any], fds: RequestFds) -> Reply:
         name = _require(args, "name", str, "session name")
         check_session_name(name)
         held = self.sessions.get((name, True))
@@ -266,7 +283,7 @@ class RequestHandlers(Registry):
         out["already_held"] = False
         return out, []
 
-    def _op_retrieve(self, args, fds):
+    def _op_retrieve(self, args: dict[str, Any], fds: RequestFds) -> Reply:
         held = self._session(args.get("session"), incoming=True)
         token = check_token(args.get("token"))
         f = held.files.get(token)
@@ -287,7 +304,7 @@ class RequestHandlers(Registry):
         self._store_file(held, f)
         return f.as_dict(), [fd]
 
-    def _op_retrieve_many(self, args, fds):
+    def _op_retrieve_many(self, args: dict[str, Any], fds: RequestFds) -> Reply:
         """``tokens``, retrieved in order (those held already are not asked
         again) by one :meth:`Session.retrieve_all`; answers ``files`` and one
         fd per token. On a failure part-way the ones before it stay held."""
@@ -309,7 +326,8 @@ class RequestHandlers(Registry):
             exc.index = tokens.index(todo[index])
             raise
         self._hold_retrieved(held, got)
-        return {"files": [held.files[t].as_dict() for t in tokens]}, [held.files[t].fd for t in tokens]
+        out_fds = [fd for fd in (held.files[t].fd for t in tokens) if fd is not None]   # each one is held now
+        return {"files": [held.files[t].as_dict() for t in tokens]}, out_fds
 
     def _hold_retrieved(self, held: HeldSession, got: dict[int, RetrievedFile]) -> None:
         for token, record in got.items():
@@ -319,7 +337,7 @@ class RequestHandlers(Registry):
             f.fd, f.state, f.error = record.fd, "retrieved", None
         log.info("retrieved %d tokens of %r", len(got), held.name)
 
-    def _op_finish(self, args, fds):
+    def _op_finish(self, args: dict[str, Any], fds: RequestFds) -> Reply:
         held = self._session(args.get("session"), incoming=True)
         held.session.finish()
         log.info("finished session %r", held.name)
@@ -327,7 +345,7 @@ class RequestHandlers(Registry):
         del self.sessions[held.key]
         return {"finished": held.name, "released_tokens": sorted(held.files)}, []
 
-    def _op_release(self, args, fds):
+    def _op_release(self, args: dict[str, Any], fds: RequestFds) -> Reply:
         name = _require(args, "session", str, "session name")
         force = bool(args.get("force", False))
         direction = args.get("direction")
@@ -350,7 +368,7 @@ class RequestHandlers(Registry):
         del self.sessions[held.key]
         return {"released": held.name, "direction": held.direction, "warning": warning,
                 "tokens": sorted(held.files)}, []
-    def _op_stop(self, args, fds):
+    def _op_stop(self, args: dict[str, Any], fds: RequestFds) -> Reply:
         force = bool(args.get("force", False))
         warnings = self.holding_state()
         if warnings and not force:

@@ -56,7 +56,7 @@ def parse_kind(value: Any) -> FileKind | None:
                                 ) from None
 
 
-def default_socket_path(socket_path: str | os.PathLike | None = None) -> str:
+def default_socket_path(socket_path: str | os.PathLike[str] | None = None) -> str:
     """``socket_path``, else ``$PYIOMMUFD_AGENT_SOCKET``, else :data:`DEFAULT_SOCKET`."""
     if socket_path:
         return os.fspath(socket_path)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -62,7 +63,7 @@ class HeldSession:
         return (self.name, self.incoming)
 
     def as_dict(self) -> dict[str, Any]:
-        out = {"name": self.name, "direction": self.direction, "fd": self.session._fd,
+        out: dict[str, Any] = {"name": self.name, "direction": self.direction, "fd": self.session._fd,
                "adopted": self.adopted, "since": self.since,
                "tokens": [f.as_dict() for f in sorted(self.files.values(), key=lambda f: f.token)]}
         if self.incoming:
@@ -106,6 +107,8 @@ class Registry:
         self.notifier = notifier
         self.stored: set[str] = set()
         self.restored: dict[str, Any] | None = None
+        # the requests, and letting go of everything, run one at a time
+        self._lock = threading.RLock()
 
     def _try_open_liveupdate(self) -> LiveUpdate | None:
         if self.liveupdate is not None:
@@ -262,7 +265,7 @@ class Registry:
             else:
                 close_fd(self.backend, fd)
         for fd, text, name in parsed:
-            if name.what != "session":
+            if name.what != "session" or name.session is None:
                 continue
             session = Session(fd, name.session, incoming=name.incoming, backend=self.backend)
             try:
@@ -279,16 +282,17 @@ class Registry:
             self.sessions[held.key] = held
             self.stored.add(text)
         for fd, text, name in parsed:
-            if name.what != "file":
+            if name.what != "file" or name.session is None or name.token is None:
                 continue
-            held = self.sessions.get((name.session, name.incoming))
-            if held is None or name.token in held.files:
+            owner = self.sessions.get((name.session, name.incoming))
+            if owner is None or name.token in owner.files:
                 # its session fd is gone: the kernel dropped that session with it
                 lost.append(text)
                 close_fd(self.backend, fd)
                 if self.notifier is not None:
                     self.notifier.remove(text)
                 continue
+            held = owner
             kind = kind_of_fd(self.backend, fd)
             if name.incoming:
                 held.session.record_retrieved(name.token, fd, kind)

@@ -38,7 +38,8 @@ import socket
 import stat
 import threading
 import time
-from typing import Any, Callable
+from types import FrameType
+from typing import Any, Callable, Literal
 
 from .. import __version__, errors
 from ..backend import Backend, get_backend
@@ -76,18 +77,18 @@ class AgentServer(RequestHandlers):
     ``shutdown()`` stops and closes everything it holds (which unpreserves
     outgoing sessions, as the kernel would on process exit)."""
 
-    def __init__(self, socket_path: str | os.PathLike | None = None, *, backend: Backend | None = None,
+    def __init__(self, socket_path: str | os.PathLike[str] | None = None, *, backend: Backend | None = None,
                  open_liveupdate: bool = True, liveupdate_path: str = DEVICE,
                  peercred: Callable[[socket.socket], tuple[int, int, int]] | None = None,
                  authorize: Callable[[int, int, int], str | None] | None = None,
-                 timeout: float = 10.0, notify: "sdnotify.Notifier | None | str" = "environ",
+                 timeout: float = 10.0, notify: "sdnotify.Notifier | None | Literal['environ']" = "environ",
                  inherited: list[tuple[int, str]] | None = None):
         self.socket_path = P.default_socket_path(socket_path)
         if len(os.fsencode(self.socket_path)) > SOCKET_PATH_MAX:
             raise UsageError(f"agent socket path is longer than {SOCKET_PATH_MAX} bytes: {self.socket_path}")
         # systemd's fd store: a copy of every fd we hold, so a crash of this
         # process loses nothing (sdnotify); "environ" reads $NOTIFY_SOCKET
-        notifier = sdnotify.Notifier.from_environ() if notify == "environ" else notify
+        notifier = sdnotify.Notifier.from_environ() if isinstance(notify, str) else notify
         super().__init__(get_backend(backend), liveupdate_path, notifier)
         self.open_liveupdate = open_liveupdate
         self.euid = os.geteuid()
@@ -100,7 +101,6 @@ class AgentServer(RequestHandlers):
         self._stopping = threading.Event()
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
-        self._lock = threading.RLock()
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self._handlers: set[threading.Thread] = set()
         self._bound_inode: tuple[int, int] | None = None
@@ -183,15 +183,17 @@ class AgentServer(RequestHandlers):
     def serve_forever(self) -> None:
         if self._sock is None:
             self.start()
+        listener = self._sock
+        assert listener is not None     # start() bound it
         sel = selectors.DefaultSelector()
-        sel.register(self._sock, selectors.EVENT_READ)
+        sel.register(listener, selectors.EVENT_READ)
         sel.register(self._wake_r, selectors.EVENT_READ)
         try:
             while not self._stopping.is_set():
                 for key, _ in sel.select(timeout=1.0):
-                    if key.fileobj is self._sock:
+                    if key.fileobj is listener:
                         try:
-                            conn, _ = self._sock.accept()
+                            conn, _ = listener.accept()
                         except (BlockingIOError, InterruptedError):
                             continue
                         except OSError as exc:       # EMFILE and the like: keep serving
@@ -279,7 +281,7 @@ class AgentServer(RequestHandlers):
         one within ``grace`` seconds stops it. SIGHUP is ignored."""
         last = [0.0]
 
-        def handler(signum, frame):
+        def handler(signum: int, frame: FrameType | None) -> None:
             holding = self.holding_state()
             now = time.monotonic()
             if holding and now - last[0] > grace:
@@ -352,7 +354,7 @@ class AgentServer(RequestHandlers):
             log.warning("could not reply to pid %d: %s", pid, exc)
 
     @staticmethod
-    def _parse(msg: Any) -> tuple[str, dict]:
+    def _parse(msg: Any) -> tuple[str, dict[str, Any]]:
         if not isinstance(msg, dict):
             raise P.AgentProtocolError("a request is a JSON object")
         if msg.get("v") != P.VERSION:
