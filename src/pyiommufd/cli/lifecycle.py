@@ -23,12 +23,18 @@ import os
 import re
 import sys
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, ParamSpec, TextIO, TypeVar
 
 import click
 
 from . import exitcodes
 from .output import CommandError, echo_json, echo_table, error_object, json_option, report_error, warn
+
+if TYPE_CHECKING:
+    from ..agent.client import AgentClient
+    from ..backend import Backend
+    from ..manifest import Manifest
+    from ..planner import Plan
 
 LISTEN_FDS_START = 3  # SD_LISTEN_FDS_START
 
@@ -64,12 +70,16 @@ def _debug() -> bool:
     return os.environ.get("PYIOMMUFD_DEBUG", "") not in ("", "0")
 
 
-def handle_errors(fn):
+_Params = ParamSpec("_Params")
+_Result = TypeVar("_Result")
+
+
+def handle_errors(fn: Callable[_Params, _Result]) -> Callable[_Params, _Result]:
     """Turn pyiommufd errors into one ``pyiommufd: error:`` line and the
     documented exit code (also under ``CliRunner``, not only ``cli.main``)."""
 
     @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
+    def wrapper(*args: _Params.args, **kwargs: _Params.kwargs) -> _Result:
         from .. import errors
 
         try:
@@ -108,7 +118,7 @@ def _need_session(session: str | None) -> str:
     return session
 
 
-def _client(socket_path: str | None):
+def _client(socket_path: str | None) -> AgentClient:
     from ..agent import AgentClient
 
     return AgentClient(socket_path)
@@ -119,7 +129,7 @@ def _hex(value: Any) -> str:
 
 
 # -- plan -------------------------------------------------------------------------------
-def _plan_options(fn):
+def _plan_options(fn: Callable[..., None]) -> Callable[..., None]:
     opts = [
         click.option("--session", metavar="NAME", help="LUO session name."),
         click.option("--memfd", "memfds", multiple=True, metavar="NAME:SIZE[:token=T][:fill=F][:seals=S]",
@@ -145,8 +155,9 @@ def _plan_options(fn):
     return fn
 
 
-def _build_plan(plan_file, session, memfds, devices, hwpt_tokens, device_tokens, iommufd_token, with_iommufd,
-                base_iova, lu_abi):
+def _build_plan(plan_file: str | None, session: str | None, memfds: tuple[str, ...], devices: tuple[str, ...],
+                hwpt_tokens: tuple[str, ...], device_tokens: tuple[str, ...], iommufd_token: str | None,
+                with_iommufd: bool, base_iova: str | None, lu_abi: str | None) -> Plan:
     plan = _plan_from_input(plan_file, session, memfds, devices, hwpt_tokens, device_tokens, iommufd_token,
                             with_iommufd, base_iova, lu_abi)
     if plan.lu_abi is None:
@@ -156,8 +167,10 @@ def _build_plan(plan_file, session, memfds, devices, hwpt_tokens, device_tokens,
     return plan
 
 
-def _plan_from_input(plan_file, session, memfds, devices, hwpt_tokens, device_tokens, iommufd_token,
-                     with_iommufd, base_iova, lu_abi):
+def _plan_from_input(plan_file: str | None, session: str | None, memfds: tuple[str, ...],
+                     devices: tuple[str, ...], hwpt_tokens: tuple[str, ...], device_tokens: tuple[str, ...],
+                     iommufd_token: str | None, with_iommufd: bool, base_iova: str | None,
+                     lu_abi: str | None) -> Plan:
     from .. import planner
 
     if lu_abi is not None and lu_abi.lower() not in ("v1", "v2", "lu-v1", "lu-v2", "probe"):
@@ -186,8 +199,10 @@ def _plan_from_input(plan_file, session, memfds, devices, hwpt_tokens, device_to
 @_plan_options
 @json_option
 @handle_errors
-def plan(plan_file, dry_run, session, memfds, devices, hwpt_tokens, device_tokens, iommufd_token, with_iommufd,
-         base_iova, lu_abi, as_json):
+def plan(plan_file: str | None, dry_run: bool, session: str | None, memfds: tuple[str, ...],
+         devices: tuple[str, ...], hwpt_tokens: tuple[str, ...], device_tokens: tuple[str, ...],
+         iommufd_token: str | None, with_iommufd: bool, base_iova: str | None, lu_abi: str | None,
+         as_json: bool) -> None:
     """Validate a preservation plan and print the order of operations.
 
     FILE is a TOML or JSON plan (see `pyiommufd.planner`), or describe the plan
@@ -234,8 +249,10 @@ def plan(plan_file, dry_run, session, memfds, devices, hwpt_tokens, device_token
 @socket_option
 @json_option
 @handle_errors
-def preserve(plan_file, session, memfds, devices, hwpt_tokens, device_tokens, iommufd_token, with_iommufd,
-             base_iova, lu_abi, socket_path, as_json):
+def preserve(plan_file: str | None, session: str | None, memfds: tuple[str, ...], devices: tuple[str, ...],
+             hwpt_tokens: tuple[str, ...], device_tokens: tuple[str, ...], iommufd_token: str | None,
+             with_iommufd: bool, base_iova: str | None, lu_abi: str | None, socket_path: str | None,
+             as_json: bool) -> None:
     """Create objects and preserve them into a session held by the agent.
 
     Validates the plan first (exit 2 with the problems), creates and seals the
@@ -288,7 +305,7 @@ def preserve(plan_file, session, memfds, devices, hwpt_tokens, device_tokens, io
                f"`pyiommufd restore --session {p.session}`")
 
 
-def _preflight_devices(p, be) -> None:
+def _preflight_devices(p: Plan, be: Backend) -> None:
     """Bad device names are bad input (exit 2), found before anything is created."""
     from .. import pci
 
@@ -327,7 +344,7 @@ def check_placeholders(args: list[str]) -> None:
             raise _usage(f"--exec: placeholder {{{key}}} is not a token, a manifest entry name or {{manifest}}")
 
 
-def _stop_if_idle(client) -> None:
+def _stop_if_idle(client: AgentClient) -> None:
     """Stop an agent this command started when it holds no session: a failed
     command leaves nothing behind. An agent holding a retrieved session is
     kept (closing that session would finish or drop it)."""
@@ -343,7 +360,7 @@ def _stop_if_idle(client) -> None:
         pass
 
 
-def resolve_placeholder(key: str, manifest) -> int:
+def resolve_placeholder(key: str, manifest: Manifest) -> int:
     """The token a placeholder names: a decimal or 0x token, an entry name, or
     ``manifest`` (token 0)."""
     from ..manifest import MANIFEST_TOKEN
@@ -363,7 +380,7 @@ def resolve_placeholder(key: str, manifest) -> int:
     return entry.token
 
 
-def expand(args: list[str], fds: dict[int, int], manifest) -> list[str]:
+def expand(args: list[str], fds: dict[int, int], manifest: Manifest) -> list[str]:
     out = []
     for arg in args:
         parts = re.split(r"(\{\{|\}\}|\{[^{}]*\})", arg)
@@ -379,6 +396,12 @@ def expand(args: list[str], fds: dict[int, int], manifest) -> list[str]:
                 text.append(part)
         out.append("".join(text))
     return out
+
+
+def _entry_name(manifest: Manifest, token: int) -> str:
+    entry = manifest.entry(token)
+    assert entry is not None, token     # only the manifest's own tokens are passed
+    return entry.name
 
 
 def _fdname(text: str) -> str:
@@ -398,7 +421,8 @@ def _fdname(text: str) -> str:
 @socket_option
 @json_option
 @handle_errors
-def restore(session, verify, bind_vfio, do_exec, command, socket_path, as_json):
+def restore(session: str | None, verify: bool, bind_vfio: bool, do_exec: bool, command: tuple[str, ...],
+            socket_path: str | None, as_json: bool) -> None:
     """After kexec: retrieve a session per its manifest, verify, optionally exec a VMM.
 
     The agent (started if none runs) retrieves the session, reads the
@@ -425,26 +449,27 @@ def restore(session, verify, bind_vfio, do_exec, command, socket_path, as_json):
     from ..agent import ensure_running
     from ..backend import get_backend
 
-    session = _need_session(session)
-    command = list(command)
-    if do_exec and not command:
+    name = _need_session(session)
+    argv = list(command)
+    if do_exec and not argv:
         raise _usage("--exec needs a command after `--`, e.g. --exec -- qemu-system-x86_64 ...")
-    if command and not do_exec:
-        raise _usage(f"unexpected argument {command[0]!r} (to run a command, use --exec -- CMD ...)")
-    check_placeholders(command)
+    if argv and not do_exec:
+        raise _usage(f"unexpected argument {argv[0]!r} (to run a command, use --exec -- CMD ...)")
+    check_placeholders(argv)
     verify = verify or do_exec     # never exec with fds that were not checked
     be = get_backend()
     started = not _client(socket_path).is_running()
     client = ensure_running(socket_path, backend=be)
     try:
-        _restore(client, be, session, verify, bind_vfio, do_exec, command, as_json)
+        _restore(client, be, name, verify, bind_vfio, do_exec, argv, as_json)
     except BaseException:
         if started:
             _stop_if_idle(client)
         raise
 
 
-def _restore(client, be, session, verify, bind_vfio, do_exec, command, as_json):
+def _restore(client: AgentClient, be: Backend, session: str, verify: bool, bind_vfio: bool, do_exec: bool,
+             command: list[str], as_json: bool) -> None:
     from ..errors import VerificationFailed
     from ..manifest import MANIFEST_TOKEN
     from ..restore import TokenStatus, restore_session
@@ -488,7 +513,7 @@ def _restore(client, be, session, verify, bind_vfio, do_exec, command, as_json):
                                f"{bad.error or bad.note}", code)
         # the command gets every retrieved file, manifest first, at 3, 4, ...
         passed = [t for t in [MANIFEST_TOKEN] + [e.token for e in manifest.entries] if t in fds]
-        names = ["manifest" if t == MANIFEST_TOKEN else _fdname(manifest.entry(t).name) for t in passed]
+        names = ["manifest" if t == MANIFEST_TOKEN else _fdname(_entry_name(manifest, t)) for t in passed]
         argv = expand(command, {t: LISTEN_FDS_START + i for i, t in enumerate(passed)}, manifest)
         sys.stdout.flush()
         sys.stderr.flush()
@@ -509,7 +534,7 @@ def echo_json_printed() -> None:
     output._json_documents += 1
 
 
-def _echo(text: str, stream=None) -> None:
+def _echo(text: str, stream: TextIO | None = None) -> None:
     click.echo(text, err=stream is sys.stderr)
 
 
@@ -519,26 +544,26 @@ def _echo(text: str, stream=None) -> None:
 @socket_option
 @json_option
 @handle_errors
-def finish(session, socket_path, as_json):
+def finish(session: str | None, socket_path: str | None, as_json: bool) -> None:
     """Finish a retrieved session (LIVEUPDATE_SESSION_FINISH, via the agent).
 
     Needs every preserved file retrieved and each handler ready; EBUSY (exit 5)
     names the unretrieved tokens. On a series kernel a session holding an
     iommufd can never finish in Phase 1 (the series' cover letter: what Phase 1 restores after the kexec). On success the agent
     closes the session and drops its references."""
-    session = _need_session(session)
-    result = _client(socket_path).finish(session)
+    name = _need_session(session)
+    result = _client(socket_path).finish(name)
     if as_json:
         echo_json(result)
     else:
-        click.echo(f"finished session {session!r}")
+        click.echo(f"finished session {name!r}")
 
 
 @click.command("status")
 @socket_option
 @json_option
 @handle_errors
-def status(socket_path, as_json):
+def status(socket_path: str | None, as_json: bool) -> None:
     """Show the agent's sessions, tokens and what each token is."""
     st = _client(socket_path).status()
     if as_json:
@@ -553,7 +578,7 @@ def _errname(err: Any) -> str:
     return errname(err) if isinstance(err, int) else str(err)
 
 
-def _summary(kind_value: str, meta: dict) -> str:
+def _summary(kind_value: str, meta: dict[str, Any]) -> str:
     """One short line for a token's metadata (``kind_value``: as the agent sent it)."""
     from ..fdobject import FileKind
 
@@ -588,7 +613,7 @@ def _summary(kind_value: str, meta: dict) -> str:
     return ", ".join(parts)
 
 
-def _echo_status(st: dict) -> None:
+def _echo_status(st: dict[str, Any]) -> None:
     agent_info = st.get("agent", {})
     lu = agent_info.get("liveupdate", {})
     held = f"holds {lu.get('path')}" if lu.get("held") else f"does not hold {lu.get('path')}" + (
@@ -664,7 +689,8 @@ def _start_agent(socket_path: str | None, background: bool, log_file: str | None
 @json_option
 @click.pass_context
 @handle_errors
-def agent(ctx, background, log_file, socket_path, as_json):
+def agent(ctx: click.Context, background: bool, log_file: str | None, socket_path: str | None,
+          as_json: bool) -> None:
     """The holder agent that keeps /dev/liveupdate and session fds until kexec
     (and, after it, until finish).
 
@@ -682,8 +708,9 @@ def _agent_socket(socket_path: str | None) -> str | None:
         return socket_path
     ctx: click.Context | None = click.get_current_context()
     while ctx is not None:
-        if isinstance(ctx.obj, dict) and ctx.obj.get("agent_socket"):
-            return ctx.obj["agent_socket"]
+        found = ctx.obj.get("agent_socket") if isinstance(ctx.obj, dict) else None
+        if isinstance(found, str) and found:
+            return found
         ctx = ctx.parent
     return None
 
@@ -694,7 +721,7 @@ def _agent_socket(socket_path: str | None) -> str | None:
 @socket_option
 @json_option
 @handle_errors
-def agent_start(background, log_file, socket_path, as_json):
+def agent_start(background: bool, log_file: str | None, socket_path: str | None, as_json: bool) -> None:
     """Start the agent (foreground unless --background)."""
     _start_agent(_agent_socket(socket_path), background, log_file, as_json)
 
@@ -704,7 +731,7 @@ def agent_start(background, log_file, socket_path, as_json):
 @socket_option
 @json_option
 @handle_errors
-def agent_stop(force, socket_path, as_json):
+def agent_stop(force: bool, socket_path: str | None, as_json: bool) -> None:
     """Stop the agent. Refused (exit 5) while it holds an outgoing session
     with preserved files or an unfinished incoming session, unless --force:
     stopping closes the session fds, which unpreserves everything."""
@@ -725,7 +752,7 @@ def agent_stop(force, socket_path, as_json):
 @socket_option
 @json_option
 @handle_errors
-def agent_status(socket_path, as_json):
+def agent_status(socket_path: str | None, as_json: bool) -> None:
     """Is the agent running? (exit 7 if not)"""
     st = _client(_agent_socket(socket_path)).status()
     if as_json:
@@ -761,7 +788,8 @@ def _preserved_summary(socket_path: str | None) -> tuple[str | None, list[str]]:
 @socket_option
 @json_option
 @handle_errors
-def kexec_cmd(kernel, initrd, cmdline, reuse_cmdline, load_only, force, socket_path, as_json):
+def kexec_cmd(kernel: str | None, initrd: str | None, cmdline: str | None, reuse_cmdline: bool, load_only: bool,
+              force: bool, socket_path: str | None, as_json: bool) -> None:
     """Load a kernel with kexec_file_load and reboot into it.
 
     Before rebooting (not with --load-only) it asks the agent what is
