@@ -10,9 +10,9 @@ from types import SimpleNamespace
 import pytest
 
 from pyiommufd import backend, errors, ioctl, pci
-from pyiommufd.fdobject import FileKind
 from pyiommufd._uapi import ffi
 from pyiommufd.backend import Backend
+from pyiommufd.fdobject import FileKind
 from pyiommufd.iommufd import (HWPT, IOAS, IOMMUFD, PAGE_SIZE, DirtyBitmap, FaultQueue, IovaRange,
                                Mapping, aligned_buffer, buffer_address)
 from pyiommufd.memfd import MemFD

@@ -11,9 +11,9 @@ import uuid
 import pytest
 
 from pyiommufd import backend, errors, ioctl, pci, vfio
-from pyiommufd.fdobject import FileKind
 from pyiommufd._uapi import ffi
 from pyiommufd.backend import Backend, oserror
+from pyiommufd.fdobject import FileKind
 from pyiommufd.iommufd import IOMMUFD, PAGE_SIZE, aligned_buffer
 from pyiommufd.testing import FakeKernel, FakePciDevice
 from pyiommufd.vfio import (DependentDevice, DeviceInfo, HotResetInfo, IrqInfo, RegionInfo, VfioContainer,
