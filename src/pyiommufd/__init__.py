@@ -27,10 +27,13 @@ if TYPE_CHECKING:
     from .errors import KernelError as KernelError
     from .errors import PyiommufdError as PyiommufdError
     from .errors import UsageError as UsageError
+    from .fdobject import FileKind as FileKind
     from .iommufd import HWPT as HWPT
     from .iommufd import IOAS as IOAS
     from .iommufd import IOMMUFD as IOMMUFD
     from .luo import LiveUpdate as LiveUpdate
+    from .luo import PreservedFile as PreservedFile
+    from .luo import RetrievedFile as RetrievedFile
     from .luo import Session as Session
     from .memfd import MemFD as MemFD
     from .pci import PciDevice as PciDevice
@@ -39,7 +42,8 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "LiveUpdate": "luo", "Session": "luo",
+    "LiveUpdate": "luo", "Session": "luo", "PreservedFile": "luo", "RetrievedFile": "luo",
+    "FileKind": "fdobject",
     "IOMMUFD": "iommufd", "IOAS": "iommufd", "HWPT": "iommufd",
     "VfioDevice": "vfio",
     "PciDevice": "pci",

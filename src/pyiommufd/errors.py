@@ -45,6 +45,11 @@ class PlanError(UsageError):
         super().__init__("; ".join(self.problems))
 
 
+class VerificationFailed(PyiommufdError):
+    """A check found a difference: a restored file is not what its manifest
+    says, or the manifest itself cannot be trusted."""
+
+
 class AbiError(PyiommufdError):
     """The requested LU ABI revision is unknown or absent from this kernel."""
 
@@ -76,7 +81,7 @@ class KernelError(PyiommufdError, OSError):
         return text
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
-        return (raise_class, (type(self).__name__, self.op, self.errno, self.hint, self.detail))
+        return (type(self), (self.op, self.errno, self.hint, self.detail))
 
 
 # -- interface classes ------------------------------------------------------
@@ -188,33 +193,137 @@ ERRNO_CLASSES: dict[int, type[KernelError]] = {
     E.ENOSPC: NoSpace,
 }
 
-_combined: dict[tuple[type, type], type[KernelError]] = {}
+# -- combined classes ---------------------------------------------------------
+# One per interface and errno class, declared here so that they import
+# (``from pyiommufd.errors import LiveUpdateBusy``) and type-check; the
+# docstring of each is its errno class's. tests/unit/test_errors.py checks
+# that every pair has its class.
+
+class IommufdNotFound(IommufdError, NotFound): __doc__ = NotFound.__doc__
+class IommufdBusy(IommufdError, Busy): __doc__ = Busy.__doc__
+class IommufdPermissionDenied(IommufdError, PermissionDenied): __doc__ = PermissionDenied.__doc__
+class IommufdInvalidArgument(IommufdError, InvalidArgument): __doc__ = InvalidArgument.__doc__
+class IommufdTooBig(IommufdError, TooBig): __doc__ = TooBig.__doc__
+class IommufdNoSuchIoctl(IommufdError, NoSuchIoctl): __doc__ = NoSuchIoctl.__doc__
+class IommufdMessageSize(IommufdError, MessageSize): __doc__ = MessageSize.__doc__
+class IommufdAlreadyExists(IommufdError, AlreadyExists): __doc__ = AlreadyExists.__doc__
+class IommufdAddressInUse(IommufdError, AddressInUse): __doc__ = AddressInUse.__doc__
+class IommufdNotSupported(IommufdError, NotSupported): __doc__ = NotSupported.__doc__
+class IommufdBadFd(IommufdError, BadFd): __doc__ = BadFd.__doc__
+class IommufdOutOfMemory(IommufdError, OutOfMemory): __doc__ = OutOfMemory.__doc__
+class IommufdBadAddress(IommufdError, BadAddress): __doc__ = BadAddress.__doc__
+class IommufdIOFailure(IommufdError, IOFailure): __doc__ = IOFailure.__doc__
+class IommufdNoDevice(IommufdError, NoDevice): __doc__ = NoDevice.__doc__
+class IommufdOverflow(IommufdError, Overflow): __doc__ = Overflow.__doc__
+class IommufdNoSpace(IommufdError, NoSpace): __doc__ = NoSpace.__doc__
+
+class VfioNotFound(VfioError, NotFound): __doc__ = NotFound.__doc__
+class VfioBusy(VfioError, Busy): __doc__ = Busy.__doc__
+class VfioPermissionDenied(VfioError, PermissionDenied): __doc__ = PermissionDenied.__doc__
+class VfioInvalidArgument(VfioError, InvalidArgument): __doc__ = InvalidArgument.__doc__
+class VfioTooBig(VfioError, TooBig): __doc__ = TooBig.__doc__
+class VfioNoSuchIoctl(VfioError, NoSuchIoctl): __doc__ = NoSuchIoctl.__doc__
+class VfioMessageSize(VfioError, MessageSize): __doc__ = MessageSize.__doc__
+class VfioAlreadyExists(VfioError, AlreadyExists): __doc__ = AlreadyExists.__doc__
+class VfioAddressInUse(VfioError, AddressInUse): __doc__ = AddressInUse.__doc__
+class VfioNotSupported(VfioError, NotSupported): __doc__ = NotSupported.__doc__
+class VfioBadFd(VfioError, BadFd): __doc__ = BadFd.__doc__
+class VfioOutOfMemory(VfioError, OutOfMemory): __doc__ = OutOfMemory.__doc__
+class VfioBadAddress(VfioError, BadAddress): __doc__ = BadAddress.__doc__
+class VfioIOFailure(VfioError, IOFailure): __doc__ = IOFailure.__doc__
+class VfioNoDevice(VfioError, NoDevice): __doc__ = NoDevice.__doc__
+class VfioOverflow(VfioError, Overflow): __doc__ = Overflow.__doc__
+class VfioNoSpace(VfioError, NoSpace): __doc__ = NoSpace.__doc__
+
+class LiveUpdateNotFound(LiveUpdateError, NotFound): __doc__ = NotFound.__doc__
+class LiveUpdateBusy(LiveUpdateError, Busy): __doc__ = Busy.__doc__
+class LiveUpdatePermissionDenied(LiveUpdateError, PermissionDenied): __doc__ = PermissionDenied.__doc__
+class LiveUpdateInvalidArgument(LiveUpdateError, InvalidArgument): __doc__ = InvalidArgument.__doc__
+class LiveUpdateTooBig(LiveUpdateError, TooBig): __doc__ = TooBig.__doc__
+class LiveUpdateNoSuchIoctl(LiveUpdateError, NoSuchIoctl): __doc__ = NoSuchIoctl.__doc__
+class LiveUpdateMessageSize(LiveUpdateError, MessageSize): __doc__ = MessageSize.__doc__
+class LiveUpdateAlreadyExists(LiveUpdateError, AlreadyExists): __doc__ = AlreadyExists.__doc__
+class LiveUpdateAddressInUse(LiveUpdateError, AddressInUse): __doc__ = AddressInUse.__doc__
+class LiveUpdateNotSupported(LiveUpdateError, NotSupported): __doc__ = NotSupported.__doc__
+class LiveUpdateBadFd(LiveUpdateError, BadFd): __doc__ = BadFd.__doc__
+class LiveUpdateOutOfMemory(LiveUpdateError, OutOfMemory): __doc__ = OutOfMemory.__doc__
+class LiveUpdateBadAddress(LiveUpdateError, BadAddress): __doc__ = BadAddress.__doc__
+class LiveUpdateIOFailure(LiveUpdateError, IOFailure): __doc__ = IOFailure.__doc__
+class LiveUpdateNoDevice(LiveUpdateError, NoDevice): __doc__ = NoDevice.__doc__
+class LiveUpdateOverflow(LiveUpdateError, Overflow): __doc__ = Overflow.__doc__
+class LiveUpdateNoSpace(LiveUpdateError, NoSpace): __doc__ = NoSpace.__doc__
+
+class MemfdNotFound(MemfdError, NotFound): __doc__ = NotFound.__doc__
+class MemfdBusy(MemfdError, Busy): __doc__ = Busy.__doc__
+class MemfdPermissionDenied(MemfdError, PermissionDenied): __doc__ = PermissionDenied.__doc__
+class MemfdInvalidArgument(MemfdError, InvalidArgument): __doc__ = InvalidArgument.__doc__
+class MemfdTooBig(MemfdError, TooBig): __doc__ = TooBig.__doc__
+class MemfdNoSuchIoctl(MemfdError, NoSuchIoctl): __doc__ = NoSuchIoctl.__doc__
+class MemfdMessageSize(MemfdError, MessageSize): __doc__ = MessageSize.__doc__
+class MemfdAlreadyExists(MemfdError, AlreadyExists): __doc__ = AlreadyExists.__doc__
+class MemfdAddressInUse(MemfdError, AddressInUse): __doc__ = AddressInUse.__doc__
+class MemfdNotSupported(MemfdError, NotSupported): __doc__ = NotSupported.__doc__
+class MemfdBadFd(MemfdError, BadFd): __doc__ = BadFd.__doc__
+class MemfdOutOfMemory(MemfdError, OutOfMemory): __doc__ = OutOfMemory.__doc__
+class MemfdBadAddress(MemfdError, BadAddress): __doc__ = BadAddress.__doc__
+class MemfdIOFailure(MemfdError, IOFailure): __doc__ = IOFailure.__doc__
+class MemfdNoDevice(MemfdError, NoDevice): __doc__ = NoDevice.__doc__
+class MemfdOverflow(MemfdError, Overflow): __doc__ = Overflow.__doc__
+class MemfdNoSpace(MemfdError, NoSpace): __doc__ = NoSpace.__doc__
+
+class KexecNotFound(KexecError, NotFound): __doc__ = NotFound.__doc__
+class KexecBusy(KexecError, Busy): __doc__ = Busy.__doc__
+class KexecPermissionDenied(KexecError, PermissionDenied): __doc__ = PermissionDenied.__doc__
+class KexecInvalidArgument(KexecError, InvalidArgument): __doc__ = InvalidArgument.__doc__
+class KexecTooBig(KexecError, TooBig): __doc__ = TooBig.__doc__
+class KexecNoSuchIoctl(KexecError, NoSuchIoctl): __doc__ = NoSuchIoctl.__doc__
+class KexecMessageSize(KexecError, MessageSize): __doc__ = MessageSize.__doc__
+class KexecAlreadyExists(KexecError, AlreadyExists): __doc__ = AlreadyExists.__doc__
+class KexecAddressInUse(KexecError, AddressInUse): __doc__ = AddressInUse.__doc__
+class KexecNotSupported(KexecError, NotSupported): __doc__ = NotSupported.__doc__
+class KexecBadFd(KexecError, BadFd): __doc__ = BadFd.__doc__
+class KexecOutOfMemory(KexecError, OutOfMemory): __doc__ = OutOfMemory.__doc__
+class KexecBadAddress(KexecError, BadAddress): __doc__ = BadAddress.__doc__
+class KexecIOFailure(KexecError, IOFailure): __doc__ = IOFailure.__doc__
+class KexecNoDevice(KexecError, NoDevice): __doc__ = NoDevice.__doc__
+class KexecOverflow(KexecError, Overflow): __doc__ = Overflow.__doc__
+class KexecNoSpace(KexecError, NoSpace): __doc__ = NoSpace.__doc__
+
+class SysfsNotFound(SysfsError, NotFound): __doc__ = NotFound.__doc__
+class SysfsBusy(SysfsError, Busy): __doc__ = Busy.__doc__
+class SysfsPermissionDenied(SysfsError, PermissionDenied): __doc__ = PermissionDenied.__doc__
+class SysfsInvalidArgument(SysfsError, InvalidArgument): __doc__ = InvalidArgument.__doc__
+class SysfsTooBig(SysfsError, TooBig): __doc__ = TooBig.__doc__
+class SysfsNoSuchIoctl(SysfsError, NoSuchIoctl): __doc__ = NoSuchIoctl.__doc__
+class SysfsMessageSize(SysfsError, MessageSize): __doc__ = MessageSize.__doc__
+class SysfsAlreadyExists(SysfsError, AlreadyExists): __doc__ = AlreadyExists.__doc__
+class SysfsAddressInUse(SysfsError, AddressInUse): __doc__ = AddressInUse.__doc__
+class SysfsNotSupported(SysfsError, NotSupported): __doc__ = NotSupported.__doc__
+class SysfsBadFd(SysfsError, BadFd): __doc__ = BadFd.__doc__
+class SysfsOutOfMemory(SysfsError, OutOfMemory): __doc__ = OutOfMemory.__doc__
+class SysfsBadAddress(SysfsError, BadAddress): __doc__ = BadAddress.__doc__
+class SysfsIOFailure(SysfsError, IOFailure): __doc__ = IOFailure.__doc__
+class SysfsNoDevice(SysfsError, NoDevice): __doc__ = NoDevice.__doc__
+class SysfsOverflow(SysfsError, Overflow): __doc__ = Overflow.__doc__
+class SysfsNoSpace(SysfsError, NoSpace): __doc__ = NoSpace.__doc__
+
+
+_COMBINED: dict[tuple[type[KernelError], type[KernelError]], type[KernelError]] = {
+    (cls.__bases__[0], cls.__bases__[1]): cls
+    for cls in list(globals().values())
+    if isinstance(cls, type) and issubclass(cls, KernelError) and len(cls.__bases__) == 2
+}
 
 
 def error_class(interface: str, err: int) -> type[KernelError]:
-    """The class raised for ``err`` on ``interface``, e.g. ``LiveUpdateBusy``."""
+    """The class raised for ``err`` on ``interface``, e.g. :class:`LiveUpdateBusy`."""
     base = INTERFACES.get(interface, KernelError)
     mixin = ERRNO_CLASSES.get(err)
     if mixin is None:
         return base
     if base is KernelError:
         return mixin
-    key = (base, mixin)
-    cls = _combined.get(key)
-    if cls is None:
-        prefix = base.__name__.removesuffix("Error")
-        cls = type(f"{prefix}{mixin.__name__}", (base, mixin), {"__module__": __name__})
-        _combined[key] = cls
-    return cls
-
-
-def raise_class(name: str, op: str, err: int, hint: str | None, detail: str | None) -> KernelError:
-    """Unpickling helper: rebuilds a combined error class by name."""
-    for interface, base in INTERFACES.items():
-        cls = error_class(interface, err)
-        if cls.__name__ == name:
-            return cls(op, err, hint, detail)
-    return KernelError(op, err, hint, detail)
+    return _COMBINED[(base, mixin)]
 
 
 # -- hints ------------------------------------------------------------------

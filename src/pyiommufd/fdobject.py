@@ -1,9 +1,10 @@
 """Ownership of one file descriptor, shared by every fd-backed object."""
 from __future__ import annotations
 
+import enum
 import errno as E
 import os
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 from . import errors, ioctl
 from .backend import Backend, get_backend
@@ -11,6 +12,36 @@ from .errors import UsageError
 
 if TYPE_CHECKING:
     from _typeshed import HasFileno
+
+
+class FileKind(enum.StrEnum):
+    """What kind of file an fd is: the one vocabulary of the objects, the
+    agent, its messages and the manifest. The values are stable (the manifest
+    and the agent protocol carry them); :attr:`description` is for prose."""
+
+    MEMFD = "memfd"
+    IOMMUFD = "iommufd"
+    VFIO_CDEV = "vfio-cdev"
+    VFIO_GROUP = "vfio-group"
+    VFIO_CONTAINER = "vfio-container"
+    LIVEUPDATE = "liveupdate"
+    LUO_SESSION = "luo-session"
+    #: token 0 of a pyiommufd session: a sealed memfd holding the manifest
+    MANIFEST = "manifest"
+    OTHER = "other"
+
+    @property
+    def description(self) -> str:
+        """The kind in a sentence: "a memfd", "a VFIO device cdev"..."""
+        return _DESCRIPTIONS[self]
+
+
+_DESCRIPTIONS = {
+    FileKind.MEMFD: "a memfd", FileKind.IOMMUFD: "an iommufd", FileKind.VFIO_CDEV: "a VFIO device cdev",
+    FileKind.VFIO_GROUP: "a VFIO group", FileKind.VFIO_CONTAINER: "a VFIO container",
+    FileKind.LIVEUPDATE: "/dev/liveupdate", FileKind.LUO_SESSION: "a LUO session",
+    FileKind.MANIFEST: "the pyiommufd manifest", FileKind.OTHER: "some other file",
+}
 
 
 def open_path(backend: Backend, path: str, op: str, interface: str) -> int:
@@ -30,7 +61,7 @@ class FdObject:
     handles never do, because closing a session unpreserves it.
     """
 
-    kind = "file"
+    kind: ClassVar[FileKind] = FileKind.OTHER
     _what = "file"
     close_on_gc = False
 

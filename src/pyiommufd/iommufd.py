@@ -61,7 +61,7 @@ from . import errors, ioctl
 from ._record import hidden, record
 from ._uapi import ffi
 from .backend import Backend, get_backend
-from .fdobject import FdObject, open_path
+from .fdobject import FdObject, FileKind, open_path
 
 if TYPE_CHECKING:
     from .abi import LuAbi
@@ -461,7 +461,7 @@ def _data_bytes(data: Any, struct: str | None, what: str) -> bytes:
 class IOMMUFD(FdObject):
     """An iommufd context (an open ``/dev/iommu``)."""
 
-    kind = "iommufd"
+    kind = FileKind.IOMMUFD
     _what = "iommufd"
     close_on_gc = True
 

@@ -19,7 +19,7 @@ from ._record import record
 from ._uapi import ffi
 from .backend import Backend
 from .errors import UsageError
-from .fdobject import FdObject, fd_of
+from .fdobject import FdObject, FileKind, fd_of
 
 if TYPE_CHECKING:
     from _typeshed import HasFileno
@@ -79,7 +79,8 @@ def _encoded(name: str) -> bytes:
         raise UsageError(f"session name {_shown(name)} is not valid UTF-8") from None
 
 
-def check_token(token: int) -> int:
+def check_token(token: object) -> int:
+    """``token`` if it is a LUO token (an int from 0 to 2**64-1); else UsageError."""
     if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token <= TOKEN_MAX:
         raise UsageError(f"a LUO token is an integer from 0 to 2**64-1, not {token!r}")
     return token
@@ -100,21 +101,53 @@ def _has_seals(backend: Backend, fd: int) -> bool:
     return True
 
 
-def describe_fd(backend: Backend, fd: int) -> str | None:
-    """What kind of file ``fd`` is, from /proc/self/fd, for hints."""
+def fd_target(backend: Backend, fd: int) -> str | None:
+    """What ``/proc/self/fd/FD`` points at (None when it cannot be read)."""
     try:
-        target = backend.readlink(f"/proc/self/fd/{fd}")
+        return backend.readlink(f"/proc/self/fd/{fd}")
     except OSError:
         return None
+
+
+def kind_of_fd(backend: Backend, fd: int) -> FileKind:
+    """What kind of file ``fd`` is, from /proc/self/fd (OTHER when unknown)."""
+    target = fd_target(backend, fd)
+    if target is None:
+        return FileKind.OTHER
+    return _kind_of_target(backend, fd, target)
+
+
+def _kind_of_target(backend: Backend, fd: int, target: str) -> FileKind:
     if target.startswith("/memfd:") or (target == RETRIEVED_MEMFD_PATH and _has_seals(backend, fd)):
-        return "a memfd"
+        return FileKind.MEMFD
     if target == "/dev/iommu":
-        return "an iommufd"
+        return FileKind.IOMMUFD
     if target.startswith("/dev/vfio/devices/") or "vfio-device" in target:
-        return "a VFIO device cdev"
+        return FileKind.VFIO_CDEV
+    if target == "/dev/vfio/vfio":
+        return FileKind.VFIO_CONTAINER
     if target.startswith("/dev/vfio/"):
+        return FileKind.VFIO_GROUP
+    return FileKind.OTHER
+
+
+def describe_fd(backend: Backend, fd: int) -> str | None:
+    """What ``fd`` is, in words, for hints and messages."""
+    target = fd_target(backend, fd)
+    if target is None:
+        return None
+    kind = _kind_of_target(backend, fd, target)
+    if kind is FileKind.OTHER:
+        return target
+    if kind in (FileKind.VFIO_GROUP, FileKind.VFIO_CONTAINER):
         return "a VFIO group (only cdevs can be preserved)"
-    return target
+    return kind.description
+
+
+def _kind_of(obj: object) -> FileKind | None:
+    """The kind an object says it is (None for a bare fd)."""
+    kind = getattr(obj, "kind", None)
+    return kind if isinstance(kind, FileKind) else None
 
 
 def holders_of(backend: Backend, path: str = DEVICE) -> list[int]:
@@ -149,7 +182,7 @@ _HOT_IOCTLS = (CREATE_SESSION, RETRIEVE_SESSION, PRESERVE_FD, RETRIEVE_FD, FINIS
 class LiveUpdate(FdObject):
     """The one open ``/dev/liveupdate`` of this process."""
 
-    kind = "liveupdate"
+    kind = FileKind.LIVEUPDATE
 
     def __init__(self, fd: int, *, backend: Backend | None = None, owned: bool = True):
         super().__init__(fd, backend=backend, owned=owned)
@@ -190,14 +223,49 @@ class LiveUpdate(FdObject):
 class PreservedFile:
     token: int
     fd: int
-    kind: str | None
+    kind: FileKind | None
+
+
+class RetrievedFile:
+    """A file retrieved from an incoming session: ``token``, the new ``fd``
+    (the caller's to close) and its :class:`FileKind`. The kind is asked of
+    /proc on first use, so a retrieve stays one ioctl in the blackout window."""
+
+    __slots__ = ("token", "fd", "_backend", "_kind")
+
+    def __init__(self, token: int, fd: int, backend: Backend, kind: FileKind | None = None):
+        self.token = token
+        self.fd = fd
+        self._backend = backend
+        self._kind = kind
+
+    @property
+    def kind(self) -> FileKind:
+        if self._kind is None:
+            self._kind = kind_of_fd(self._backend, self.fd)
+        return self._kind
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, RetrievedFile):
+            return NotImplemented
+        return (self.token, self.fd) == (other.token, other.fd)
+
+    def __hash__(self) -> int:
+        return hash((self.token, self.fd))
+
+    def __repr__(self) -> str:
+        kind = "?" if self._kind is None else self._kind.value
+        return f"RetrievedFile(token={self.token:#x}, fd={self.fd}, kind={kind})"
 
 
 class Session(FdObject):
     """A LUO session. Outgoing (created) sessions take ``preserve``; incoming
     (retrieved, after a kexec) sessions take ``retrieve`` and ``finish``."""
 
-    kind = "session"
+    kind = FileKind.LUO_SESSION
 
     def __init__(self, fd: int, name: str, *, incoming: bool, backend: Backend | None = None,
                  owned: bool = True):
@@ -206,7 +274,9 @@ class Session(FdObject):
         self.incoming = incoming
         self._ioctl = ioctl.raw_ioctl(self.backend)
         self.preserved: dict[int, PreservedFile] = {}
-        self.retrieved: dict[int, int] = {}
+        #: the first retrieval of each token (a second one gives the caller
+        #: another reference, which stays the caller's alone)
+        self.retrieved: dict[int, RetrievedFile] = {}
         #: tokens stage 2 expects (from a manifest); used to name unretrieved ones on EBUSY
         self.expected_tokens: set[int] = set()
 
@@ -227,7 +297,7 @@ class Session(FdObject):
         if self.incoming:
             raise UsageError(f"session {self.name!r} is incoming (retrieved): it takes retrieve/finish, not preserve")
         fd = fd_of(obj)
-        kind = getattr(obj, "kind", None) if not isinstance(obj, int) else None
+        kind = _kind_of(obj)
         arg, buf = pair = PRESERVE_FD.take()
         arg.fd = fd
         arg.token = token
@@ -236,7 +306,7 @@ class Session(FdObject):
         except OSError as exc:
             # what the file is (a /proc read) only matters for the error message
             raise ioctl.failure(exc, PRESERVE_FD,
-                                lambda: {"kind": describe_fd(self.backend, fd) if kind is None else f"a {kind}"},
+                                lambda: {"kind": describe_fd(self.backend, fd) if kind is None else kind.description},
                                 lambda: f"session {self.name!r}, token {token:#x}") from None
         PRESERVE_FD.give(pair)
         record = PreservedFile(token, fd, kind)
@@ -257,7 +327,7 @@ class Session(FdObject):
         """
         if self.incoming:
             raise UsageError(f"session {self.name!r} is incoming (retrieved): it takes retrieve/finish, not preserve")
-        prepared: list[tuple[int, int, str | None]] = []
+        prepared: list[tuple[int, int, FileKind | None]] = []
         for index, item in enumerate(items):
             try:
                 obj, token = item
@@ -273,7 +343,7 @@ class Session(FdObject):
                 fd = fd_of(obj)
             except UsageError as exc:
                 raise UsageError(f"preserve_many: item {index + 1}: {exc}") from None
-            prepared.append((fd, token, getattr(obj, "kind", None) if not isinstance(obj, int) else None))
+            prepared.append((fd, token, _kind_of(obj)))
         n = len(prepared)
         array = PRESERVE_FD.array(n)
         for entry, (fd, token, _) in zip(array, prepared):
@@ -284,7 +354,7 @@ class Session(FdObject):
             done = self._record_preserved(prepared[:i])
             fd, token, kind = prepared[i]
             error = ioctl.failure(failed, PRESERVE_FD,
-                                  lambda: {"kind": describe_fd(self.backend, fd) if kind is None else f"a {kind}"},
+                                  lambda: {"kind": describe_fd(self.backend, fd) if kind is None else kind.description},
                                   lambda: f"session {self.name!r}, token {token:#x}")
             raise errors.partial(error, i, n, "preserved", [r.token for r in done], done) from None
         return self._record_preserved(prepared)
@@ -300,20 +370,21 @@ class Session(FdObject):
                 return i, exc
         return len(bufs), None
 
-    def _record_preserved(self, prepared: list[tuple[int, int, str | None]]) -> list[PreservedFile]:
+    def _record_preserved(self, prepared: list[tuple[int, int, FileKind | None]]) -> list[PreservedFile]:
         out = [PreservedFile(token, fd, kind) for fd, token, kind in prepared]
         self.preserved.update(zip((r.token for r in out), out))
         return out
 
-    def retrieve_all(self, tokens: Iterable[int]) -> dict[int, int]:
-        """Retrieve every token of ``tokens``, in order; returns ``{token: fd}``
-        (the caller owns the fds). The bulk :meth:`retrieve` for the blackout
-        window: the structs are built before the first ioctl.
+    def retrieve_all(self, tokens: Iterable[int]) -> dict[int, RetrievedFile]:
+        """Retrieve every token of ``tokens``, in order; returns
+        ``{token: RetrievedFile}`` (the caller owns the fds). The bulk
+        :meth:`retrieve` for the blackout window: the structs are built
+        before the first ioctl.
 
         If the kernel refuses token ``i``, the error is that retrieve's typed
         error; its detail names the failed item and those retrieved before
-        it, and it carries ``index`` and ``done`` (``{token: fd}`` of the
-        ones retrieved, also in ``self.retrieved``: close or use them)."""
+        it, and it carries ``index`` and ``done`` (``{token: RetrievedFile}``
+        of the ones retrieved, also in ``self.retrieved``: close or use them)."""
         if not self.incoming:
             raise UsageError(f"session {self.name!r} is outgoing (created): it takes preserve, not retrieve")
         tokens = list(tokens)
@@ -327,17 +398,14 @@ class Session(FdObject):
         for i, token in enumerate(tokens):
             array[i].token = token
         i, failed = self._issue_each(RETRIEVE_FD.request, RETRIEVE_FD.buffers(array, n))
+        done = {tokens[k]: self.record_retrieved(tokens[k], array[k].fd) for k in range(i)}
         if failed is not None:
-            done = {tokens[k]: array[k].fd for k in range(i)}
-            self.retrieved.update(done)
             token = tokens[i]
             error = ioctl.failure(failed, RETRIEVE_FD, None, lambda: f"session {self.name!r}, token {token:#x}")
             raise errors.partial(error, i, n, "retrieved", list(done), done) from None
-        out = {tokens[k]: array[k].fd for k in range(n)}
-        self.retrieved.update(out)
-        return out
+        return done
 
-    def retrieve(self, token: int) -> int:
+    def retrieve(self, token: int) -> RetrievedFile:
         """Retrieve the file preserved under ``token``; the caller owns the new fd."""
         check_token(token)
         if not self.incoming:
@@ -350,8 +418,14 @@ class Session(FdObject):
             raise ioctl.failure(exc, RETRIEVE_FD, None, lambda: f"session {self.name!r}, token {token:#x}") from None
         fd: int = arg.fd
         RETRIEVE_FD.give(pair)
-        self.retrieved[token] = fd
-        return fd
+        return self.record_retrieved(token, fd)
+
+    def record_retrieved(self, token: int, fd: int, kind: FileKind | None = None) -> RetrievedFile:
+        """Note ``fd`` as ``token``'s retrieved file (a retrieve, or an fd
+        handed over that was retrieved elsewhere); the first one stays."""
+        got = RetrievedFile(token, fd, self.backend, kind)
+        self.retrieved.setdefault(token, got)
+        return got
 
     def finish(self) -> None:
         """Tell the kernel the live update of this session is complete."""

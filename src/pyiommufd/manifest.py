@@ -57,6 +57,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Literal, overload
 from .backend import Backend, get_backend
 from . import memfd
 from .errors import UsageError
+from .fdobject import FileKind
 from .memfd import seal_names
 
 if TYPE_CHECKING:
@@ -71,13 +72,14 @@ MANIFEST_NAME = "pyiommufd-manifest"
 MAX_SIZE = 16 << 20
 TOKEN_MAX = (1 << 64) - 1
 
-KINDS = ("memfd", "iommufd", "vfio-cdev", "other")
+#: the kinds an entry may have (written as their stable values)
+KINDS = (FileKind.MEMFD, FileKind.IOMMUFD, FileKind.VFIO_CDEV, FileKind.OTHER)
 #: preservation (and retrieval) order: memfd -> iommufd -> vfio cdev (the series' patch 14/14: memfd, then iommufd, then cdev, in one session)
-KIND_ORDER = {"memfd": 0, "iommufd": 1, "vfio-cdev": 2, "other": 3}
+KIND_ORDER = {FileKind.MEMFD: 0, FileKind.IOMMUFD: 1, FileKind.VFIO_CDEV: 2, FileKind.OTHER: 3}
 #: retrieval order after kexec: memfds, then cdevs, then iommufds (whose retrieve
 #: fails with EOPNOTSUPP in Phase 1 of the series, the series' cover letter: what Phase 1 restores after the kexec), as the
 #: series' selftest does (the series' patch 14/14, tools/testing/selftests/iommu/iommufd_liveupdate.c)
-RETRIEVE_ORDER = {"memfd": 0, "vfio-cdev": 1, "iommufd": 2, "other": 3}
+RETRIEVE_ORDER = {FileKind.MEMFD: 0, FileKind.VFIO_CDEV: 1, FileKind.IOMMUFD: 2, FileKind.OTHER: 3}
 PROTS = ("read", "write")
 
 
@@ -200,7 +202,7 @@ class Entry:
     """One preserved file. Kind-specific members are None for other kinds."""
 
     token: int
-    kind: str
+    kind: FileKind
     name: str
     # memfd
     size: int | None = None
@@ -217,18 +219,24 @@ class Entry:
     # other
     description: str | None = None
 
+    def __post_init__(self) -> None:
+        self.kind = FileKind(self.kind)   # a caller's stable value becomes the enum
+
     def as_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if v is not None}
+        out = {k: v for k, v in asdict(self).items() if v is not None}
+        out["kind"] = self.kind.value
+        return out
 
     @classmethod
     def from_dict(cls, data: Any, where: str) -> "Entry":
         data = _dict(data, where)
-        kind = data.get("kind")
-        if kind not in KINDS:
-            raise _fail(f"{where}.kind", f"unknown kind {kind!r} (known: {', '.join(KINDS)})")
+        kind = next((k for k in KINDS if k.value == data.get("kind")), None)
+        if kind is None:
+            raise _fail(f"{where}.kind", f"unknown kind {data.get('kind')!r} "
+                        f"(known: {', '.join(k.value for k in KINDS)})")
         entry = cls(token=_token(data.get("token"), f"{where}.token"), kind=kind,
                     name=_str(data.get("name"), f"{where}.name"))
-        if kind == "memfd":
+        if kind is FileKind.MEMFD:
             entry.size = _uint(data.get("size"), f"{where}.size")
             seals = _list(data.get("seals"), f"{where}.seals")
             for s in seals:
@@ -239,12 +247,12 @@ class Entry:
             if digest is not None and (len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest)):
                 raise _fail(f"{where}.sha256", "expected 64 lower-case hex digits")
             entry.sha256 = digest
-        elif kind == "iommufd":
+        elif kind is FileKind.IOMMUFD:
             entry.ioas = [Ioas.from_dict(x, f"{where}.ioas[{i}]")
                           for i, x in enumerate(_list(data.get("ioas"), f"{where}.ioas"))]
             entry.hwpts = [Hwpt.from_dict(x, f"{where}.hwpts[{i}]")
                            for i, x in enumerate(_list(data.get("hwpts"), f"{where}.hwpts"))]
-        elif kind == "vfio-cdev":
+        elif kind is FileKind.VFIO_CDEV:
             entry.bdf = _str(data.get("bdf"), f"{where}.bdf", optional=True)
             entry.cdev = _str(data.get("cdev"), f"{where}.cdev", optional=True)
             if entry.bdf is None and entry.cdev is None:
@@ -324,9 +332,9 @@ class Manifest:
                 raise _fail(where, f"name {entry.name!r} is used twice")
             tokens[entry.token] = entry.name
             names.add(entry.name)
-        memfds = {e.token: e for e in self.entries if e.kind == "memfd"}
+        memfds = {e.token: e for e in self.entries if e.kind is FileKind.MEMFD}
         for entry in self.entries:
-            if entry.kind == "iommufd":
+            if entry.kind is FileKind.IOMMUFD:
                 ioas_names = {x.name for x in entry.ioas or []}
                 for ioas in entry.ioas or []:
                     for m in ioas.mappings:
@@ -343,9 +351,9 @@ class Manifest:
                     if hwpt.lu_token in lu_tokens:
                         raise _fail(f"{entry.name}.{hwpt.name}", f"HWPT token {hwpt.lu_token:#x} used twice")
                     lu_tokens.add(hwpt.lu_token)
-            elif entry.kind == "vfio-cdev" and entry.iommufd_token is not None:
+            elif entry.kind is FileKind.VFIO_CDEV and entry.iommufd_token is not None:
                 target = self.entry(entry.iommufd_token)
-                if target is None or target.kind != "iommufd":
+                if target is None or target.kind is not FileKind.IOMMUFD:
                     raise _fail(entry.name, f"iommufd_token {entry.iommufd_token:#x} is not an iommufd "
                                 "of this session")
         return self

@@ -17,7 +17,7 @@ from typing import Iterable
 from . import errors, ioctl
 from .backend import Backend, get_backend
 from .errors import UsageError
-from .fdobject import FdObject
+from .fdobject import FdObject, FileKind
 
 
 class Seal(enum.IntFlag):
@@ -84,7 +84,7 @@ def seal_names(seals: int) -> list[str]:
 
 
 class MemFD(FdObject):
-    kind = "memfd"
+    kind = FileKind.MEMFD
 
     def __init__(self, fd: int, *, name: str | None = None, backend: Backend | None = None,
                  owned: bool = True):

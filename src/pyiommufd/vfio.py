@@ -28,7 +28,7 @@ from . import errors, ioctl, pci
 from ._record import factory, hidden, record
 from ._uapi import ffi
 from .backend import Backend, get_backend
-from .fdobject import FdObject, open_path
+from .fdobject import FdObject, FileKind, open_path
 from .iommufd import (IOMMUFD, U32_MAX, U64_MAX, IommufdObject, _aligned, _int, _length,
                       _release, buffer_address)
 
@@ -291,7 +291,7 @@ class VfioDevice(_FdOwner):
     retrieved from a LUO session, or a legacy GROUP_GET_DEVICE_FD fd."""
 
     _what = "VFIO device"
-    kind = "vfio cdev"
+    kind = FileKind.VFIO_CDEV
 
     def __init__(self, fd: int, *, backend: Backend | None = None, owned: bool = True,
                  path: str | None = None, bdf: str | None = None):
@@ -809,7 +809,7 @@ class VfioContainer(_FdOwner):
     container ioctls when the kernel has CONFIG_IOMMUFD_VFIO_CONTAINER)."""
 
     _what = "VFIO container"
-    kind = "vfio container"
+    kind = FileKind.VFIO_CONTAINER
 
     def __init__(self, fd: int, *, backend: Backend | None = None, owned: bool = True, path: str | None = None):
         super().__init__(fd, backend=backend, owned=owned, path=path)
@@ -938,7 +938,7 @@ class VfioGroup(_FdOwner):
     """A legacy VFIO group (``/dev/vfio/<group>``)."""
 
     _what = "VFIO group"
-    kind = "vfio group"
+    kind = FileKind.VFIO_GROUP
 
     def __init__(self, fd: int, *, backend: Backend | None = None, owned: bool = True,
                  path: str | None = None, group: int | None = None):

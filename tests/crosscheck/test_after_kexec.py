@@ -38,7 +38,7 @@ def stage1(lu: LiveUpdate, keep) -> dict:
 
 def stage2(lu: LiveUpdate, expect: dict) -> None:
     session = lu.retrieve_session(SESSION)
-    with MemFD.from_fd(session.retrieve(TOK_MEMFD)) as memfd:
+    with MemFD.from_fd(session.retrieve(TOK_MEMFD).fd) as memfd:
         assert memfd.read(len(DATA)) == DATA
     if expect["iommufd_preserved"]:
         with pytest.raises(errors.NotSupported):       # the series cannot restore an iommufd

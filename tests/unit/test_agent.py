@@ -222,6 +222,20 @@ def _preserve_device_stack(senv):
         obj.close()
 
 
+@pytest.mark.parametrize("spelling", ["vfio cdev", "a VFIO device cdev", "cdev", "Memfd"])
+def test_the_agent_takes_kinds_only_by_their_stable_value(env, spelling):
+    c = env.client
+    c.create_session("kinds")
+    ram = env.memfd("ram", b"x")
+    with pytest.raises(errors.UsageError, match="unknown file kind"):
+        c.preserve("kinds", 1, ram, {"kind": spelling})
+    c.preserve("kinds", 2, ram, {"kind": "memfd"})
+    # what an object says it is travels as its stable value
+    c.preserve("kinds", 3, env.memfd("rom", b"y"))
+    kinds = {t["token"]: t["kind"] for t in c.status()["sessions"][0]["tokens"]}
+    assert kinds == {2: "memfd", 3: "memfd"}
+
+
 def test_series_stage2_through_the_agent(senv):
     c = senv.client
     _preserve_device_stack(senv)
@@ -284,7 +298,7 @@ def test_hand_over_incoming(env):
     # a stage-2 program retrieved the session itself, then hands it to the agent
     lu = LiveUpdate.open(backend=env.k)
     session = lu.retrieve_session("s")
-    fd = session.retrieve(3)
+    fd = session.retrieve(3).fd
     env.server = AgentServer(env.path, backend=env.k, open_liveupdate=False).serve_in_thread()
     hand_over(lu, session, [(3, fd, {"kind": "memfd", "name": "ram"})], socket_path=env.path)
     os.close(fd)

@@ -7,6 +7,7 @@ import os
 import pytest
 
 from pyiommufd import errors
+from pyiommufd.fdobject import FileKind
 from pyiommufd.iommufd import IOMMUFD, PAGE_SIZE
 from pyiommufd.luo import LiveUpdate, PreservedFile
 from pyiommufd.memfd import MemFD
@@ -66,7 +67,8 @@ def test_preserve_many_failing_part_way_says_what_was_done(fake_kernel):
     with LiveUpdate.open() as lu2:
         incoming = lu2.retrieve_session("part")
         fds = incoming.retrieve_all([1, 2])
-        assert os.pread(fds[1], 1, 0) == b"\x01" and os.pread(fds[2], 1, 0) == b"\x02"
+        assert os.pread(fds[1].fd, 1, 0) == b"\x01" and os.pread(fds[2].fd, 1, 0) == b"\x02"
+        assert fds[1].kind is FileKind.MEMFD and fds[1].token == 1
         with pytest.raises(errors.NotFound):
             incoming.retrieve(4)
 
@@ -102,10 +104,10 @@ def test_retrieve_all_after_kexec_and_failure_part_way(fake_kernel):
         assert exc.op == "LIVEUPDATE_SESSION_RETRIEVE_FD" and exc.index == 2
         assert list(exc.done) == [1, 2] and incoming.retrieved == exc.done
         assert "token 0x63; item 3 of 4 failed; the 2 before it are retrieved (0x1, 0x2)" in str(exc)
-        for token, fd in exc.done.items():
-            assert os.pread(fd, 1, 0) == bytes([token])
+        for token, got in exc.done.items():
+            assert os.pread(got.fd, 1, 0) == bytes([token])
         rest = incoming.retrieve_all([3, 4])
-        assert [os.pread(fd, 1, 0) for fd in rest.values()] == [b"\x03", b"\x04"]
+        assert [os.pread(got.fd, 1, 0) for got in rest.values()] == [b"\x03", b"\x04"]
         assert sorted(incoming.retrieved) == [1, 2, 3, 4]
 
 

@@ -397,7 +397,7 @@ def test_an_unexpected_exception_is_an_internal_error_with_its_own_code(env, cap
     import json
 
     from pyiommufd import planner
-    from pyiommufd.cli import exitcodes
+    from pyiommufd import exitcodes
 
     def broken(*a, **kw):
         raise KeyError("boom")

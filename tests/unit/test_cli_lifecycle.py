@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from pyiommufd import pci
+from pyiommufd import restore as restore_flow
 from pyiommufd.agent import AgentServer, in_process_agents
 from pyiommufd.cli import cli, lifecycle
 from pyiommufd_testing import SimulatedKexec
@@ -371,7 +372,7 @@ def test_restore_refuses_a_manifest_that_could_have_been_rewritten(stock, monkey
 ])
 def test_restore_never_execs_with_a_file_that_is_not_what_the_manifest_says(stock, monkeypatch, entry, found):
     _preserve_raw_manifest(stock, _manifest_text(**entry))
-    monkeypatch.setattr(lifecycle, "_vfio_ready", lambda *a: None)
+    monkeypatch.setattr(restore_flow, "vfio_ready", lambda *a: None)
     line = _refused_before_exec(stock, monkeypatch, 1, report=True)
     assert "differ from the manifest; not executing anything" in line
     # without --exec, --verify is not implied: restore only reports

@@ -52,3 +52,11 @@ def test_subcommand_help_is_light(args):
     modules, proc = imported_modules(ENTRY, *args)
     assert proc.returncode == 0, proc.stderr
     assert not modules & set(HEAVY), sorted(modules & set(HEAVY))
+
+
+@pytest.mark.parametrize("module", ["pyiommufd.agent.protocol", "pyiommufd.exitcodes"])
+def test_agent_protocol_and_exit_codes_do_not_import_click(module):
+    modules, proc = imported_modules(f"import {module}")
+    assert proc.returncode == 0, proc.stderr
+    assert module in modules
+    assert "click" not in modules and "pyiommufd.cli" not in modules

@@ -77,6 +77,28 @@ def test_errors_survive_pickling_with_their_class():
     assert isinstance(back, errors.Busy) and back.op == exc.op and str(back) == str(exc)
 
 
+def test_documented_combined_classes_import_with_their_bases():
+    from pyiommufd.errors import IommufdInvalidArgument, LiveUpdateBusy, SysfsBusy
+
+    assert issubclass(LiveUpdateBusy, errors.LiveUpdateError) and issubclass(LiveUpdateBusy, errors.Busy)
+    assert issubclass(LiveUpdateBusy, OSError) and issubclass(LiveUpdateBusy, errors.KernelError)
+    assert issubclass(IommufdInvalidArgument, errors.IommufdError)
+    assert issubclass(IommufdInvalidArgument, errors.InvalidArgument)
+    assert issubclass(SysfsBusy, errors.SysfsError) and issubclass(SysfsBusy, errors.Busy)
+    assert type(errors.make_error("LIVEUPDATE_SESSION_FINISH", "luo", E.EBUSY)) is LiveUpdateBusy
+
+
+@pytest.mark.parametrize("interface", sorted(set(errors.INTERFACES) - {"kernel"}))
+def test_every_interface_and_errno_pair_has_a_declared_class(interface):
+    base = errors.INTERFACES[interface]
+    for err, mixin in errors.ERRNO_CLASSES.items():
+        cls = errors.make_error("OP", interface, err).__class__
+        name = base.__name__.removesuffix("Error") + mixin.__name__
+        assert cls is getattr(errors, name), (interface, err)
+        assert cls.__bases__ == (base, mixin) and cls.__module__ == "pyiommufd.errors"
+        assert cls.__doc__ == mixin.__doc__
+
+
 def test_unknown_errno_keeps_interface_class():
     exc = errors.make_error("X", "vfio", E.ETIMEDOUT)
     assert type(exc) is errors.VfioError and exc.errno == E.ETIMEDOUT

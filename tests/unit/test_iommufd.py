@@ -12,6 +12,7 @@ import pytest
 from pyiommufd import backend, errors, ioctl, pci
 from pyiommufd._uapi import ffi
 from pyiommufd.backend import Backend
+from pyiommufd.fdobject import FileKind
 from pyiommufd.iommufd import (HWPT, IOAS, IOMMUFD, PAGE_SIZE, DirtyBitmap, FaultQueue, IovaRange,
                                Mapping, aligned_buffer, buffer_address)
 from pyiommufd.memfd import MemFD
@@ -69,7 +70,7 @@ def memfd(size=MiB, seals=LU_SEALS):
 def test_open_close_and_fd_ownership(fake_kernel):
     ictx = IOMMUFD.open()
     fd = ictx.fileno()
-    assert ictx.fd == fd and not ictx.closed and ictx.owned and ictx.kind == "iommufd"
+    assert ictx.fd == fd and not ictx.closed and ictx.owned and ictx.kind is FileKind.IOMMUFD
     assert fake_kernel.known_fds()[fd] == "/dev/iommu"
     assert repr(ictx) == f"<IOMMUFD fd={fd} objects=[]>"
     ictx.close()

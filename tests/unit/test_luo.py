@@ -5,6 +5,7 @@ import os
 import pytest
 
 from pyiommufd import errors, luo
+from pyiommufd.fdobject import FileKind
 from pyiommufd.luo import LiveUpdate, Session
 from pyiommufd.memfd import MemFD
 
@@ -39,9 +40,32 @@ def test_bad_tokens_are_refused(fake_kernel, token):
 def test_preserve_records_tokens_and_kinds(fake_kernel):
     with LiveUpdate.open() as lu, lu.create_session("rec") as session, MemFD.create("m", 4096) as m:
         record = session.preserve(m, (1 << 64) - 1)
-        assert record.kind == "memfd" and record.fd == m.fileno()
+        assert record.kind is FileKind.MEMFD and record.fd == m.fileno()
         assert session.preserved == {(1 << 64) - 1: record}
         assert "outgoing" in repr(session)
+
+
+def test_retrieve_gives_a_typed_file_and_a_second_retrieve_keeps_the_first(fake_kernel):
+    lu = LiveUpdate.open()
+    session = lu.create_session("twice")
+    with MemFD.create("ram", 4096) as ram:
+        ram.write(b"ram")
+        session.preserve(ram, 1)
+    fake_kernel.kexec()
+    for gone in (lu, session):
+        gone.detach()
+    with LiveUpdate.open() as lu, lu.retrieve_session("twice") as incoming:
+        first = incoming.retrieve(1)
+        second = incoming.retrieve(1)
+        assert (first.token, second.token) == (1, 1) and first.fd != second.fd
+        assert first.kind is FileKind.MEMFD and second.kind is FileKind.MEMFD
+        # the session still knows the first fd; the second is the caller's alone
+        assert incoming.retrieved == {1: first}
+        assert incoming.retrieved[1].fd == first.fileno()
+        for got in (first, second):
+            with MemFD.from_fd(got.fd) as m:
+                assert m.read(3) == b"ram"
+        incoming.finish()
 
 
 def test_direction_misuse_is_a_usage_error(fake_kernel):
@@ -72,10 +96,10 @@ def test_round_trip_through_kexec_with_sticky_errors_and_finish(fake_kernel):
             session.preserve(0, 1)
         with pytest.raises(errors.NotFound):
             session.retrieve(99)
-        with MemFD.from_fd(session.retrieve(10)) as again:
+        with MemFD.from_fd(session.retrieve(10).fd) as again:
             assert again.read() == payload and again.size == len(payload)
         # a successful retrieve can be repeated: a new fd, the same file
-        with MemFD.from_fd(session.retrieve(10)) as twice:
+        with MemFD.from_fd(session.retrieve(10).fd) as twice:
             assert twice.read(16) == payload[:16]
         session.finish()
         session.close()
@@ -126,8 +150,7 @@ def test_a_memfd_luo_gives_back_is_described_as_a_memfd(fake_kernel):
     """memfd_luo makes the retrieved file itself (memfd_alloc_file("")): its
     /proc link is "/ (deleted)", not "/memfd:...", as on the real kernel; it is
     still a memfd to every check that asks what a file is."""
-    from pyiommufd.agent.server import kind_of_fd
-    from pyiommufd.luo import LiveUpdate, describe_fd
+    from pyiommufd.luo import LiveUpdate, describe_fd, kind_of_fd
     from pyiommufd.memfd import MemFD
 
     lu = LiveUpdate.open()
@@ -136,10 +159,10 @@ def test_a_memfd_luo_gives_back_is_described_as_a_memfd(fake_kernel):
     session.preserve(memfd, 1)
     fake_kernel.kexec()
     with LiveUpdate.open() as lu2:
-        fd = lu2.retrieve_session("described").retrieve(1)
+        fd = lu2.retrieve_session("described").retrieve(1).fd
         assert fake_kernel.readlink(f"/proc/self/fd/{fd}") == "/ (deleted)"
         assert describe_fd(fake_kernel, fd) == "a memfd"
-        assert kind_of_fd(fake_kernel, fd) == "memfd"
+        assert kind_of_fd(fake_kernel, fd) is FileKind.MEMFD
     import os
     r, w = os.pipe()
     assert describe_fd(fake_kernel, r) != "a memfd"

@@ -201,3 +201,39 @@ def test_a_truncated_manifest_says_so(keep):
 def test_a_deeply_nested_document_is_refused_not_crashed_on():
     with pytest.raises(UsageError, match="malformed manifest"):
         M.Manifest.from_json("[" * 100000 + "]" * 100000 + "}")
+
+
+# A manifest as pyiommufd 0.1.0 wrote it (before FileKind), checksum and all.
+RELEASE_0_1_0 = """{
+ "format": "pyiommufd-manifest", "version": 1, "creator": "pyiommufd 0.1.0",
+ "created": "2026-05-01T12:00:00Z", "kernel_release": "7.3.4", "session": "vm0",
+ "lu_abi": "lu-v1", "lu_nr": 149, "manifest_token": 0,
+ "entries": [
+  {"token": 1, "kind": "memfd", "name": "guest-ram", "size": 4096, "seals": ["seal", "shrink", "grow"]},
+  {"token": 2, "kind": "iommufd", "name": "iommufd0", "ioas": [], "hwpts": []},
+  {"token": 3, "kind": "vfio-cdev", "name": "dev0", "bdf": "0000:00:03.0", "iommufd_token": 2},
+  {"token": 4, "kind": "other", "name": "notes"}
+ ]
+}"""
+
+
+def test_reads_the_kinds_release_0_1_0_wrote_as_file_kinds():
+    from pyiommufd.fdobject import FileKind
+
+    doc = json.loads(RELEASE_0_1_0)
+    doc["checksum"] = M.checksum(doc)
+    m = M.Manifest.from_json(json.dumps(doc))
+    assert [e.kind for e in m.entries] == [FileKind.MEMFD, FileKind.IOMMUFD, FileKind.VFIO_CDEV, FileKind.OTHER]
+    assert all(type(e.kind) is FileKind for e in m.entries)
+    assert [e.name for e in m.retrieve_order()] == ["guest-ram", "dev0", "iommufd0", "notes"]
+    # and writes them back as the same stable values
+    written = json.loads(m.to_json())
+    assert [e["kind"] for e in written["entries"]] == ["memfd", "iommufd", "vfio-cdev", "other"]
+
+
+@pytest.mark.parametrize("spelling", ["vfio cdev", "a VFIO device cdev", "cdev", "MEMFD", "manifest"])
+def test_refuses_kinds_that_are_not_stable_entry_values(spelling):
+    doc = json.loads(RELEASE_0_1_0)
+    doc["entries"][2]["kind"] = spelling
+    with pytest.raises(UsageError, match="unknown kind"):
+        M.Manifest.from_json(json.dumps(doc))

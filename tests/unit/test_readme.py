@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 from pyiommufd import abi, pci
-from pyiommufd.cli import exitcodes
+from pyiommufd import exitcodes
+from pyiommufd.fdobject import FileKind
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -29,7 +30,7 @@ def test_vmm_integration_example_runs(series_kernel):
 
     with LiveUpdate.open() as lu, lu.retrieve_session("vm0") as incoming:
         ram = incoming.retrieve(1)
-        assert series_kernel.fstat_size(ram) == scope["GUEST_RAM"]
+        assert ram.kind is FileKind.MEMFD and series_kernel.fstat_size(ram.fd) == scope["GUEST_RAM"]
 
 
 def test_exit_code_table_matches_the_code():

@@ -38,6 +38,8 @@ def test_stock_73_runs_to_the_missing_iommufd_handler(fake_kernel, vfio_bound):
     # the plan holds: what the run never reached is reported as not run
     assert [s.name for s in report.steps[18:]] == list(selftest.STAGE1_PLAN[18:])
     assert all(s.status == "SKIP" and s.detail == f"not run: {report.lacking}" for s in report.steps[18:])
+    assert {s.reason for s in report.steps[18:]} == {selftest.StepReason.NOT_RUN}
+    assert handler_step.reason is selftest.StepReason.KERNEL_LACKS and handler_step.op is selftest.SeedOp.PRESERVE_IOMMUFD
     assert not any(s.status in ("FAIL", "XFAIL") for s in report.steps)
     assert report.handles is None
     # everything was released: /dev/liveupdate can be opened again, the session name is free
@@ -68,6 +70,14 @@ def test_both_stages_pass_through_a_simulated_kexec(request, kernel_fixture, abi
                       "bind the retrieved cdev to a new iommufd": E.EPERM,
                       "finish the session": E.EBUSY}
     assert len(stage2.steps) == len(selftest.STAGE2_PLAN)
+    # each step says which seed operation it is and why it has its status
+    ops = [s.op for s in stage1.steps + stage2.steps if s.op is not None]
+    assert sorted(set(ops)) == sorted(selftest.SeedOp) and len(ops) == len(selftest.SeedOp)
+    assert {s.reason for s in stage1.steps + stage2.steps if s.status is selftest.StepStatus.XFAIL} == {
+        selftest.StepReason.REFUSED_AS_EXPECTED}
+    assert {s.reason for s in stage1.steps + stage2.steps if s.status is selftest.StepStatus.PASS} == {
+        selftest.StepReason.SUCCEEDED}
+    assert stage1.as_dict()["steps"][3]["reason"] == "succeeded"
 
 
 def test_wrong_lu_revision_fails_the_mark_with_a_hint(series_kernel, vfio_bound):
@@ -94,6 +104,7 @@ def test_busy_liveupdate_is_a_failed_first_step(series_kernel, vfio_bound):
         report = selftest.run(BDF)
     assert report.result == "fail" and report.steps[0].errno == E.EBUSY
     assert "exclusive" in report.steps[0].detail
+    assert report.steps[0].reason is selftest.StepReason.CANNOT_OPEN
 
 
 def test_no_liveupdate_device_is_unsupported(vfio_bound):

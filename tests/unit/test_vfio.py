@@ -13,6 +13,7 @@ import pytest
 from pyiommufd import backend, errors, ioctl, pci, vfio
 from pyiommufd._uapi import ffi
 from pyiommufd.backend import Backend, oserror
+from pyiommufd.fdobject import FileKind
 from pyiommufd.iommufd import IOMMUFD, PAGE_SIZE, aligned_buffer
 from pyiommufd_testing import FakeKernel, FakePciDevice
 from pyiommufd.vfio import (DependentDevice, DeviceInfo, HotResetInfo, IrqInfo, RegionInfo, VfioContainer,
@@ -51,7 +52,7 @@ def read_eventfd(kernel, fd) -> int:
 @pytest.mark.parametrize("name", [CDEV, BDF, "00:03.0", "vfio0"])
 def test_open_by_path_bdf_or_name(on_vfio, name):
     with VfioDevice.open(name) as dev:
-        assert dev.path == CDEV and dev.kind == "vfio cdev"
+        assert dev.path == CDEV and dev.kind is FileKind.VFIO_CDEV
         assert dev.bdf == (BDF if pci.is_bdf(name) else None)
         fd = dev.fileno()
         assert on_vfio.known_fds()[fd] == CDEV
@@ -418,7 +419,7 @@ def test_vfio_compat_container_on_an_iommufd(fake_kernel):
     """/dev/iommu answers the container's version/extension ioctls itself."""
     with IOMMUFD.open() as ictx:
         container = VfioContainer.from_fd(ictx.fileno(), owned=False)
-        assert container.kind == "vfio container"
+        assert container.kind is FileKind.VFIO_CONTAINER
         assert container.api_version() == 0
         assert container.check_extension("type1v2") == 1
         assert container.check_extension(vfio.EXTENSIONS["type1"]) == 1
@@ -579,7 +580,7 @@ def test_legacy_group_scripted():
 
     with VfioContainer.open(backend=k) as container, VfioGroup.open(7, backend=k) as group:
         assert k.opened == ["/dev/vfio/vfio", "/dev/vfio/7"] and group.group == 7
-        assert group.kind == "vfio group" and "7" in repr(group)
+        assert group.kind is FileKind.VFIO_GROUP and "7" in repr(group)
         st = group.status()
         assert st.viable and st.container_set
         group.set_container(container)

@@ -56,22 +56,10 @@ def test_c_asserts_map_to_the_operation_before_them():
         "retrieve_cdev", "retrieve_iommufd", "finish"]
 
 
-def test_pyiommufd_step_names_map_to_the_same_operations():
-    names = {
-        "VFIO_DEVICE_BIND_IOMMUFD": "bind",
-        "IOMMU_HWPT_LU_SET_PRESERVE token 0x789012 (lu-v1)": "mark",
-        "mark HWPT for preservation": "mark",
-        "preserve cdev before its iommufd fails": "preserve_cdev_first",
-        "preserve iommufd before its memfd fails": "preserve_iommufd_first",
-        "preserve memfd": "preserve_memfd",
-        "preserve cdev": "preserve_cdev",
-        "preserve iommufd again": "preserve_iommufd_again",
-        "retrieve cdev (token 0x654321)": "retrieve_cdev",
-        "retrieve iommufd (token 0x123456) fails": "retrieve_iommufd",
-        "bind the retrieved cdev to a new iommufd fails": "bind_new_iommufd",
-        "finish the session fails": "finish",
-    }
-    assert {n: seedflow.canonical_step(n) for n in names} == names
+def test_the_c_asserts_map_to_seed_operations_pyiommufd_names_too():
+    from pyiommufd.selftest import SeedOp
+
+    assert set(seedflow.c_assert_steps(C_SOURCE).values()) <= {op.value for op in SeedOp}
 
 
 def test_c_outcome_reads_bail_out_lines():
@@ -85,13 +73,13 @@ def test_c_outcome_reads_bail_out_lines():
 
 def test_python_outcome_is_the_first_step_that_did_not_pass():
     report = {"stage": 1, "result": "unsupported", "steps": [
-        {"name": "preserve memfd", "status": "PASS", "errno": None, "detail": ""},
-        {"name": "preserve cdev", "status": "SKIP", "errno": E.ENOENT,
-         "detail": "kernel lacks a vfio-pci live-update handler"}]}
+        {"name": "preserve memfd", "status": "PASS", "errno": None, "detail": "", "op": "preserve_memfd"},
+        {"name": "preserve cdev", "status": "SKIP", "errno": E.ENOENT, "reason": "kernel-lacks",
+         "detail": "kernel lacks a vfio-pci live-update handler", "op": "preserve_cdev"}]}
     got = seedflow.python_outcome(report, 4)
     assert (got.passed, got.first_failure, got.errno, got.exit) == (False, "preserve_cdev", E.ENOENT, 4)
     report = {"stage": 2, "result": "pass", "steps": [
-        {"name": "retrieve cdev (token 0x1)", "status": "PASS", "errno": None, "detail": ""}]}
+        {"name": "retrieve cdev (token 0x1)", "status": "PASS", "errno": None, "detail": "", "op": "retrieve_cdev"}]}
     assert seedflow.python_outcome(report, 0).passed
 
 

@@ -145,14 +145,14 @@ def test_many_memfds_in_several_sessions(lu_stage):
         refused(E.EINVAL, lu.retrieve_session, sname)       # an incoming session is retrieved once
         retrieved = []
         for e in entries:
-            fd = session.retrieve(e["token"])
+            fd = session.retrieve(e["token"]).fd
             memfd = MemFD.from_fd(fd)
             retrieved.append((e, memfd))
             assert memfd.size == e["size"], e
             assert int(memfd.seals) == e["seals"], e
             assert os.lseek(fd, 0, os.SEEK_CUR) == e["pos"], e
             assert sha256(memfd) == e["sha256"], e
-            again = session.retrieve(e["token"])
+            again = session.retrieve(e["token"]).fd
             assert again != fd and same_file(fd, again), "a repeated retrieve gives the same file"
             os.close(again)
         print(f"{sname}: GET_NAME ok, second RETRIEVE_SESSION EINVAL; {len(entries)} memfds: size, "
@@ -265,7 +265,7 @@ def test_failed_retrieves(lu_stage):
         refused(E.EMFILE, session.retrieve, T_EMFILE)
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-    with MemFD.from_fd(session.retrieve(T_EMFILE)) as memfd:
+    with MemFD.from_fd(session.retrieve(T_EMFILE).fd) as memfd:
         assert sha256(memfd) == digests[T_EMFILE]
     print(f"token {T_EMFILE:#x}: EMFILE twice with no free fd, then retrieved intact: not sticky")
 
@@ -277,7 +277,7 @@ def test_failed_retrieves(lu_stage):
     print(f"token {T_STICKY:#x}: memfd_luo_retrieve failed with ENFILE (child without "
           "CAP_SYS_ADMIN, fs.file-max 1); with file-max restored, as root: ENFILE, again ENFILE")
 
-    with MemFD.from_fd(session.retrieve(T_OK)) as memfd:
+    with MemFD.from_fd(session.retrieve(T_OK).fd) as memfd:
         assert sha256(memfd) == digests[T_OK]
     session.finish()            # memfd has no can_finish: the failed token does not block it
     session.close()
@@ -305,7 +305,7 @@ def test_finish_drops_an_unretrieved_memfd(lu_stage):
 
     session = lu.retrieve_session(UNRETRIEVED_SESSION)
     session.expected_tokens = {1, 2}
-    kept = MemFD.from_fd(session.retrieve(1))
+    kept = MemFD.from_fd(session.retrieve(1).fd)
     session.finish()            # 7.3: memfd has no can_finish, so token 2 does not block FINISH
     refused(E.ENOENT, session.retrieve, 2)      # FINISH dropped it
     refused(E.ENOENT, session.retrieve, 1)      # ... and LUO's own reference to token 1
@@ -356,7 +356,7 @@ def test_closed_session_does_not_come_back(lu_stage):
 
     refused(E.ENOENT, lu.retrieve_session, CLOSED_SESSION)
     session = lu.retrieve_session(REOPENED_SESSION)
-    with MemFD.from_fd(session.retrieve(8)) as memfd:
+    with MemFD.from_fd(session.retrieve(8).fd) as memfd:
         assert sha256(memfd) == lu_stage.load("sha256")
     refused(E.ENOENT, session.retrieve, 7)
     session.finish()
@@ -391,7 +391,7 @@ def test_preserved_memfd_size_is_frozen(lu_stage):
         return
 
     session = lu.retrieve_session(FROZEN_SESSION)
-    memfd = MemFD.from_fd(session.retrieve(1))
+    memfd = MemFD.from_fd(session.retrieve(1).fd)
     assert memfd.size == FROZEN_SIZE
     assert sha256(memfd) == lu_stage.load("sha256")
     session.finish()
@@ -439,7 +439,7 @@ def test_session_ioctls_by_direction(lu_stage):
         assert isinstance(err, errors.LiveUpdateError)
         with pytest.raises(errors.UsageError):
             session.preserve(memfd, 6)                             # the library says so first
-    os.close(session.retrieve(5))
+    os.close(session.retrieve(5).fd)
     session.finish()
     session.close()
     print("stage 2 (incoming): GET_NAME ok; PRESERVE_FD EINVAL from the kernel (and a UsageError "

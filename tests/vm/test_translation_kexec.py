@@ -123,7 +123,7 @@ def test_translation_and_memfd_pages_survive_kexec(lu_stage, vfio_device, kernel
 
     pfns = lu_stage.load("pfns")
     session = lu_stage.liveupdate.retrieve_session(SESSION)
-    memfd = MemFD.from_fd(session.retrieve(TOK_MEMFD))
+    memfd = MemFD.from_fd(session.retrieve(TOK_MEMFD).fd)
     assert memfd.size == MiB
     assert memfd.read(MiB, offset=0) == bytes(range(256)) * (MiB // 256)
     assert memfd_pfns(memfd.fileno(), MiB) == pfns, "the preserved memfd kept its physical pages"
@@ -132,7 +132,7 @@ def test_translation_and_memfd_pages_survive_kexec(lu_stage, vfio_device, kernel
         assert after == pfns, ("after the kexec the device's restored domain translates the "
                                "preserved IOVA range to the retrieved memfd's pages")
         print(f"after kexec: IOVA {IOVA:#x}+1MiB still -> the same {len(pfns)} pages")
-        cdev_fd = session.retrieve(TOK_CDEV)
+        cdev_fd = session.retrieve(TOK_CDEV).fd
         os.close(cdev_fd)
     if lu_stage.load("iommufd_preserved"):
         with pytest.raises(errors.KernelError):

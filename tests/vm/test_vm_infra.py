@@ -111,7 +111,7 @@ def test_memfd_survives_kexec(lu_stage, kernel_release):
         lu_stage.keep(session, memfd)
         return
     session = lu.retrieve_session(SESSION)
-    fd = session.retrieve(TOKEN)
+    fd = session.retrieve(TOKEN).fd
     memfd = MemFD.from_fd(fd)
     assert memfd.size == SIZE
     assert hashlib.sha256(memfd.read(SIZE)).hexdigest() == lu_stage.load("sha256")

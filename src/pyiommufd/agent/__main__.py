@@ -7,14 +7,15 @@ import argparse
 import sys
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pyiommufd.agent")
     parser.add_argument("--background", action="store_true")
     parser.add_argument("--socket")
     parser.add_argument("--log-file")
     args = parser.parse_args(argv)
     from .. import errors
-    from .server import configure_logging, run_foreground, start_background
+    from ..exitcodes import exit_code_for
+    from .daemon import configure_logging, run_foreground, start_background
 
     try:
         if args.background:
@@ -26,10 +27,10 @@ def main(argv=None) -> int:
         return 0
     except errors.PyiommufdError as exc:
         print(f"pyiommufd: error: {exc}", file=sys.stderr)
-        return getattr(exc, "exit_code", 2)
+        return exit_code_for(exc)
     except OSError as exc:
         print(f"pyiommufd: error: {exc}", file=sys.stderr)
-        return 3
+        return exit_code_for(exc)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from typing import Any, Iterable
 from .. import errors
 from ..backend import Backend, get_backend
 from ..errors import UsageError
-from ..fdobject import fd_of
+from ..fdobject import FileKind, fd_of
 from . import protocol as P
 from .protocol import AgentProtocolError, AgentUnavailable
 
@@ -33,7 +33,7 @@ class AgentClient:
     """A client of the agent on ``socket_path`` (default: ``$PYIOMMUFD_AGENT_SOCKET``
     or ``/run/pyiommufd/agent.sock``)."""
 
-    def __init__(self, socket_path: str | os.PathLike | None = None, *, timeout: float = 60.0):
+    def __init__(self, socket_path: str | os.PathLike[str] | None = None, *, timeout: float = 60.0):
         self.socket_path = P.default_socket_path(socket_path)
         self.timeout = timeout
 
@@ -77,7 +77,7 @@ class AgentClient:
                                    "not root or us: refusing to talk to it")
         return sock
 
-    def call(self, op: str, fds: Iterable[int] = (), **args: Any) -> tuple[dict, list[int]]:
+    def call(self, op: str, fds: Iterable[int] = (), **args: Any) -> tuple[dict[str, Any], list[int]]:
         """Send request ``op`` with ``args`` and ``fds``; return ``(result, fds)``.
         The caller owns the returned fds."""
         sock = self._connect()
@@ -110,13 +110,13 @@ class AgentClient:
         result = reply.get("result")
         return (result if isinstance(result, dict) else {}), got
 
-    def _simple(self, op: str, **args: Any) -> dict:
+    def _simple(self, op: str, **args: Any) -> dict[str, Any]:
         result, got = self.call(op, **args)
         _close_fds(got)
         return result
 
     # -- requests -------------------------------------------------------------------
-    def ping(self) -> dict:
+    def ping(self) -> dict[str, Any]:
         """The agent's pid, euid, version, socket, backend and /dev/liveupdate state."""
         return self._simple("ping")
 
@@ -127,43 +127,43 @@ class AgentClient:
         except AgentUnavailable:
             return False
 
-    def status(self) -> dict:
+    def status(self) -> dict[str, Any]:
         """``{"agent": {...}, "sessions": [{name, direction, tokens: [{token, kind, name,
         meta, state, held}]}]}``."""
         return self._simple("status")
 
-    def create_session(self, name: str) -> dict:
+    def create_session(self, name: str) -> dict[str, Any]:
         return self._simple("create_session", name=name)
 
-    def preserve(self, session: str, token: int, file: Any, meta: dict | None = None) -> dict:
+    def preserve(self, session: str, token: int, file: Any, meta: dict[str, Any] | None = None) -> dict[str, Any]:
         """Send ``file`` (an fd or an object with ``fileno()``) to the agent,
         which keeps its own reference and preserves it under ``token`` in its
         outgoing ``session``. ``meta`` (``kind``, ``name`` and anything
         JSON-able) shows in ``status``. Kernel errors re-raise typed."""
         fd = fd_of(file)
         meta = dict(meta or {})
-        if "kind" not in meta and getattr(file, "kind", None):
-            meta["kind"] = _kind_name(file.kind)
+        if "kind" not in meta and isinstance(getattr(file, "kind", None), FileKind):
+            meta["kind"] = file.kind.value
         if "name" not in meta and isinstance(getattr(file, "name", None), str):
             meta["name"] = file.name
         result, got = self.call("preserve", [fd], session=session, token=token, meta=meta, fd=0)
         _close_fds(got)
         return result
 
-    def preserve_many(self, session: str, files: list[tuple[int, Any, dict | None]]) -> list[dict]:
+    def preserve_many(self, session: str, files: list[tuple[int, Any, dict[str, Any] | None]]) -> list[dict[str, Any]]:
         """:meth:`preserve` of every ``(token, file, meta)``, in order, with as
         few requests as SCM_RIGHTS allows (253 fds each); the agent preserves
         each request's files with one bulk call. On a kernel error the
         files before the failed one stay preserved; the error's ``index`` is
         the failed item's index in ``files``."""
-        out: list[dict] = []
+        out: list[dict[str, Any]] = []
         for first in range(0, len(files), P.MAX_FDS):
             chunk = files[first:first + P.MAX_FDS]
             wire, fds = [], []
             for token, file, meta in chunk:
                 meta = dict(meta or {})
-                if "kind" not in meta and getattr(file, "kind", None):
-                    meta["kind"] = _kind_name(file.kind)
+                if "kind" not in meta and isinstance(getattr(file, "kind", None), FileKind):
+                    meta["kind"] = file.kind.value
                 if "name" not in meta and isinstance(getattr(file, "name", None), str):
                     meta["name"] = file.name
                 fds.append(fd_of(file))
@@ -179,32 +179,34 @@ class AgentClient:
             out.extend(result.get("files") or [])
         return out
 
-    def adopt(self, *, liveupdate: Any = None, sessions: list[dict] | None = None) -> dict:
+    def adopt(self, *, liveupdate: Any = None, sessions: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         """Hand over already-open fds. ``liveupdate``: the ``/dev/liveupdate``
         fd (or object) or None. ``sessions``: ``[{"name", "direction",
         "session": fd_or_obj, "files": [{"token", "file": fd_or_obj_or_None,
         "kind", "name", "meta"}]}]``."""
         fds: list[int] = []
 
-        def index(obj) -> int:
+        def index(obj: Any) -> int:
             fds.append(fd_of(obj))
             return len(fds) - 1
 
-        wire = {"liveupdate": None if liveupdate is None else index(liveupdate), "sessions": []}
+        wire_sessions: list[dict[str, Any]] = []
+        wire = {"liveupdate": None if liveupdate is None else index(liveupdate), "sessions": wire_sessions}
         for spec in sessions or []:
+            files: list[dict[str, Any]] = []
             entry = {"name": spec["name"], "direction": spec.get("direction", "outgoing"),
-                     "fd": index(spec["session"]), "files": []}
+                     "fd": index(spec["session"]), "files": files}
             for f in spec.get("files", []):
                 obj = f.get("file")
-                entry["files"].append({"token": f["token"], "fd": None if obj is None else index(obj),
+                files.append({"token": f["token"], "fd": None if obj is None else index(obj),
                                        "kind": f.get("kind"), "name": f.get("name"),
                                        "meta": f.get("meta") or {}, "state": f.get("state")})
-            wire["sessions"].append(entry)
+            wire_sessions.append(entry)
         result, got = self.call("adopt", fds, **wire)
         _close_fds(got)
         return result
 
-    def retrieve_session(self, name: str, *, manifest: bool = True) -> dict:
+    def retrieve_session(self, name: str, *, manifest: bool = True) -> dict[str, Any]:
         """Retrieve incoming session ``name`` into the agent (idempotent: a
         session the agent holds already is reported with ``already_held``).
         With ``manifest`` the agent also retrieves token 0 and reads it."""
@@ -245,18 +247,16 @@ class AgentClient:
             raise
         return out
 
-    def finish(self, session: str) -> dict:
+    def finish(self, session: str) -> dict[str, Any]:
         return self._simple("finish", session=session)
 
-    def release(self, session: str, force: bool = False, direction: str | None = None) -> dict:
+    def release(self, session: str, force: bool = False, direction: str | None = None) -> dict[str, Any]:
         return self._simple("release", session=session, force=force, direction=direction)
 
-    def stop(self, force: bool = False) -> dict:
+    def stop(self, force: bool = False) -> dict[str, Any]:
         return self._simple("stop", force=force)
 
 
-def _kind_name(kind: str) -> str | None:
-    return P.normalize_kind(kind)
 
 
 def _close_fds(fds: Iterable[int]) -> None:
@@ -267,7 +267,7 @@ def _close_fds(fds: Iterable[int]) -> None:
             pass
 
 
-def _wait_until_answering(client: AgentClient, timeout: float) -> dict:
+def _wait_until_answering(client: AgentClient, timeout: float) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -278,7 +278,7 @@ def _wait_until_answering(client: AgentClient, timeout: float) -> dict:
             time.sleep(0.05)
 
 
-def ensure_running(socket_path: str | os.PathLike | None = None, backend: Backend | None = None, *,
+def ensure_running(socket_path: str | os.PathLike[str] | None = None, backend: Backend | None = None, *,
                    timeout: float = 15.0) -> AgentClient:
     """An :class:`AgentClient` for a running agent; start one if none answers.
 
@@ -310,7 +310,7 @@ def ensure_running(socket_path: str | os.PathLike | None = None, backend: Backen
     return client
 
 
-def crash_exposure(status: dict) -> tuple[bool, str]:
+def crash_exposure(status: dict[str, Any]) -> tuple[bool, str]:
     """``(safe, sentence)``: what a crash of the agent would lose, from its
     ``status`` reply. Without systemd's fd store every held session dies with
     the agent's fds."""
@@ -336,8 +336,8 @@ def in_process_agents() -> dict[str, Any]:
     return dict(_IN_PROCESS)
 
 
-def hand_over(liveupdate: Any, session: Any, files: list[tuple[int, Any, dict]],
-              socket_path: str | os.PathLike | None = None) -> AgentClient:
+def hand_over(liveupdate: Any, session: Any, files: list[tuple[int, Any, dict[str, Any]]],
+              socket_path: str | os.PathLike[str] | None = None) -> AgentClient:
     """Give an open ``/dev/liveupdate`` (``liveupdate``: object, fd or None),
     one session (a :class:`~pyiommufd.luo.Session`) and the files already
     preserved (or retrieved) in it to the agent. ``files`` is a list of
@@ -357,7 +357,8 @@ def hand_over(liveupdate: Any, session: Any, files: list[tuple[int, Any, dict]],
         except (TypeError, ValueError):
             raise UsageError("hand_over files are (token, fd_or_obj, meta) tuples") from None
         meta = dict(meta or {})
-        kind = meta.pop("kind", None) or (_kind_name(obj.kind) if getattr(obj, "kind", None) else None)
+        kind = meta.pop("kind", None) or (obj.kind.value if isinstance(getattr(obj, "kind", None), FileKind)
+                                          else None)
         name = meta.pop("name", None) or (obj.name if isinstance(getattr(obj, "name", None), str) else None)
         entries.append({"token": token, "file": obj, "kind": kind, "name": name, "meta": meta})
     client.adopt(liveupdate=liveupdate, sessions=[{

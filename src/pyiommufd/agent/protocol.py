@@ -28,7 +28,8 @@ import struct
 from typing import Any, Iterable
 
 from .. import errors
-from ..cli import exitcodes
+from .. import exitcodes
+from ..fdobject import FileKind
 
 VERSION = 1
 MAX_MESSAGE = 16 << 20
@@ -43,20 +44,19 @@ OPS = ("ping", "status", "create_session", "preserve", "preserve_many", "adopt",
        "retrieve", "retrieve_many", "finish", "release", "stop")
 
 
-_KIND_ALIASES = {"vfio": "vfio-cdev", "vfio cdev": "vfio-cdev", "vfio_cdev": "vfio-cdev", "cdev": "vfio-cdev",
-                 "device": "vfio-cdev", "vfio-device": "vfio-cdev", "iommu": "iommufd"}
-
-
-def normalize_kind(kind: Any) -> str | None:
-    """memfd / iommufd / vfio-cdev / manifest / other, from an object's
-    ``kind`` attribute or a caller's spelling."""
-    if kind is None:
+def parse_kind(value: Any) -> FileKind | None:
+    """The :class:`~pyiommufd.fdobject.FileKind` a message names by its
+    stable value (None when it names none)."""
+    if value is None:
         return None
-    text = str(kind).strip().lower()
-    return _KIND_ALIASES.get(text, text) or None
+    try:
+        return FileKind(value)
+    except ValueError:
+        raise errors.UsageError(f"unknown file kind {value!r} (known: {', '.join(k.value for k in FileKind)})"
+                                ) from None
 
 
-def default_socket_path(socket_path: str | os.PathLike | None = None) -> str:
+def default_socket_path(socket_path: str | os.PathLike[str] | None = None) -> str:
     """``socket_path``, else ``$PYIOMMUFD_AGENT_SOCKET``, else :data:`DEFAULT_SOCKET`."""
     if socket_path:
         return os.fspath(socket_path)

@@ -3,7 +3,7 @@
 Subcommands live in their own modules and are imported only when run, so
 ``pyiommufd --help`` stays fast. Every error becomes one line on stderr (and,
 with ``--json``, an error object on stdout) and an exit code from
-:mod:`pyiommufd.cli.exitcodes`; ``--debug`` (before or after the subcommand)
+:func:`pyiommufd.exitcodes.exit_code_for`; ``--debug`` (before or after the subcommand)
 adds the traceback and changes nothing else.
 """
 from __future__ import annotations
@@ -88,25 +88,6 @@ def exit_codes(as_json: bool) -> None:
         click.echo(f"{code}  {meaning}")
 
 
-def _exit_code_for(exc: BaseException) -> int:
-    from .. import errors
-
-    if isinstance(exc, errors.AbiError):
-        return exitcodes.UNSUPPORTED
-    if isinstance(exc, errors.UsageError):
-        return exitcodes.BAD_INPUT
-    code = getattr(exc, "exit_code", None)
-    if isinstance(code, int):
-        return code
-    if isinstance(exc, errors.NotFound) and getattr(exc, "op", "") in (
-            "LIVEUPDATE_SESSION_PRESERVE_FD",   # no live-update handler for this file type
-            "open(/dev/liveupdate)", "open(/dev/iommu)"):  # no LUO / no iommufd in this kernel
-        return exitcodes.UNSUPPORTED
-    if isinstance(exc, OSError):
-        return exitcodes.for_errno(exc.errno)
-    return exitcodes.KERNEL_ERROR
-
-
 def _split_options(argv: list[str]) -> tuple[list[str], bool, bool]:
     """(argv with every ``--debug`` moved to the front, debug, json): both are
     looked for only before a ``--`` (what follows belongs to a guest or VMM)."""
@@ -147,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
             hint = "" if debug else " (run with --debug for a traceback)"
             sys.exit(report_error(f"{type(exc).__name__}: {exc}{hint}", exitcodes.INTERNAL_ERROR,
                                   as_json=as_json, prefix="internal error"))
-        sys.exit(report_error(str(exc), _exit_code_for(exc), errno=getattr(exc, "errno", None),
+        sys.exit(report_error(str(exc), exitcodes.exit_code_for(exc), errno=getattr(exc, "errno", None),
                               as_json=as_json))
     # standalone_mode=False returns ctx.exit(n) codes instead of raising them
     sys.exit(rc if isinstance(rc, int) else 0)

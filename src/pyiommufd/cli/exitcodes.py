@@ -1,36 +1,3 @@
-"""Exit codes of the ``pyiommufd`` command (documented in README.md)."""
-import errno as E
-
-OK = 0
-CHECK_FAILED = 1      # a selftest step, a verification or a doctor check failed
-BAD_INPUT = 2         # bad arguments or input file (click's own usage errors are 2 too)
-KERNEL_ERROR = 3      # the kernel refused an operation
-UNSUPPORTED = 4       # the kernel lacks a capability (no handler, no LU ioctl, no /dev/liveupdate)
-BUSY = 5              # a resource is held elsewhere (/dev/liveupdate, a device, a session name)
-NOT_PERMITTED = 6     # needs root / the operation was not permitted
-AGENT_UNREACHABLE = 7 # the holder agent is not running or not answering
-INTERNAL_ERROR = 70   # a bug in pyiommufd: an exception nobody expected (sysexits' EX_SOFTWARE)
-VM_TIMEOUT = 124      # `pyiommufd vm`: the guest did not finish in time (as timeout(1))
-
-TABLE = [
-    (OK, "success"),
-    (CHECK_FAILED, "a check failed (selftest FAIL, verification mismatch, doctor problem)"),
-    (BAD_INPUT, "bad input: arguments, BDF, token, name, plan file"),
-    (KERNEL_ERROR, "the kernel refused an operation"),
-    (UNSUPPORTED, "the kernel lacks a capability"),
-    (BUSY, "a resource is busy or held elsewhere"),
-    (NOT_PERMITTED, "not permitted (run as root)"),
-    (AGENT_UNREACHABLE, "the holder agent is not reachable"),
-    (INTERNAL_ERROR, "internal error: a bug in pyiommufd (please report it with the --debug traceback)"),
-    (VM_TIMEOUT, "`pyiommufd vm`: the guest did not finish before --timeout"),
-]
-
-_BY_ERRNO = {
-    E.EBUSY: BUSY, E.EEXIST: BUSY, E.EADDRINUSE: BUSY,
-    E.EPERM: NOT_PERMITTED, E.EACCES: NOT_PERMITTED,
-    E.ENOTTY: UNSUPPORTED, E.EOPNOTSUPP: UNSUPPORTED,
-}
-
-
-def for_errno(err: int | None) -> int:
-    return _BY_ERRNO.get(err or 0, KERNEL_ERROR)
+"""The exit codes live in :mod:`pyiommufd.exitcodes` (free of click); this
+name stays for the CLI modules that import them from here."""
+from ..exitcodes import *  # noqa: F401,F403

@@ -23,12 +23,18 @@ import os
 import re
 import sys
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, ParamSpec, TextIO, TypeVar
 
 import click
 
 from . import exitcodes
 from .output import CommandError, echo_json, echo_table, error_object, json_option, report_error, warn
+
+if TYPE_CHECKING:
+    from ..agent.client import AgentClient
+    from ..backend import Backend
+    from ..manifest import Manifest
+    from ..planner import Plan
 
 LISTEN_FDS_START = 3  # SD_LISTEN_FDS_START
 
@@ -64,12 +70,16 @@ def _debug() -> bool:
     return os.environ.get("PYIOMMUFD_DEBUG", "") not in ("", "0")
 
 
-def handle_errors(fn):
+_Params = ParamSpec("_Params")
+_Result = TypeVar("_Result")
+
+
+def handle_errors(fn: Callable[_Params, _Result]) -> Callable[_Params, _Result]:
     """Turn pyiommufd errors into one ``pyiommufd: error:`` line and the
     documented exit code (also under ``CliRunner``, not only ``cli.main``)."""
 
     @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
+    def wrapper(*args: _Params.args, **kwargs: _Params.kwargs) -> _Result:
         from .. import errors
 
         try:
@@ -79,12 +89,11 @@ def handle_errors(fn):
         except (errors.PyiommufdError, OSError) as exc:
             import traceback
 
-            from . import _exit_code_for
             from .output import report_error
 
             if _debug():
                 traceback.print_exc()
-            sys.exit(report_error(str(exc), _exit_code_for(exc), errno=getattr(exc, "errno", None),
+            sys.exit(report_error(str(exc), exitcodes.exit_code_for(exc), errno=getattr(exc, "errno", None),
                                   as_json=bool(kwargs.get("as_json"))))
 
     return wrapper
@@ -109,7 +118,7 @@ def _need_session(session: str | None) -> str:
     return session
 
 
-def _client(socket_path: str | None):
+def _client(socket_path: str | None) -> AgentClient:
     from ..agent import AgentClient
 
     return AgentClient(socket_path)
@@ -120,7 +129,7 @@ def _hex(value: Any) -> str:
 
 
 # -- plan -------------------------------------------------------------------------------
-def _plan_options(fn):
+def _plan_options(fn: Callable[..., None]) -> Callable[..., None]:
     opts = [
         click.option("--session", metavar="NAME", help="LUO session name."),
         click.option("--memfd", "memfds", multiple=True, metavar="NAME:SIZE[:token=T][:fill=F][:seals=S]",
@@ -146,8 +155,9 @@ def _plan_options(fn):
     return fn
 
 
-def _build_plan(plan_file, session, memfds, devices, hwpt_tokens, device_tokens, iommufd_token, with_iommufd,
-                base_iova, lu_abi):
+def _build_plan(plan_file: str | None, session: str | None, memfds: tuple[str, ...], devices: tuple[str, ...],
+                hwpt_tokens: tuple[str, ...], device_tokens: tuple[str, ...], iommufd_token: str | None,
+                with_iommufd: bool, base_iova: str | None, lu_abi: str | None) -> Plan:
     plan = _plan_from_input(plan_file, session, memfds, devices, hwpt_tokens, device_tokens, iommufd_token,
                             with_iommufd, base_iova, lu_abi)
     if plan.lu_abi is None:
@@ -157,8 +167,10 @@ def _build_plan(plan_file, session, memfds, devices, hwpt_tokens, device_tokens,
     return plan
 
 
-def _plan_from_input(plan_file, session, memfds, devices, hwpt_tokens, device_tokens, iommufd_token,
-                     with_iommufd, base_iova, lu_abi):
+def _plan_from_input(plan_file: str | None, session: str | None, memfds: tuple[str, ...],
+                     devices: tuple[str, ...], hwpt_tokens: tuple[str, ...], device_tokens: tuple[str, ...],
+                     iommufd_token: str | None, with_iommufd: bool, base_iova: str | None,
+                     lu_abi: str | None) -> Plan:
     from .. import planner
 
     if lu_abi is not None and lu_abi.lower() not in ("v1", "v2", "lu-v1", "lu-v2", "probe"):
@@ -187,8 +199,10 @@ def _plan_from_input(plan_file, session, memfds, devices, hwpt_tokens, device_to
 @_plan_options
 @json_option
 @handle_errors
-def plan(plan_file, dry_run, session, memfds, devices, hwpt_tokens, device_tokens, iommufd_token, with_iommufd,
-         base_iova, lu_abi, as_json):
+def plan(plan_file: str | None, dry_run: bool, session: str | None, memfds: tuple[str, ...],
+         devices: tuple[str, ...], hwpt_tokens: tuple[str, ...], device_tokens: tuple[str, ...],
+         iommufd_token: str | None, with_iommufd: bool, base_iova: str | None, lu_abi: str | None,
+         as_json: bool) -> None:
     """Validate a preservation plan and print the order of operations.
 
     FILE is a TOML or JSON plan (see `pyiommufd.planner`), or describe the plan
@@ -235,8 +249,10 @@ def plan(plan_file, dry_run, session, memfds, devices, hwpt_tokens, device_token
 @socket_option
 @json_option
 @handle_errors
-def preserve(plan_file, session, memfds, devices, hwpt_tokens, device_tokens, iommufd_token, with_iommufd,
-             base_iova, lu_abi, socket_path, as_json):
+def preserve(plan_file: str | None, session: str | None, memfds: tuple[str, ...], devices: tuple[str, ...],
+             hwpt_tokens: tuple[str, ...], device_tokens: tuple[str, ...], iommufd_token: str | None,
+             with_iommufd: bool, base_iova: str | None, lu_abi: str | None, socket_path: str | None,
+             as_json: bool) -> None:
     """Create objects and preserve them into a session held by the agent.
 
     Validates the plan first (exit 2 with the problems), creates and seals the
@@ -289,7 +305,7 @@ def preserve(plan_file, session, memfds, devices, hwpt_tokens, device_tokens, io
                f"`pyiommufd restore --session {p.session}`")
 
 
-def _preflight_devices(p, be) -> None:
+def _preflight_devices(p: Plan, be: Backend) -> None:
     """Bad device names are bad input (exit 2), found before anything is created."""
     from .. import pci
 
@@ -328,7 +344,7 @@ def check_placeholders(args: list[str]) -> None:
             raise _usage(f"--exec: placeholder {{{key}}} is not a token, a manifest entry name or {{manifest}}")
 
 
-def _stop_if_idle(client) -> None:
+def _stop_if_idle(client: AgentClient) -> None:
     """Stop an agent this command started when it holds no session: a failed
     command leaves nothing behind. An agent holding a retrieved session is
     kept (closing that session would finish or drop it)."""
@@ -344,7 +360,7 @@ def _stop_if_idle(client) -> None:
         pass
 
 
-def resolve_placeholder(key: str, manifest) -> int:
+def resolve_placeholder(key: str, manifest: Manifest) -> int:
     """The token a placeholder names: a decimal or 0x token, an entry name, or
     ``manifest`` (token 0)."""
     from ..manifest import MANIFEST_TOKEN
@@ -364,7 +380,7 @@ def resolve_placeholder(key: str, manifest) -> int:
     return entry.token
 
 
-def expand(args: list[str], fds: dict[int, int], manifest) -> list[str]:
+def expand(args: list[str], fds: dict[int, int], manifest: Manifest) -> list[str]:
     out = []
     for arg in args:
         parts = re.split(r"(\{\{|\}\}|\{[^{}]*\})", arg)
@@ -382,63 +398,10 @@ def expand(args: list[str], fds: dict[int, int], manifest) -> list[str]:
     return out
 
 
-def _verify_memfd(be, fd: int, entry) -> list[str]:
-    """Differences between a retrieved memfd and its manifest entry."""
-    from ..memfd import MemFD
-
-    problems = []
-    mfd = MemFD.from_fd(fd, backend=be, owned=False)
-    size = mfd.size
-    if entry.size is not None and size != entry.size:
-        problems.append(f"size {size:#x}, manifest says {entry.size:#x}")
-    if entry.seals is not None:
-        try:
-            from ..manifest import seal_names
-
-            got = sorted(seal_names(mfd.seals))
-            if got != sorted(entry.seals):
-                problems.append(f"seals {'|'.join(got) or '-'}, manifest says {'|'.join(entry.seals) or '-'}")
-        except OSError as exc:
-            problems.append(f"cannot read the seals: {exc}")
-    if entry.sha256 is not None and not problems:
-        digest = mfd.sha256()
-        if digest != entry.sha256:
-            problems.append(f"sha256 {digest[:16]}…, manifest says {entry.sha256[:16]}…")
-    return problems
-
-
-def _check_kind(be, fd: int, kind: str) -> str | None:
-    """None when ``fd`` is the kind of file the manifest says; else what it is."""
-    from ..agent.server import kind_of_fd
-    from ..luo import describe_fd
-
-    if kind == "other":
-        return None
-    actual = kind_of_fd(be, fd)
-    if actual == kind:
-        return None
-    return f"the manifest says {kind}, the kernel handed back {describe_fd(be, fd) or 'something else'}"
-
-
-def _check_manifest_fd(be, fd: int, session: str, manifest) -> None:
-    """Refuse a token 0 that could have been rewritten, or that describes
-    another session."""
-    from ..memfd import MemFD, Seal
-
-    if manifest.session != session:
-        raise CommandError(f"the manifest at token 0 of session {session!r} describes session "
-                           f"{manifest.session!r}: refusing to use it", exitcodes.CHECK_FAILED)
-    problem = _check_kind(be, fd, "memfd")
-    if problem is None:
-        try:
-            sealed = bool(MemFD.from_fd(fd, backend=be, owned=False).seals & Seal.WRITE)
-        except OSError:
-            sealed = False
-        if not sealed:
-            problem = "it is not sealed against writes, so anyone holding it could have changed it"
-    if problem:
-        raise CommandError(f"the manifest at token 0 of session {session!r} cannot be trusted: {problem}",
-                           exitcodes.CHECK_FAILED)
+def _entry_name(manifest: Manifest, token: int) -> str:
+    entry = manifest.entry(token)
+    assert entry is not None, token     # only the manifest's own tokens are passed
+    return entry.name
 
 
 def _fdname(text: str) -> str:
@@ -458,7 +421,8 @@ def _fdname(text: str) -> str:
 @socket_option
 @json_option
 @handle_errors
-def restore(session, verify, bind_vfio, do_exec, command, socket_path, as_json):
+def restore(session: str | None, verify: bool, bind_vfio: bool, do_exec: bool, command: tuple[str, ...],
+            socket_path: str | None, as_json: bool) -> None:
     """After kexec: retrieve a session per its manifest, verify, optionally exec a VMM.
 
     The agent (started if none runs) retrieves the session, reads the
@@ -485,108 +449,42 @@ def restore(session, verify, bind_vfio, do_exec, command, socket_path, as_json):
     from ..agent import ensure_running
     from ..backend import get_backend
 
-    session = _need_session(session)
-    command = list(command)
-    if do_exec and not command:
+    name = _need_session(session)
+    argv = list(command)
+    if do_exec and not argv:
         raise _usage("--exec needs a command after `--`, e.g. --exec -- qemu-system-x86_64 ...")
-    if command and not do_exec:
-        raise _usage(f"unexpected argument {command[0]!r} (to run a command, use --exec -- CMD ...)")
-    check_placeholders(command)
+    if argv and not do_exec:
+        raise _usage(f"unexpected argument {argv[0]!r} (to run a command, use --exec -- CMD ...)")
+    check_placeholders(argv)
     verify = verify or do_exec     # never exec with fds that were not checked
     be = get_backend()
     started = not _client(socket_path).is_running()
     client = ensure_running(socket_path, backend=be)
     try:
-        _restore(client, be, session, verify, bind_vfio, do_exec, command, as_json)
+        _restore(client, be, name, verify, bind_vfio, do_exec, argv, as_json)
     except BaseException:
         if started:
             _stop_if_idle(client)
         raise
 
 
-def _restore(client, be, session, verify, bind_vfio, do_exec, command, as_json):
-    from .. import errors
-    from ..manifest import MANIFEST_TOKEN, read_from_fd
+def _restore(client: AgentClient, be: Backend, session: str, verify: bool, bind_vfio: bool, do_exec: bool,
+             command: list[str], as_json: bool) -> None:
+    from ..errors import VerificationFailed
+    from ..manifest import MANIFEST_TOKEN
+    from ..restore import TokenStatus, restore_session
 
-    info = client.retrieve_session(session)
+    done = restore_session(client, be, session, verify=verify, bind_vfio=bind_vfio)
     try:
-        fd0 = client.retrieve(session, MANIFEST_TOKEN)
-    except errors.NotFound:
-        raise CommandError(f"session {session!r} has no manifest at token 0: it was not preserved by "
-                           "`pyiommufd preserve` (the agent holds it; retrieve tokens with the Python API)",
-                           exitcodes.BAD_INPUT) from None
-    fds: dict[int, int] = {MANIFEST_TOKEN: fd0}
-    bulk: dict[int, int] = {}
-    try:
-        manifest = read_from_fd(fd0, be)
-        _check_manifest_fd(be, fd0, session, manifest)
+        manifest = done.manifest
         wanted = {resolve_placeholder(k, manifest) for k in placeholders(command)} if do_exec else set()
-        rows: list[dict[str, Any]] = [{"token": MANIFEST_TOKEN, "kind": "manifest", "name": "manifest",
-                                       "status": "retrieved", "fd": fd0}]
-        first_error: Exception | None = None
-        mismatches = 0
-        unbound: list[str] = []
-        order = manifest.retrieve_order()
-        # memfds need no readiness check: retrieve them all in one request;
-        # if one fails, the loop below retrieves one by one (and reports it)
-        try:
-            bulk = client.retrieve_many(session, [e.token for e in order if e.kind == "memfd"])
-        except errors.KernelError:
-            bulk = {}
-        for entry in order:
-            row: dict[str, Any] = {"token": entry.token, "kind": entry.kind, "name": entry.name}
-            if entry.kind == "vfio-cdev" and entry.bdf:
-                row["bdf"] = entry.bdf
-                note = _vfio_ready(be, entry.bdf, bind_vfio)
-                if note is not None:
-                    row["status"], row["note"] = "not-bound", note
-                    unbound.append(entry.bdf)
-                    rows.append(row)
-                    continue
-            try:
-                fd = bulk.pop(entry.token) if entry.token in bulk else client.retrieve(session, entry.token)
-            except errors.KernelError as exc:
-                row["error"] = str(exc)
-                row["errno"] = _errname(exc.errno)
-                if entry.kind == "iommufd" and exc.errno == E.EOPNOTSUPP:
-                    row["status"] = "expected-failure"
-                    row["note"] = ("EOPNOTSUPP: Phase 1 of the series cannot restore an iommufd; the HWPTs "
-                                   "stay kernel-owned and FINISH will say EBUSY (the series' cover letter: what Phase 1 restores after the kexec)")
-                else:
-                    row["status"] = "failed"
-                    first_error = first_error or exc
-                rows.append(row)
-                continue
-            fds[entry.token] = fd
-            row["status"] = "retrieved"
-            row["fd"] = fd
-            wrong_kind = _check_kind(be, fd, entry.kind) if verify else None
-            if wrong_kind:
-                row["verify"] = wrong_kind
-                mismatches += 1
-            elif entry.kind == "memfd":
-                row["size"] = entry.size
-                if verify:
-                    diffs = _verify_memfd(be, fd, entry)
-                    row["verify"] = "ok" if not diffs else "; ".join(diffs)
-                    mismatches += bool(diffs)
-            rows.append(row)
-        result = {"session": session, "already_held": info.get("already_held", False),
-                  "manifest": manifest.as_dict(), "tokens": rows,
-                  "verified": (mismatches == 0) if verify else None}
-        failure: Exception | None = first_error
-        if failure is None and unbound:
-            failure = CommandError(f"not retrieved: the cdev of {', '.join(unbound)}, which is not bound to "
-                                   f"vfio-pci; bind it (`pyiommufd bind {unbound[0]}`, or restore --bind-vfio) "
-                                   "and run restore again (a failed retrieve would be sticky)",
-                                   exitcodes.CHECK_FAILED)
-        if failure is None and mismatches:
-            failure = CommandError(f"{mismatches} file(s) differ from the manifest"
-                                   + ("; not executing anything" if do_exec else ""), exitcodes.CHECK_FAILED)
+        result = done.as_dict()
+        failure = done.failure()
+        if failure is not None and do_exec and done.mismatches and not done.unbound and done.first_error is None:
+            failure = VerificationFailed(f"{failure}; not executing anything")
         if failure is not None:
-            from . import _exit_code_for
-
-            result["error"] = error_object(_exit_code_for(failure), str(failure), getattr(failure, "errno", None))
+            result["error"] = error_object(exitcodes.exit_code_for(failure), str(failure),
+                                           getattr(failure, "errno", None))
         # with --exec, stdout belongs to the command: the report goes to stderr
         out = sys.stderr if do_exec else None
         if as_json:
@@ -600,22 +498,22 @@ def _restore(client, be, session, verify, bind_vfio, do_exec, command, as_json):
                   f"{manifest.kernel_release or '?'}, LU ABI {manifest.lu_abi or '-'}):", out)
             from .output import table
 
-            _echo(table([(_hex(r["token"]), r["kind"], r["name"], r["status"], r.get("fd"),
-                          r.get("verify") or r.get("note") or r.get("error"))
-                         for r in rows], ("token", "kind", "name", "status", "fd", "details")), out)
+            _echo(table([(_hex(t.token), t.kind, t.name, t.status.value, t.fd, t.details) for t in done.tokens],
+                        ("token", "kind", "name", "status", "fd", "details")), out)
         if failure is not None:
             raise failure
         if not do_exec:
             return
+        fds = done.fds
         missing = sorted(t for t in wanted if t not in fds)
         if missing:
-            bad = next(r for r in rows if r["token"] == missing[0])
-            code = exitcodes.UNSUPPORTED if bad.get("status") == "expected-failure" else exitcodes.KERNEL_ERROR
-            raise CommandError(f"--exec: token {missing[0]:#x} ({bad['name']}) was not retrieved: "
-                               f"{bad.get('error') or bad.get('note')}", code)
+            bad = done.by_token(missing[0])
+            code = exitcodes.UNSUPPORTED if bad.status is TokenStatus.EXPECTED_FAILURE else exitcodes.KERNEL_ERROR
+            raise CommandError(f"--exec: token {missing[0]:#x} ({bad.name}) was not retrieved: "
+                               f"{bad.error or bad.note}", code)
         # the command gets every retrieved file, manifest first, at 3, 4, ...
         passed = [t for t in [MANIFEST_TOKEN] + [e.token for e in manifest.entries] if t in fds]
-        names = ["manifest" if t == MANIFEST_TOKEN else _fdname(manifest.entry(t).name) for t in passed]
+        names = ["manifest" if t == MANIFEST_TOKEN else _fdname(_entry_name(manifest, t)) for t in passed]
         argv = expand(command, {t: LISTEN_FDS_START + i for i, t in enumerate(passed)}, manifest)
         sys.stdout.flush()
         sys.stderr.flush()
@@ -626,34 +524,7 @@ def _restore(client, be, session, verify, bind_vfio, do_exec, command, as_json):
                                exitcodes.BAD_INPUT if exc.errno in (E.ENOENT, E.EACCES) else exitcodes.KERNEL_ERROR
                                ) from None
     finally:
-        # our copies; the agent keeps its own until finish
-        for fd in [*fds.values(), *bulk.values()]:
-            try:
-                be.close(fd)
-            except OSError:
-                pass
-
-
-def _vfio_ready(be, bdf: str, bind: bool) -> str | None:
-    """None when ``bdf`` is on vfio-pci (after binding it, with ``bind``);
-    else why its cdev must not be retrieved yet."""
-    from .. import errors, pci
-
-    try:
-        dev = pci.PciDevice(bdf, be)
-        dev.require()
-        driver = dev.driver
-        if driver == pci.VFIO_PCI_DRIVER:
-            return None
-        if bind:
-            dev.bind_vfio()
-            if dev.driver == pci.VFIO_PCI_DRIVER:
-                return None
-            return f"bound {bdf} to vfio-pci, but it is on {dev.driver or 'no driver'}"
-    except (errors.PyiommufdError, OSError) as exc:
-        return f"cannot check {bdf}: {exc}"
-    return (f"{bdf} is on {driver or 'no driver'}, not vfio-pci: bind it first (`pyiommufd bind {bdf}` or "
-            "--bind-vfio); retrieving now would fail for good (failed retrieves are sticky)")
+        done.close(be)   # our copies; the agent keeps its own until finish
 
 
 def echo_json_printed() -> None:
@@ -663,7 +534,7 @@ def echo_json_printed() -> None:
     output._json_documents += 1
 
 
-def _echo(text: str, stream=None) -> None:
+def _echo(text: str, stream: TextIO | None = None) -> None:
     click.echo(text, err=stream is sys.stderr)
 
 
@@ -673,26 +544,26 @@ def _echo(text: str, stream=None) -> None:
 @socket_option
 @json_option
 @handle_errors
-def finish(session, socket_path, as_json):
+def finish(session: str | None, socket_path: str | None, as_json: bool) -> None:
     """Finish a retrieved session (LIVEUPDATE_SESSION_FINISH, via the agent).
 
     Needs every preserved file retrieved and each handler ready; EBUSY (exit 5)
     names the unretrieved tokens. On a series kernel a session holding an
     iommufd can never finish in Phase 1 (the series' cover letter: what Phase 1 restores after the kexec). On success the agent
     closes the session and drops its references."""
-    session = _need_session(session)
-    result = _client(socket_path).finish(session)
+    name = _need_session(session)
+    result = _client(socket_path).finish(name)
     if as_json:
         echo_json(result)
     else:
-        click.echo(f"finished session {session!r}")
+        click.echo(f"finished session {name!r}")
 
 
 @click.command("status")
 @socket_option
 @json_option
 @handle_errors
-def status(socket_path, as_json):
+def status(socket_path: str | None, as_json: bool) -> None:
     """Show the agent's sessions, tokens and what each token is."""
     st = _client(socket_path).status()
     if as_json:
@@ -707,17 +578,20 @@ def _errname(err: Any) -> str:
     return errname(err) if isinstance(err, int) else str(err)
 
 
-def _summary(kind: str, meta: dict) -> str:
-    """One short line for a token's metadata."""
+def _summary(kind_value: str, meta: dict[str, Any]) -> str:
+    """One short line for a token's metadata (``kind_value``: as the agent sent it)."""
+    from ..fdobject import FileKind
+
+    kind = next((k for k in FileKind if k.value == kind_value), FileKind.OTHER)
     parts = []
-    if kind == "memfd":
+    if kind is FileKind.MEMFD:
         if meta.get("size") is not None:
             parts.append(f"{meta['size']:#x} bytes")
         if meta.get("seals"):
             parts.append("seals " + "|".join(s.upper() for s in meta["seals"]))
         if meta.get("sha256"):
             parts.append(f"sha256 {meta['sha256'][:12]}…")
-    elif kind == "iommufd":
+    elif kind is FileKind.IOMMUFD:
         ioas = meta.get("ioas")
         if isinstance(ioas, list):
             maps = sum(len(a.get("mappings", [])) for a in ioas if isinstance(a, dict))
@@ -728,7 +602,7 @@ def _summary(kind: str, meta: dict) -> str:
             parts.append("HWPTs " + ", ".join(marks))
         if meta.get("lu_abi"):
             parts.append(str(meta["lu_abi"]))
-    elif kind == "vfio-cdev":
+    elif kind is FileKind.VFIO_CDEV:
         parts += [str(meta[k]) for k in ("bdf", "cdev") if meta.get(k)]
         if meta.get("hwpt"):
             parts.append(f"on {meta['hwpt']}")
@@ -739,7 +613,7 @@ def _summary(kind: str, meta: dict) -> str:
     return ", ".join(parts)
 
 
-def _echo_status(st: dict) -> None:
+def _echo_status(st: dict[str, Any]) -> None:
     agent_info = st.get("agent", {})
     lu = agent_info.get("liveupdate", {})
     held = f"holds {lu.get('path')}" if lu.get("held") else f"does not hold {lu.get('path')}" + (
@@ -778,7 +652,7 @@ def _echo_status(st: dict) -> None:
 def _start_agent(socket_path: str | None, background: bool, log_file: str | None,
                  as_json: bool = False) -> None:
     from ..agent import protocol as P
-    from ..agent import server
+    from ..agent import daemon, server
     from ..backend import get_backend
 
     path = P.default_socket_path(socket_path)
@@ -788,14 +662,14 @@ def _start_agent(socket_path: str | None, background: bool, log_file: str | None
             raise _usage("--background needs the Linux backend (a test backend lives in this process)")
         sys.stdout.flush()
         sys.stderr.flush()
-        pid = server.start_background(path, log_file=log_file)
-        log = log_file or server.default_log_path(path)
+        pid = daemon.start_background(path, log_file=log_file)
+        log = log_file or daemon.default_log_path(path)
         if as_json:
             echo_json({"pid": pid, "socket": path, "log": log, "background": True})
         else:
             click.echo(f"agent started in the background: pid {pid}, socket {path}, log {log}")
         return
-    server.configure_logging(stream=sys.stderr)
+    daemon.configure_logging(stream=sys.stderr)
     from ..agent import sdnotify
 
     srv = server.AgentServer(path, backend=be, inherited=sdnotify.listen_fds()).start()
@@ -815,7 +689,8 @@ def _start_agent(socket_path: str | None, background: bool, log_file: str | None
 @json_option
 @click.pass_context
 @handle_errors
-def agent(ctx, background, log_file, socket_path, as_json):
+def agent(ctx: click.Context, background: bool, log_file: str | None, socket_path: str | None,
+          as_json: bool) -> None:
     """The holder agent that keeps /dev/liveupdate and session fds until kexec
     (and, after it, until finish).
 
@@ -833,8 +708,9 @@ def _agent_socket(socket_path: str | None) -> str | None:
         return socket_path
     ctx: click.Context | None = click.get_current_context()
     while ctx is not None:
-        if isinstance(ctx.obj, dict) and ctx.obj.get("agent_socket"):
-            return ctx.obj["agent_socket"]
+        found = ctx.obj.get("agent_socket") if isinstance(ctx.obj, dict) else None
+        if isinstance(found, str) and found:
+            return found
         ctx = ctx.parent
     return None
 
@@ -845,7 +721,7 @@ def _agent_socket(socket_path: str | None) -> str | None:
 @socket_option
 @json_option
 @handle_errors
-def agent_start(background, log_file, socket_path, as_json):
+def agent_start(background: bool, log_file: str | None, socket_path: str | None, as_json: bool) -> None:
     """Start the agent (foreground unless --background)."""
     _start_agent(_agent_socket(socket_path), background, log_file, as_json)
 
@@ -855,7 +731,7 @@ def agent_start(background, log_file, socket_path, as_json):
 @socket_option
 @json_option
 @handle_errors
-def agent_stop(force, socket_path, as_json):
+def agent_stop(force: bool, socket_path: str | None, as_json: bool) -> None:
     """Stop the agent. Refused (exit 5) while it holds an outgoing session
     with preserved files or an unfinished incoming session, unless --force:
     stopping closes the session fds, which unpreserves everything."""
@@ -876,7 +752,7 @@ def agent_stop(force, socket_path, as_json):
 @socket_option
 @json_option
 @handle_errors
-def agent_status(socket_path, as_json):
+def agent_status(socket_path: str | None, as_json: bool) -> None:
     """Is the agent running? (exit 7 if not)"""
     st = _client(_agent_socket(socket_path)).status()
     if as_json:
@@ -912,7 +788,8 @@ def _preserved_summary(socket_path: str | None) -> tuple[str | None, list[str]]:
 @socket_option
 @json_option
 @handle_errors
-def kexec_cmd(kernel, initrd, cmdline, reuse_cmdline, load_only, force, socket_path, as_json):
+def kexec_cmd(kernel: str | None, initrd: str | None, cmdline: str | None, reuse_cmdline: bool, load_only: bool,
+              force: bool, socket_path: str | None, as_json: bool) -> None:
     """Load a kernel with kexec_file_load and reboot into it.
 
     Before rebooting (not with --load-only) it asks the agent what is

@@ -66,7 +66,9 @@ def _validate(session_name: str, lu_abi: str | None) -> str | None:
 
 
 def _first_failure(report):
-    return next((s for s in report.steps if s.status == "FAIL"), None)
+    from ..selftest import StepStatus
+
+    return next((s for s in report.steps if s.status is StepStatus.FAIL), None)
 
 
 def _failure_exit(report) -> tuple[int, str]:
@@ -76,10 +78,13 @@ def _failure_exit(report) -> tuple[int, str]:
     step = _first_failure(report)
     if step is None:
         return exitcodes.CHECK_FAILED, f"selftest stage {report.stage} failed"
+    from ..selftest import StepReason
+
     where = f"step {step.index} ({step.name})"
-    if step.errno == E.EBUSY and step.name.startswith("open /dev/liveupdate"):
+    # a device node that would not open says something about this host, not the kernel's rules
+    if step.reason is StepReason.CANNOT_OPEN and step.errno == E.EBUSY:
         return exitcodes.BUSY, step.detail
-    if step.errno in (E.EACCES, E.EPERM) and step.name.startswith("open "):
+    if step.reason is StepReason.CANNOT_OPEN and step.errno in (E.EACCES, E.EPERM):
         return exitcodes.NOT_PERMITTED, f"{where}: {step.detail}"
     return exitcodes.CHECK_FAILED, f"selftest stage {report.stage or '?'} failed at {where}: {step.detail}"
 

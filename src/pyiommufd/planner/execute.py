@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from ..errors import UsageError
+from ..fdobject import FileKind
 from ..memfd import seal_names
 from .order import Operation, check_order, order
 from .rules import errors_in, validate
@@ -292,7 +293,7 @@ class _Run:
                 continue
             if m.sha256 and m.name not in self.digests:
                 self.digests[m.name] = self.memfds[m.name].sha256()
-            entries.append(M.Entry(_token(m), "memfd", m.name, size=m.size,
+            entries.append(M.Entry(_token(m), FileKind.MEMFD, m.name, size=m.size,
                                    seals=[s for s in seal_names(m.seals) if not s.startswith("0x")],
                                    sha256=self.digests.get(m.name)))
         for i in plan.iommufds:
@@ -323,7 +324,7 @@ class _Run:
             ioas_list.append(M.Ioas(id=self.ioases[(spec.name, a.name)].id, name=a.name, mappings=maps))
         hwpts = [M.Hwpt(id=self.hwpts[h.name].id, name=h.name, lu_token=_token(h), ioas=h.ioas, device=h.device)
                  for h in spec.hwpts if h.mark]
-        return M.Entry(_token(spec), "iommufd", spec.name, ioas=ioas_list, hwpts=hwpts)
+        return M.Entry(_token(spec), FileKind.IOMMUFD, spec.name, ioas=ioas_list, hwpts=hwpts)
 
     def cdev_entry(self, spec: DeviceSpec) -> M.Entry:
         from .. import manifest as M
@@ -340,7 +341,7 @@ class _Run:
             except OSError:
                 found = None
             bdf = found.bdf if found is not None else None
-        return M.Entry(_token(spec), "vfio-cdev", spec.name, bdf=bdf, cdev=getattr(dev, "path", None) or spec.cdev,
+        return M.Entry(_token(spec), FileKind.VFIO_CDEV, spec.name, bdf=bdf, cdev=getattr(dev, "path", None) or spec.cdev,
                        iommufd_token=iommufd.token if iommufd is not None and iommufd.preserve else None,
                        hwpt=spec.hwpt)
 

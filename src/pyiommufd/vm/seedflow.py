@@ -14,7 +14,8 @@ In the guest, one boot each (:func:`guest_stage`, run by the hidden
 
 Each stage prints ``# seedflow {json}`` records that the host reads back
 (:func:`parse_records`) into a :class:`SeedFlowResult`: per stage, the exit
-status and the first step that did not pass, as a canonical operation name and
+status and the first step that did not pass, as a seed operation
+(:class:`pyiommufd.selftest.SeedOp`, which the C test's asserts map to too) and
 an errno, so the two programs can be compared step for step.
 """
 from __future__ import annotations
@@ -34,34 +35,7 @@ PROGRAMS = ("pyiommufd", "c")
 NON_VFIO_DRIVER = "pci-pf-stub"
 ENV_C_SELFTEST = "PYIOMMUFD_VM_C_SELFTEST"
 
-# -- canonical step names ---------------------------------------------------------------------
-# pyiommufd selftest's step names -> the operation they stand for
-_PY_OPS = [
-    (r"^VFIO_DEVICE_BIND_IOMMUFD$", "bind"),
-    (r"^IOMMU_IOAS_ALLOC$", "ioas_alloc"),
-    (r"^IOMMU_HWPT_ALLOC$", "hwpt_alloc"),
-    (r"^VFIO_DEVICE_ATTACH_IOMMUFD_PT$", "attach"),
-    (r"^IOMMU_IOAS_MAP_FILE", "map_file"),
-    (r"^(mark HWPT|IOMMU_HWPT_LU_)", "mark"),
-    (r"^preserve cdev before", "preserve_cdev_first"),
-    (r"^preserve iommufd before", "preserve_iommufd_first"),
-    (r"^preserve (memfd|iommufd|cdev) again$", r"preserve_\1_again"),
-    (r"^preserve (memfd|iommufd|cdev)$", r"preserve_\1"),
-    (r"^retrieve cdev", "retrieve_cdev"),
-    (r"^retrieve iommufd", "retrieve_iommufd"),
-    (r"^bind the retrieved cdev", "bind_new_iommufd"),
-    (r"^finish the session", "finish"),
-]
-
-
-def canonical_step(name: str) -> str:
-    for pattern, op in _PY_OPS:
-        m = re.search(pattern, name)
-        if m:
-            return m.expand(op)
-    return name
-
-
+# -- operation names ----------------------------------------------------------------------
 # The C test's calls -> the same operation names; its asserts are numbered by
 # source line, so the line of a failed assert names the call before it.
 _C_CALLS = [
@@ -197,19 +171,21 @@ def result_from_records(program: str, kernel: str, records: list[dict[str, Any]]
 
 def python_outcome(report: dict[str, Any], exit_code: int | None) -> StageOutcome:
     """From ``pyiommufd selftest --json``: the first step that did not pass (a
-    FAIL, or a SKIP that ended the run because the kernel lacks something)."""
+    FAIL, or a SKIP that ended the run because the kernel lacks something),
+    named by its seed operation (its display name when it is none)."""
+    from ..selftest import Step, StepStatus
+
     stage = report.get("stage") or 0
-    steps = report.get("steps", [])
+    steps = [Step.from_dict(s) for s in report.get("steps", [])]
     stopped = report.get("stopped_at")
-    bad = next((s for s in steps if s["index"] == stopped), None) if stopped else None
+    bad = next((s for s in steps if s.index == stopped), None) if stopped else None
     if bad is None:
-        bad = next((s for s in steps if s["status"] == "FAIL"), None)
+        bad = next((s for s in steps if s.status is StepStatus.FAIL), None)
     if bad is None and report.get("result") != "pass":
-        bad = next((s for s in steps if s["status"] == "SKIP"), None)
+        bad = next((s for s in steps if s.status is StepStatus.SKIP), None)
     if bad is None:
         return StageOutcome(stage, exit_code, report.get("result") == "pass")
-    return StageOutcome(stage, exit_code, False, canonical_step(bad["name"]), bad.get("errno"),
-                        bad.get("detail", ""))
+    return StageOutcome(stage, exit_code, False, bad.op.value if bad.op else bad.name, bad.errno, bad.detail)
 
 
 def c_outcome(output: str, exit_code: int | None, stage: int, source: str) -> StageOutcome:
@@ -311,8 +287,7 @@ def _render(report: dict[str, Any], stage: int, say: Callable[[str], None]) -> S
     from .. import selftest as lib
 
     for s in report.get("steps", []):
-        say(lib.format_step_ktap(lib.Step(s["index"], s["name"], s["status"], s.get("expected", ""),
-                                          s.get("detail", ""), s.get("errno"))))
+        say(lib.format_step_ktap(lib.Step.from_dict(s)))
     counts = report.get("counts", {})
     say(f"# stage {report.get('stage')}: {str(report.get('result')).upper()} " +
         ", ".join(f"{k.lower()} {v}" for k, v in counts.items()))

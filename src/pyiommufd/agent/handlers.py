@@ -1,0 +1,371 @@
+"""The agent's request handlers: one ``_op_<name>`` per request of
+:data:`pyiommufd.agent.protocol.OPS`, each taking the request's arguments and
+fds and answering ``(result, fds to send back)``."""
+from __future__ import annotations
+
+import errno as E
+import logging
+import os
+from typing import Any
+
+from .. import errors
+from ..backend import Backend
+from ..errors import UsageError
+from ..fdobject import FileKind
+from ..luo import LiveUpdate, PreservedFile, RetrievedFile, Session, check_session_name, check_token, fd_target, kind_of_fd
+from . import protocol as P
+from . import sdnotify
+from .protocol import AgentRefused
+from .registry import HeldFile, HeldSession, Registry, close_fd
+
+log = logging.getLogger("pyiommufd.agent")
+
+
+class RequestFds:
+    """The fds of one request. Handlers ``take`` what they keep; the rest is
+    closed after the request."""
+
+    def __init__(self, backend: Backend, fds: list[int]):
+        self.backend = backend
+        self.fds = list(fds)
+        self.kept: set[int] = set()
+
+    def get(self, index: Any, what: str) -> int:
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(self.fds):
+            raise UsageError(f"{what}: fd index {index!r} does not name one of the {len(self.fds)} "
+                             "file descriptors sent with the request")
+        return self.fds[index]
+
+    def keep(self, fd: int) -> int:
+        self.kept.add(fd)
+        return fd
+
+    def close_rest(self) -> None:
+        for fd in self.fds:
+            if fd in self.kept:
+                continue
+            close_fd(self.backend, fd)
+
+
+def _require(args: dict[str, Any], key: str, kind: type, what: str | None = None) -> Any:
+    value = args.get(key)
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise UsageError(f"request argument {key!r} ({what or key}) is missing or has the wrong type")
+    return value
+
+
+def _meta(value: Any) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise UsageError("meta must be a JSON object")
+    return dict(value)
+
+
+#: a handler's answer: the result, and the fds to send with it
+Reply = tuple[dict[str, Any], list[int]]
+#: a file to preserve: token, fd, kind, the rest of its meta
+PreserveItem = tuple[int, int, FileKind, dict[str, Any]]
+
+
+class RequestHandlers(Registry):
+    """The requests, run one at a time under the registry's lock."""
+
+    def _info(self) -> dict[str, Any]:
+        """Who the agent is (its socket, pid, version): the server's to say."""
+        raise NotImplementedError
+
+    def request_stop(self, *, release: bool = True) -> None:
+        """Stop serving: the server's to do."""
+        raise NotImplementedError
+
+    def _op_ping(self, args: dict[str, Any], fds: RequestFds) -> Reply:
+        return self._info(), []
+
+    def _op_status(self, args: dict[str, Any], fds: RequestFds) -> Reply:
+        sessions = [s.as_dict() for s in sorted(self.sessions.values(), key=lambda s: (s.name, s.incoming))]
+        return {"agent": self._info(), "sessions": sessions}, []
+
+    def _op_create_session(self, args: dict[str, Any], fds: RequestFds) -> Reply:
+        name = _require(args, "name", str, "session name")
+        check_session_name(name)
+        if (name, False) in self.sessions:
+            raise errors.make_error("LIVEUPDATE_IOCTL_CREATE_SESSION", "luo", E.EEXIST,
+                                    detail=f"session {name!r} (held by this agent)")
+        session = self._need_liveupdate().create_session(name)
+        held = HeldSession(name, session, incoming=False)
+        self.sessions[held.key] = held
+        log.info("created outgoing session %r (fd %d)", name, session.fd)
+        self._store_session(held)
+        return held.as_dict(), []
+
+    def _op_preserve(self, args: dict[str, Any], fds: RequestFds) -> Reply:
+        held = self._session(args.get("session"), incoming=False)
+        token = check_token(args.get("token"))
+        meta = _meta(args.get("meta"))
+        fd = fds.get(args.get("fd", 0), "preserve")
+        if token in held.files:
+            # the kernel says EEXIST too; answer without touching it
+            raise errors.make_error("LIVEUPDATE_SESSION_PRESERVE_FD", "luo", E.EEXIST,
+                                    detail=f"session {held.name!r}, token {token:#x}")
+        kind = P.parse_kind(meta.pop("kind", None)) or kind_of_fd(self.backend, fd)
+        name = meta.pop("name", None)
+        held.session.preserve(fd, token)
+        held.files[token] = HeldFile(token, kind, name, meta, fds.keep(fd), "preserved")
+        log.info("preserved token %#x (%s %s) in %r", token, kind, name or "", held.name)
+        self._store_file(held, held.files[token])
+        return held.files[token].as_dict(), []
+
+    def _op_preserve_many(self, args: dict[str, Any], fds: RequestFds) -> Reply:
+        """``files``: ``[{"token", "fd" (index), "meta"}]``, preserved in order
+        by one :meth:`Session.preserve_many`. Everything is checked first; on a
+        failure part-way the files before it stay preserved and held."""
+        held = self._session(args.get("session"), incoming=False)
+        specs = args.get("files")
+        if not isinstance(specs, list):
+            raise UsageError("preserve_many: files must be a list")
+        items: list[PreserveItem] = []
+        seen: set[int] = set()
+        for spec in specs:
+            if not isinstance(spec, dict):
+                raise UsageError("preserve_many: each file is an object")
+            token = check_token(spec.get("token"))
+            fd = fds.get(spec.get("fd"), f"preserve_many token {token:#x}")
+            if token in held.files or token in seen:
+                raise errors.make_error("LIVEUPDATE_SESSION_PRESERVE_FD", "luo", E.EEXIST,
+                                        detail=f"session {held.name!r}, token {token:#x}")
+            seen.add(token)
+            meta = _meta(spec.get("meta"))
+            kind = P.parse_kind(meta.pop("kind", None)) or kind_of_fd(self.backend, fd)
+            items.append((token, fd, kind, meta))
+        try:
+            held.session.preserve_many([(fd, token) for token, fd, _, _ in items])
+        except errors.KernelError as exc:
+            self._hold_preserved(held, items[:getattr(exc, "index", 0)], fds)
+            raise
+        return {"files": self._hold_preserved(held, items, fds)}, []
+
+    def _hold_preserved(self, held: HeldSession, items: list[PreserveItem], fds: RequestFds
+                        ) -> list[dict[str, Any]]:
+        out = []
+        for token, fd, kind, meta in items:
+            name = meta.pop("name", None)
+            f = held.files[token] = HeldFile(token, kind, name, meta, fds.keep(fd), "preserved")
+            self._store_file(held, f)
+            out.append(f.as_dict())
+        log.info("preserved %d files in %r", len(items), held.name)
+        return out
+
+    def _op_adopt(self, args: dict[str, Any], fds: RequestFds) -> Reply:
+        lu_index = args.get("liveupdate")
+        specs = args.get("sessions") or []
+        if not isinstance(specs, list):
+            raise UsageError("adopt: sessions must be a list")
+        plans = []
+        for spec in specs:
+            if not isinstance(spec, dict):
+                raise UsageError("adopt: each session is an object")
+            name = _require(spec, "name", str, "session name")
+            check_session_name(name)
+            direction = spec.get("direction", "outgoing")
+            if direction not in ("outgoing", "incoming"):
+                raise UsageError(f"adopt: direction must be outgoing or incoming, not {direction!r}")
+            incoming = direction == "incoming"
+            if (name, incoming) in self.sessions:
+                raise UsageError(f"adopt: the agent holds {direction} session {name!r} already")
+            session_fd = fds.get(spec.get("fd"), f"adopt session {name!r}")
+            files = []
+            seen: set[int] = set()
+            for f in spec.get("files") or []:
+                if not isinstance(f, dict):
+                    raise UsageError("adopt: each file is an object")
+                token = check_token(f.get("token"))
+                if token in seen:
+                    raise UsageError(f"adopt: token {token:#x} listed twice in session {name!r}")
+                seen.add(token)
+                ffd = None if f.get("fd") is None else fds.get(f.get("fd"), f"adopt token {token:#x}")
+                meta = _meta(f.get("meta"))
+                said = P.parse_kind(f.get("kind") or meta.pop("kind", None))
+                files.append((token, ffd, f, meta, said))
+            self._check_session_fd(session_fd, name)
+            plans.append((name, incoming, session_fd, files, spec))
+        lu_fd = None if lu_index is None else fds.get(lu_index, "adopt /dev/liveupdate")
+        if lu_fd is not None and self.liveupdate is None:
+            target = fd_target(self.backend, lu_fd)
+            if target != self.liveupdate_path:
+                raise UsageError(f"adopt: the fd sent as /dev/liveupdate is not {self.liveupdate_path} "
+                                 f"({target or 'unknown'})")
+        # everything checked: take the fds
+        adopted: list[dict[str, Any]] = []
+        result: dict[str, Any] = {"liveupdate": None, "sessions": adopted}
+        if lu_fd is not None:
+            if self.liveupdate is None:
+                self.liveupdate = LiveUpdate(fds.keep(lu_fd), backend=self.backend)
+                self.liveupdate_error = None
+                result["liveupdate"] = "adopted"
+                log.info("adopted /dev/liveupdate (fd %d)", lu_fd)
+                self._store(sdnotify.LUO_NAME, lu_fd)
+            else:
+                result["liveupdate"] = "already held"
+        for name, incoming, session_fd, files, spec in plans:
+            session = Session(fds.keep(session_fd), name, incoming=incoming, backend=self.backend)
+            held = HeldSession(name, session, incoming=incoming, adopted=True)
+            for token, ffd, f, meta, said in files:
+                if ffd is not None:
+                    fds.keep(ffd)
+                kind = said or (kind_of_fd(self.backend, ffd) if ffd is not None else FileKind.OTHER)
+                fname = f.get("name") or meta.pop("name", None)
+                if incoming:
+                    state = f.get("state") or ("retrieved" if ffd is not None else "pending")
+                    if state == "retrieved" and ffd is not None:
+                        session.record_retrieved(token, ffd, kind)
+                else:
+                    state = "preserved"
+                    session.preserved[token] = PreservedFile(token, ffd if ffd is not None else -1, kind)
+                held.files[token] = HeldFile(token, kind, fname, meta, ffd, state)
+            if incoming:
+                if 0 in held.files and held.files[0].fd is not None:
+                    self._load_manifest(held, held.files[0].fd)
+                session.expected_tokens = set(held.files)
+            self.sessions[held.key] = held
+            adopted.append(held.as_dict())
+            log.info("adopted %s session %r with %d files", held.direction, name, len(held.files))
+            self._store_session(held)
+            for f in held.files.values():
+                self._store_file(held, f)
+        return result, []
+
+    def _check_session_fd(self, fd: int, name: str) -> None:
+        """An fd handed over as session ``name`` must be that LUO session."""
+        try:
+            actual = Session(fd, name, incoming=False, backend=self.backend, owned=False).get_name()
+        except (errors.PyiommufdError, OSError):
+            raise UsageError(f"adopt: the fd sent as session {name!r} is not a LUO session") from None
+        if actual != name:
+            raise UsageError(f"adopt: the fd sent as session {name!r} is LUO session {actual!r}")
+    def _op_retrieve_session(self, args: dict[str, Any], fds: RequestFds) -> Reply:
+        name = _require(args, "name", str, "session name")
+        check_session_name(name)
+        held = self.sessions.get((name, True))
+        if held is not None:
+            out = held.as_dict()
+            out["already_held"] = True
+            return out, []
+        session = self._need_liveupdate().retrieve_session(name)
+        held = HeldSession(name, session, incoming=True)
+        self.sessions[held.key] = held
+        log.info("retrieved incoming session %r (fd %d)", name, session.fd)
+        self._store_session(held)
+        from ..manifest import MANIFEST_NAME, MANIFEST_TOKEN
+
+        if args.get("manifest", True):
+            try:
+                fd = session.retrieve(MANIFEST_TOKEN).fd
+            except errors.NotFound:
+                held.manifest_error = "no token 0: this session has no pyiommufd manifest"
+            except errors.KernelError as exc:
+                held.files[MANIFEST_TOKEN] = HeldFile(MANIFEST_TOKEN, FileKind.MANIFEST, MANIFEST_NAME, state="failed",
+                                                      error=P.encode_error(exc))
+                held.manifest_error = f"retrieving token 0 failed: {exc}"
+            else:
+                held.files[MANIFEST_TOKEN] = HeldFile(MANIFEST_TOKEN, FileKind.MANIFEST, MANIFEST_NAME, fd=fd,
+                                                      state="retrieved")
+                self._store_file(held, held.files[MANIFEST_TOKEN])
+                self._load_manifest(held, fd)
+        out = held.as_dict()
+        out["already_held"] = False
+        return out, []
+
+    def _op_retrieve(self, args: dict[str, Any], fds: RequestFds) -> Reply:
+        held = self._session(args.get("session"), incoming=True)
+        token = check_token(args.get("token"))
+        f = held.files.get(token)
+        if f is not None and f.fd is not None:
+            return f.as_dict(), [f.fd]
+        try:
+            got = held.session.retrieve(token)
+        except errors.KernelError as exc:
+            if f is None:
+                f = held.files[token] = HeldFile(token, FileKind.OTHER)
+            f.state, f.error = "failed", P.encode_error(exc)
+            raise
+        fd = got.fd
+        if f is None:
+            f = held.files[token] = HeldFile(token, got.kind)
+        f.fd, f.state, f.error = fd, "retrieved", None
+        log.info("retrieved token %#x (%s %s) of %r", token, f.kind, f.name or "", held.name)
+        self._store_file(held, f)
+        return f.as_dict(), [fd]
+
+    def _op_retrieve_many(self, args: dict[str, Any], fds: RequestFds) -> Reply:
+        """``tokens``, retrieved in order (those held already are not asked
+        again) by one :meth:`Session.retrieve_all`; answers ``files`` and one
+        fd per token. On a failure part-way the ones before it stay held."""
+        held = self._session(args.get("session"), incoming=True)
+        tokens = args.get("tokens")
+        if not isinstance(tokens, list):
+            raise UsageError("retrieve_many: tokens must be a list")
+        tokens = [check_token(t) for t in tokens]
+        todo = [t for t in tokens if held.files.get(t) is None or held.files[t].fd is None]
+        try:
+            got = held.session.retrieve_all(todo)
+        except errors.KernelError as exc:
+            index = getattr(exc, "index", 0)
+            self._hold_retrieved(held, exc.done)
+            f = held.files.get(todo[index])
+            if f is None:
+                f = held.files[todo[index]] = HeldFile(todo[index], FileKind.OTHER)
+            f.state, f.error = "failed", P.encode_error(exc)
+            exc.index = tokens.index(todo[index])
+            raise
+        self._hold_retrieved(held, got)
+        out_fds = [fd for fd in (held.files[t].fd for t in tokens) if fd is not None]   # each one is held now
+        return {"files": [held.files[t].as_dict() for t in tokens]}, out_fds
+
+    def _hold_retrieved(self, held: HeldSession, got: dict[int, RetrievedFile]) -> None:
+        for token, record in got.items():
+            f = held.files.get(token)
+            if f is None:
+                f = held.files[token] = HeldFile(token, record.kind)
+            f.fd, f.state, f.error = record.fd, "retrieved", None
+        log.info("retrieved %d tokens of %r", len(got), held.name)
+
+    def _op_finish(self, args: dict[str, Any], fds: RequestFds) -> Reply:
+        held = self._session(args.get("session"), incoming=True)
+        held.session.finish()
+        log.info("finished session %r", held.name)
+        self._close_session(held)
+        del self.sessions[held.key]
+        return {"finished": held.name, "released_tokens": sorted(held.files)}, []
+
+    def _op_release(self, args: dict[str, Any], fds: RequestFds) -> Reply:
+        name = _require(args, "session", str, "session name")
+        force = bool(args.get("force", False))
+        direction = args.get("direction")
+        if direction not in (None, "outgoing", "incoming"):
+            raise UsageError(f"direction must be outgoing or incoming, not {direction!r}")
+        if direction is None:
+            matches = [s for s in self.sessions.values() if s.name == name]
+            if len(matches) > 1:
+                raise UsageError(f"the agent holds session {name!r} both outgoing and incoming: "
+                                 "say which (direction)")
+            if not matches:
+                raise UsageError(f"the agent holds no session {name!r}")
+            held = matches[0]
+        else:
+            held = self._session(name, incoming=direction == "incoming")
+        warning = self._release_warning(held)
+        if warning and not force:
+            raise AgentRefused(f"{warning}; pass force to do it anyway")
+        self._close_session(held)
+        del self.sessions[held.key]
+        return {"released": held.name, "direction": held.direction, "warning": warning,
+                "tokens": sorted(held.files)}, []
+    def _op_stop(self, args: dict[str, Any], fds: RequestFds) -> Reply:
+        force = bool(args.get("force", False))
+        warnings = self.holding_state()
+        if warnings and not force:
+            raise AgentRefused("the agent holds live-update state: " + "; ".join(warnings) +
+                               "; stopping would drop it (stop --force to do it anyway)")
+        self.request_stop()
+        return {"stopping": True, "pid": os.getpid(), "warnings": warnings}, []
