@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-if TYPE_CHECKING:   # imported lazily at run time: the guest side needs neither
+if TYPE_CHECKING:   # imported lazily at run time: the guest side needs none of them
     from ..backend import Backend
     from . import runner
     from .kernel import KernelRecipe
