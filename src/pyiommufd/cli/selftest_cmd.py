@@ -20,16 +20,22 @@ import errno as E
 import os
 import re
 import sys
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from . import exitcodes
 from .output import CommandError, echo_json, error_object, exit_with, json_option, report_error
 
+if TYPE_CHECKING:
+    from ..backend import Backend
+    from ..selftest import Report, Step
+
 DEFAULT_SESSION = "iommufd-test"
 
 
-def resolve_device(device: str, backend) -> str:
+def resolve_device(device: str, backend: Backend) -> str:
     """The VFIO cdev path for DEVICE (a cdev path, ``vfioN`` or a BDF), resolved
     as :meth:`pyiommufd.vfio.VfioDevice.open` does. Raises exit code 2 for
     anything that does not name an existing cdev."""
@@ -65,13 +71,13 @@ def _validate(session_name: str, lu_abi: str | None) -> str | None:
     return abi.lookup(lu_abi).name  # UsageError -> 2 for an unknown revision
 
 
-def _first_failure(report):
+def _first_failure(report: Report) -> Step | None:
     from ..selftest import StepStatus
 
     return next((s for s in report.steps if s.status is StepStatus.FAIL), None)
 
 
-def _failure_exit(report) -> tuple[int, str]:
+def _failure_exit(report: Report) -> tuple[int, str]:
     """Exit code and message for a report that did not pass."""
     if report.result == "unsupported":
         return exitcodes.UNSUPPORTED, report.lacking or "the kernel lacks a capability the test needs"
@@ -92,7 +98,7 @@ def _failure_exit(report) -> tuple[int, str]:
 class _TotalsOnce:
     """Prints the closing ``# Totals:`` line once: before a kexec, else last."""
 
-    def __init__(self, report, as_json: bool):
+    def __init__(self, report: Report, as_json: bool) -> None:
         self.report, self.done = report, as_json
 
     def __call__(self) -> None:
@@ -120,7 +126,9 @@ class _TotalsOnce:
                    "them (which unpreserves everything).")
 @json_option
 @click.pass_context
-def selftest(ctx, device, session_name, lu_abi, kexec_kernel, initrd, cmdline, hold, as_json):
+def selftest(ctx: click.Context, device: str, session_name: str, lu_abi: str | None,
+             kexec_kernel: str | None, initrd: str | None, cmdline: str | None, hold: bool,
+             as_json: bool) -> None:
     """Run the series' iommufd_liveupdate selftest on the VFIO cdev CDEV (or the
     device BDF); the stage (1 before kexec, 2 after) is detected by retrieving
     the session."""
@@ -142,13 +150,13 @@ def selftest(ctx, device, session_name, lu_abi, kexec_kernel, initrd, cmdline, h
 
     from .. import selftest as lib
 
-    def on_plan(count):
+    def on_plan(count: int) -> None:
         if not as_json:
             click.echo("KTAP version 1")
             click.echo(f"1..{count}")
             click.echo(f"# pyiommufd selftest: device {cdev}, session {session_name!r}")
 
-    def on_step(step):
+    def on_step(step: Step) -> None:
         if not as_json:
             click.echo(lib.format_step_ktap(step))
 
@@ -167,8 +175,10 @@ def selftest(ctx, device, session_name, lu_abi, kexec_kernel, initrd, cmdline, h
     report.close()
 
 
-def _finish(report, cdev, session_name, kexec_kernel, initrd, cmdline, hold, as_json, be, lib, totals):
-    extra: dict = {"device": cdev, "session": session_name}
+def _finish(report: Report, cdev: str, session_name: str, kexec_kernel: str | None,
+            initrd: str | None, cmdline: str | None, hold: bool, as_json: bool, be: Backend,
+            lib: ModuleType, totals: _TotalsOnce) -> None:
+    extra: dict[str, Any] = {"device": cdev, "session": session_name}
     if not as_json:
         click.echo(lib.summary_line(report))
     if report.result != "pass":
@@ -200,6 +210,7 @@ def _finish(report, cdev, session_name, kexec_kernel, initrd, cmdline, hold, as_
     from .. import agent
 
     h = report.handles
+    assert h is not None, "a passing stage 1 keeps its handles"
     try:
         client = agent.hand_over(h.liveupdate, h.session, h.files)
     except agent.AgentError as exc:  # exit 7 (or the agent error's own code)
@@ -221,7 +232,8 @@ def _finish(report, cdev, session_name, kexec_kernel, initrd, cmdline, hold, as_
         totals()
 
 
-def _kexec(report, kernel, initrd, cmdline, as_json, extra, be, totals):
+def _kexec(report: Report, kernel: str, initrd: str | None, cmdline: str | None, as_json: bool,
+           extra: dict[str, Any], be: Backend, totals: _TotalsOnce) -> None:
     if as_json:
         echo_json(dict(report.as_dict(), **extra, after="kexec", kexec={
             "kernel": kernel, "initrd": initrd, "cmdline": cmdline}))

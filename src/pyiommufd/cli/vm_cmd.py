@@ -21,11 +21,21 @@ import math
 import os
 import re
 import shlex
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 import click
 
 from . import exitcodes
 from .output import CommandError, echo_json, error_object, exit_with, json_option, report_error
+
+if TYPE_CHECKING:   # the VM modules are imported only when a command runs
+    from ..backend import Backend
+    from ..vm.kernel import KernelBuildError, KernelRecipe
+    from ..vm.runner import VmResult
+
+T = TypeVar("T")
 
 TIMEOUT_EXIT = exitcodes.VM_TIMEOUT
 DEFAULT_TIMEOUT = 600.0
@@ -39,7 +49,7 @@ def _progress(message: str) -> None:
     click.echo(message, err=True)
 
 
-def _runner(machine: str):
+def _runner(machine: str) -> ModuleType:
     """The runner module; exit 4 if QEMU is needed and missing."""
     from ..vm import runner
 
@@ -51,7 +61,7 @@ def _runner(machine: str):
     return runner
 
 
-def _run_vm(fn):
+def _run_vm(fn: Callable[[], T]) -> T:
     """Call ``fn()`` (a runner call), mapping VmError to one error line."""
     from ..vm import runner
 
@@ -63,7 +73,7 @@ def _run_vm(fn):
         raise CommandError(f"the VM could not start: {reason}{log}", exitcodes.KERNEL_ERROR) from None
 
 
-def _exit_for(res) -> int:
+def _exit_for(res: VmResult) -> int:
     if res.timed_out:
         return TIMEOUT_EXIT
     return res.exit_code
@@ -78,11 +88,11 @@ def _pyiommufd_argv() -> list[str]:
 
 
 @click.group("vm")
-def vm():
+def vm() -> None:
     """Run commands or the seed flow in a QEMU guest on a real Linux 7.3 kernel."""
 
 
-def _recipe(patches, fragments):
+def _recipe(patches: tuple[str, ...], fragments: tuple[str, ...]) -> KernelRecipe:
     """The kernel recipe of ``--patch``/``--config`` (exit 2 for a missing file)."""
     from ..vm import kernel
 
@@ -92,7 +102,7 @@ def _recipe(patches, fragments):
         raise CommandError(str(exc)) from None
 
 
-def _kernel_error(exc) -> CommandError:
+def _kernel_error(exc: KernelBuildError) -> CommandError:
     from ..vm import kernel
 
     if isinstance(exc, kernel.PatchError):
@@ -113,7 +123,8 @@ _CONFIG_HELP = "A config fragment (CONFIG_X=y lines) on top of the VM tier's; re
 @click.option("--force", is_flag=True, help="Rebuild even if the cache has the kernel.")
 @click.option("--jobs", "-j", type=int, default=None, help="make -j (default: all CPUs).")
 @json_option
-def build_kernel(patches, fragments, force, jobs, as_json):
+def build_kernel(patches: tuple[str, ...], fragments: tuple[str, ...], force: bool,
+                 jobs: int | None, as_json: bool) -> None:
     """Build (or find in the cache) a guest kernel and print its bzImage path:
     Debian's 7.3.4 with the VM tier's config, plus --patch files applied in
     order (a hunk that needs fuzz is refused) and --config fragments. A tree
@@ -146,7 +157,7 @@ def _check_kernel(kernel: str | None) -> None:
         raise CommandError(f"--kernel {kernel}: no such file")
 
 
-def _print_stage_output(res) -> None:
+def _print_stage_output(res: VmResult) -> None:
     for stage in res.stages:
         out = stage.output()
         if len(res.stages) > 1:
@@ -155,8 +166,8 @@ def _print_stage_output(res) -> None:
             click.echo(out, nl=not out.endswith("\n"))
 
 
-def _result_json(res, code: int, message: str | None) -> dict:
-    doc = {"exit_code": code, "timed_out": res.timed_out, "kernel_release": res.kernel_release,
+def _result_json(res: VmResult, code: int, message: str | None) -> dict[str, Any]:
+    doc: dict[str, Any] = {"exit_code": code, "timed_out": res.timed_out, "kernel_release": res.kernel_release,
            "boots": res.boot_count, "serial_log": str(res.serial_log),
            "stages": [{"number": s.number, "ended_by": s.ended_by, "exit": s.exit, "output": s.output()}
                       for s in res.stages]}
@@ -205,7 +216,8 @@ def _dry_run(kernel: str | None, memory: str, cpus: int, append: tuple[str, ...]
               help="local: run the guest agent as host processes (tests of the plumbing).")
 @json_option
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
-def run(kernel, timeout, memory, cpus, append, dry_run, machine, as_json, command):
+def run(kernel: str | None, timeout: float, memory: str, cpus: int, append: tuple[str, ...],
+        dry_run: bool, machine: str, as_json: bool, command: tuple[str, ...]) -> None:
     """Run COMMAND in the guest (put it after --) and exit with its status."""
     _check_timeout(timeout)
     _check_kernel(kernel)
@@ -263,8 +275,9 @@ def _last_error_line(text: str) -> str | None:
               help="Hard limit in seconds for the whole run (two boots under TCG).")
 @click.option("--machine", type=click.Choice(["qemu", "local"]), default="qemu", hidden=True)
 @json_option
-def selftest(kernel, patches, fragments, program, c_selftest, lu_abi, lu_nr, session_name,
-             timeout, machine, as_json):
+def selftest(kernel: str | None, patches: tuple[str, ...], fragments: tuple[str, ...],
+             program: str, c_selftest: str | None, lu_abi: str | None, lu_nr: str | None,
+             session_name: str, timeout: float, machine: str, as_json: bool) -> None:
     """Boot the VM and run the series' selftest in the cover letter's order:
     bind the virtio-net device to vfio-pci, stage 1, kexec into the same
     kernel, try a non-VFIO driver (must be refused while the device is
@@ -281,7 +294,7 @@ def selftest(kernel, patches, fragments, program, c_selftest, lu_abi, lu_nr, ses
     luo.check_session_name(session_name)
     if lu_abi is not None and lu_abi.lower() != "probe":
         lu_abi = abi.lookup(lu_abi).name
-    env = {}
+    env: dict[str, str] = {}
     if lu_nr is not None:
         env[abi.ENV_NR] = f"{abi.parse_nr(lu_nr):#x}"
     recipe = _recipe(patches, fragments)
@@ -320,7 +333,7 @@ def selftest(kernel, patches, fragments, program, c_selftest, lu_abi, lu_nr, ses
     exit_with(report_error(why, code))
 
 
-def find_test_device(backend=None) -> str:
+def find_test_device(backend: Backend | None = None) -> str:
     """The BDF of the guest's virtio-net device."""
     from .. import pci
 
@@ -337,7 +350,8 @@ def find_test_device(backend=None) -> str:
 @click.option("--program", type=click.Choice(["pyiommufd", "c"]), default="pyiommufd")
 @click.option("--lu-abi", default=None)
 @click.option("--device", default=None, help="BDF (default: the virtio-net device).")
-def guest_selftest(stage, session_name, program, lu_abi, device):
+def guest_selftest(stage: int, session_name: str, program: str, lu_abi: str | None,
+                   device: str | None) -> None:
     """(in the guest) one stage of the seed flow (pyiommufd.vm.seedflow)."""
     from .. import pci
     from ..backend import get_backend
@@ -363,7 +377,7 @@ def guest_selftest(stage, session_name, program, lu_abi, device):
 DEFAULT_BENCH_TIMEOUT = 1800.0
 
 
-def bench_script():
+def bench_script() -> Path:
     """benchmarks/bench.py of this checkout (the suite is not installed)."""
     from ..vm import runner
 
@@ -380,13 +394,12 @@ def bench_script():
 @click.option("--timeout", type=float, default=DEFAULT_BENCH_TIMEOUT, show_default=True,
               help="Hard limit in seconds for the whole run (two boots under TCG).")
 @json_option
-def bench(kernel, quick, timeout, as_json):
+def bench(kernel: str | None, quick: bool, timeout: float, as_json: bool) -> None:
     """pyiommufd against C on the real kernel: every case of benchmarks/bench.py
     in one boot and one kexec, then the table of Python/C ratios and a summary
     line (`bench: N cases, goals met X/Y`). Start-up cases also run on the host."""
     import subprocess
     import tempfile
-    from pathlib import Path
 
     from ..vm import debian
 
@@ -424,7 +437,8 @@ def bench(kernel, quick, timeout, as_json):
     if not as_json:
         click.echo(f"# results: {results} and {host}; kernel {res.kernel_release or '?'}")
     if bad:
-        why = (f"the VM timed out after {timeout:.0f}s" if res.timed_out
+        # bad: failed is None only when the VM timed out
+        why = (f"the VM timed out after {timeout:.0f}s" if res.timed_out or failed is None
                else f"guest {failed.describe()}") + f" (serial log: {res.serial_log})"
         code = _exit_for(res) or 1
         if as_json:

@@ -10,6 +10,8 @@ Public entry points (imported lazily, so ``import pyiommufd.vm`` is cheap)::
 """
 from __future__ import annotations
 
+from typing import Any
+
 _LAZY = {
     "run": "runner", "run_command": "runner", "command_job": "runner", "Job": "runner",
     "Stage": "runner", "VmResult": "runner", "StageResult": "runner", "VmError": "runner",
@@ -23,7 +25,7 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     mod = _LAZY.get(name)
     if mod is None:
         raise AttributeError(f"module 'pyiommufd.vm' has no attribute {name!r}")

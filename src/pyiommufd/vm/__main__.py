@@ -24,7 +24,8 @@ def _print_result(res: runner.VmResult) -> None:
         print(f"--- serial log (tail): {res.serial_log} ---\n{res.serial_tail(30)}")
 
 
-def selftest(*, kernel=None, timeout: float = 300.0, progress=print) -> runner.VmResult:
+def selftest(*, kernel: str | None = None, timeout: float = 300.0,
+             progress: runner.Progress = print) -> runner.VmResult:
     """Boot, check the guest basics, kexec, check again: the VM tier works."""
     check = ("import os,sys; r=os.uname().release; "
              "need=['/dev/iommu','/dev/liveupdate']; miss=[p for p in need if not os.path.exists(p)]; "

@@ -15,6 +15,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 from . import debian
 
@@ -42,7 +43,7 @@ def kvm_openable(path: str = "/dev/kvm") -> str | None:
     try:
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
     except OSError as exc:
-        return f"{path}: {os.strerror(exc.errno)}"
+        return f"{path}: {os.strerror(exc.errno) if exc.errno is not None else exc}"
     os.close(fd)
     return None
 
@@ -75,7 +76,8 @@ def probe_kvm(qemu: str, kernel: str, seconds: float = PROBE_SECONDS) -> str | N
             proc.wait()
 
 
-def choose(qemu: str, kernel: str, say=lambda _m: None) -> tuple[str, str]:
+def choose(qemu: str, kernel: str,
+           say: Callable[[str], None] = lambda _m: None) -> tuple[str, str]:
     """``(accel, why)``: ``"kvm"`` or ``"tcg"`` and how that was decided."""
     forced = os.environ.get(ENV_ACCEL)
     if forced:

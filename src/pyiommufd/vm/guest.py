@@ -33,7 +33,10 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import IO, TYPE_CHECKING, Any, NoReturn
+
+if TYPE_CHECKING:
+    from ..backend import Backend
 
 DEFAULT_RESULTS = "/run/pyiommufd-results"
 JOB = "job.json"
@@ -145,7 +148,7 @@ def _flush_std() -> None:
             pass
 
 
-def kexec_same_kernel(*, by: str = "stage", backend=None) -> NoReturn:
+def kexec_same_kernel(*, by: str = "stage", backend: Backend | None = None) -> NoReturn:
     """Kexec into the VM's kernel and initramfs with the current command line
     (``--reuse-cmdline`` semantics), from the calling process, which keeps its
     file descriptors (LUO sessions!) open until the kexec. Never returns; raises
@@ -195,7 +198,7 @@ def kexec_same_kernel(*, by: str = "stage", backend=None) -> NoReturn:
 
 # -- the agent ---------------------------------------------------------------------
 
-def _tee(src, log_path: Path) -> None:
+def _tee(src: IO[bytes], log_path: Path) -> None:
     out = sys.stdout.buffer
     with open(log_path, "ab", buffering=0) as log:
         while True:
@@ -213,7 +216,7 @@ def _tee(src, log_path: Path) -> None:
                 pass
 
 
-def _run_stage(stage: dict, env: dict[str, str], log_path: Path) -> int:
+def _run_stage(stage: dict[str, Any], env: dict[str, str], log_path: Path) -> int:
     cwd = stage.get("cwd") or None
     try:
         proc = subprocess.Popen(stage["argv"], env=env, cwd=cwd, stdin=subprocess.DEVNULL,
@@ -232,7 +235,7 @@ def _run_stage(stage: dict, env: dict[str, str], log_path: Path) -> int:
     return rc
 
 
-def _blocked(stage: dict, last: dict | None) -> str | None:
+def _blocked(stage: dict[str, Any], last: dict[str, Any] | None) -> str | None:
     """Why ``stage`` must not run after ``last`` (None: it may run)."""
     if last is None:
         return None
@@ -256,7 +259,7 @@ def agent(results: Path | None = None) -> int:
     if job is None:
         print(f"pyiommufd-agent: no {JOB} in {res}", flush=True)
         return 2
-    stages: list[dict] = job["stages"]
+    stages: list[dict[str, Any]] = job["stages"]
     state = read_json(res / STATE) or {"next": 0, "running": None, "boots": [], "last": None}
     n = len(state["boots"]) + 1
     release = os.uname().release

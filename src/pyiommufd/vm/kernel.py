@@ -113,9 +113,9 @@ class KernelRecipe:
     fragments: tuple[Path, ...] = ()
 
     @classmethod
-    def of(cls, patches: Sequence[str | os.PathLike] = (),
-           fragments: Sequence[str | os.PathLike] = ()) -> "KernelRecipe":
-        def files(paths: Sequence[str | os.PathLike], what: str) -> tuple[Path, ...]:
+    def of(cls, patches: Sequence[str | os.PathLike[str]] = (),
+           fragments: Sequence[str | os.PathLike[str]] = ()) -> "KernelRecipe":
+        def files(paths: Sequence[str | os.PathLike[str]], what: str) -> tuple[Path, ...]:
             out = []
             for p in paths:
                 path = Path(p).expanduser()
@@ -249,7 +249,7 @@ def kernel_dir(key: str | None = None) -> Path:
 
 # -- releases -------------------------------------------------------------------
 
-def bzimage_release(path: str | os.PathLike) -> str | None:
+def bzimage_release(path: str | os.PathLike[str]) -> str | None:
     """The ``uname -r`` string embedded in a bzImage (boot protocol >= 2.00:
     the setup header's ``kernel_version`` field at 0x20e points to it, +0x200)."""
     try:
@@ -281,7 +281,7 @@ def cached_kernel(key: str | None = None) -> KernelImage | None:
     return None
 
 
-def user_kernel(path: str | os.PathLike) -> KernelImage:
+def user_kernel(path: str | os.PathLike[str]) -> KernelImage:
     p = Path(path).expanduser()
     if not p.is_file():
         raise KernelBuildError(f"--kernel {path}: no such file")
@@ -614,7 +614,7 @@ def build_c_selftest(src: Path, build: Path, out: Path, log: Path, make: list[st
     return out
 
 
-def resolve_kernel(kernel: str | os.PathLike | None = None, *,
+def resolve_kernel(kernel: str | os.PathLike[str] | None = None, *,
                    progress: Progress = print, jobs: int | None = None,
                    recipe: KernelRecipe = STOCK) -> KernelImage:
     """``kernel`` (a user bzImage) if given, else the cached/built kernel of ``recipe``."""

@@ -26,7 +26,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from . import debian, guest, initramfs
 from .accel import ACCELS, choose as choose_accel
@@ -69,7 +69,7 @@ class Stage:
     kexec: str = "none"          # "none" | "self" | "agent"  (see pyiommufd.vm.guest)
     needs_kexec: bool = False
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         if self.kexec not in ("none", "self", "agent"):
             raise ValueError(f"Stage.kexec must be none, self or agent, not {self.kexec!r}")
         return {"argv": [str(a) for a in self.argv], "env": dict(self.env), "cwd": self.cwd,
@@ -81,7 +81,7 @@ class Job:
     stages: list[Stage]
     env: dict[str, str] = field(default_factory=dict)
 
-    def to_json(self, kernel: str | None = None, initrd: str | None = None) -> dict:
+    def to_json(self, kernel: str | None = None, initrd: str | None = None) -> dict[str, Any]:
         return {"version": 1, "stages": [s.to_json() for s in self.stages], "env": dict(self.env),
                 "kernel": kernel, "initrd": initrd}
 
@@ -225,10 +225,10 @@ def kernel_cmdline(extra: Iterable[str] = ()) -> str:
     return " ".join([*CMDLINE, *extra])
 
 
-def qemu_command(kernel: str | os.PathLike, initrd: str | os.PathLike, share: str | os.PathLike,
-                 serial_log: str | os.PathLike, *, cmdline: str | None = None,
+def qemu_command(kernel: str | os.PathLike[str], initrd: str | os.PathLike[str], share: str | os.PathLike[str],
+                 serial_log: str | os.PathLike[str], *, cmdline: str | None = None,
                  memory: str = DEFAULT_MEMORY, smp: int = DEFAULT_SMP, qemu: str = QEMU,
-                 host_root: str = "/", pycache: str | os.PathLike | None = None,
+                 host_root: str = "/", pycache: str | os.PathLike[str] | None = None,
                  extra: Sequence[str] = (), accel: str = "tcg") -> list[str]:
     """The QEMU command line; ``accel`` is ``tcg`` or ``kvm`` (see :mod:`.accel`)."""
     return [
@@ -302,7 +302,7 @@ GUEST_MASKED = ("/tmp", "/run", "/dev", "/proc", "/sys")
 GUEST_BINDABLE = ("/tmp", "/run")
 
 
-def masked_in_guest(path: str | os.PathLike) -> str | None:
+def masked_in_guest(path: str | os.PathLike[str]) -> str | None:
     """The guest mount that hides ``path`` (e.g. ``/tmp``), or None if the guest sees it."""
     real = os.path.realpath(path)
     for top in GUEST_MASKED:
@@ -389,8 +389,8 @@ class _Clock:
         return time.monotonic() - self.t0
 
 
-def run(job: Job, *, kernel: str | os.PathLike | None = None, timeout: float = DEFAULT_TIMEOUT,
-        log: str | os.PathLike | None = None, progress: Progress | None = print,
+def run(job: Job, *, kernel: str | os.PathLike[str] | None = None, timeout: float = DEFAULT_TIMEOUT,
+        log: str | os.PathLike[str] | None = None, progress: Progress | None = print,
         machine: str = "qemu", memory: str = DEFAULT_MEMORY, smp: int = DEFAULT_SMP,
         extra_cmdline: Sequence[str] = (), qemu: str = QEMU,
         boot_timeout: float = DEFAULT_BOOT_TIMEOUT,
@@ -447,7 +447,9 @@ def run(job: Job, *, kernel: str | os.PathLike | None = None, timeout: float = D
         str(initrd) if initrd else "/simulated/initrd"))
     (share / "boot.env").write_text(boot_env(guest_binds(job) if machine == "qemu" else ()))
 
+    starter: _QemuStarter | _LocalStarter
     if machine == "qemu":
+        assert kimage is not None and initrd is not None   # resolved above for QEMU
         pycache = guest_pycache_dir()
         try:
             accel, accel_why = choose_accel(qemu_path, str(kimage.bzimage), say=step)
@@ -480,7 +482,7 @@ class _QemuStarter:
     def __init__(self, cmd: list[str], log: Path):
         self.cmd, self.log = cmd, log
 
-    def start(self) -> subprocess.Popen:
+    def start(self) -> subprocess.Popen[bytes]:
         out = open(self.log, "ab")
         try:
             return subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL, stdout=out,
@@ -501,7 +503,7 @@ class _LocalStarter:
     def __init__(self, share: Path, serial: Path):
         self.share, self.serial = share, serial
 
-    def start(self) -> subprocess.Popen:
+    def start(self) -> subprocess.Popen[bytes]:
         env = dict(os.environ)
         env.update({guest.ENV_SIMULATE: "1", guest.ENV_IN_GUEST: "1",
                     guest.ENV_RESULTS: str(self.share),
@@ -525,7 +527,7 @@ class _LocalStarter:
         return 0 if rc in (0, 1) else rc   # 1: a stage failed, like a clean poweroff
 
 
-def _kill(proc: subprocess.Popen) -> None:
+def _kill(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is not None:
         return
     try:
@@ -555,7 +557,7 @@ class _Events:
         except OSError:
             return False
 
-    def poll(self) -> list[dict]:
+    def poll(self) -> list[dict[str, Any]]:
         try:
             with open(self.path, "rb") as f:
                 f.seek(self.offset)
@@ -574,7 +576,7 @@ class _Events:
         return out
 
 
-def _supervise(starter, share: Path, serial: Path, timeout: float, step: Progress,
+def _supervise(starter: _QemuStarter | _LocalStarter, share: Path, serial: Path, timeout: float, step: Progress,
                clock: _Clock, nstages: int, boot_timeout: float = DEFAULT_BOOT_TIMEOUT,
                boot_retries: int = DEFAULT_BOOT_RETRIES) -> VmResult:
     events = _Events(share / guest.EVENTS)
@@ -618,7 +620,7 @@ def _supervise(starter, share: Path, serial: Path, timeout: float, step: Progres
                 if kind == "boot":
                     boots_seen[ev["n"]] = now
                     how = {"kexec": " after kexec", "reboot": " after an unexpected reboot"}.get(
-                        ev.get("via"), "")
+                        ev.get("via") or "", "")
                     step(f"boot {ev['n']}{how}: Linux {ev.get('release')} "
                          f"(guest uptime {ev.get('uptime', 0):.1f}s at agent start)")
                     if ev["n"] == 1:
@@ -750,13 +752,14 @@ def _kernel_panic(serial: Path) -> str | None:
 
 # -- convenience -----------------------------------------------------------------------
 
-def run_command(argv: Sequence[str], *, kernel: str | os.PathLike | None = None,
-                timeout: float = DEFAULT_TIMEOUT, kexec_stages=None,
+def run_command(argv: Sequence[str], *, kernel: str | os.PathLike[str] | None = None,
+                timeout: float = DEFAULT_TIMEOUT,
+                kexec_stages: int | Sequence[Sequence[str]] | None = None,
                 progress: Progress | None = print, cwd: str | None = None,
-                env: dict[str, str] | None = None, log: str | os.PathLike | None = None,
+                env: dict[str, str] | None = None, log: str | os.PathLike[str] | None = None,
                 machine: str = "qemu", memory: str = DEFAULT_MEMORY, smp: int = DEFAULT_SMP,
                 extra_cmdline: Sequence[str] = (), recipe: KernelRecipe = STOCK,
-                **options) -> VmResult:
+                **options: Any) -> VmResult:
     """Run ``argv`` in the guest (cwd: the current directory, same path in the
     guest). ``kexec_stages``: see :func:`command_job`; ``options`` go to
     :func:`run` (memory, smp, extra_cmdline...). Raises :class:`VmError` when

@@ -28,7 +28,12 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:   # imported lazily at run time: the guest side needs none of them
+    from ..backend import Backend
+    from . import runner
+    from .kernel import KernelRecipe
 
 RECORD = "# seedflow "
 PROGRAMS = ("pyiommufd", "c")
@@ -208,7 +213,8 @@ def emit(event: str, **fields: Any) -> None:
     print(RECORD + json.dumps({"event": event, **fields}, sort_keys=True), flush=True)
 
 
-def try_non_vfio_bind(bdf: str, driver: str = NON_VFIO_DRIVER, backend=None) -> tuple[str, int | None]:
+def try_non_vfio_bind(bdf: str, driver: str = NON_VFIO_DRIVER,
+                      backend: Backend | None = None) -> tuple[str, int | None]:
     """Bind ``driver`` (not VFIO) to the device; give it back if it took it.
     Returns ``("EBUSY", errno)`` when refused, ``("bound", None)`` when it bound."""
     from .. import errors, pci
@@ -247,11 +253,14 @@ def guest_stage(stage: int, program: str, bdf: str, *, session: str, lu_abi: str
     cdev = dev.vfio_cdev
     say(f"  {bdf}: vfio-pci, cdev {cdev}")
     if program == "c":
+        if cdev is None:   # the C test needs the cdev path; a None argv item would be a TypeError
+            raise RuntimeError(f"{bdf}: vfio-pci exposes no cdev")
         return _c_stage(stage, cdev, c_selftest, say)
     args = ["selftest", bdf, "--session", session, "--json"]
     if lu_abi:
         args += ["--lu-abi", lu_abi]
     if stage == 1:
+        assert kexec_kernel is not None, "the caller checks that stage 1 has a kernel to kexec"
         args += ["--kexec", kexec_kernel] + (["--initrd", initrd] if initrd else [])
     say("+ pyiommufd " + " ".join(args))
     sys.stdout.flush()
@@ -326,7 +335,7 @@ def guest_argv(python: str) -> list[str]:
 
 def job(program: str, *, python: str, session: str = "iommufd-test",
         lu_abi: str | None = None, device: str | None = None, c_selftest: str | None = None,
-        env: dict[str, str] | None = None):
+        env: dict[str, str] | None = None) -> runner.Job:
     """The two-stage VM job of the seed flow by ``program``."""
     from . import runner
 
@@ -348,7 +357,7 @@ def job(program: str, *, python: str, session: str = "iommufd-test",
     ], env=dict(env or {}))
 
 
-def collect(program: str, label: str, res) -> SeedFlowResult:
+def collect(program: str, label: str, res: runner.VmResult) -> SeedFlowResult:
     """The :class:`SeedFlowResult` of a finished VM run of :func:`job`."""
     text = "\n".join(s.output() for s in res.stages)
     stage1 = res.stages[0] if res.stages else None
@@ -357,10 +366,11 @@ def collect(program: str, label: str, res) -> SeedFlowResult:
                                and stage1.ended_by == "kexec")
 
 
-def run(program: str, *, kernel: str | None = None, recipe=None, c_selftest: str | None = None,
-        timeout: float = 1800.0, progress=print, session: str = "iommufd-test",
+def run(program: str, *, kernel: str | None = None, recipe: KernelRecipe | None = None,
+        c_selftest: str | None = None, timeout: float = 1800.0,
+        progress: Callable[[str], None] = print, session: str = "iommufd-test",
         lu_abi: str | None = None, env: dict[str, str] | None = None, machine: str = "qemu",
-        **options):
+        **options: Any) -> tuple[SeedFlowResult, runner.VmResult]:
     """Boot the VM on ``kernel`` (a bzImage) or the kernel of ``recipe``, run the
     seed flow by ``program`` across a real kexec; return ``(SeedFlowResult,
     VmResult)``. The C program is the one built from the kernel's tree unless
