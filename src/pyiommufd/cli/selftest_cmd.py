@@ -239,9 +239,6 @@ def _kexec(report: Report, kernel: str, initrd: str | None, cmdline: str | None,
             "kernel": kernel, "initrd": initrd, "cmdline": cmdline}))
     from .. import kexec
 
-    # The reboot ends this process at once: what it printed must be out of its buffers first.
-    # Flushing before the load gives a pipe's reader the load's time to take it.
-    _flush_std()
     used = kexec.load(kernel, initrd, cmdline, backend=be)
     if not as_json:
         click.echo(f"# result: PASS (stage 1); kexec into {kernel}"
@@ -249,10 +246,4 @@ def _kexec(report: Report, kernel: str, initrd: str | None, cmdline: str | None,
         click.echo(f"# session {extra['session']!r} stays preserved across the reboot; "
                    "run this again afterwards for stage 2")
     totals()
-    _flush_std()
     kexec.execute(backend=be)  # returns only by raising
-
-
-def _flush_std() -> None:
-    sys.stdout.flush()
-    sys.stderr.flush()
