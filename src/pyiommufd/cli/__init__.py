@@ -16,7 +16,7 @@ from typing import Any
 import click
 
 from .. import __version__
-from . import exitcodes
+from .. import exitcodes
 
 # name -> (module, attribute, one-line help shown by --help without importing)
 COMMANDS: dict[str, tuple[str, str, str]] = {

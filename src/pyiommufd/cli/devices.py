@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from . import exitcodes
+from .. import exitcodes
 from .output import CommandError, echo_json, echo_table, hex4, json_option, require_root, warn
 
 if TYPE_CHECKING:

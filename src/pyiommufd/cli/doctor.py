@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from . import exitcodes
+from .. import exitcodes
 from ..errors import errname
 from .output import CommandError, echo_json, echo_table, error_object, exit_with, json_option, report_error
 

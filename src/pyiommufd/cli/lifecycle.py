@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Callable, ParamSpec, TextIO, TypeVar
 
 import click
 
-from . import exitcodes
+from .. import exitcodes
 from .output import CommandError, echo_json, echo_table, error_object, json_option, report_error, warn
 
 if TYPE_CHECKING:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 import click
 
 from ..errors import PyiommufdError
-from . import exitcodes
+from .. import exitcodes
 
 if TYPE_CHECKING:
     from ..backend import Backend

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from . import exitcodes
+from .. import exitcodes
 from .output import CommandError, echo_json, error_object, exit_with, json_option, report_error
 
 if TYPE_CHECKING:

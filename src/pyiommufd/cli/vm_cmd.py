@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 import click
 
-from . import exitcodes
+from .. import exitcodes
 from .output import CommandError, echo_json, error_object, exit_with, json_option, report_error
 
 if TYPE_CHECKING:   # the VM modules are imported only when a command runs
