@@ -1,0 +1,211 @@
+"""Kernel fault injection (fail-nth) over pyiommufd's flows on the real kernel.
+
+Each flow runs with its 1st, 2nd, 3rd, ... kernel allocation failed until a run
+sees no fault (``fail_nth.Driver``). The summary (flows × injection points,
+failures) goes into the VM tier's terminal summary through the ``vm summary``
+report section.
+
+The live-update test also preserves a witness memfd *before* any fault and
+checks after the kexec that it retrieves intact; its stage 2 injects faults
+into RETRIEVE_FD and FINISH of sessions prepared for that in stage 1.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+
+import pytest
+
+import fail_nth as F
+from pyiommufd import errors
+from pyiommufd.iommufd import IOMMUFD
+from pyiommufd.testing.pytest_plugin import SUMMARY_SECTION
+from pyiommufd.memfd import LIVE_UPDATE_SEALS, MemFD
+from pyiommufd.vfio import VfioDevice
+
+PAGE = mmap.PAGESIZE
+WITNESS_SESSION, WITNESS_TOKEN = "fail-nth-witness", 0x77
+RETRIEVE_SESSION = "fail-nth-retrieve"
+RETRIEVE_TOKENS = 64               # one fresh token per retrieve injection point
+FINISH_SESSIONS = 32               # one fresh session per finish injection point
+
+
+@pytest.fixture
+def driver(request):
+    old = F.configure_kernel()
+    log, nth = F.KernelLog(), F.FailNth()
+    drv = F.Driver(log, nth)
+    yield drv
+    nth.close()
+    log.close()
+    F.restore_kernel(old)
+    text = F.summary(drv.results)
+    print(text)
+    request.node.add_report_section("call", SUMMARY_SECTION, f"{request.node.name}:\n{text}")
+
+
+def assert_clean(results: list[F.FlowResult]) -> None:
+    bad = [r for r in results if r.failures or not r.completed]
+    assert not bad, F.summary(results)
+    assert all(r.points > 0 for r in results), \
+        "a flow was never hit by an injected fault: the driver injected nothing\n" + F.summary(results)
+
+
+def one_page_memfd(name: str, *, sealed: bool = True) -> MemFD:
+    memfd = MemFD.create(name, PAGE)
+    memfd.write(os.urandom(PAGE))
+    if sealed:
+        memfd.add_seals(LIVE_UPDATE_SEALS)
+    return memfd
+
+
+# -- iommufd: IOAS and HWPT ------------------------------------------------------------------
+
+def iommufd_flows(device_cdev: str) -> list[F.Flow]:
+    buf = mmap.mmap(-1, PAGE)
+    memfd = one_page_memfd("fail-nth-map-file")
+
+    def with_ioas():
+        iommufd = IOMMUFD.open()
+        return iommufd, iommufd.alloc_ioas()
+
+    def close_all(state, result):
+        state[0].close()
+
+    def ioas_alloc(_):
+        with IOMMUFD.open() as iommufd:
+            iommufd.alloc_ioas()
+
+    def mapped_ioas():
+        iommufd, ioas = with_ioas()
+        return iommufd, ioas, ioas.map(buf)
+
+    def copy_setup():
+        iommufd, src, iova = mapped_ioas()
+        return iommufd, src, iova, iommufd.alloc_ioas()
+
+    def bound_device():
+        iommufd, ioas = with_ioas()
+        device = VfioDevice.open(device_cdev)
+        return iommufd, ioas, device, device.bind(iommufd)
+
+    def hwpt_alloc_attach(state):
+        iommufd, ioas, device, dev_id = state
+        hwpt = iommufd.alloc_hwpt(dev_id, ioas)
+        device.attach(hwpt)
+
+    def close_device(state, result):
+        state[2].close()
+        state[0].close()
+
+    return [
+        F.Flow("IOAS alloc", ioas_alloc),
+        F.Flow("IOAS map", lambda s: s[1].map(buf), with_ioas, close_all),
+        F.Flow("IOAS map_file", lambda s: s[1].map_file(memfd, 0, PAGE), with_ioas, close_all),
+        F.Flow("IOAS copy", lambda s: s[3].copy(s[1], s[2], PAGE), copy_setup, close_all),
+        F.Flow("IOAS unmap", lambda s: s[1].unmap(s[2], PAGE), mapped_ioas, close_all),
+        F.Flow("HWPT alloc + attach", hwpt_alloc_attach, bound_device, close_device),
+    ]
+
+
+def test_fail_nth_iommufd(driver, vfio_device):
+    for flow in iommufd_flows(vfio_device.cdev):
+        driver.run(flow)
+    assert_clean(driver.results)
+
+
+# -- live update: session create, preserve; retrieve and finish after the kexec -------------------
+
+def test_fail_nth_live_update(driver, lu_stage, kernel_caps):
+    lu = lu_stage.liveupdate
+    if lu_stage.stage == 1:
+        witness = lu.create_session(WITNESS_SESSION)
+        with one_page_memfd("fail-nth-witness") as memfd:
+            witness.preserve(memfd, WITNESS_TOKEN)
+            lu_stage.save("witness", memfd.sha256())
+        counter = iter(range(1, 1 << 30))
+
+        def fresh_session():
+            return lu.create_session(f"fail-nth-{next(counter)}")
+
+        def close_session(session, result):
+            session.close()
+
+        def session_create(_):
+            lu.create_session(f"fail-nth-{next(counter)}").close()
+
+        memfd = one_page_memfd("fail-nth-preserve")
+        flows = [F.Flow("session create", session_create),
+                 F.Flow("preserve memfd", lambda s: s.preserve(memfd, 1), fresh_session, close_session)]
+        if kernel_caps.iommufd_handler:
+            iommufd = IOMMUFD.open()
+            flows.append(F.Flow("preserve iommufd", lambda s: s.preserve(iommufd, 2),
+                                fresh_session, close_session))
+        for flow in flows:
+            driver.run(flow)
+
+        # what stage 2 retrieves and finishes under injection
+        retrieve = lu.create_session(RETRIEVE_SESSION)
+        digests = {}
+        for token in range(1, RETRIEVE_TOKENS + 1):
+            with one_page_memfd(f"fail-nth-r{token}") as m:
+                retrieve.preserve(m, token)
+                digests[str(token)] = m.sha256()
+        finishing = []
+        for i in range(FINISH_SESSIONS):
+            s = lu.create_session(f"fail-nth-finish-{i}")
+            with one_page_memfd(f"fail-nth-f{i}") as m:
+                s.preserve(m, 1)
+            finishing.append(s)
+        lu_stage.save("retrieve", digests)
+        lu_stage.keep(witness, retrieve, *finishing)
+        assert_clean(driver.results)
+        return
+
+    # stage 2: the memfd preserved before every fault
+    witness = lu.retrieve_session(WITNESS_SESSION)
+    with MemFD.from_fd(witness.retrieve(WITNESS_TOKEN)) as memfd:
+        assert memfd.sha256() == lu_stage.load("witness"), "the witness memfd changed"
+    witness.finish()
+    witness.close()
+
+    digests = {int(k): v for k, v in lu_stage.load("retrieve").items()}
+    session = lu.retrieve_session(RETRIEVE_SESSION)
+    tokens = iter(sorted(digests))
+    used: list[int] = []
+
+    def next_token():
+        used.append(next(tokens))
+        return used[-1]
+
+    def check_retrieved(token, fd):
+        if fd is not None:
+            with MemFD.from_fd(fd) as m:
+                assert m.sha256() == digests[token]
+
+    retrieved = driver.run(F.Flow("retrieve", lambda t: session.retrieve(t), next_token,
+                                  check_retrieved))
+    # every token a fault hit: does it still retrieve? (mm/memfd_luo.c records a failed
+    # retrieve and returns that error again: the kernel's behaviour, not ours)
+    for token in used:
+        try:
+            fd = session.retrieve(token)
+        except errors.KernelError as exc:
+            retrieved.kernel_findings.append(
+                f"token {token}: RETRIEVE_FD keeps failing after the injected fault "
+                f"({errors.errname(exc.errno)}): the preserved memfd is lost")
+            continue
+        check_retrieved(token, fd)
+
+    finishing = iter(range(FINISH_SESSIONS))
+
+    def incoming_session():
+        s = lu.retrieve_session(f"fail-nth-finish-{next(finishing)}")
+        os.close(s.retrieve(1))
+        return s
+
+    driver.run(F.Flow("finish", lambda s: s.finish(), incoming_session,
+                      lambda s, result: s.close()))
+    session.finish()
+    session.close()
+    assert_clean(driver.results)
