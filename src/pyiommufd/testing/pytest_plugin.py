@@ -310,8 +310,8 @@ SUMMARY_SECTION = "vm summary"
 
 
 def _summary_sections(reports) -> list[str]:
-    return [f"{title}:\n{text}" for r in reports for title, text in r.sections
-            if SUMMARY_SECTION in title]
+    return [(f"{title.split(':')[0]}: " if title.startswith("stage ") else "") + text
+            for r in reports for title, text in r.sections if SUMMARY_SECTION in title]
 
 
 def _uses_hypothesis(item) -> bool:
