@@ -1,7 +1,8 @@
-"""Run in the guest by test_fail_nth_oops.py: the fail-nth driver over the flows
-that preserve an iommufd: the selftest's stage 1 and a plain preserve into a
-session. Prints ``no iommufd handler`` and exits 0 on a kernel without the
-series' handler; else the summary, exit 0 only without failures."""
+"""Run in the guest by test_fail_nth_oops.py: the fail-nth driver over one flow
+that preserves an iommufd (argv[1]: ``selftest``, the selftest's stage 1, or
+``preserve``, a plain preserve into a session). Prints ``no iommufd handler``
+and exits 0 on a kernel without the series' handler; else the summary, exit 0
+only without failures."""
 from __future__ import annotations
 
 import errno
@@ -41,7 +42,7 @@ def close_handles(_state: object, report: object) -> None:
         handles.close()
 
 
-def main() -> int:
+def main(flow_name: str) -> int:
     lu = LiveUpdate.open()
     iommufd = IOMMUFD.open()
     try:
@@ -52,25 +53,25 @@ def main() -> int:
             print("no iommufd handler")
             return 0
         raise
-    counter = iter(range(1 << 30))
-    preserve = F.Flow("preserve iommufd", lambda s: s.preserve(iommufd, 1),
+    if flow_name == "selftest":
+        bdf = next(d.bdf for d in list_devices()
+                   if d.vendor == VIRTIO_VENDOR and (d.class_code or 0) >> 16 == NETWORK_CLASS)
+        cdev = PciDevice(bdf).bind_vfio().vfio_cdev
+        lu.close()                  # the selftest opens /dev/liveupdate itself
+        flow = F.Flow("selftest stage 1", lambda _: selftest_stage1(cdev), cleanup=close_handles)
+    else:
+        counter = iter(range(1 << 30))
+        flow = F.Flow("preserve iommufd", lambda s: s.preserve(iommufd, 1),
                       lambda: lu.create_session(f"oops-{next(counter)}"), lambda s, result: s.close())
-    bdf = next(d.bdf for d in list_devices()
-               if d.vendor == VIRTIO_VENDOR and (d.class_code or 0) >> 16 == NETWORK_CLASS)
-    cdev = PciDevice(bdf).bind_vfio().vfio_cdev
-    lu.close()                  # the selftest opens /dev/liveupdate itself
-    stage1 = F.Flow("selftest stage 1", lambda _: selftest_stage1(cdev), cleanup=close_handles)
     old = F.configure_kernel()
     driver = F.Driver(F.KernelLog(), F.FailNth())
     try:
-        driver.run(stage1)
-        lu = LiveUpdate.open()
-        driver.run(preserve)
+        result = driver.run(flow)
     finally:
         F.restore_kernel(old)
     print(F.summary(driver.results), flush=True)
-    return 0 if all(r.completed and not r.failures for r in driver.results) else 1
+    return 0 if result.completed and not result.failures else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1]))

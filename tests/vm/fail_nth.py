@@ -23,7 +23,7 @@ import os
 import threading
 import traceback
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Protocol
 
 from pyiommufd import errors
 
@@ -98,12 +98,20 @@ class KernelLog:
         os.close(self.fd)
 
 
-class FailNth:
-    """The calling thread's ``fail-nth`` file, opened once so that arming costs one write."""
+class Injector(Protocol):
+    def arm(self, nth: int) -> None: ...
 
-    def __init__(self) -> None:
-        self.tid = threading.get_native_id()
-        self.fd = os.open(f"/proc/self/task/{self.tid}/fail-nth", os.O_RDWR | os.O_CLOEXEC)
+    def disarm(self) -> bool: ...
+
+
+class FailNth:
+    """A thread's ``fail-nth`` file (by default the calling thread's), opened once so
+    that arming costs one write."""
+
+    def __init__(self, pid: int | None = None, tid: int | None = None) -> None:
+        self.tid = tid or threading.get_native_id()
+        where = "self" if pid is None else str(pid)
+        self.fd = os.open(f"/proc/{where}/task/{self.tid}/fail-nth", os.O_RDWR | os.O_CLOEXEC)
 
     def arm(self, nth: int) -> None:
         os.pwrite(self.fd, str(nth).encode(), 0)
@@ -127,6 +135,10 @@ class Flow:
     act: Callable[[object], object]
     setup: Callable[[], object] = lambda: None
     cleanup: Callable[[object, object], None] = lambda state, result: None
+    #: who takes the fault: by default the thread that runs ``act``
+    injector: Injector | None = None
+    #: the fds that must come back to where they were (by default this process's)
+    fd_count: Callable[[], int] = open_fd_count
 
 
 @dataclass
@@ -151,19 +163,20 @@ class Driver:
         self.results: list[FlowResult] = []
 
     def _run_once(self, flow: Flow, nth: int) -> tuple[BaseException | None, bool]:
+        injector = flow.injector or self.nth
         state = flow.setup()
         result: object = None
         exc: BaseException | None = None
         gc.disable()            # no finalizer may run (and close an fd) inside the armed window
         try:
             if nth:
-                self.nth.arm(nth)
+                injector.arm(nth)
             try:
                 result = flow.act(state)
             except BaseException as e:       # judged below: only typed errors are fine
                 exc = e
             finally:
-                injected = self.nth.disarm() if nth else False
+                injected = injector.disarm() if nth else False
         finally:
             gc.enable()
         flow.cleanup(state, result if exc is None else None)
@@ -181,7 +194,7 @@ class Driver:
             return res
         self.log.new()
         for nth in range(1, MAX_POINTS + 1):
-            before = open_fd_count()
+            before = flow.fd_count()
             exc, injected = self._run_once(flow, nth)
             if not injected:
                 if exc is not None:
@@ -196,7 +209,7 @@ class Driver:
                 else:
                     res.failures.append(f"{where}: untyped {_describe(exc)}\n"
                                         + "".join(traceback.format_exception(exc)))
-            after = open_fd_count()
+            after = flow.fd_count()
             if after != before:
                 res.failures.append(f"{where}: {after - before:+d} fds after {flow.name}")
             rerun, _ = self._run_once(flow, 0)

@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import mmap
 import os
+import socket
+import time
 
 import pytest
 
+import agent_process
 import fail_nth as F
 from pyiommufd import errors
+from pyiommufd.agent import AgentClient
 from pyiommufd.iommufd import IOMMUFD
 from pyiommufd.testing.pytest_plugin import SUMMARY_SECTION
 from pyiommufd.memfd import LIVE_UPDATE_SEALS, MemFD
@@ -231,6 +235,108 @@ def test_fail_nth_live_update(driver, lu_stage):
                 f"{errors.errname(exc.errno)}")
     session.finish()
     session.close()
+    assert_clean(driver.results)
+
+
+# -- preserve through the agent: the fault hits the agent's thread that serves the request ---------
+
+AGENT_SOCKET = "/tmp/pyiommufd-fail-nth/agent.sock"
+AGENT_WITNESS_SESSION = "fail-nth-agent-witness"
+
+
+class AgentThreadInjector:
+    """Arms fail-nth of the agent thread that serves our next connection (the agent
+    starts one thread per connection) and reads it back when the client closes
+    that connection, while the thread still exists."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.nth, self.injected = pid, 0, False
+
+    def arm(self, nth: int) -> None:
+        self.nth, self.injected = nth, False
+
+    def disarm(self) -> bool:
+        self.nth = 0
+        return self.injected
+
+    def connected(self, before: set[int]) -> F.FailNth | None:
+        if not self.nth:
+            return None
+        deadline = time.monotonic() + 30
+        while not (new := agent_process.threads(self.pid) - before):
+            assert time.monotonic() < deadline, "the agent started no thread for our connection"
+            time.sleep(0.01)
+        nth = F.FailNth(self.pid, new.pop())
+        nth.arm(self.nth)
+        return nth
+
+
+class InjectingClient(AgentClient):
+    def __init__(self, socket_path: str, injector: AgentThreadInjector) -> None:
+        super().__init__(socket_path)
+        self.injector = injector
+
+    def _connect(self) -> socket.socket:
+        before = agent_process.threads(self.injector.pid)
+        sock = super()._connect()
+        nth = self.injector.connected(before)
+        if nth is None:
+            return sock
+        injector = self.injector
+
+        class Observed(socket.socket):
+            def close(self) -> None:
+                injector.injected = nth.disarm()
+                nth.close()
+                super().close()
+        timeout = sock.gettimeout()          # kept in the object, not the fd: carry it over
+        observed = Observed(fileno=sock.detach())
+        observed.settimeout(timeout)
+        return observed
+
+
+@pytest.mark.pyiommufd_kexec
+def test_fail_nth_preserve_through_the_agent(driver, lu_stage):
+    lu = lu_stage.liveupdate
+    if lu_stage.stage == 2:
+        session = lu.retrieve_session(AGENT_WITNESS_SESSION)
+        with MemFD.from_fd(session.retrieve(1)) as memfd:
+            assert memfd.sha256() == lu_stage.load("witness")
+        session.finish()
+        session.close()
+        return
+
+    os.makedirs(os.path.dirname(AGENT_SOCKET), mode=0o700, exist_ok=True)
+    client = agent_process.start_agent(AGENT_SOCKET)
+    pid = client.ping()["pid"]
+    try:
+        client.adopt(liveupdate=lu)
+        client.create_session(AGENT_WITNESS_SESSION)
+        with one_page_memfd("fail-nth-agent-witness") as witness:
+            client.preserve(AGENT_WITNESS_SESSION, 1, witness)
+            lu_stage.save("witness", witness.sha256())
+
+        injector = AgentThreadInjector(pid)
+        injecting = InjectingClient(AGENT_SOCKET, injector)
+        memfd = one_page_memfd("fail-nth-agent")
+        counter = iter(range(1 << 30))
+
+        def fresh_session() -> str:
+            name = f"fail-nth-agent-{next(counter)}"
+            client.create_session(name)
+            return name
+
+        def release(name: str, result: object) -> None:
+            client.release(name, force=True)
+
+        driver.run(F.Flow("preserve through the agent", lambda name: injecting.preserve(name, 1, memfd),
+                          fresh_session, release, injector=injector,
+                          fd_count=lambda: F.open_fd_count() + agent_process.fd_count(pid)))
+        assert client.is_running(), "the agent died under fault injection"
+    except BaseException:
+        agent_process.kill_and_wait(pid)
+        raise
+    # the agent keeps the witness session through the kexec
     assert_clean(driver.results)
 
 

@@ -13,18 +13,15 @@ from __future__ import annotations
 import array
 import mmap
 import os
-import signal
 import socket
-import subprocess
-import sys
-import time
 
 import pytest
 
 from pyiommufd import errors
-from pyiommufd.agent import AgentClient
 from pyiommufd.agent.sdnotify import file_fdname, session_fdname
 from pyiommufd.memfd import MemFD
+
+from agent_process import kill_and_wait, start_agent
 
 pytestmark = pytest.mark.pyiommufd_kexec
 
@@ -68,33 +65,6 @@ class FdStore:
             os.close(fd)
 
 
-def start_agent(socket_path: str, notify: str) -> AgentClient:
-    env = dict(os.environ, NOTIFY_SOCKET=notify)
-    subprocess.run([sys.executable, "-m", "pyiommufd.agent", "--background", "--socket", socket_path],
-                   env=env, check=True, timeout=120, stdin=subprocess.DEVNULL, close_fds=True)
-    client = AgentClient(socket_path)
-    deadline = time.monotonic() + 60
-    while not client.is_running():
-        assert time.monotonic() < deadline, "the agent never answered"
-        time.sleep(0.2)
-    return client
-
-
-def kill_and_wait(pid: int) -> None:
-    os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                state = f.read().rsplit(")", 1)[1].split()[0]
-        except FileNotFoundError:
-            return
-        if state in ("Z", "X"):          # dead; its fds are closed before it becomes a zombie
-            return
-        assert time.monotonic() < deadline, f"agent {pid} survived SIGKILL"
-        time.sleep(0.1)
-
-
 def is_frozen(memfd: MemFD) -> bool:
     """A preserved memfd cannot change size (EPERM); an unpreserved one can."""
     try:
@@ -110,7 +80,7 @@ def test_sigkill_of_the_agent_loses_nothing_the_fd_store_holds(lu_stage):
     if lu_stage.stage == 1:
         os.makedirs(AGENT_DIR, mode=0o700, exist_ok=True)
         store = FdStore(f"{AGENT_DIR}/notify")
-        client = start_agent(f"{AGENT_DIR}/agent.sock", store.path)
+        client = start_agent(f"{AGENT_DIR}/agent.sock", NOTIFY_SOCKET=store.path)
         pid = client.ping()["pid"]
         ours: dict[str, list[MemFD]] = {}
         digests: dict[str, str] = {}

@@ -67,7 +67,7 @@ def open_fds() -> int:
 
 
 #: what a leaked session with its preserved memfd would hold: the memfd's pages (Shmem)
-#: and the session's and file's kernel objects (unreclaimable slab)
+#: and the session's and file's kernel objects (unreclaimable slab, printed only)
 LEAK_FIELDS = ("Shmem", "SUnreclaim")
 #: 16 pages a cycle, so that a leaked memfd (64 KiB x 50 = 3.2 MiB of Shmem) stands far
 #: above the few hundred KiB the interpreter and page cache move in between
@@ -119,9 +119,9 @@ def test_preserve_close_cycles_leak_nothing(lu_stage):
         print(f"{key}: {CYCLES} preserve/close cycles {before[key]} -> {after[key]} KiB "
               f"({grew:+d}); {CYCLES} sessions held open {cost:+d} KiB")
     shmem_cost = holding["Shmem"] - after["Shmem"]
-    assert shmem_cost >= CYCLES * SOAK_SIZE // 1024, "the held memfds do not show: the measure sees nothing"
-    # a quarter of a leak of every cycle's memfd; the rest is the guest's own noise
+    # measured on the standin kernel: the 50 held memfds show as +3192 KiB of 3200
+    assert shmem_cost >= 0.9 * CYCLES * SOAK_SIZE / 1024, "the held memfds do not show: the measure sees nothing"
+    # a quarter of a leak of every cycle's memfd; measured here: +0 KiB after the 50 cycles
     assert after["Shmem"] - before["Shmem"] < shmem_cost / 4
-    slab_cost = holding["SUnreclaim"] - after["SUnreclaim"]
-    assert slab_cost > 0, "the held sessions cost no slab: the measure sees nothing"
-    assert after["SUnreclaim"] - before["SUnreclaim"] < slab_cost / 2
+    # SUnreclaim is printed, not asserted: 50 held sessions moved it by 0 KiB (their objects
+    # fit in slab pages already there), so at this scale slab cannot show a leak either way

@@ -1,0 +1,47 @@
+"""The holder agent as a separate process in the guest, for the VM tests that
+need a real second process: start it, find its threads, kill it."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from pyiommufd.agent import AgentClient
+
+
+def start_agent(socket_path: str, **env: str) -> AgentClient:
+    """``python -m pyiommufd.agent --background`` on ``socket_path`` with ``env`` added."""
+    subprocess.run([sys.executable, "-m", "pyiommufd.agent", "--background", "--socket", socket_path],
+                   env=dict(os.environ, **env), check=True, timeout=120, stdin=subprocess.DEVNULL,
+                   stdout=subprocess.DEVNULL, close_fds=True)
+    client = AgentClient(socket_path)
+    deadline = time.monotonic() + 60
+    while not client.is_running():
+        assert time.monotonic() < deadline, "the agent never answered"
+        time.sleep(0.2)
+    return client
+
+
+def threads(pid: int) -> set[int]:
+    return {int(t) for t in os.listdir(f"/proc/{pid}/task")}
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def kill_and_wait(pid: int) -> None:
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return
+        if state in ("Z", "X"):          # dead; its fds are closed before it becomes a zombie
+            return
+        assert time.monotonic() < deadline, f"agent {pid} survived SIGKILL"
+        time.sleep(0.1)
