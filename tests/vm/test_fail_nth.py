@@ -246,29 +246,71 @@ AGENT_WITNESS_SESSION = "fail-nth-agent-witness"
 
 class AgentThreadInjector:
     """Arms fail-nth of the agent thread that serves our next connection (the agent
-    starts one thread per connection) and reads it back when the client closes
-    that connection, while the thread still exists."""
+    starts one thread per connection, which ends right after its reply, so its
+    fail-nth cannot be read back). Whether the fault was injected is read from the
+    kernel log instead: with ``verbose`` 1 each injected fault logs one line, and
+    only the armed thread can inject. Between connections it waits until the agent
+    is back to its idle threads, so that the serving thread is the only new one and
+    the agent's fds are counted when nothing is in flight."""
+
+    INJECTED = "FAULT_INJECTION: forcing a failure"
 
     def __init__(self, pid: int) -> None:
-        self.pid, self.nth, self.injected = pid, 0, False
+        self.pid, self.nth = pid, 0
+        self.idle = self._settled()
+        self.log = F.KernelLog()
+        for knob in ("failslab/verbose", "fail_page_alloc/verbose"):
+            with open(f"{F.DEBUGFS}/{knob}", "w") as f:
+                f.write("1")          # one line per fault, no stack (the fixture restores it)
+
+    def _settled(self) -> set[int]:
+        """The agent's threads once the last connection's thread has ended."""
+        deadline = time.monotonic() + 30
+        seen = agent_process.threads(self.pid)
+        while True:
+            time.sleep(0.3)
+            now = agent_process.threads(self.pid)
+            if now == seen:
+                return now
+            assert time.monotonic() < deadline, "the agent's threads never settle"
+            seen = now
 
     def arm(self, nth: int) -> None:
-        self.nth, self.injected = nth, False
+        self.log.new()
+        self.nth = nth
 
     def disarm(self) -> bool:
         self.nth = 0
-        return self.injected
+        self.wait_idle()
+        lines = self.log.new()
+        assert not any("callbacks suppressed" in line for line in lines), \
+            "the kernel rate-limited its fault-injection messages: cannot tell whether one was injected"
+        return any(self.INJECTED in line for line in lines)
 
-    def connected(self, before: set[int]) -> F.FailNth | None:
-        if not self.nth:
-            return None
+    def wait_idle(self) -> None:
         deadline = time.monotonic() + 30
-        while not (new := agent_process.threads(self.pid) - before):
-            assert time.monotonic() < deadline, "the agent started no thread for our connection"
+        while agent_process.threads(self.pid) != self.idle:
+            assert time.monotonic() < deadline, "the agent's connection threads do not end"
             time.sleep(0.01)
-        nth = F.FailNth(self.pid, new.pop())
+
+    def connected(self) -> None:
+        if not self.nth:
+            return
+        deadline = time.monotonic() + 30
+        while len(new := agent_process.threads(self.pid) - self.idle) != 1:
+            assert time.monotonic() < deadline, f"the agent's new threads: {new}"
+            time.sleep(0.01)
+        nth = F.FailNth(self.pid, new.pop())     # it waits for our request: still there
         nth.arm(self.nth)
-        return nth
+        nth.close()
+
+    def fd_count(self) -> int:
+        """Ours and the agent's, once its connection threads are done."""
+        self.wait_idle()
+        return F.open_fd_count() + agent_process.fd_count(self.pid)
+
+    def close(self) -> None:
+        self.log.close()
 
 
 class InjectingClient(AgentClient):
@@ -277,22 +319,10 @@ class InjectingClient(AgentClient):
         self.injector = injector
 
     def _connect(self) -> socket.socket:
-        before = agent_process.threads(self.injector.pid)
+        self.injector.wait_idle()
         sock = super()._connect()
-        nth = self.injector.connected(before)
-        if nth is None:
-            return sock
-        injector = self.injector
-
-        class Observed(socket.socket):
-            def close(self) -> None:
-                injector.injected = nth.disarm()
-                nth.close()
-                super().close()
-        timeout = sock.gettimeout()          # kept in the object, not the fd: carry it over
-        observed = Observed(fileno=sock.detach())
-        observed.settimeout(timeout)
-        return observed
+        self.injector.connected()
+        return sock
 
 
 @pytest.mark.pyiommufd_kexec
@@ -331,7 +361,8 @@ def test_fail_nth_preserve_through_the_agent(driver, lu_stage):
 
         driver.run(F.Flow("preserve through the agent", lambda name: injecting.preserve(name, 1, memfd),
                           fresh_session, release, injector=injector,
-                          fd_count=lambda: F.open_fd_count() + agent_process.fd_count(pid)))
+                          fd_count=injector.fd_count))
+        injector.close()
         assert client.is_running(), "the agent died under fault injection"
     except BaseException:
         agent_process.kill_and_wait(pid)
