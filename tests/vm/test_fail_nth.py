@@ -20,6 +20,7 @@ import pytest
 
 import agent_process
 import fail_nth as F
+from retrieved import retrieved_memfd
 from pyiommufd import errors
 from pyiommufd.agent import AgentClient
 from pyiommufd.iommufd import IOMMUFD
@@ -169,7 +170,7 @@ def test_fail_nth_live_update(driver, lu_stage):
 
     # stage 2: the memfd preserved before every fault
     witness = lu.retrieve_session(WITNESS_SESSION)
-    with MemFD.from_fd(witness.retrieve(WITNESS_TOKEN)) as memfd:
+    with retrieved_memfd(witness, WITNESS_TOKEN) as memfd:
         assert memfd.sha256() == lu_stage.load("witness"), "the witness memfd changed"
     witness.finish()
     witness.close()
@@ -183,24 +184,24 @@ def test_fail_nth_live_update(driver, lu_stage):
         used.append(next(tokens))
         return used[-1]
 
-    def check_retrieved(token, fd):
-        if fd is not None:
-            with MemFD.from_fd(fd) as m:
-                assert m.sha256() == digests[token]
+    def check_retrieved(token, memfd):
+        if memfd is not None:
+            with memfd:
+                assert memfd.sha256() == digests[token]
 
-    retrieved = driver.run(F.Flow("retrieve", lambda t: session.retrieve(t), next_token,
+    retrieved = driver.run(F.Flow("retrieve", lambda t: retrieved_memfd(session, t), next_token,
                                   check_retrieved))
     # every token a fault hit: does it still retrieve? (mm/memfd_luo.c records a failed
     # retrieve and returns that error again: the kernel's behaviour, not ours)
     for token in used:
         try:
-            fd = session.retrieve(token)
+            memfd = retrieved_memfd(session, token)
         except errors.KernelError as exc:
             retrieved.kernel_findings.append(
                 f"token {token}: RETRIEVE_FD keeps failing after the injected fault "
                 f"({errors.errname(exc.errno)}): the preserved memfd is lost")
             continue
-        check_retrieved(token, fd)
+        check_retrieved(token, memfd)
 
     # retrieve a session, its file, and finish it: one fresh incoming session per run
     names = iter(f"fail-nth-finish-{i}" for i in range(FINISH_SESSIONS))
@@ -217,7 +218,7 @@ def test_fail_nth_live_update(driver, lu_stage):
         reached[name] = "RETRIEVE_SESSION"
         with lu.retrieve_session(name) as s:
             reached[name] = "RETRIEVE_FD"
-            os.close(s.retrieve(1))
+            retrieved_memfd(s, 1).close()
             reached[name] = "FINISH"
             s.finish()
         finished_ok.add(name)
@@ -330,7 +331,7 @@ def test_fail_nth_preserve_through_the_agent(driver, lu_stage):
     lu = lu_stage.liveupdate
     if lu_stage.stage == 2:
         session = lu.retrieve_session(AGENT_WITNESS_SESSION)
-        with MemFD.from_fd(session.retrieve(1)) as memfd:
+        with retrieved_memfd(session, 1) as memfd:
             assert memfd.sha256() == lu_stage.load("witness")
         session.finish()
         session.close()
@@ -361,7 +362,7 @@ def test_fail_nth_preserve_through_the_agent(driver, lu_stage):
 
         driver.run(F.Flow("preserve through the agent", lambda name: injecting.preserve(name, 1, memfd),
                           fresh_session, release, injector=injector,
-                          fd_count=injector.fd_count))
+                          fd_count=injector.fd_count, silent_faults=True))
         injector.close()
         assert client.is_running(), "the agent died under fault injection"
     except BaseException:
@@ -400,19 +401,18 @@ def test_a_retrieve_failed_by_a_fault_can_be_retried(lu_stage, request):
     try:
         nth.arm(1)
         try:
-            fd = session.retrieve(STICKY_TOKEN)
+            retrieved_memfd(session, STICKY_TOKEN).close()
         except errors.KernelError as exc:
             first: errors.KernelError | None = exc
         else:
             first = None
-            os.close(fd)
         injected = nth.disarm()
     finally:
         nth.close()
         F.restore_kernel(old)
     assert injected and first is not None, "the first allocation of RETRIEVE_FD did not fail"
     print(f"RETRIEVE_FD with its 1st allocation failed: {first}")
-    with MemFD.from_fd(session.retrieve(STICKY_TOKEN)) as memfd:     # the retry, without injection
+    with retrieved_memfd(session, STICKY_TOKEN) as memfd:     # the retry, without injection
         assert memfd.sha256() == lu_stage.load("sha256")
     session.finish()
     session.close()

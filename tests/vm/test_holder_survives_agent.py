@@ -22,6 +22,7 @@ from pyiommufd.agent.sdnotify import file_fdname, session_fdname
 from pyiommufd.memfd import MemFD
 
 from agent_process import kill_and_wait, start_agent
+from retrieved import retrieved_memfd
 
 pytestmark = pytest.mark.pyiommufd_kexec
 
@@ -122,7 +123,7 @@ def test_sigkill_of_the_agent_loses_nothing_the_fd_store_holds(lu_stage):
     assert lu.try_retrieve_session(DROPPED) is None, "the control session came through the kexec"
     session = lu.retrieve_session(KEPT)
     for token in TOKENS:
-        with MemFD.from_fd(session.retrieve(token)) as memfd:
+        with retrieved_memfd(session, token) as memfd:
             assert memfd.sha256() == digests[f"{KEPT}/{token}"], f"token {token:#x} changed"
     session.finish()
     session.close()

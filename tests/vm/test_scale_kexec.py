@@ -13,6 +13,8 @@ import pytest
 
 from pyiommufd.memfd import MemFD
 
+from retrieved import retrieved_memfds
+
 pytestmark = pytest.mark.pyiommufd_kexec
 
 PAGE = mmap.PAGESIZE
@@ -51,9 +53,8 @@ def test_5000_memfds_in_20_sessions(lu_stage):
     checked = 0
     for name, tokens in digests.items():
         session = lu.retrieve_session(name)
-        fds = session.retrieve_all(int(t) for t in tokens)
-        for token, fd in fds.items():
-            with MemFD.from_fd(fd) as memfd:
+        for token, memfd in retrieved_memfds(session, (int(t) for t in tokens)).items():
+            with memfd:
                 assert memfd.sha256() == tokens[str(token)], f"{name} token {token} changed"
                 checked += 1
         session.finish()
