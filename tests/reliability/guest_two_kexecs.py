@@ -16,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-from pyiommufd.agent.client import ensure_running
+from pyiommufd.agent.client import AgentClient, ensure_running
 from pyiommufd.memfd import MemFD
 
 SOCKET = "/run/pyiommufd-two-kexecs/agent.sock"
@@ -38,11 +38,14 @@ def digest_of_fd(fd: int) -> str:
 
 def main(stage: int) -> int:
     os.makedirs(os.path.dirname(SOCKET), mode=0o700, exist_ok=True)
+    assert not AgentClient(SOCKET).is_running(), "an agent answers before this boot started one"
     client = ensure_running(SOCKET)
     pid = client.ping()["pid"]
-    record = json.loads(RECORD.read_text()) if stage > 1 else {"agents": []}
-    assert pid not in record["agents"], "the agent of the previous kernel answered"
-    record["agents"].append(pid)
+    with open("/proc/sys/kernel/random/boot_id") as f:
+        boot = f.read().strip()
+    record = json.loads(RECORD.read_text()) if stage > 1 else {"boots": []}
+    assert boot not in record["boots"], "no kexec since the last stage"
+    record["boots"].append(boot)
     if stage == 1:
         client.create_session(FIRST)
         with new_memfd("a") as a:

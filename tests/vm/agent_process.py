@@ -11,9 +11,11 @@ import time
 from pyiommufd.agent import AgentClient
 
 
-def start_agent(socket_path: str, **env: str) -> AgentClient:
+def start_agent(socket_path: str, *, log_file: str | None = None, **env: str) -> AgentClient:
     """``python -m pyiommufd.agent --background`` on ``socket_path`` with ``env`` added."""
-    subprocess.run([sys.executable, "-m", "pyiommufd.agent", "--background", "--socket", socket_path],
+    logging = ["--log-file", log_file] if log_file else []
+    subprocess.run([sys.executable, "-m", "pyiommufd.agent", "--background", "--socket", socket_path,
+                    *logging],
                    env=dict(os.environ, **env), check=True, timeout=120, stdin=subprocess.DEVNULL,
                    stdout=subprocess.DEVNULL, close_fds=True)
     client = AgentClient(socket_path)
@@ -45,3 +47,21 @@ def kill_and_wait(pid: int) -> None:
             return
         assert time.monotonic() < deadline, f"agent {pid} survived SIGKILL"
         time.sleep(0.1)
+
+
+def describe(pid: int, log_file: str | None = None) -> str:
+    """Where each of the agent's threads waits, and the tail of its log: for a failure report."""
+    lines = []
+    for tid in sorted(threads(pid)):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/wchan") as f:
+                wchan = f.read()
+            with open(f"/proc/{pid}/task/{tid}/syscall") as f:
+                syscall = f.read().split()[0]
+        except OSError as exc:
+            wchan, syscall = "?", str(exc)
+        lines.append(f"thread {tid}: wchan {wchan}, syscall {syscall}")
+    if log_file and os.path.exists(log_file):
+        with open(log_file) as f:
+            lines += f.read().splitlines()[-40:]
+    return "\n".join(lines)

@@ -338,7 +338,8 @@ def test_fail_nth_preserve_through_the_agent(driver, lu_stage):
         return
 
     os.makedirs(os.path.dirname(AGENT_SOCKET), mode=0o700, exist_ok=True)
-    client = agent_process.start_agent(AGENT_SOCKET)
+    log_file = os.path.join(os.path.dirname(AGENT_SOCKET), "agent.log")
+    client = agent_process.start_agent(AGENT_SOCKET, log_file=log_file)
     pid = client.ping()["pid"]
     try:
         client.adopt(liveupdate=lu)
@@ -366,6 +367,7 @@ def test_fail_nth_preserve_through_the_agent(driver, lu_stage):
         injector.close()
         assert client.is_running(), "the agent died under fault injection"
     except BaseException:
+        print(agent_process.describe(pid, log_file))
         agent_process.kill_and_wait(pid)
         raise
     # the agent keeps the witness session through the kexec
