@@ -5,9 +5,12 @@ sees no fault (``fail_nth.Driver``). The summary (flows × injection points,
 failures) goes into the VM tier's terminal summary through the ``vm summary``
 report section.
 
-The live-update test also preserves a witness memfd *before* any fault and
-checks after the kexec that it retrieves intact; its stage 2 injects faults
-into RETRIEVE_FD and FINISH of sessions prepared for that in stage 1.
+The live-update tests preserve a witness memfd *before* any fault and check
+after the kexec that it retrieves intact; stage 2 injects faults into
+RETRIEVE_FD, RETRIEVE_SESSION and FINISH of sessions prepared in stage 1. The
+agent test injects into the agent's thread that serves the preserve. The flows
+that preserve an iommufd oops the series' kernel and run in VMs of their own
+(``tests/reliability/test_fail_nth_oops.py``).
 """
 from __future__ import annotations
 
@@ -18,15 +21,16 @@ import time
 
 import pytest
 
-import agent_process
-import fail_nth as F
-from retrieved import retrieved_memfd
 from pyiommufd import errors
 from pyiommufd.agent import AgentClient
 from pyiommufd.iommufd import IOMMUFD
-from pyiommufd.testing.pytest_plugin import SUMMARY_SECTION
 from pyiommufd.memfd import LIVE_UPDATE_SEALS, MemFD
+from pyiommufd.testing.pytest_plugin import SUMMARY_SECTION
 from pyiommufd.vfio import VfioDevice
+
+import agent_process
+import fail_nth as F
+from retrieved import retrieved_memfd
 
 PAGE = mmap.PAGESIZE
 WITNESS_SESSION, WITNESS_TOKEN = "fail-nth-witness", 0x77
@@ -58,11 +62,11 @@ def assert_clean(results: list[F.FlowResult]) -> None:
         "a flow was never hit by an injected fault: the driver injected nothing\n" + F.summary(results)
 
 
-def one_page_memfd(name: str, *, sealed: bool = True) -> MemFD:
+def one_page_memfd(name: str) -> MemFD:
+    """Sealed as MAP_FILE for live update wants it."""
     memfd = MemFD.create(name, PAGE)
     memfd.write(os.urandom(PAGE))
-    if sealed:
-        memfd.add_seals(LIVE_UPDATE_SEALS)
+    memfd.add_seals(LIVE_UPDATE_SEALS)
     return memfd
 
 
