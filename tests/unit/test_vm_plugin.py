@@ -344,3 +344,28 @@ def test_on_host():
     result.assert_outcomes(passed=1, skipped=1)
     assert "ERROR: file or directory not found" not in result.stdout.str() + result.stderr.str()
     result.stdout.fnmatch_lines(["kernels: user (*bzImage-not-a-test)"])
+
+
+def test_a_guest_tests_vm_summary_section_is_in_the_vm_tier_summary(vm_pytester):
+    vm_pytester.makepyfile(test_s='''
+        import pytest
+        from pyiommufd_testing.pytest_plugin import SUMMARY_SECTION
+
+        @pytest.mark.pyiommufd_vm
+        def test_table(request):
+            request.node.add_report_section("call", SUMMARY_SECTION, "flows x points: 7 x 42")
+
+        @pytest.mark.pyiommufd_kexec
+        def test_both_stages(lu_stage, request):
+            request.node.add_report_section("call", SUMMARY_SECTION, f"table of stage {lu_stage.stage}")
+
+        @pytest.mark.pyiommufd_vm
+        def test_other(request):
+            request.node.add_report_section("call", "not a summary", "kept out of the summary")
+    ''')
+    result = _run(vm_pytester)
+    result.assert_outcomes(passed=3)
+    summary = result.stdout.str().split("VM tier ====")[-1]
+    assert "flows x points: 7 x 42" in summary
+    assert "stage 1: table of stage 1" in summary and "table of stage 2" in summary
+    assert "kept out of the summary" not in summary

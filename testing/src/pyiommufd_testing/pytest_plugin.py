@@ -304,6 +304,16 @@ def _outcome_word(reports) -> str:
     return "PASSED" if reports else "NO RESULT"
 
 
+#: a guest test's ``request.node.add_report_section(when, SUMMARY_SECTION, text)`` lands in
+#: the VM tier's terminal summary (e.g. the fail-nth table), whatever the outcome
+SUMMARY_SECTION = "vm summary"
+
+
+def _summary_sections(reports) -> list[str]:
+    return [(f"{title.split(':')[0]}: " if title.startswith("stage ") else "") + text
+            for r in reports for title, text in r.sections if SUMMARY_SECTION in title]
+
+
 def _uses_hypothesis(item) -> bool:
     return bool(getattr(getattr(item, "obj", None), "is_hypothesis_test", False))
 
@@ -661,6 +671,7 @@ class HostSide:
         reps = self._guest_reports(item, original, target)
         for r in reps:   # a clone reports the guest's outcome under its own id
             r.nodeid, r.location = item.nodeid, item.location
+        self.lines.setdefault(target.name, []).extend(_summary_sections(reps))
         return reps
 
     def _guest_reports(self, item, original, target: KernelTarget) -> list:
