@@ -414,3 +414,29 @@ def test_bulk_preserve_failing_part_way_through_the_agent(env):
         env.client.retrieve_many("part", [1, 3])
     assert info.value.index == 1 and "item 2 of 2 failed" in str(info.value)
     assert env.read(env.client.retrieve("part", 1), 1) == b"A"   # retrieved before the failure, held
+
+
+def test_a_connection_thread_that_cannot_start_drops_only_that_peer(env, monkeypatch):
+    """Under memory pressure ``Thread.start`` fails; the agent must neither stop
+    (which would release every preserved session) nor lose a connection slot."""
+    import threading
+
+    from pyiommufd.agent.server import MAX_CONNECTIONS
+
+    session = env.client.create_session("kept")
+    assert session["name"] == "kept"
+    real_start = threading.Thread.start
+    failures = []
+
+    def start_once_failing(self):
+        if self.name == "pyiommufd-agent-conn" and not failures:
+            failures.append(self)
+            raise RuntimeError("can't start new thread")
+        return real_start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", start_once_failing)
+    with pytest.raises(errors.PyiommufdError):
+        env.client.status()
+    assert failures, "the agent did not try to start a connection thread"
+    for _ in range(MAX_CONNECTIONS + 2):     # more requests than slots: none was lost
+        assert "kept" in {s["name"] for s in env.client.status()["sessions"]}

@@ -225,7 +225,13 @@ class AgentServer(RequestHandlers):
                 return
         thread = threading.Thread(target=self._handle, args=(conn,), name="pyiommufd-agent-conn", daemon=True)
         self._handlers.add(thread)
-        thread.start()
+        try:
+            thread.start()
+        except RuntimeError as exc:     # no memory for a thread: drop this peer, keep every session
+            log.warning("could not start a thread for a connection: %s; dropping it", exc)
+            self._handlers.discard(thread)
+            self._slots.release()
+            conn.close()
 
     def _handle(self, conn: socket.socket) -> None:
         try:
