@@ -1,12 +1,15 @@
 """fail-nth over the flows that preserve an iommufd (the selftest's stage 1, a
 plain preserve), each in a VM of its own, on the kernels that have the series'
 iommufd handler: each oopses the kernel (README, "Reliability"), which would
-take every other test of a shared guest down with it. Each test is a strict
-xfail that accepts only its own oops, recognised in the serial log; any other
-failure fails."""
+take every other test of a shared guest down with it. Whether a run reaches
+the oops depends on which allocation its faults land on, which varies from run
+to run: a run that oopses with the test's own oops (recognised in the serial
+log) is an xfail with the evidence; a run that does not must pass with 0
+failures; any other oops or failure fails."""
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -18,8 +21,11 @@ GUEST_PROGRAM = Path(__file__).with_name("guest_fail_nth_preserving_iommufd.py")
 TIMEOUT = 600.0
 
 
-class KnownOops(AssertionError):
-    """The guest died of the oops the test names, and of nothing else."""
+class KnownOops:
+    """The kernel bug a test may run into: its RIP line and its explanation."""
+
+    rip: str
+    reason: str
 
 
 class SeriesV1PreserveOops(KnownOops):
@@ -68,16 +74,16 @@ def run_flow(target: KernelTarget, flow: str, known: type[KnownOops]) -> None:
     if known.rip in serial and "Kernel panic" in serial:
         evidence = [ln for ln in serial.splitlines()
                     if ln.startswith(("BUG:", "ACPI Error: AE_NO_MEMORY", known.rip))]
-        raise known("\n".join(dict.fromkeys(evidence)))
+        pytest.xfail(known.reason + "\n" + "\n".join(dict.fromkeys(evidence)))
     assert res.ok, f"{res.summary()}\nserial log tail:\n{res.serial_tail(30)}"
-    assert "0 failures" in output
+    totals = re.search(r"fail-nth: \d+ flows x (\d+) injection points, (\d+) failures", output)
+    assert totals, "the guest printed no fail-nth totals"
+    assert int(totals[1]) > 0 and int(totals[2]) == 0, totals[0]
 
 
-@pytest.mark.xfail(strict=True, raises=AcpiPrtOops, reason=AcpiPrtOops.reason)
 def test_selftest_stage1_under_fail_nth(target: KernelTarget):
     run_flow(target, "selftest", AcpiPrtOops)
 
 
-@pytest.mark.xfail(strict=True, raises=SeriesV1PreserveOops, reason=SeriesV1PreserveOops.reason)
 def test_preserve_iommufd_under_fail_nth(target: KernelTarget):
     run_flow(target, "preserve", SeriesV1PreserveOops)
