@@ -8,14 +8,14 @@ log) is an xfail with the evidence; a run that does not must pass with 0
 failures; any other oops or failure fails."""
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
 import pytest
 
-from pyiommufd_testing.pytest_plugin import KernelTarget, kernel_targets
-from pyiommufd.vm import kernel as vmkernel, runner
+from pyiommufd_testing.host_vm import kernel_image, parametrize_by_kernel
+from pyiommufd_testing.pytest_plugin import KernelTarget
+from pyiommufd.vm import runner
 
 GUEST_PROGRAM = Path(__file__).with_name("guest_fail_nth_preserving_iommufd.py")
 TIMEOUT = 600.0
@@ -43,26 +43,11 @@ class AcpiPrtOops(KnownOops):
               "(pci_disable_device <- vfio_pci_core_disable)")
 
 
-def pytest_generate_tests(metafunc):
-    if "target" in metafunc.fixturenames:
-        targets = kernel_targets(metafunc.config)
-        metafunc.parametrize("target", targets, ids=[t.name for t in targets])
-
-
-def _unavailable(why: str):
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"the VM did not run (CI=true makes this a failure): {why}")
-    pytest.skip(f"the VM did not run: {why}")
+pytest_generate_tests = parametrize_by_kernel
 
 
 def run_flow(target: KernelTarget, flow: str, known: type[KnownOops]) -> None:
-    if target.unavailable:
-        _unavailable(f"kernel {target.name}: {target.unavailable}")
-    try:
-        runner.find_qemu()
-        image = vmkernel.resolve_kernel(target.user_kernel, progress=print, recipe=target.recipe())
-    except (runner.VmError, vmkernel.KernelBuildError) as exc:
-        _unavailable(str(exc))
+    image = kernel_image(target)
     job = runner.command_job([runner.python_executable(), str(GUEST_PROGRAM), flow], env=target.env)
     res = runner.run(job, kernel=str(image.bzimage), timeout=TIMEOUT, progress=print)
     output = res.stages[0].output() if res.stages else ""

@@ -3,19 +3,14 @@ from the host (the programs need the VM for themselves: each one binds the
 test device, holds /dev/liveupdate and kexecs). Tier ``vm``."""
 from __future__ import annotations
 
-import os
 
-import pytest
+from pyiommufd_testing.host_vm import mark_as_vm_tier
 
 from seedflow_results import RESULTS
 
 
 def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if "/seedflow/" in str(item.fspath).replace(os.sep, "/"):
-            item.add_marker(pytest.mark.vm)
-            if config.getoption("no_vm", False):
-                item.add_marker(pytest.mark.skip(reason="--no-vm"))
+    mark_as_vm_tier(config, items, "seedflow")
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -6,14 +6,13 @@ driver bind after the kexec."""
 from __future__ import annotations
 
 import errno as E
-import os
 import re
 from pathlib import Path
 
-import pytest
 
-from pyiommufd_testing.pytest_plugin import KernelTarget, kernel_targets
-from pyiommufd.vm import kernel as vmkernel, runner, seedflow
+from pyiommufd_testing.host_vm import kernel_image, parametrize_by_kernel
+from pyiommufd_testing.pytest_plugin import KernelTarget
+from pyiommufd.vm import seedflow
 
 from seedflow_results import record
 
@@ -43,26 +42,11 @@ def readme_bare_metal_results() -> list[list[str]]:
             for block in blocks[:2]]
 
 
-def pytest_generate_tests(metafunc):
-    if "target" in metafunc.fixturenames:
-        targets = kernel_targets(metafunc.config)
-        metafunc.parametrize("target", targets, ids=[t.name for t in targets])
-
-
-def _unavailable(why: str):
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"the seed flow did not run (CI=true makes this a failure): {why}")
-    pytest.skip(f"the seed flow did not run: {why}")
+pytest_generate_tests = parametrize_by_kernel
 
 
 def _run(target: KernelTarget, program: str):
-    if target.unavailable:
-        _unavailable(f"kernel {target.name}: {target.unavailable}")
-    try:
-        runner.find_qemu()
-        image = vmkernel.resolve_kernel(target.user_kernel, progress=print, recipe=target.recipe())
-    except (runner.VmError, vmkernel.KernelBuildError) as exc:
-        _unavailable(str(exc))
+    image = kernel_image(target, "the seed flow")
     if program == "c" and image.c_selftest is None:
         return image, None
     result, res = seedflow.run(program, kernel=str(image.bzimage), c_selftest=(

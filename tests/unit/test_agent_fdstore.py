@@ -4,9 +4,7 @@ that takes the fds back through $LISTEN_FDS/$LISTEN_FDNAMES. Without the fd
 store a crash of the agent loses the sessions; with it, nothing is lost."""
 from __future__ import annotations
 
-import array
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -19,68 +17,7 @@ from pyiommufd.agent import AgentClient, AgentServer, in_process_agents
 from pyiommufd.agent import sdnotify
 from pyiommufd.manifest import MANIFEST_TOKEN, Entry, Manifest, write_to_memfd
 from pyiommufd.memfd import MemFD
-
-
-class NotifySocket:
-    """The service manager's end: a bound AF_UNIX datagram socket that keeps
-    every message and, like systemd's fd store, every fd sent with FDSTORE=1
-    under its FDNAME until FDSTOREREMOVE=1 names it."""
-
-    def __init__(self, address: str, kernel=None):
-        self.address = address
-        self.kernel = kernel
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-        self.sock.bind(b"\0" + address[1:].encode() if address.startswith("@") else address)
-        self.sock.setblocking(False)
-        self.messages: list[dict[str, str]] = []
-        self.store: list[tuple[str, int]] = []
-
-    def drain(self) -> list[dict[str, str]]:
-        new = []
-        while True:
-            try:
-                data, anc, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(64 * 4))
-            except BlockingIOError:
-                break
-            fds = array.array("i")
-            for level, kind, cdata in anc:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    fds.frombytes(cdata[:len(cdata) - len(cdata) % fds.itemsize])
-            msg = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
-            msg["_fds"] = list(fds)
-            new.append(msg)
-            if msg.get("FDSTORE") == "1":
-                for fd in fds:
-                    if self.kernel is not None:
-                        self.kernel.fstat_size(fd)      # the fake learns of the fd store's reference
-                    self.store.append((msg.get("FDNAME", ""), fd))
-            else:
-                for fd in fds:
-                    os.close(fd)
-            if msg.get("FDSTOREREMOVE") == "1":
-                for name, fd in [x for x in self.store if x[0] == msg.get("FDNAME")]:
-                    self._close(fd)
-                    self.store.remove((name, fd))
-        self.messages += new
-        return new
-
-    def _close(self, fd: int) -> None:
-        if self.kernel is not None:
-            self.kernel.close(fd)
-        else:
-            os.close(fd)
-
-    def names(self) -> list[str]:
-        return [name for name, _ in self.store]
-
-    def close(self) -> None:
-        for _, fd in self.store:
-            try:
-                self._close(fd)
-            except OSError:
-                pass
-        self.store.clear()
-        self.sock.close()
+from pyiommufd_testing.service_manager import NotifySocket
 
 
 @pytest.fixture

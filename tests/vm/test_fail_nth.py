@@ -70,6 +70,16 @@ def one_page_memfd(name: str) -> MemFD:
     return memfd
 
 
+def preserve_one_page(lu_stage, session_name: str, token: int, key: str):
+    """A new session holding one fresh page under ``token``; its sha256 is saved
+    as ``key`` for stage 2."""
+    session = lu_stage.liveupdate.create_session(session_name)
+    with one_page_memfd(session_name) as memfd:
+        session.preserve(memfd, token)
+        lu_stage.save(key, memfd.sha256())
+    return session
+
+
 # -- iommufd: IOAS and HWPT ------------------------------------------------------------------
 
 def iommufd_flows(device_cdev: str) -> list[F.Flow]:
@@ -131,10 +141,7 @@ def test_fail_nth_iommufd(driver, vfio_device):
 def test_fail_nth_live_update(driver, lu_stage):
     lu = lu_stage.liveupdate
     if lu_stage.stage == 1:
-        witness = lu.create_session(WITNESS_SESSION)
-        with one_page_memfd("fail-nth-witness") as memfd:
-            witness.preserve(memfd, WITNESS_TOKEN)
-            lu_stage.save("witness", memfd.sha256())
+        witness = preserve_one_page(lu_stage, WITNESS_SESSION, WITNESS_TOKEN, "witness")
         counter = iter(range(1, 1 << 30))
 
         def fresh_session():
@@ -391,11 +398,7 @@ RETRIEVE_IS_STICKY = (
 def test_a_retrieve_failed_by_a_fault_can_be_retried(lu_stage, request):
     lu = lu_stage.liveupdate
     if lu_stage.stage == 1:
-        session = lu.create_session(STICKY_SESSION)
-        with one_page_memfd("fail-nth-sticky") as memfd:
-            session.preserve(memfd, STICKY_TOKEN)
-            lu_stage.save("sha256", memfd.sha256())
-        lu_stage.keep(session)
+        lu_stage.keep(preserve_one_page(lu_stage, STICKY_SESSION, STICKY_TOKEN, "sha256"))
         return
 
     # only the retry is the kernel's: a set-up problem must fail as an AssertionError

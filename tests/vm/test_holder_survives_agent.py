@@ -10,16 +10,15 @@ and is gone after the kexec.
 """
 from __future__ import annotations
 
-import array
 import mmap
 import os
-import socket
 
 import pytest
 
 from pyiommufd import errors
 from pyiommufd.agent.sdnotify import file_fdname, session_fdname
 from pyiommufd.memfd import MemFD
+from pyiommufd_testing.service_manager import NotifySocket
 
 from agent_process import kill_and_wait, start_agent
 from retrieved import retrieved_memfd
@@ -30,40 +29,6 @@ AGENT_DIR = "/tmp/pyiommufd-holder"
 KEPT, DROPPED = "holder-kept", "holder-dropped"
 TOKENS = (0x1, 0x2, 0xF00D)
 PAGE = mmap.PAGESIZE
-
-
-class FdStore:
-    """The service manager's end of ``$NOTIFY_SOCKET``: keeps each stored fd by its FDNAME."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-        self.sock.bind(path)
-        self.sock.setblocking(False)
-        self.fds: dict[str, list[int]] = {}
-
-    def drain(self) -> None:
-        while True:
-            try:
-                data, anc, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(16 * 4))
-            except BlockingIOError:
-                return
-            fds = array.array("i")
-            for level, kind, cdata in anc:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    fds.frombytes(cdata[:len(cdata) - len(cdata) % fds.itemsize])
-            fields = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
-            if fields.get("FDSTORE") == "1":
-                self.fds.setdefault(fields["FDNAME"], []).extend(fds)
-            else:
-                for fd in fds:
-                    os.close(fd)
-            if fields.get("FDSTOREREMOVE") == "1":
-                self.drop(fields["FDNAME"])
-
-    def drop(self, name: str) -> None:
-        for fd in self.fds.pop(name, []):
-            os.close(fd)
 
 
 def is_frozen(memfd: MemFD) -> bool:
@@ -80,8 +45,8 @@ def test_sigkill_of_the_agent_loses_nothing_the_fd_store_holds(lu_stage):
     lu = lu_stage.liveupdate
     if lu_stage.stage == 1:
         os.makedirs(AGENT_DIR, mode=0o700, exist_ok=True)
-        store = FdStore(f"{AGENT_DIR}/notify")
-        client = start_agent(f"{AGENT_DIR}/agent.sock", NOTIFY_SOCKET=store.path)
+        store = NotifySocket(f"{AGENT_DIR}/notify")
+        client = start_agent(f"{AGENT_DIR}/agent.sock", NOTIFY_SOCKET=store.address)
         pid = client.ping()["pid"]
         ours: dict[str, list[MemFD]] = {}
         digests: dict[str, str] = {}
@@ -102,8 +67,8 @@ def test_sigkill_of_the_agent_loses_nothing_the_fd_store_holds(lu_stage):
             raise
         for name in (KEPT, DROPPED):
             expected = {session_fdname(name, False)} | {file_fdname(name, False, t) for t in TOKENS}
-            assert expected <= set(store.fds), f"the agent stored {sorted(store.fds)}"
-        for name in [n for n in store.fds if DROPPED in n] + ["luo"]:
+            assert expected <= set(store.names()), f"the agent stored {sorted(store.names())}"
+        for name in {n for n in store.names() if DROPPED in n} | {"luo"}:
             store.drop(name)
         assert all(is_frozen(m) for ms in ours.values() for m in ms)
 
@@ -115,7 +80,7 @@ def test_sigkill_of_the_agent_loses_nothing_the_fd_store_holds(lu_stage):
         lu_stage.save("sha256", digests)
         lu_stage.keep(store)
         print(f"stage 1: agent {pid} preserved {len(TOKENS)} memfds in each of {KEPT!r} and "
-              f"{DROPPED!r} and stored {len(store.fds)} fds with us; we dropped {DROPPED!r}'s; "
+              f"{DROPPED!r} and stored {len(store.store)} fds with us; we dropped {DROPPED!r}'s; "
               f"after SIGKILL {KEPT!r}'s memfds are still frozen (preserved), {DROPPED!r}'s not")
         return
 
