@@ -323,6 +323,10 @@ def test_adopt_validation(env):
     with pytest.raises(errors.UsageError, match="twice"):
         c.call("adopt", [lu_fd, lu_fd], sessions=[{"name": "y", "fd": 0, "files": [
             {"token": 1, "fd": 1}, {"token": 1, "fd": 1}]}])
+    with pytest.raises(errors.UsageError, match="file state must be one of preserved, retrieved, "
+                                                "pending, failed, not 'lost'"):
+        c.call("adopt", [lu_fd], sessions=[{"name": "z", "fd": 0, "direction": "incoming",
+                                            "files": [{"token": 1, "state": "lost"}]}])
     assert [s["name"] for s in c.status()["sessions"]] == ["dup"]
 
 

@@ -16,7 +16,7 @@ from ..luo import LiveUpdate, PreservedFile, RetrievedFile, Session, check_sessi
 from . import protocol as P
 from . import sdnotify
 from .protocol import AgentRefused
-from .registry import HeldFile, HeldSession, Registry, close_fd
+from .registry import FileState, HeldFile, HeldSession, Registry, close_fd
 
 log = logging.getLogger("pyiommufd.agent")
 
@@ -111,7 +111,7 @@ class RequestHandlers(Registry):
         kind = P.parse_kind(meta.pop("kind", None)) or kind_of_fd(self.backend, fd)
         name = meta.pop("name", None)
         held.session.preserve(fd, token)
-        held.files[token] = HeldFile(token, kind, name, meta, fds.keep(fd), "preserved")
+        held.files[token] = HeldFile(token, kind, name, meta, fds.keep(fd), FileState.PRESERVED)
         log.info("preserved token %#x (%s %s) in %r", token, kind, name or "", held.name)
         self._store_file(held, held.files[token])
         return held.files[token].as_dict(), []
@@ -150,7 +150,7 @@ class RequestHandlers(Registry):
         out = []
         for token, fd, kind, meta in items:
             name = meta.pop("name", None)
-            f = held.files[token] = HeldFile(token, kind, name, meta, fds.keep(fd), "preserved")
+            f = held.files[token] = HeldFile(token, kind, name, meta, fds.keep(fd), FileState.PRESERVED)
             self._store_file(held, f)
             out.append(f.as_dict())
         log.info("preserved %d files in %r", len(items), held.name)
@@ -186,7 +186,8 @@ class RequestHandlers(Registry):
                 ffd = None if f.get("fd") is None else fds.get(f.get("fd"), f"adopt token {token:#x}")
                 meta = _meta(f.get("meta"))
                 said = P.parse_kind(f.get("kind") or meta.pop("kind", None))
-                files.append((token, ffd, f, meta, said))
+                said_state = None if f.get("state") is None else FileState.parse(f.get("state"))
+                files.append((token, ffd, f, meta, said, said_state))
             self._check_session_fd(session_fd, name)
             plans.append((name, incoming, session_fd, files, spec))
         lu_fd = None if lu_index is None else fds.get(lu_index, "adopt /dev/liveupdate")
@@ -210,17 +211,17 @@ class RequestHandlers(Registry):
         for name, incoming, session_fd, files, spec in plans:
             session = Session(fds.keep(session_fd), name, incoming=incoming, backend=self.backend)
             held = HeldSession(name, session, incoming=incoming, adopted=True)
-            for token, ffd, f, meta, said in files:
+            for token, ffd, f, meta, said, said_state in files:
                 if ffd is not None:
                     fds.keep(ffd)
                 kind = said or (kind_of_fd(self.backend, ffd) if ffd is not None else FileKind.OTHER)
                 fname = f.get("name") or meta.pop("name", None)
                 if incoming:
-                    state = f.get("state") or ("retrieved" if ffd is not None else "pending")
-                    if state == "retrieved" and ffd is not None:
+                    state = said_state or (FileState.RETRIEVED if ffd is not None else FileState.PENDING)
+                    if state is FileState.RETRIEVED and ffd is not None:
                         session.record_retrieved(token, ffd, kind)
                 else:
-                    state = "preserved"
+                    state = FileState.PRESERVED
                     session.preserved[token] = PreservedFile(token, ffd if ffd is not None else -1, kind)
                 held.files[token] = HeldFile(token, kind, fname, meta, ffd, state)
             if incoming:
@@ -264,12 +265,12 @@ class RequestHandlers(Registry):
             except errors.NotFound:
                 held.manifest_error = "no token 0: this session has no pyiommufd manifest"
             except errors.KernelError as exc:
-                held.files[MANIFEST_TOKEN] = HeldFile(MANIFEST_TOKEN, FileKind.MANIFEST, MANIFEST_NAME, state="failed",
+                held.files[MANIFEST_TOKEN] = HeldFile(MANIFEST_TOKEN, FileKind.MANIFEST, MANIFEST_NAME, state=FileState.FAILED,
                                                       error=P.encode_error(exc))
                 held.manifest_error = f"retrieving token 0 failed: {exc}"
             else:
                 held.files[MANIFEST_TOKEN] = HeldFile(MANIFEST_TOKEN, FileKind.MANIFEST, MANIFEST_NAME, fd=fd,
-                                                      state="retrieved")
+                                                      state=FileState.RETRIEVED)
                 self._store_file(held, held.files[MANIFEST_TOKEN])
                 self._load_manifest(held, fd)
         out = held.as_dict()
@@ -287,12 +288,12 @@ class RequestHandlers(Registry):
         except errors.KernelError as exc:
             if f is None:
                 f = held.files[token] = HeldFile(token, FileKind.OTHER)
-            f.state, f.error = "failed", P.encode_error(exc)
+            f.state, f.error = FileState.FAILED, P.encode_error(exc)
             raise
         fd = got.fd
         if f is None:
             f = held.files[token] = HeldFile(token, got.kind)
-        f.fd, f.state, f.error = fd, "retrieved", None
+        f.fd, f.state, f.error = fd, FileState.RETRIEVED, None
         log.info("retrieved token %#x (%s %s) of %r", token, f.kind, f.name or "", held.name)
         self._store_file(held, f)
         return f.as_dict(), [fd]
@@ -315,7 +316,7 @@ class RequestHandlers(Registry):
             f = held.files.get(todo[index])
             if f is None:
                 f = held.files[todo[index]] = HeldFile(todo[index], FileKind.OTHER)
-            f.state, f.error = "failed", P.encode_error(exc)
+            f.state, f.error = FileState.FAILED, P.encode_error(exc)
             exc.index = tokens.index(todo[index])
             raise
         self._hold_retrieved(held, got)
@@ -327,7 +328,7 @@ class RequestHandlers(Registry):
             f = held.files.get(token)
             if f is None:
                 f = held.files[token] = HeldFile(token, record.kind)
-            f.fd, f.state, f.error = record.fd, "retrieved", None
+            f.fd, f.state, f.error = record.fd, FileState.RETRIEVED, None
         log.info("retrieved %d tokens of %r", len(got), held.name)
 
     def _op_finish(self, args: dict[str, Any], fds: RequestFds) -> Reply:

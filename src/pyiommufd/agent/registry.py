@@ -12,6 +12,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 from .. import errors
@@ -23,6 +24,24 @@ from . import sdnotify
 
 log = logging.getLogger("pyiommufd.agent")
 
+
+class FileState(str, Enum):
+    """Where a token the agent knows of stands; the value is what status shows."""
+
+    PRESERVED = "preserved"     # outgoing: in the session, for the next kernel
+    RETRIEVED = "retrieved"     # incoming: the agent holds the new fd
+    PENDING = "pending"         # incoming: known (manifest, hand-over), not retrieved yet
+    FAILED = "failed"           # incoming: the kernel refused its retrieve (``error``)
+
+    @classmethod
+    def parse(cls, value: object) -> "FileState":
+        try:
+            return cls(value)
+        except ValueError:
+            raise UsageError(f"file state must be one of {', '.join(s.value for s in cls)}, "
+                             f"not {value!r}") from None
+
+
 @dataclass
 class HeldFile:
     """One token of a session as the agent knows it."""
@@ -32,12 +51,12 @@ class HeldFile:
     name: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     fd: int | None = None        # the agent's own reference, if it holds one
-    state: str = "preserved"     # preserved | retrieved | pending | failed
+    state: FileState = FileState.PRESERVED
     error: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         out = {"token": self.token, "token_hex": f"{self.token:#x}", "kind": self.kind.value, "name": self.name,
-               "meta": self.meta, "state": self.state, "held": self.fd is not None}
+               "meta": self.meta, "state": self.state.value, "held": self.fd is not None}
         if self.error:
             out["error"] = self.error
         return out
@@ -63,14 +82,14 @@ class HeldSession:
         return (self.name, self.incoming)
 
     def as_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"name": self.name, "direction": self.direction, "fd": self.session._fd,
+        out: dict[str, Any] = {"name": self.name, "direction": self.direction, "fd": self.session.fileno(),
                "adopted": self.adopted, "since": self.since,
                "tokens": [f.as_dict() for f in sorted(self.files.values(), key=lambda f: f.token)]}
         if self.incoming:
             out["manifest"] = self.manifest is not None
             if self.manifest_error:
                 out["manifest_error"] = self.manifest_error
-            out["unretrieved"] = [f.token for f in self.files.values() if f.state != "retrieved"]
+            out["unretrieved"] = [f.token for f in self.files.values() if f.state is not FileState.RETRIEVED]
         return out
 
 
@@ -199,7 +218,7 @@ class Registry:
             if f is None:
                 if not held.incoming:
                     continue  # an outgoing file we hold no fd of: nothing to say about it
-                f = held.files[entry.token] = HeldFile(entry.token, entry.kind, state="pending")
+                f = held.files[entry.token] = HeldFile(entry.token, entry.kind, state=FileState.PENDING)
             f.kind, f.name = entry.kind, entry.name
             f.meta = {k: v for k, v in entry.as_dict().items() if k not in ("token", "kind", "name")}
         held.session.expected_tokens = set(manifest.tokens)
@@ -224,7 +243,7 @@ class Registry:
         self.stored.discard(name)
 
     def _store_session(self, held: HeldSession) -> None:
-        self._store(sdnotify.session_fdname(held.name, held.incoming), held.session._fd)
+        self._store(sdnotify.session_fdname(held.name, held.incoming), held.session.fileno())
 
     def _store_file(self, held: HeldSession, f: HeldFile) -> None:
         self._store(sdnotify.file_fdname(held.name, held.incoming, f.token), f.fd)
@@ -286,10 +305,10 @@ class Registry:
             kind = kind_of_fd(self.backend, fd)
             if name.incoming:
                 held.session.record_retrieved(name.token, fd, kind)
-                state = "retrieved"
+                state = FileState.RETRIEVED
             else:
                 held.session.preserved[name.token] = PreservedFile(name.token, fd, kind)
-                state = "preserved"
+                state = FileState.PRESERVED
             held.files[name.token] = HeldFile(name.token, kind, fd=fd, state=state)
             self.stored.add(text)
         for held in self.sessions.values():

@@ -374,7 +374,7 @@ class AgentServer(RequestHandlers):
         return op, args
     def _info(self) -> dict[str, Any]:
         if self.liveupdate is not None:
-            lu = {"held": True, "fd": self.liveupdate._fd, "path": self.liveupdate_path}
+            lu = {"held": True, "fd": self.liveupdate.fileno(), "path": self.liveupdate_path}
         else:
             lu = {"held": False, "path": self.liveupdate_path, "error": self.liveupdate_error}
         return {"pid": os.getpid(), "euid": self.euid, "version": __version__, "socket": self.socket_path,
