@@ -110,23 +110,6 @@ class _TotalsOnce:
             sys.stdout.flush()
 
 
-def _vm_same_kernel(kernel: str, initrd: str | None) -> bool:
-    """Inside the pyiommufd VM, kexec'ing into the VM's own kernel goes through
-    :func:`pyiommufd.vm.guest.kexec_same_kernel`, which records the kexec for
-    the in-guest agent (so the next stage runs after the reboot)."""
-    from ..vm import guest
-
-    if not guest.in_guest():
-        return False
-    same = os.environ.get(guest.ENV_KERNEL)
-    same_initrd = os.environ.get(guest.ENV_INITRD) or None
-    if not same:
-        return False
-    return os.path.realpath(kernel) == os.path.realpath(same) and \
-        (initrd is None or (same_initrd is not None
-                            and os.path.realpath(initrd) == os.path.realpath(same_initrd)))
-
-
 @click.command("selftest")
 @click.argument("device", metavar="CDEV|BDF")
 @click.option("--session", "session_name", default=DEFAULT_SESSION, show_default=True,
@@ -254,13 +237,6 @@ def _kexec(report: Report, kernel: str, initrd: str | None, cmdline: str | None,
     if as_json:
         echo_json(dict(report.as_dict(), **extra, after="kexec", kexec={
             "kernel": kernel, "initrd": initrd, "cmdline": cmdline}))
-    if cmdline is None and _vm_same_kernel(kernel, initrd):
-        from ..vm import guest
-
-        if not as_json:
-            click.echo(f"# result: PASS (stage 1); kexec into the VM kernel {kernel}")
-        totals()
-        guest.kexec_same_kernel(by="selftest", backend=be)  # never returns
     from .. import kexec
 
     used = kexec.load(kernel, initrd, cmdline, backend=be)
