@@ -328,26 +328,95 @@ def test_vm_selftest_reports_the_guest_stage(vm_cache, capsys):
     assert err.startswith("pyiommufd: error: guest stage 1: guest-selftest runs only inside")
 
 
-def test_kexec_inside_the_vm_goes_through_the_guest_agent(series_kernel, capsys, monkeypatch, tmp_path):
-    """In the pyiommufd VM, `selftest --kexec <VM kernel>` kexecs via
-    vm.guest.kexec_same_kernel, which leaves kexec.json for the in-guest agent."""
+def test_kexec_inside_the_vm_is_the_same_as_outside(series_kernel, capsys, monkeypatch, tmp_path):
+    """selftest knows nothing of the pyiommufd VM: with the guest agent's
+    environment set it kexecs by itself and leaves nothing in the results
+    share (the guest agent tells that kexec from the stage's kexec="self")."""
     from pyiommufd.vm import guest
 
     monkeypatch.setenv(guest.ENV_IN_GUEST, "1")
-    monkeypatch.setenv(guest.ENV_RESULTS, str(tmp_path))
+    share = tmp_path / "share"
+    share.mkdir()
+    monkeypatch.setenv(guest.ENV_RESULTS, str(share))
     monkeypatch.setenv(guest.ENV_KERNEL, "/boot/vmlinuz-7.3.4")
     monkeypatch.setenv(guest.ENV_INITRD, "/boot/initrd.img-7.3.4")
     monkeypatch.setenv(guest.ENV_STAGE, "1")
     monkeypatch.setenv(guest.ENV_BOOT, "1")
     monkeypatch.delenv(guest.ENV_SIMULATE, raising=False)
-    monkeypatch.setattr(guest, "dump_dmesg", lambda path: None)
     bind(capsys)
     with pytest.raises(SimulatedKexec):
         run_cli(capsys, "selftest", BDF, "--kexec", "/boot/vmlinuz-7.3.4", "--initrd", "/boot/initrd.img-7.3.4")
-    # kexec.json was written for the agent (and removed again because, on the fake,
-    # reboot() "returned" by raising); the events record who asked for the kexec
-    events = [json.loads(ln) for ln in (tmp_path / guest.EVENTS).read_text().splitlines()]
-    [kx] = [e for e in events if e["ev"] == "kexec"]
-    assert kx["by"] == "selftest" and kx["stage"] == 1
     assert series_kernel.boot_count == 2
-    assert "kexec into the VM kernel" in capsys.readouterr().out
+    assert list(share.iterdir()) == []
+    assert "kexec into /boot/vmlinuz-7.3.4 with initrd /boot/initrd.img-7.3.4" in capsys.readouterr().out
+
+
+def test_report_file_is_on_disk_before_the_kexec_loads(series_kernel, capsys, monkeypatch, tmp_path):
+    """--report FILE: the stage's JSON document, durable before kexec_file_load
+    and the reboot (a report on stdout can die in a pipe with the reboot)."""
+    from pyiommufd import kexec
+
+    (tmp_path / "out").mkdir()
+    report = tmp_path / "out" / "stage1.json"
+    seen_at_load = []
+    real_load = kexec.load
+
+    def load(*args, **kwargs):
+        seen_at_load.append(json.loads(report.read_text()))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(kexec, "load", load)
+    bind(capsys)
+    with pytest.raises(SimulatedKexec):
+        run_cli(capsys, "selftest", BDF, "--kexec", "/boot/vmlinuz-7.3.4", "--report", str(report))
+    [doc] = seen_at_load
+    assert doc["stage"] == 1 and doc["result"] == "pass" and doc["after"] == "kexec"
+    assert doc["kexec"]["kernel"] == "/boot/vmlinuz-7.3.4" and doc["session"] == "iommufd-test"
+    assert {s["status"] for s in doc["steps"]} <= {"PASS", "XFAIL"} and doc["counts"]["FAIL"] == 0
+    assert [p.name for p in report.parent.iterdir()] == ["stage1.json"]     # no temporary left
+
+
+def test_report_file_matches_the_json_document(fake_kernel, capsys, tmp_path):
+    report = tmp_path / "r.json"
+    bind(capsys)
+    r = run_cli(capsys, "selftest", BDF, "--json", "--report", str(report))
+    assert r.code == 4
+    assert json.loads(report.read_text()) == json.loads(r.out)
+
+
+@pytest.mark.parametrize("where, problem, code", [
+    ("missing/r.json", "no such directory", 2),
+    (".", "is a directory", 2),
+])
+def test_an_unusable_report_path_is_refused_before_anything_is_preserved(
+        series_kernel, capsys, monkeypatch, tmp_path, where, problem, code):
+    from pyiommufd import selftest
+
+    bind(capsys)
+    runs = []
+    monkeypatch.setattr(selftest, "run", lambda *a, **k: runs.append(a))
+    r = run_cli(capsys, "selftest", BDF, "--report", str(tmp_path / where))
+    assert r.code == code
+    [err] = error_lines(r.err)
+    assert problem in err and "--report" in err
+    assert r.out == "" and runs == []
+
+
+def test_the_selftest_command_does_not_import_the_vm_package():
+    """The product's selftest knows nothing of the test VM (issue 9): no
+    import of pyiommufd.vm anywhere in the module, at its top or in a function."""
+    import ast
+
+    import pyiommufd.cli.selftest_cmd as module
+
+    tree = ast.parse(open(module.__file__).read())
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            base = "." * node.level + (node.module or "")
+            imported.add(base)
+            imported |= {f"{base}.{a.name}" if node.module else base + a.name for a in node.names}
+        elif isinstance(node, ast.Import):
+            imported |= {a.name for a in node.names}
+    vm = {m for m in imported if m in ("..vm", "pyiommufd.vm") or m.startswith(("..vm.", "pyiommufd.vm."))}
+    assert not vm, vm

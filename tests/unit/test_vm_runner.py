@@ -219,6 +219,36 @@ def test_local_stage_that_should_kexec_but_exits(tmp_path):
     assert not res.ok
 
 
+def _second_boot_during_stage_1(res, stage1_kexec: str) -> dict:
+    """The agent's second boot after the first ended while stage 1 ran, leaving
+    no kexec.json (as ``pyiommufd selftest --kexec``, a kexec of its own, does)."""
+    stages = [runner.Stage(["/bin/false"], cwd="/", kexec=stage1_kexec),
+              runner.Stage(_py("print('stage 2 ran')"), cwd="/", needs_kexec=True)]
+    guest.write_json(res / guest.JOB, runner.Job(stages).to_json("/k/bzImage", "/k/initrd"))
+    guest.write_json(res / guest.STATE, {"next": 0, "running": 0, "last": None,
+                                         "boots": [{"n": 1, "via": "boot"}]})
+    guest.write_json(res / "stage-1.json", {"stage": 1, "start": 1.0})
+    guest.agent(res)
+    return guest.read_json(res / guest.STATE)
+
+
+def test_a_new_boot_during_a_self_kexec_stage_is_its_kexec(tmp_path, monkeypatch):
+    monkeypatch.setattr(guest, "dump_dmesg", lambda path: None)
+    state = _second_boot_during_stage_1(tmp_path, "self")
+    assert state["boots"][1]["via"] == "kexec"
+    assert guest.read_json(tmp_path / "stage-1.json")["ended_by"] == "kexec"
+    assert guest.read_json(tmp_path / "stage-2.json")["exit"] == 0
+    assert (tmp_path / "stage-2.log").read_text() == "stage 2 ran\n"
+
+
+def test_a_new_boot_during_any_other_stage_is_a_reboot(tmp_path, monkeypatch):
+    monkeypatch.setattr(guest, "dump_dmesg", lambda path: None)
+    state = _second_boot_during_stage_1(tmp_path, "none")
+    assert state["boots"][1]["via"] == "reboot"
+    assert guest.read_json(tmp_path / "stage-1.json")["ended_by"] == "reboot"
+    assert guest.read_json(tmp_path / "stage-2.json")["ended_by"] == "not-run"
+
+
 def test_local_timeout_kills_the_machine(tmp_path):
     t0 = __import__("time").monotonic()
     res = runner.run_command(_py("import time; print('sleeping', flush=True); time.sleep(60)"),

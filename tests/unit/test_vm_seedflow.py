@@ -105,3 +105,30 @@ def test_the_job_kexecs_from_the_holder_for_pyiommufd_and_from_the_agent_for_c()
     assert c.env == {"PYIOMMUFD_LU_NR": "0x96"}
     assert json.dumps(c.to_json())        # what the guest agent reads
     assert "--program" in c.stages[1].argv and c.stages[1].argv[-1] == "2"
+
+
+def test_stage_2_renders_the_report_stage_1_wrote_before_its_kexec(capsys, monkeypatch, tmp_path):
+    """Stage 1 kexecs from the selftest's own process, so its parent never
+    renders its report: stage 2 renders it from the --report file."""
+    from pyiommufd.vm import guest
+
+    monkeypatch.setenv(guest.ENV_RESULTS, str(tmp_path))
+    report = {"stage": 1, "result": "pass", "after": "kexec", "counts": {"PASS": 1}, "steps": [
+        {"index": 1, "name": "bind the cdev to an iommufd", "status": "PASS", "errno": None,
+         "detail": "", "op": "bind"}]}
+    (tmp_path / "selftest-stage-1.json").write_text(json.dumps(report))
+    said = []
+    seedflow._render_stage1_report(said.append)
+    records = seedflow.parse_records(capsys.readouterr().out)
+    assert [(r["stage"], r["passed"]) for r in records if r["event"] == "stage"] == [(1, True)]
+    assert any(line.startswith("ok 1 ") for line in said), said
+
+
+def test_stage_2_says_when_stage_1_left_no_report(capsys, monkeypatch, tmp_path):
+    from pyiommufd.vm import guest
+
+    monkeypatch.setenv(guest.ENV_RESULTS, str(tmp_path))
+    said = []
+    seedflow._render_stage1_report(said.append)
+    assert said == [f"# stage 1 left no report ({tmp_path / 'selftest-stage-1.json'})"]
+    assert seedflow.parse_records(capsys.readouterr().out) == []

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from .. import exitcodes
-from .output import CommandError, echo_json, echo_table, hex4, json_option, require_root, warn
+from .output import (CommandError, echo_json, echo_table, hex4, json_option, require_root, warn,
+                     write_durably)
 
 if TYPE_CHECKING:
     from ..backend import Backend
@@ -50,11 +51,7 @@ def save_state(devices: dict[str, Any]) -> None:
     path = state_path()
     try:
         os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            json.dump({"version": 1, "devices": devices}, f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
+        write_durably(path, json.dumps({"version": 1, "devices": devices}, indent=2, sort_keys=True) + "\n")
     except OSError as exc:
         raise CommandError(f"cannot write the bind state {path}: {exc.strerror}",
                            exitcodes.for_errno(exc.errno)) from None

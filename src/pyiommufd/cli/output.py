@@ -9,6 +9,7 @@ an error object on stdout: inside the command's document when it prints one
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
@@ -37,6 +38,24 @@ def exit_with(code: int) -> None:
     turned into a return value there)."""
     sys.stdout.flush()
     sys.exit(code)
+
+
+def write_durably(path: str, text: str) -> None:
+    """Replace ``path`` with ``text`` so that it survives an immediate reboot:
+    written beside it, fsync'ed, renamed over it, and the directory fsync'ed.
+    Raises OSError."""
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def warn(message: str) -> None:

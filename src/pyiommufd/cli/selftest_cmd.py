@@ -13,10 +13,14 @@ After a passing stage 1 the preserved files must stay open until the kexec
   C test's ``daemonize_and_wait()``; the operator then kexecs;
 * ``--kexec KERNEL`` loads KERNEL with kexec_file_load and reboots into it
   from this very process, which still holds every fd.
+
+``--report FILE`` writes the ``--json`` document to FILE, durably, before a
+kexec or the exit: a report on stdout may die in a pipe with the reboot.
 """
 from __future__ import annotations
 
 import errno as E
+import json
 import os
 import re
 import sys
@@ -26,7 +30,8 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from .. import exitcodes
-from .output import CommandError, echo_json, error_object, exit_with, json_option, report_error
+from .output import (CommandError, echo_json, error_object, exit_with, json_option, report_error,
+                     write_durably)
 
 if TYPE_CHECKING:
     from ..backend import Backend
@@ -110,21 +115,34 @@ class _TotalsOnce:
             sys.stdout.flush()
 
 
-def _vm_same_kernel(kernel: str, initrd: str | None) -> bool:
-    """Inside the pyiommufd VM, kexec'ing into the VM's own kernel goes through
-    :func:`pyiommufd.vm.guest.kexec_same_kernel`, which records the kexec for
-    the in-guest agent (so the next stage runs after the reboot)."""
-    from ..vm import guest
+class _ReportSink:
+    """Where the stage's JSON document goes: stdout with ``--json``, and
+    ``--report FILE`` (written durably, so it outlives the kexec that follows)."""
 
-    if not guest.in_guest():
-        return False
-    same = os.environ.get(guest.ENV_KERNEL)
-    same_initrd = os.environ.get(guest.ENV_INITRD) or None
-    if not same:
-        return False
-    return os.path.realpath(kernel) == os.path.realpath(same) and \
-        (initrd is None or (same_initrd is not None
-                            and os.path.realpath(initrd) == os.path.realpath(same_initrd)))
+    def __init__(self, as_json: bool, path: str | None) -> None:
+        self.as_json, self.path = as_json, path
+
+    @staticmethod
+    def check_path(path: str) -> None:
+        """Refuse an unwritable ``--report`` before anything is preserved."""
+        directory = os.path.dirname(os.path.abspath(path))
+        if os.path.isdir(path):
+            raise CommandError(f"--report {path}: is a directory")
+        if not os.path.isdir(directory):
+            raise CommandError(f"--report {path}: no such directory {directory}")
+        if not os.access(directory, os.W_OK):
+            raise CommandError(f"--report {path}: directory {directory} is not writable",
+                               exitcodes.NOT_PERMITTED)
+
+    def __call__(self, document: dict[str, Any]) -> None:
+        if self.path is not None:
+            try:
+                write_durably(self.path, json.dumps(document, indent=2, default=str) + "\n")
+            except OSError as exc:
+                raise CommandError(f"--report {self.path}: {exc.strerror}",
+                                   exitcodes.for_errno(exc.errno)) from None
+        if self.as_json:
+            echo_json(document)
 
 
 @click.command("selftest")
@@ -138,14 +156,16 @@ def _vm_same_kernel(kernel: str, initrd: str | None) -> bool:
 @click.option("--initrd", default=None, metavar="FILE", help="initrd for --kexec.")
 @click.option("--cmdline", default=None, metavar="TEXT",
               help="Command line for --kexec (default: the running kernel's).")
+@click.option("--report", "report_file", default=None, metavar="FILE",
+              help="Also write the JSON report to FILE, synced to disk before any kexec.")
 @click.option("--hold/--no-hold", default=True,
               help="After a passing stage 1, hand the fds to `pyiommufd agent` (default), or close "
                    "them (which unpreserves everything).")
 @json_option
 @click.pass_context
 def selftest(ctx: click.Context, device: str, session_name: str, lu_abi: str | None,
-             kexec_kernel: str | None, initrd: str | None, cmdline: str | None, hold: bool,
-             as_json: bool) -> None:
+             kexec_kernel: str | None, initrd: str | None, cmdline: str | None,
+             report_file: str | None, hold: bool, as_json: bool) -> None:
     """Run the series' iommufd_liveupdate selftest on the VFIO cdev CDEV (or the
     device BDF); the stage (1 before kexec, 2 after) is detected by retrieving
     the session."""
@@ -159,6 +179,8 @@ def selftest(ctx: click.Context, device: str, session_name: str, lu_abi: str | N
     if kexec_kernel is None and (initrd is not None or cmdline is not None):
         raise UsageError("--initrd and --cmdline go with --kexec KERNEL")
     lu_abi = _validate(session_name, lu_abi)
+    if report_file is not None:
+        _ReportSink.check_path(report_file)
     be = get_backend()
     for what, path in (("--kexec", kexec_kernel), ("--initrd", initrd)):
         if path is not None and not be.exists(path):
@@ -181,7 +203,8 @@ def selftest(ctx: click.Context, device: str, session_name: str, lu_abi: str | N
                      on_step=on_step, on_plan=on_plan)
     totals = _TotalsOnce(report, as_json)
     try:
-        _finish(report, cdev, session_name, kexec_kernel, initrd, cmdline, hold, as_json, be, lib, totals)
+        _finish(report, cdev, session_name, kexec_kernel, initrd, cmdline, hold, as_json,
+                _ReportSink(as_json, report_file), be, lib, totals)
     except (Exception, KeyboardInterrupt, SystemExit):
         # a failed hand-over or kexec, or a failed run: closing unpreserves (as it must then)
         report.close()
@@ -193,8 +216,8 @@ def selftest(ctx: click.Context, device: str, session_name: str, lu_abi: str | N
 
 
 def _finish(report: Report, cdev: str, session_name: str, kexec_kernel: str | None,
-            initrd: str | None, cmdline: str | None, hold: bool, as_json: bool, be: Backend,
-            lib: ModuleType, totals: _TotalsOnce) -> None:
+            initrd: str | None, cmdline: str | None, hold: bool, as_json: bool, emit: _ReportSink,
+            be: Backend, lib: ModuleType, totals: _TotalsOnce) -> None:
     extra: dict[str, Any] = {"device": cdev, "session": session_name}
     if not as_json:
         click.echo(lib.summary_line(report))
@@ -202,25 +225,22 @@ def _finish(report: Report, cdev: str, session_name: str, kexec_kernel: str | No
         code, message = _failure_exit(report)
         first = _first_failure(report)
         errno = first.errno if first is not None else None
-        if as_json:
-            echo_json(dict(report.as_dict(), **extra, after=None, error=error_object(code, message, errno)))
-        else:
+        emit(dict(report.as_dict(), **extra, after=None, error=error_object(code, message, errno)))
+        if not as_json:
             totals()
         exit_with(report_error(message, code))
     if report.stage != 1:
-        if as_json:
-            echo_json(dict(report.as_dict(), **extra, after=None))
-        else:
+        emit(dict(report.as_dict(), **extra, after=None))
+        if not as_json:
             click.echo(f"# result: PASS (stage {report.stage})")
             totals()
         return
     if kexec_kernel is not None:
-        _kexec(report, kexec_kernel, initrd, cmdline, as_json, extra, be, totals)
+        _kexec(report, kexec_kernel, initrd, cmdline, as_json, emit, extra, be, totals)
         return  # not reached: _kexec reboots or raises
     if not hold:
-        if as_json:
-            echo_json(dict(report.as_dict(), **extra, after="closed"))
-        else:
+        emit(dict(report.as_dict(), **extra, after="closed"))
+        if not as_json:
             click.echo("# result: PASS (stage 1); --no-hold: closing the session unpreserves everything")
             totals()
         return
@@ -239,9 +259,8 @@ def _finish(report: Report, cdev: str, session_name: str, kexec_kernel: str | No
     except agent.AgentError:
         pid = None
     where = f" (pid {pid}, socket {client.socket_path})" if pid else f" (socket {client.socket_path})"
-    if as_json:
-        echo_json(dict(report.as_dict(), **extra, after="held", agent_pid=pid))
-    else:
+    emit(dict(report.as_dict(), **extra, after="held", agent_pid=pid))
+    if not as_json:
         click.echo(f"# result: PASS (stage 1): session {session_name!r} with "
                    f"{len(h.files)} files is held by the pyiommufd agent{where}")
         click.echo("# [STAGE 1] You may now perform the kexec (then bind the device to vfio-pci "
@@ -250,19 +269,13 @@ def _finish(report: Report, cdev: str, session_name: str, kexec_kernel: str | No
 
 
 def _kexec(report: Report, kernel: str, initrd: str | None, cmdline: str | None, as_json: bool,
-           extra: dict[str, Any], be: Backend, totals: _TotalsOnce) -> None:
-    if as_json:
-        echo_json(dict(report.as_dict(), **extra, after="kexec", kexec={
-            "kernel": kernel, "initrd": initrd, "cmdline": cmdline}))
-    if cmdline is None and _vm_same_kernel(kernel, initrd):
-        from ..vm import guest
-
-        if not as_json:
-            click.echo(f"# result: PASS (stage 1); kexec into the VM kernel {kernel}")
-        totals()
-        guest.kexec_same_kernel(by="selftest", backend=be)  # never returns
+           emit: _ReportSink, extra: dict[str, Any], be: Backend, totals: _TotalsOnce) -> None:
+    emit(dict(report.as_dict(), **extra, after="kexec", kexec={
+        "kernel": kernel, "initrd": initrd, "cmdline": cmdline}))
     from .. import kexec
 
+    # The reboot ends this process at once: what it printed must leave its buffers first.
+    _flush_std()
     used = kexec.load(kernel, initrd, cmdline, backend=be)
     if not as_json:
         click.echo(f"# result: PASS (stage 1); kexec into {kernel}"
@@ -270,4 +283,10 @@ def _kexec(report: Report, kernel: str, initrd: str | None, cmdline: str | None,
         click.echo(f"# session {extra['session']!r} stays preserved across the reboot; "
                    "run this again afterwards for stage 2")
     totals()
+    _flush_std()
     kexec.execute(backend=be)  # returns only by raising
+
+
+def _flush_std() -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()

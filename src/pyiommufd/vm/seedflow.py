@@ -256,7 +256,10 @@ def guest_stage(stage: int, program: str, bdf: str, *, session: str, lu_abi: str
         if cdev is None:   # the C test needs the cdev path; a None argv item would be a TypeError
             raise RuntimeError(f"{bdf}: vfio-pci exposes no cdev")
         return _c_stage(stage, cdev, c_selftest, say)
-    args = ["selftest", bdf, "--session", session, "--json"]
+    if stage == 2:
+        _render_stage1_report(say)
+    report_file = _report_path(stage)
+    args = ["selftest", bdf, "--session", session, "--json", "--report", str(report_file)]
     if lu_abi:
         args += ["--lu-abi", lu_abi]
     if stage == 1:
@@ -264,33 +267,48 @@ def guest_stage(stage: int, program: str, bdf: str, *, session: str, lu_abi: str
         args += ["--kexec", kexec_kernel] + (["--initrd", initrd] if initrd else [])
     say("+ pyiommufd " + " ".join(args))
     sys.stdout.flush()
-    # A stage 1 that passes prints its report and kexecs from the child, never
-    # returning here: the report is rendered as soon as it is complete.
-    proc = subprocess.Popen(argv0 + args, stdout=subprocess.PIPE, text=True,
-                            stdin=subprocess.DEVNULL)
-    lines: list[str] = []
-    out: StageOutcome | None = None
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        lines.append(line)
-        if out is None and line.rstrip() == "}":
-            try:
-                report = json.loads("".join(lines))
-            except ValueError:
-                continue
-            out = _render(report, stage, say)
-    proc.wait()
-    if out is None:
-        say("".join(lines).rstrip())
+    # A stage 1 that passes kexecs from the child, and this process dies with
+    # it: its report is rendered from --report's file after the kexec, by stage 2.
+    report_file.unlink(missing_ok=True)
+    proc = subprocess.run(argv0 + args, stdout=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    report = _read_report(report_file)
+    if report is None:
+        say(proc.stdout.rstrip())
         emit("stage", stage=stage, exit=proc.returncode, passed=False, first_failure=None,
-             errno=None, detail="".join(lines).strip()[-300:])
+             errno=None, detail=proc.stdout.strip()[-300:])
         return proc.returncode or 1
-    if out.exit is None:
-        out.exit = proc.returncode
+    _render(report, stage, say, exit_code=proc.returncode)
     return proc.returncode
 
 
-def _render(report: dict[str, Any], stage: int, say: Callable[[str], None]) -> StageOutcome:
+def _report_path(stage: int) -> Path:
+    from . import guest
+
+    return guest.results_dir() / f"selftest-stage-{stage}.json"
+
+
+def _read_report(path: Path) -> dict[str, Any] | None:
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return report if isinstance(report, dict) else None
+
+
+def _render_stage1_report(say: Callable[[str], None]) -> None:
+    """Stage 1 kexec'd from its own process before its parent could render
+    its report: the report it wrote to the results share is rendered now."""
+    path = _report_path(1)
+    report = _read_report(path)
+    if report is None:
+        say(f"# stage 1 left no report ({path})")
+        return
+    say(f"# stage 1's report, written before its kexec ({path}):")
+    _render(report, 1, say, exit_code=None)
+
+
+def _render(report: dict[str, Any], stage: int, say: Callable[[str], None],
+            exit_code: int | None) -> StageOutcome:
     """Print a ``pyiommufd selftest --json`` report as KTAP result lines and
     emit its stage record."""
     from .. import selftest as lib
@@ -300,8 +318,8 @@ def _render(report: dict[str, Any], stage: int, say: Callable[[str], None]) -> S
     counts = report.get("counts", {})
     say(f"# stage {report.get('stage')}: {str(report.get('result')).upper()} " +
         ", ".join(f"{k.lower()} {v}" for k, v in counts.items()))
-    out = python_outcome(report, None)
-    emit("stage", stage=out.stage or stage, exit=None, passed=out.passed,
+    out = python_outcome(report, exit_code)
+    emit("stage", stage=out.stage or stage, exit=exit_code, passed=out.passed,
          first_failure=out.first_failure, errno=out.errno, detail=out.detail)
     return out
 
