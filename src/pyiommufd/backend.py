@@ -1,6 +1,8 @@
 """The one seam through which pyiommufd reaches the kernel.
 
-Every syscall the library makes goes through a :class:`Backend`. The real one,
+Every syscall the library makes goes through a :class:`Backend`; the files it
+reads and writes in sysfs, procfs and /dev go through the backend's ``files``
+(:mod:`pyiommufd.hostfs`). The real one,
 :class:`LinuxBackend`, talks to the running kernel. The test-only fake kernel
 (:mod:`pyiommufd_testing`) implements the same methods and decodes the very
 ioctl buffers the real kernel would receive.
@@ -16,6 +18,8 @@ import fcntl
 import mmap as _mmap
 import os
 from typing import Any, Callable, Iterator
+
+from .hostfs import HostFiles, LinuxHostFiles
 
 # kexec_file_load(2) and reboot(2) numbers for x86_64 (the only arch with VT-d).
 SYS_KEXEC_FILE_LOAD = 320
@@ -34,6 +38,10 @@ class Backend:
     #: double that keeps its state in this process does not). Decides where
     #: the agent may run: a spawned daemon, or a thread of this process.
     shared_with_other_processes: bool = False
+
+    #: sysfs, procfs and /dev as files (:mod:`pyiommufd.hostfs`): not syscalls
+    #: of the seam, a small interface of their own
+    files: HostFiles
 
     # -- file descriptors -------------------------------------------------
     def open(self, path: str, flags: int = os.O_RDWR | os.O_CLOEXEC) -> int:
@@ -99,28 +107,6 @@ class Backend:
     def reboot(self, cmd: int) -> None:
         raise NotImplementedError
 
-    # -- sysfs, procfs and /dev as files ------------------------------------
-    def exists(self, path: str) -> bool:
-        raise NotImplementedError
-
-    def read_text(self, path: str) -> str:
-        raise NotImplementedError
-
-    def read_bytes(self, path: str) -> bytes:
-        raise NotImplementedError
-
-    def write_text(self, path: str, text: str) -> None:
-        raise NotImplementedError
-
-    def listdir(self, path: str) -> list[str]:
-        raise NotImplementedError
-
-    def readlink(self, path: str) -> str:
-        raise NotImplementedError
-
-    def realpath(self, path: str) -> str:
-        raise NotImplementedError
-
     # -- identity -----------------------------------------------------------
     def geteuid(self) -> int:
         raise NotImplementedError
@@ -134,6 +120,7 @@ class LinuxBackend(Backend):
 
     name = "linux"
     shared_with_other_processes = True
+    files: HostFiles = LinuxHostFiles()
 
     _libc_handle: Any = None
 
@@ -218,34 +205,6 @@ class LinuxBackend(Backend):
         if self._libc.reboot(ctypes.c_int(cmd)) < 0:
             err = ctypes.get_errno()
             raise OSError(err, os.strerror(err))
-
-    def exists(self, path: str) -> bool:
-        return os.path.exists(path)
-
-    def read_text(self, path: str) -> str:
-        with open(path) as f:
-            return f.read()
-
-    def read_bytes(self, path: str) -> bytes:
-        with open(path, "rb") as f:
-            return f.read()
-
-    def write_text(self, path: str, text: str) -> None:
-        # sysfs attributes want one write(2) of the whole value.
-        fd = os.open(path, os.O_WRONLY)
-        try:
-            os.write(fd, text.encode())
-        finally:
-            os.close(fd)
-
-    def listdir(self, path: str) -> list[str]:
-        return sorted(os.listdir(path))
-
-    def readlink(self, path: str) -> str:
-        return os.readlink(path)
-
-    def realpath(self, path: str) -> str:
-        return os.path.realpath(path)
 
     def geteuid(self) -> int:
         return os.geteuid()

@@ -28,7 +28,7 @@ def reuse_cmdline(text: str) -> str:
 
 
 def current_cmdline(backend: Backend | None = None) -> str:
-    return reuse_cmdline(get_backend(backend).read_text("/proc/cmdline"))
+    return reuse_cmdline(get_backend(backend).files.read_text("/proc/cmdline"))
 
 
 def _open_image(be: Backend, path: str | os.PathLike[str], what: str) -> int:
@@ -74,7 +74,7 @@ def unload(*, backend: Backend | None = None) -> None:
 
 def is_loaded(*, backend: Backend | None = None) -> bool:
     try:
-        return get_backend(backend).read_text("/sys/kernel/kexec_loaded").strip() == "1"
+        return get_backend(backend).files.read_text("/sys/kernel/kexec_loaded").strip() == "1"
     except OSError:
         return False
 

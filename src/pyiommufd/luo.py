@@ -104,7 +104,7 @@ def _has_seals(backend: Backend, fd: int) -> bool:
 def fd_target(backend: Backend, fd: int) -> str | None:
     """What ``/proc/self/fd/FD`` points at (None when it cannot be read)."""
     try:
-        return backend.readlink(f"/proc/self/fd/{fd}")
+        return backend.files.readlink(f"/proc/self/fd/{fd}")
     except OSError:
         return None
 
@@ -154,19 +154,19 @@ def holders_of(backend: Backend, path: str = DEVICE) -> list[int]:
     """PIDs that have ``path`` open (scans /proc/*/fd)."""
     pids: list[int] = []
     try:
-        entries = backend.listdir("/proc")
+        entries = backend.files.listdir("/proc")
     except OSError:
         return pids
     for entry in entries:
         if not entry.isdigit():
             continue
         try:
-            fds = backend.listdir(f"/proc/{entry}/fd")
+            fds = backend.files.listdir(f"/proc/{entry}/fd")
         except OSError:
             continue
         for fd in fds:
             try:
-                if backend.readlink(f"/proc/{entry}/fd/{fd}") == path:
+                if backend.files.readlink(f"/proc/{entry}/fd/{fd}") == path:
                     pids.append(int(entry))
                     break
             except OSError:

@@ -1,8 +1,8 @@
 """PCI devices through sysfs: BDF parsing, driver binding, cdev lookup.
 
-Everything here is sysfs file access through the backend seam
-(``read_text``/``write_text``/``listdir``/``readlink``/``exists``), so the fake
-kernel can model ``/sys/bus/pci``.
+Everything here is sysfs file access through the backend's host files
+(:class:`pyiommufd.hostfs.HostFiles`), so the fake kernel can model
+``/sys/bus/pci``.
 
 * :func:`normalize_bdf` turns ``00:03.0`` into ``0000:00:03.0`` and rejects
   anything else with :class:`~pyiommufd.errors.UsageError` before any sysfs
@@ -132,7 +132,7 @@ class PciDevice:
     def _read(self, name: str) -> str:
         path = self._attr(name)
         try:
-            return self.backend.read_text(path).strip()
+            return self.backend.files.read_text(path).strip()
         except OSError as exc:
             raise _sysfs_error(f"read({path})", exc, path) from None
 
@@ -146,7 +146,7 @@ class PciDevice:
 
     @property
     def exists(self) -> bool:
-        return self.backend.exists(self.path)
+        return self.backend.files.exists(self.path)
 
     def require(self) -> "PciDevice":
         """Raise :class:`~pyiommufd.errors.NotFound` (sysfs) if the device is absent."""
@@ -171,10 +171,10 @@ class PciDevice:
     def driver(self) -> str | None:
         """The bound driver's name, or None when unbound."""
         link = self._attr("driver")
-        if not self.backend.exists(link):
+        if not self.backend.files.exists(link):
             return None
         try:
-            return posixpath.basename(self.backend.readlink(link).rstrip("/"))
+            return posixpath.basename(self.backend.files.readlink(link).rstrip("/"))
         except OSError as exc:
             if exc.errno == E.ENOENT:
                 return None
@@ -183,7 +183,7 @@ class PciDevice:
     @property
     def driver_override(self) -> str | None:
         """``driver_override`` (None when unset, i.e. sysfs shows ``(null)``)."""
-        if not self.backend.exists(self._attr("driver_override")):
+        if not self.backend.files.exists(self._attr("driver_override")):
             return None
         text = self._read("driver_override")
         return None if text in ("", "(null)") else text
@@ -192,10 +192,10 @@ class PciDevice:
     def iommu_group(self) -> int | None:
         """The IOMMU group number, or None when the device has no group."""
         link = self._attr("iommu_group")
-        if not self.backend.exists(link):
+        if not self.backend.files.exists(link):
             return None
         try:
-            return int(posixpath.basename(self.backend.readlink(link).rstrip("/")))
+            return int(posixpath.basename(self.backend.files.readlink(link).rstrip("/")))
         except OSError as exc:
             raise _sysfs_error(f"readlink({link})", exc, link) from None
         except ValueError:
@@ -210,10 +210,10 @@ class PciDevice:
     @property
     def vfio_cdev_name(self) -> str | None:
         directory = self._attr("vfio-dev")
-        if not self.backend.exists(directory):
+        if not self.backend.files.exists(directory):
             return None
         try:
-            names = [n for n in self.backend.listdir(directory) if re.fullmatch(r"vfio\d+", n)]
+            names = [n for n in self.backend.files.listdir(directory) if re.fullmatch(r"vfio\d+", n)]
         except OSError as exc:
             if exc.errno == E.ENOENT:
                 return None
@@ -241,7 +241,7 @@ class PciDevice:
     # -- writing --------------------------------------------------------------
     def _write(self, path: str, text: str) -> None:
         try:
-            self.backend.write_text(path, text)
+            self.backend.files.write_text(path, text)
         except OSError as exc:
             raise _sysfs_error(f"write({path})", exc, path) from None
 
@@ -361,7 +361,7 @@ def list_devices(backend: Backend | None = None) -> list[PciDeviceInfo]:
     driver, IOMMU group and VFIO cdev, sorted by BDF."""
     be = get_backend(backend)
     try:
-        names = be.listdir(SYSFS_PCI_DEVICES)
+        names = be.files.listdir(SYSFS_PCI_DEVICES)
     except OSError as exc:
         raise _sysfs_error(f"listdir({SYSFS_PCI_DEVICES})", exc, SYSFS_PCI_DEVICES) from None
     out = []

@@ -154,11 +154,11 @@ class KTest:
     def vfio_pci(self, bdf: str = BDF) -> None:
         """Move the device to vfio-pci the usual way."""
         base = f"/sys/bus/pci/devices/{bdf}"
-        if self.k.exists(base + "/driver"):
-            drv = os.path.basename(self.k.readlink(base + "/driver"))
-            self.k.write_text(f"/sys/bus/pci/drivers/{drv}/unbind", bdf)
-        self.k.write_text(base + "/driver_override", "vfio-pci")
-        self.k.write_text("/sys/bus/pci/drivers_probe", bdf)
+        if self.k.files.exists(base + "/driver"):
+            drv = os.path.basename(self.k.files.readlink(base + "/driver"))
+            self.k.files.write_text(f"/sys/bus/pci/drivers/{drv}/unbind", bdf)
+        self.k.files.write_text(base + "/driver_override", "vfio-pci")
+        self.k.files.write_text("/sys/bus/pci/drivers_probe", bdf)
 
     def cdev(self, path: str = CDEV) -> int:
         return self.k.open(path)

@@ -26,7 +26,7 @@ def state(state_dir) -> dict:
 
 def driver_of(kernel, bdf=BDF):
     link = f"/sys/bus/pci/devices/{bdf}/driver"
-    return kernel.readlink(link).rsplit("/", 1)[-1] if kernel.exists(link) else None
+    return kernel.files.readlink(link).rsplit("/", 1)[-1] if kernel.files.exists(link) else None
 
 
 TWO = [FakePciDevice(), FakePciDevice(bdf="0000:00:04.0", device=0x1042, iommu_group=4, driver="virtio-pci")]
@@ -68,7 +68,7 @@ def test_bind_prints_cdev_and_remembers_driver(series_kernel, capsys, state_dir)
     assert r.code == 0, r.err
     assert r.out.strip() == f"{BDF}: vfio-pci -> virtio-pci"
     assert driver_of(series_kernel) == "virtio-pci"
-    assert series_kernel.read_text(f"/sys/bus/pci/devices/{BDF}/driver_override").strip() in ("", "(null)")
+    assert series_kernel.files.read_text(f"/sys/bus/pci/devices/{BDF}/driver_override").strip() in ("", "(null)")
     assert state(state_dir) == {}
 
 
@@ -108,7 +108,7 @@ def test_unbind_after_live_update_is_busy(series_kernel, capsys, state_dir, kt):
 def test_bad_bdf_exit_2_without_sysfs_writes(capsys, state_dir, monkeypatch, cmd, bdf):
     with FakeKernel() as k, use(k):
         writes = []
-        monkeypatch.setattr(k, "write_text", lambda path, text: writes.append(path))
+        monkeypatch.setattr(k.files, "write_text", lambda path, text: writes.append(path))
         r = run_cli(capsys, cmd, bdf)
     assert r.code == 2, (r.out, r.err)
     [err] = r.err.splitlines()

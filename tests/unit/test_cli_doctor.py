@@ -104,7 +104,7 @@ def test_doctor_kho_off_on_cmdline(capsys):
     with FakeKernel(lu_abi="lu-v2", cmdline=cmdline) as k, use(k):
         r = run_cli(capsys, "doctor", "--json")
     c = checks_of(r)
-    if k.exists("/sys/kernel/debug/kho"):   # the fake models debugfs: KHO is on whatever the cmdline
+    if k.files.exists("/sys/kernel/debug/kho"):   # the fake models debugfs: KHO is on whatever the cmdline
         assert c["KHO enabled"]["status"] == "ok"
     else:
         assert c["KHO enabled"] == {"check": "KHO enabled", "status": "fail", "value": "off (kho=off)",
@@ -116,11 +116,12 @@ class _ConfigOnly:
     """A minimal backend for read_kernel_config: only the files given exist."""
 
     def __init__(self, files: dict[str, bytes]):
-        self.files = files
+        self.contents = files
+        self.files = self
 
     def read_bytes(self, path):
         try:
-            return self.files[path]
+            return self.contents[path]
         except KeyError:
             raise OSError(E.ENOENT, os.strerror(E.ENOENT), path) from None
 

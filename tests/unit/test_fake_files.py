@@ -17,7 +17,7 @@ def test_placeholders_are_real_fds(fake_kernel, kt):
     st = os.fstat(fd)
     assert st.st_ino > 0
     assert os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:pyiommufd-fake:/dev/iommu")
-    assert fake_kernel.readlink(f"/proc/self/fd/{fd}") == "/dev/iommu"
+    assert fake_kernel.files.readlink(f"/proc/self/fd/{fd}") == "/dev/iommu"
     assert fake_kernel.known_fds()[fd] == "/dev/iommu"
 
 
@@ -105,7 +105,7 @@ def test_memfd_created_behind_the_backend_is_adopted(fake_kernel, kt):
     fd = os.memfd_create("outside", os.MFD_ALLOW_SEALING)
     os.ftruncate(fd, 4096)
     kt.preserve(kt.create_session(kt.luo(), "a"), fd, 1)
-    assert fake_kernel.readlink(f"/proc/self/fd/{fd}") == "/memfd:outside (deleted)"
+    assert fake_kernel.files.readlink(f"/proc/self/fd/{fd}") == "/memfd:outside (deleted)"
     with pytest.raises(OSError) as exc:
         fake_kernel.ftruncate(fd, 8192)
     assert exc.value.errno == errno.EPERM
@@ -152,7 +152,7 @@ def test_an_fd_received_by_scm_rights_shows_its_fake_file_in_proc():
             socket.send_fds(a, [b"x"], [iommufd])
             _, [received], _, _ = socket.recv_fds(b, 1, 1)
             assert received != iommufd
-            assert k.readlink(f"/proc/self/fd/{received}") == "/dev/iommu"
+            assert k.files.readlink(f"/proc/self/fd/{received}") == "/dev/iommu"
             k.close(received)
         finally:
             a.close()

@@ -493,7 +493,7 @@ def test_invalidate_on_a_paging_hwpt(fake_kernel, kt, dev):
 def test_fault_queue(fake_kernel, kt, dev):
     iommufd, cdev, devid = dev
     arg = ioctl.call(fake_kernel, iommufd, kt.D.FAULT_ALLOC)
-    assert fake_kernel.readlink(f"/proc/self/fd/{arg.out_fault_fd}") == "anon_inode:[iommufd-pgfault]"
+    assert fake_kernel.files.readlink(f"/proc/self/fd/{arg.out_fault_fd}") == "anon_inode:[iommufd-pgfault]"
     hwpt = ioctl.call(fake_kernel, iommufd, kt.D.HWPT_ALLOC, flags=4, dev_id=devid,
                       pt_id=kt.ioas(iommufd), fault_id=arg.out_fault_id).out_hwpt_id
     with pytest.raises(errors.Busy):

@@ -13,7 +13,7 @@ from pyiommufd_testing import FakeKernel, SimulatedKexec
 def load_image(k, cmdline=None):
     kernel = k.open(f"/boot/vmlinuz-{k.kernel_release()}", os.O_RDONLY)
     initrd = k.open(f"/boot/initrd.img-{k.kernel_release()}", os.O_RDONLY)
-    k.kexec_file_load(kernel, initrd, cmdline if cmdline is not None else k.read_text("/proc/cmdline").strip(), 0)
+    k.kexec_file_load(kernel, initrd, cmdline if cmdline is not None else k.files.read_text("/proc/cmdline").strip(), 0)
 
 
 # -- kexec_file_load / reboot ----------------------------------------------------------
@@ -36,9 +36,9 @@ def test_kexec_file_load_checks(fake_kernel):
         fake_kernel.kexec_file_load(kernel, -1, "", 0x1000)
     assert exc.value.errno == errno.EINVAL
     fake_kernel.kexec_file_load(kernel, -1, "console=ttyS0", KEXEC_FILE_NO_INITRAMFS)
-    assert fake_kernel.read_text("/sys/kernel/kexec_loaded") == "1\n"
+    assert fake_kernel.files.read_text("/sys/kernel/kexec_loaded") == "1\n"
     fake_kernel.kexec_file_load(-1, -1, "", KEXEC_FILE_UNLOAD)
-    assert fake_kernel.read_text("/sys/kernel/kexec_loaded") == "0\n"
+    assert fake_kernel.files.read_text("/sys/kernel/kexec_loaded") == "0\n"
 
 
 def test_kexec_needs_root():
@@ -50,7 +50,7 @@ def test_kexec_needs_root():
 
 
 def test_kexec_load_disabled(fake_kernel):
-    fake_kernel.write_text("/proc/sys/kernel/kexec_load_disabled", "1")
+    fake_kernel.files.write_text("/proc/sys/kernel/kexec_load_disabled", "1")
     with pytest.raises(PermissionError):
         load_image(fake_kernel)
 
@@ -76,8 +76,8 @@ def test_next_boot_uses_the_image_cmdline(fake_kernel, kt):
     load_image(fake_kernel, "root=/dev/vda console=ttyS0")      # no liveupdate=on
     with pytest.raises(SimulatedKexec):
         fake_kernel.reboot(LINUX_REBOOT_CMD_KEXEC)
-    assert fake_kernel.read_text("/proc/cmdline") == "root=/dev/vda console=ttyS0\n"
-    assert not fake_kernel.exists("/dev/liveupdate")
+    assert fake_kernel.files.read_text("/proc/cmdline") == "root=/dev/vda console=ttyS0\n"
+    assert not fake_kernel.files.exists("/dev/liveupdate")
 
 
 # -- hand-over of sessions -------------------------------------------------------------------
@@ -136,7 +136,7 @@ def test_memfd_contents_seals_size_and_position_survive(fake_kernel, kt):
     assert fake_kernel.fcntl(new, 1034) == 0x7
     assert os.lseek(new, 0, os.SEEK_CUR) == 12345
     # memfd_luo makes the file itself (memfd_alloc_file("")): no "memfd:" prefix, as on 7.3
-    assert fake_kernel.readlink(f"/proc/self/fd/{new}") == "/ (deleted)"
+    assert fake_kernel.files.readlink(f"/proc/self/fd/{new}") == "/ (deleted)"
 
 
 def test_retrieve_unknown_token(fake_kernel, kt):

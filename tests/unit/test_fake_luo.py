@@ -28,13 +28,13 @@ def raw_ioctl(kernel, fd, request, struct, **fields):
 # -- /dev/liveupdate ------------------------------------------------------------------
 def test_device_exists_only_with_liveupdate_on():
     with FakeKernel(liveupdate=False) as k:
-        assert not k.exists("/dev/liveupdate")
-        assert "liveupdate=on" not in k.read_text("/proc/cmdline")
+        assert not k.files.exists("/dev/liveupdate")
+        assert "liveupdate=on" not in k.files.read_text("/proc/cmdline")
         with pytest.raises(FileNotFoundError):
             k.open("/dev/liveupdate")
     with FakeKernel() as k:
-        assert k.exists("/dev/liveupdate")
-        assert "liveupdate=on" in k.read_text("/proc/cmdline")
+        assert k.files.exists("/dev/liveupdate")
+        assert "liveupdate=on" in k.files.read_text("/proc/cmdline")
 
 
 def test_liveupdate_is_exclusive(fake_kernel, kt):
@@ -65,7 +65,7 @@ def test_non_root_cannot_open(kt):
 # -- CREATE_SESSION / RETRIEVE_SESSION / GET_NAME ------------------------------------------
 def test_create_session_returns_a_session_fd(fake_kernel, kt):
     s = kt.create_session(kt.luo(), "iommufd-test")
-    assert fake_kernel.readlink(f"/proc/self/fd/{s}") == "anon_inode:[luo_session] iommufd-test"
+    assert fake_kernel.files.readlink(f"/proc/self/fd/{s}") == "anon_inode:[luo_session] iommufd-test"
     name = ioctl.call(fake_kernel, s, D.GET_NAME).name
     assert ffi.string(ffi.cast("char *", ffi.addressof(name))) == b"iommufd-test"
     assert not os.get_inheritable(s)

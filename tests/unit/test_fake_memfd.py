@@ -30,7 +30,7 @@ def test_memfd_is_real(fake_kernel):
     with fake_kernel.mmap(fd, 8192) as m:
         m[10:13] = b"abc"
     assert fake_kernel.pread(fd, 3, 10) == b"abc"
-    assert fake_kernel.readlink(f"/proc/self/fd/{fd}") == "/memfd:m (deleted)"
+    assert fake_kernel.files.readlink(f"/proc/self/fd/{fd}") == "/memfd:m (deleted)"
 
 
 def test_hugetlb_memfd_rules(fake_kernel, kt):

@@ -330,7 +330,7 @@ def stage1(k, kt):
     for fd, token in ((memfd, TOK_MEMFD), (iommufd, TOK_IOMMUFD), (cdev, TOK_CDEV)):
         kt.preserve(s, fd, token)
     kernel = k.open(f"/boot/vmlinuz-{k.kernel_release()}", os.O_RDONLY)
-    k.kexec_file_load(kernel, -1, k.read_text("/proc/cmdline").strip(), 0x4)
+    k.kexec_file_load(kernel, -1, k.files.read_text("/proc/cmdline").strip(), 0x4)
     with pytest.raises(SimulatedKexec):
         k.reboot(LINUX_REBOOT_CMD_KEXEC)
 
@@ -340,17 +340,17 @@ def test_selftest_stage2(series_kernel, kt):
     stage1(k, kt)
     bdf = "0000:00:03.0"
     # the preserved device's boot driver could not bind (DMA owned by the token)
-    assert not k.exists(f"/sys/bus/pci/devices/{bdf}/driver")
-    k.write_text(f"/sys/bus/pci/devices/{bdf}/driver_override", "pci-pf-stub")
-    assert errno_of(k.write_text, "/sys/bus/pci/drivers/pci-pf-stub/bind", bdf) == errno.EBUSY
-    assert errno_of(k.write_text, "/sys/bus/pci/drivers/virtio-pci/bind", bdf) == errno.ENODEV
-    k.write_text(f"/sys/bus/pci/devices/{bdf}/driver_override", "vfio-pci")
-    k.write_text("/sys/bus/pci/drivers/vfio-pci/bind", bdf)
+    assert not k.files.exists(f"/sys/bus/pci/devices/{bdf}/driver")
+    k.files.write_text(f"/sys/bus/pci/devices/{bdf}/driver_override", "pci-pf-stub")
+    assert errno_of(k.files.write_text, "/sys/bus/pci/drivers/pci-pf-stub/bind", bdf) == errno.EBUSY
+    assert errno_of(k.files.write_text, "/sys/bus/pci/drivers/virtio-pci/bind", bdf) == errno.ENODEV
+    k.files.write_text(f"/sys/bus/pci/devices/{bdf}/driver_override", "vfio-pci")
+    k.files.write_text("/sys/bus/pci/drivers/vfio-pci/bind", bdf)
 
     luo = kt.luo()
     s = kt.retrieve_session(luo, "iommufd-test")
     cdev = kt.retrieve(s, TOK_CDEV)
-    assert k.readlink(f"/proc/self/fd/{cdev}") == "anon_inode:[vfio-device-liveupdate]"
+    assert k.files.readlink(f"/proc/self/fd/{cdev}") == "anon_inode:[vfio-device-liveupdate]"
     with pytest.raises(errors.InvalidArgument):         # a fresh, unbound cdev file
         ioctl.call(k, cdev, kt.D.GET_INFO)
     for _ in range(2):                                  # sticky
@@ -385,7 +385,7 @@ def test_device_preserved_without_iommu_state_is_free_after_kexec(series_kernel,
     s = kt.create_session(kt.luo(), "a")
     kt.preserve(s, cdev, TOK_CDEV)
     series_kernel.kexec()
-    assert series_kernel.readlink("/sys/bus/pci/devices/0000:00:03.0/driver").endswith("virtio-pci")
+    assert series_kernel.files.readlink("/sys/bus/pci/devices/0000:00:03.0/driver").endswith("virtio-pci")
     kt.vfio_pci()
     s = kt.retrieve_session(kt.luo(), "a")
     cdev = kt.retrieve(s, TOK_CDEV)

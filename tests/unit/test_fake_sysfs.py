@@ -18,64 +18,64 @@ def err(fn, *args):
 
 def test_pci_device_attributes(fake_kernel):
     k = fake_kernel
-    assert k.listdir("/sys/bus/pci/devices") == [BDF]
-    assert k.read_text(DEV + "/vendor") == "0x1af4\n"
-    assert k.read_text(DEV + "/device") == "0x1041\n"
-    assert k.read_text(DEV + "/class") == "0x020000\n"
-    assert k.read_text(DEV + "/driver_override") == "(null)\n"
-    assert k.read_bytes(DEV + "/config")[:4] == bytes.fromhex("f41a4110")
-    assert k.readlink(DEV) == f"../../../devices/pci0000:00/{BDF}"
-    assert k.realpath(DEV) == f"/sys/devices/pci0000:00/{BDF}"
-    assert k.realpath(DEV + "/driver") == "/sys/bus/pci/drivers/virtio-pci"
-    assert k.readlink(DEV + "/iommu_group") == "../../../kernel/iommu_groups/3"
-    assert k.listdir("/sys/kernel/iommu_groups/3/devices") == [BDF]
-    assert k.realpath("/sys/kernel/iommu_groups/3/devices/" + BDF) == f"/sys/devices/pci0000:00/{BDF}"
-    assert "vfio-dev" not in k.listdir(DEV)
+    assert k.files.listdir("/sys/bus/pci/devices") == [BDF]
+    assert k.files.read_text(DEV + "/vendor") == "0x1af4\n"
+    assert k.files.read_text(DEV + "/device") == "0x1041\n"
+    assert k.files.read_text(DEV + "/class") == "0x020000\n"
+    assert k.files.read_text(DEV + "/driver_override") == "(null)\n"
+    assert k.files.read_bytes(DEV + "/config")[:4] == bytes.fromhex("f41a4110")
+    assert k.files.readlink(DEV) == f"../../../devices/pci0000:00/{BDF}"
+    assert k.files.realpath(DEV) == f"/sys/devices/pci0000:00/{BDF}"
+    assert k.files.realpath(DEV + "/driver") == "/sys/bus/pci/drivers/virtio-pci"
+    assert k.files.readlink(DEV + "/iommu_group") == "../../../kernel/iommu_groups/3"
+    assert k.files.listdir("/sys/kernel/iommu_groups/3/devices") == [BDF]
+    assert k.files.realpath("/sys/kernel/iommu_groups/3/devices/" + BDF) == f"/sys/devices/pci0000:00/{BDF}"
+    assert "vfio-dev" not in k.files.listdir(DEV)
 
 
 def test_missing_and_misused_paths(fake_kernel):
     k = fake_kernel
-    assert not k.exists("/sys/bus/pci/devices/0000:00:09.0")
-    assert err(k.read_text, "/sys/bus/pci/devices/0000:00:09.0/vendor") == errno.ENOENT
-    assert err(k.read_text, DEV) == errno.EISDIR
-    assert err(k.write_text, DEV + "/vendor", "0x1") == errno.EACCES
-    assert err(k.listdir, DEV + "/vendor") == errno.ENOTDIR
-    assert err(k.readlink, DEV + "/vendor") == errno.EINVAL
-    assert err(k.read_text, "/sys/bus/pci/drivers/vfio-pci/bind") == errno.EACCES
+    assert not k.files.exists("/sys/bus/pci/devices/0000:00:09.0")
+    assert err(k.files.read_text, "/sys/bus/pci/devices/0000:00:09.0/vendor") == errno.ENOENT
+    assert err(k.files.read_text, DEV) == errno.EISDIR
+    assert err(k.files.write_text, DEV + "/vendor", "0x1") == errno.EACCES
+    assert err(k.files.listdir, DEV + "/vendor") == errno.ENOTDIR
+    assert err(k.files.readlink, DEV + "/vendor") == errno.EINVAL
+    assert err(k.files.read_text, "/sys/bus/pci/drivers/vfio-pci/bind") == errno.EACCES
 
 
 def test_vfio_pci_via_driver_override_and_drivers_probe(fake_kernel):
     k = fake_kernel
-    k.write_text("/sys/bus/pci/drivers/virtio-pci/unbind", BDF)
-    assert not k.exists(DEV + "/driver")
-    assert err(k.write_text, "/sys/bus/pci/drivers/virtio-pci/unbind", BDF) == errno.ENODEV
-    k.write_text(DEV + "/driver_override", "vfio-pci\n")
-    assert k.read_text(DEV + "/driver_override") == "vfio-pci\n"
-    k.write_text("/sys/bus/pci/drivers_probe", BDF + "\n")
-    assert k.realpath(DEV + "/driver") == "/sys/bus/pci/drivers/vfio-pci"
-    assert k.listdir(DEV + "/vfio-dev") == ["vfio0"]
-    assert k.exists("/dev/vfio/devices/vfio0")
-    assert k.realpath("/sys/class/vfio-dev/vfio0/device") == f"/sys/devices/pci0000:00/{BDF}"
-    assert BDF in k.listdir("/sys/bus/pci/drivers/vfio-pci")
-    k.write_text(DEV + "/driver_override", "\n")
-    assert k.read_text(DEV + "/driver_override") == "(null)\n"
+    k.files.write_text("/sys/bus/pci/drivers/virtio-pci/unbind", BDF)
+    assert not k.files.exists(DEV + "/driver")
+    assert err(k.files.write_text, "/sys/bus/pci/drivers/virtio-pci/unbind", BDF) == errno.ENODEV
+    k.files.write_text(DEV + "/driver_override", "vfio-pci\n")
+    assert k.files.read_text(DEV + "/driver_override") == "vfio-pci\n"
+    k.files.write_text("/sys/bus/pci/drivers_probe", BDF + "\n")
+    assert k.files.realpath(DEV + "/driver") == "/sys/bus/pci/drivers/vfio-pci"
+    assert k.files.listdir(DEV + "/vfio-dev") == ["vfio0"]
+    assert k.files.exists("/dev/vfio/devices/vfio0")
+    assert k.files.realpath("/sys/class/vfio-dev/vfio0/device") == f"/sys/devices/pci0000:00/{BDF}"
+    assert BDF in k.files.listdir("/sys/bus/pci/drivers/vfio-pci")
+    k.files.write_text(DEV + "/driver_override", "\n")
+    assert k.files.read_text(DEV + "/driver_override") == "(null)\n"
 
 
 def test_bind_rules(fake_kernel):
     k = fake_kernel
-    assert err(k.write_text, "/sys/bus/pci/drivers/vfio-pci/bind", BDF) == errno.ENODEV    # no match
-    assert err(k.write_text, "/sys/bus/pci/drivers/virtio-pci/bind", BDF) == errno.EBUSY   # has a driver
-    assert err(k.write_text, "/sys/bus/pci/drivers_probe", "0000:00:09.0") == errno.ENODEV
-    k.write_text("/sys/bus/pci/drivers/virtio-pci/unbind", BDF)
-    k.write_text("/sys/bus/pci/drivers/virtio-pci/bind", BDF)
+    assert err(k.files.write_text, "/sys/bus/pci/drivers/vfio-pci/bind", BDF) == errno.ENODEV    # no match
+    assert err(k.files.write_text, "/sys/bus/pci/drivers/virtio-pci/bind", BDF) == errno.EBUSY   # has a driver
+    assert err(k.files.write_text, "/sys/bus/pci/drivers_probe", "0000:00:09.0") == errno.ENODEV
+    k.files.write_text("/sys/bus/pci/drivers/virtio-pci/unbind", BDF)
+    k.files.write_text("/sys/bus/pci/drivers/virtio-pci/bind", BDF)
 
 
 def test_new_id_binds_matching_unbound_devices(fake_kernel):
     k = fake_kernel
-    k.write_text("/sys/bus/pci/drivers/virtio-pci/unbind", BDF)
-    k.write_text("/sys/bus/pci/drivers/vfio-pci/new_id", "1af4 1041")
-    assert k.realpath(DEV + "/driver") == "/sys/bus/pci/drivers/vfio-pci"
-    assert err(k.write_text, "/sys/bus/pci/drivers/vfio-pci/new_id", "1af4 1041") == errno.EEXIST
+    k.files.write_text("/sys/bus/pci/drivers/virtio-pci/unbind", BDF)
+    k.files.write_text("/sys/bus/pci/drivers/vfio-pci/new_id", "1af4 1041")
+    assert k.files.realpath(DEV + "/driver") == "/sys/bus/pci/drivers/vfio-pci"
+    assert err(k.files.write_text, "/sys/bus/pci/drivers/vfio-pci/new_id", "1af4 1041") == errno.EEXIST
 
 
 def test_kernel_driver_cannot_bind_while_iommufd_owns_the_group(kt):
@@ -86,64 +86,98 @@ def test_kernel_driver_cannot_bind_while_iommufd_owns_the_group(kt):
         with use(k):
             t = type(kt)(k)
             t.vfio_pci(BDF)
-            k.write_text("/sys/bus/pci/drivers/virtio-pci/unbind", "0000:00:04.0")
+            k.files.write_text("/sys/bus/pci/drivers/virtio-pci/unbind", "0000:00:04.0")
             t.bind(t.cdev(), t.iommufd())
-            assert err(k.write_text, "/sys/bus/pci/drivers/virtio-pci/bind", "0000:00:04.0") == errno.EBUSY
+            assert err(k.files.write_text, "/sys/bus/pci/drivers/virtio-pci/bind", "0000:00:04.0") == errno.EBUSY
 
 
 def test_non_root_cannot_write_sysfs():
     with FakeKernel(euid=1000) as k:
-        assert err(k.write_text, DEV + "/driver_override", "vfio-pci") == errno.EACCES
-        assert len(k.read_bytes(DEV + "/config")) == 64
+        assert err(k.files.write_text, DEV + "/driver_override", "vfio-pci") == errno.EACCES
+        assert len(k.files.read_bytes(DEV + "/config")) == 64
         assert err(k.open, "/dev/iommu") == errno.EACCES
 
 
 def test_proc(fake_kernel, kt):
     k = fake_kernel
-    assert "intel_iommu=on" in k.read_text("/proc/cmdline")
-    assert k.read_text("/proc/sys/kernel/osrelease") == "7.3.4\n"
+    assert "intel_iommu=on" in k.files.read_text("/proc/cmdline")
+    assert k.files.read_text("/proc/sys/kernel/osrelease") == "7.3.4\n"
     luo = kt.luo()
-    assert k.readlink(f"/proc/self/fd/{luo}") == "/dev/liveupdate"
+    assert k.files.readlink(f"/proc/self/fd/{luo}") == "/dev/liveupdate"
     pid = str(os.getpid())
-    assert pid in k.listdir("/proc")
-    assert str(luo) in k.listdir(f"/proc/{pid}/fd")
-    assert k.readlink(f"/proc/{pid}/fd/{luo}") == "/dev/liveupdate"
+    assert pid in k.files.listdir("/proc")
+    assert str(luo) in k.files.listdir(f"/proc/{pid}/fd")
+    assert k.files.readlink(f"/proc/{pid}/fd/{luo}") == "/dev/liveupdate"
     mfd = kt.memfd(name="buffer")
-    assert k.readlink(f"/proc/self/fd/{mfd}") == "/memfd:buffer (deleted)"
-    assert k.exists(f"/proc/self/fd/{mfd}")
+    assert k.files.readlink(f"/proc/self/fd/{mfd}") == "/memfd:buffer (deleted)"
+    assert k.files.exists(f"/proc/self/fd/{mfd}")
 
 
 def test_boot_config(kt):
     with FakeKernel() as k:
-        config = k.read_text("/boot/config-7.3.4")
+        config = k.files.read_text("/boot/config-7.3.4")
         for option in ("CONFIG_IOMMUFD=y", "CONFIG_LIVEUPDATE=y", "CONFIG_KEXEC_HANDOVER=y",
                        "CONFIG_VFIO_DEVICE_CDEV=y"):
             assert option in config.splitlines()
         assert "IOMMU_LIVEUPDATE" not in config
-        assert k.exists("/boot/vmlinuz-7.3.4")
+        assert k.files.exists("/boot/vmlinuz-7.3.4")
     with FakeKernel(lu_abi="lu-v1", release="7.3.4-lu") as k:
-        assert "CONFIG_IOMMU_LIVEUPDATE=y" in k.read_text("/boot/config-7.3.4-lu").splitlines()
+        assert "CONFIG_IOMMU_LIVEUPDATE=y" in k.files.read_text("/boot/config-7.3.4-lu").splitlines()
         assert k.kernel_release() == "7.3.4-lu"
 
 
 def test_dmar_unit(fake_kernel):
     k = fake_kernel
-    assert k.listdir("/sys/class/iommu") == ["dmar0"]
-    assert int(k.read_text("/sys/class/iommu/dmar0/intel-iommu/cap"), 16) != 0
-    assert k.realpath(DEV + "/iommu") == "/sys/devices/virtual/iommu/dmar0"
+    assert k.files.listdir("/sys/class/iommu") == ["dmar0"]
+    assert int(k.files.read_text("/sys/class/iommu/dmar0/intel-iommu/cap"), 16) != 0
+    assert k.files.realpath(DEV + "/iommu") == "/sys/devices/virtual/iommu/dmar0"
 
 
 def test_dev_tree(fake_kernel, kt):
     k = fake_kernel
-    assert k.listdir("/dev") == ["iommu", "liveupdate", "vfio"]
-    assert k.listdir("/dev/vfio/devices") == []
-    assert err(k.read_text, "/dev/iommu") == errno.EINVAL
+    assert k.files.listdir("/dev") == ["iommu", "liveupdate", "vfio"]
+    assert k.files.listdir("/dev/vfio/devices") == []
+    assert err(k.files.read_text, "/dev/iommu") == errno.EINVAL
 
 
-def test_real_filesystem_is_read_only(fake_kernel, tmp_path):
-    path = tmp_path / "x"
-    path.write_text("real")
-    assert fake_kernel.read_text(str(path)) == "real"
-    assert fake_kernel.listdir(str(tmp_path)) == ["x"]
-    assert err(fake_kernel.write_text, str(path), "no") == errno.EROFS
+def test_the_hosts_files_are_invisible_to_the_fake(fake_kernel, tmp_path):
+    """Outside /sys, /proc, /dev and /boot the fake serves a tree of its own:
+    a real file of the host is not there until a test puts one."""
+    host = tmp_path / "x"
+    host.write_text("real")
+    files = fake_kernel.files
+    assert os.path.exists("/etc/os-release")
+    for path in ("/etc/os-release", str(host)):
+        assert not files.exists(path)
+        assert err(files.read_text, path) == errno.ENOENT
+    assert err(files.listdir, str(tmp_path)) == errno.ENOENT
+    files.put("/etc/os-release", "ID=fake\n")
+    assert files.read_text("/etc/os-release") == "ID=fake\n"
+    assert files.listdir("/etc") == ["os-release"]
+    assert files.realpath("/etc/../etc/os-release") == "/etc/os-release"
+    assert open("/etc/os-release").read() != "ID=fake\n"          # the host's is untouched
+    assert err(files.write_text, "/etc/os-release", "no") == errno.EROFS
+    with pytest.raises(ValueError):
+        files.put("/sys/bus/pci/drivers_probe", "0000:00:03.0")
+
+
+def test_the_fakes_tree_goes_away_with_it(tmp_path):
+    import gc
+
+    k = FakeKernel()
+    k.files.put("/var/lib/x", "1")
+    root = k.files.root
+    assert os.path.isdir(root)
+    del k
+    gc.collect()
+    assert not os.path.exists(root)
+
+
+def test_a_regular_file_opens_read_only_as_a_syscall_on_the_host(fake_kernel, tmp_path):
+    """open(2) is the seam's, not host files': a kernel image for kexec_file_load
+    is a real file, opened read-only; writing one is refused."""
+    path = tmp_path / "bzImage"
+    path.write_bytes(b"MZ")
+    fd = fake_kernel.open(str(path), os.O_RDONLY)
+    os.close(fd)
     assert err(fake_kernel.open, str(path), os.O_RDWR) == errno.EROFS

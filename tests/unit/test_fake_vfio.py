@@ -25,12 +25,12 @@ def bound(fake_kernel, kt, cdev):
 
 
 def test_cdev_exists_only_with_vfio_pci(fake_kernel, kt):
-    assert not fake_kernel.exists("/dev/vfio/devices/vfio0")
+    assert not fake_kernel.files.exists("/dev/vfio/devices/vfio0")
     with pytest.raises(FileNotFoundError):
         fake_kernel.open("/dev/vfio/devices/vfio0")
     kt.vfio_pci()
-    assert fake_kernel.listdir("/dev/vfio/devices") == ["vfio0"]
-    assert fake_kernel.readlink(f"/proc/self/fd/{kt.cdev()}") == "/dev/vfio/devices/vfio0"
+    assert fake_kernel.files.listdir("/dev/vfio/devices") == ["vfio0"]
+    assert fake_kernel.files.readlink(f"/proc/self/fd/{kt.cdev()}") == "/dev/vfio/devices/vfio0"
 
 
 def test_everything_but_bind_is_einval_before_bind(fake_kernel, kt, cdev):
@@ -87,7 +87,7 @@ def test_bind_needs_interrupt_remapping(kt):
         cdev = t.cdev()
         with pytest.raises(errors.PermissionDenied):
             t.bind(cdev, t.iommufd())
-        k.write_text("/sys/module/iommufd/parameters/allow_unsafe_interrupts", "1")
+        k.files.write_text("/sys/module/iommufd/parameters/allow_unsafe_interrupts", "1")
         t.bind(cdev, t.iommufd())
 
 
@@ -283,7 +283,7 @@ def test_reset_of_a_device_with_a_reset_method(kt):
         ioctl.invoke(k, cdev, t.D.RESET)
         assert k.pread(cdev, 2, CONFIG_OFFSET + 4) == b"\0\0"
         assert k.pread(cdev, 4, (4 << 40) + 0x10) == bytes(4)
-        assert k.exists("/sys/bus/pci/devices/0000:00:03.0/reset")
+        assert k.files.exists("/sys/bus/pci/devices/0000:00:03.0/reset")
 
 
 def test_reset_of_the_default_virtio_net_is_einval(fake_kernel, kt, bound):
@@ -292,7 +292,7 @@ def test_reset_of_the_default_virtio_net_is_einval(fake_kernel, kt, bound):
     cdev, _, _ = bound
     with pytest.raises(errors.InvalidArgument):
         ioctl.invoke(fake_kernel, cdev, kt.D.RESET)
-    assert not fake_kernel.exists("/sys/bus/pci/devices/0000:00:03.0/reset")
+    assert not fake_kernel.files.exists("/sys/bus/pci/devices/0000:00:03.0/reset")
 
 
 def test_close_restores_config_and_resets_only_a_resettable_device(fake_kernel, kt, bound):
@@ -415,11 +415,11 @@ def test_hot_reset_is_not_possible(fake_kernel, kt, bound):
 
 def test_unbinding_vfio_pci_with_an_open_cdev_is_ebusy(fake_kernel, kt, cdev):
     with pytest.raises(OSError) as exc:
-        fake_kernel.write_text("/sys/bus/pci/drivers/vfio-pci/unbind", "0000:00:03.0")
+        fake_kernel.files.write_text("/sys/bus/pci/drivers/vfio-pci/unbind", "0000:00:03.0")
     assert exc.value.errno == errno.EBUSY
     fake_kernel.close(cdev)
-    fake_kernel.write_text("/sys/bus/pci/drivers/vfio-pci/unbind", "0000:00:03.0")
-    assert not fake_kernel.exists("/dev/vfio/devices/vfio0")
+    fake_kernel.files.write_text("/sys/bus/pci/drivers/vfio-pci/unbind", "0000:00:03.0")
+    assert not fake_kernel.files.exists("/dev/vfio/devices/vfio0")
 
 
 def test_failed_replace_keeps_the_old_attachment(fake_kernel, kt, bound):

@@ -76,14 +76,14 @@ def legacy(on_vfio):
 # -- nodes ------------------------------------------------------------------------------------
 def test_group_node_exists_while_a_device_is_on_vfio_pci(fake_kernel):
     k = fake_kernel
-    assert k.listdir("/dev/vfio") == ["devices", "vfio"]
+    assert k.files.listdir("/dev/vfio") == ["devices", "vfio"]
     assert err(k.open, "/dev/vfio/3") == errno.ENOENT
     binding = pci.PciDevice(BDF).bind_vfio()
-    assert k.listdir("/dev/vfio") == ["3", "devices", "vfio"]
+    assert k.files.listdir("/dev/vfio") == ["3", "devices", "vfio"]
     gfd = k.open("/dev/vfio/3")
-    assert k.readlink(f"/proc/self/fd/{gfd}") == "/dev/vfio/3"
+    assert k.files.readlink(f"/proc/self/fd/{gfd}") == "/dev/vfio/3"
     binding.restore()                                    # the last device goes: the group dies
-    assert "3" not in k.listdir("/dev/vfio")
+    assert "3" not in k.files.listdir("/dev/vfio")
     assert err(ioctl.call, k, gfd, STATUS) == errno.ENODEV
     k.close(gfd)
 
@@ -91,7 +91,7 @@ def test_group_node_exists_while_a_device_is_on_vfio_pci(fake_kernel):
 def test_the_container_is_for_everyone_the_group_for_root():
     with FakeKernel(euid=1000, devices=[FakePciDevice(driver="vfio-pci")]) as k, use(k):
         cfd = k.open("/dev/vfio/vfio")
-        assert k.readlink(f"/proc/self/fd/{cfd}") == "/dev/vfio/vfio"
+        assert k.files.readlink(f"/proc/self/fd/{cfd}") == "/dev/vfio/vfio"
         assert ioctl.call(k, cfd, API_VERSION) == 0
         assert err(k.open, "/dev/vfio/3") == errno.EACCES
 
@@ -179,9 +179,9 @@ def test_a_group_shared_with_a_kernel_driver_is_not_viable():
         assert status(k, gfd) == 1
         set_container(k, gfd, cfd)
         # the group's DMA is owned now: a kernel driver cannot take a device of it
-        k.write_text("/sys/bus/pci/drivers/vfio-pci/unbind", "0000:00:04.0")
-        k.write_text("/sys/bus/pci/devices/0000:00:04.0/driver_override", "")
-        assert err(k.write_text, "/sys/bus/pci/drivers/virtio-pci/bind", "0000:00:04.0") == errno.EBUSY
+        k.files.write_text("/sys/bus/pci/drivers/vfio-pci/unbind", "0000:00:04.0")
+        k.files.write_text("/sys/bus/pci/devices/0000:00:04.0/driver_override", "")
+        assert err(k.files.write_text, "/sys/bus/pci/drivers/virtio-pci/bind", "0000:00:04.0") == errno.EBUSY
 
 
 def test_get_device_fd(legacy):
@@ -193,14 +193,14 @@ def test_get_device_fd(legacy):
     token = " vf_token=bd8d9d2b-5a5f-4f5a-a211-f591514ba1f3"
     assert err(get_device_fd, k, gfd, BDF + token) == errno.EINVAL          # not a PF or VF
     dfd = get_device_fd(k, gfd, BDF)
-    assert k.readlink(f"/proc/self/fd/{dfd}") == "anon_inode:[vfio-device]"
+    assert k.files.readlink(f"/proc/self/fd/{dfd}") == "anon_inode:[vfio-device]"
     assert ioctl.call(k, dfd, DEV_INFO).num_regions == 9
     assert k.pread(dfd, 2, 7 << 40) == b"\xf4\x1a"
     again = get_device_fd(k, gfd, BDF)                    # the group path opens a device twice
     assert err(ioctl.call, k, dfd, BIND, iommufd=k.open("/dev/iommu")) == errno.EINVAL
     assert err(ioctl.call, k, dfd, ATTACH, pt_id=1) == errno.ENOTTY
     assert err(ioctl.call, k, gfd, UNSET) == errno.EBUSY              # a device is open
-    assert err(k.write_text, "/sys/bus/pci/drivers/vfio-pci/unbind", BDF) == errno.EBUSY
+    assert err(k.files.write_text, "/sys/bus/pci/drivers/vfio-pci/unbind", BDF) == errno.EBUSY
     k.close(dfd)
     k.close(again)
     ioctl.call(k, gfd, UNSET)

@@ -160,7 +160,7 @@ def test_a_memfd_luo_gives_back_is_described_as_a_memfd(fake_kernel):
     fake_kernel.kexec()
     with LiveUpdate.open() as lu2:
         fd = lu2.retrieve_session("described").retrieve(1).fd
-        assert fake_kernel.readlink(f"/proc/self/fd/{fd}") == "/ (deleted)"
+        assert fake_kernel.files.readlink(f"/proc/self/fd/{fd}") == "/ (deleted)"
         assert describe_fd(fake_kernel, fd) == "a memfd"
         assert kind_of_fd(fake_kernel, fd) is FileKind.MEMFD
     import os

@@ -55,14 +55,14 @@ def read_kernel_config(be: Backend, release: str) -> tuple[dict[str, str] | None
     text = None
     source = ""
     try:
-        text = gzip.decompress(be.read_bytes("/proc/config.gz")).decode(errors="replace")
+        text = gzip.decompress(be.files.read_bytes("/proc/config.gz")).decode(errors="replace")
         source = "/proc/config.gz"
     except (OSError, EOFError, gzip.BadGzipFile):
         pass
     if text is None:
         path = f"/boot/config-{release}"
         try:
-            text = be.read_text(path)
+            text = be.files.read_text(path)
             source = path
         except OSError:
             return None, "no /proc/config.gz (CONFIG_IKCONFIG_PROC) and no " + path
@@ -79,7 +79,7 @@ def read_kernel_config(be: Backend, release: str) -> tuple[dict[str, str] | None
 
 def _cmdline(be: Backend) -> list[str]:
     try:
-        return be.read_text("/proc/cmdline").split()
+        return be.files.read_text("/proc/cmdline").split()
     except OSError:
         return []
 
@@ -100,7 +100,7 @@ def _holder_names(be: Backend, pids: list[int]) -> str:
     parts = []
     for pid in pids:
         try:
-            comm = be.read_text(f"/proc/{pid}/comm").strip()
+            comm = be.files.read_text(f"/proc/{pid}/comm").strip()
         except OSError:
             comm = "?"
         parts.append(f"{pid} ({comm})")
@@ -132,11 +132,11 @@ def run_checks(be: Backend) -> list[Check]:
     release = be.kernel_release()
     add(Check("kernel release", INFO, release))
 
-    iommu = be.exists("/dev/iommu")
+    iommu = be.files.exists("/dev/iommu")
     add(Check("/dev/iommu", OK if iommu else FAIL, "present" if iommu else "missing",
               "" if iommu else "load iommufd (CONFIG_IOMMUFD, modprobe iommufd)", required=True))
 
-    lu = be.exists(luo.DEVICE)
+    lu = be.files.exists(luo.DEVICE)
     if not lu:
         add(Check(luo.DEVICE, FAIL, "missing", "boot with CONFIG_LIVEUPDATE, liveupdate=on and KHO "
                   "enabled (kho=on or CONFIG_KEXEC_HANDOVER_ENABLE_DEFAULT)", required=True))
@@ -150,7 +150,7 @@ def run_checks(be: Backend) -> list[Check]:
             add(Check(luo.DEVICE, OK, "present, not held", required=True))
 
     try:
-        cdevs = [n for n in be.listdir("/dev/vfio/devices") if n.startswith("vfio")]
+        cdevs = [n for n in be.files.listdir("/dev/vfio/devices") if n.startswith("vfio")]
     except OSError:
         cdevs = []
     add(Check("VFIO cdevs", OK if cdevs else WARN,
@@ -170,7 +170,7 @@ def run_checks(be: Backend) -> list[Check]:
 
     words = _cmdline(be)
     kho_param = _param(words, "kho")
-    if be.exists("/sys/kernel/debug/kho"):
+    if be.files.exists("/sys/kernel/debug/kho"):
         kho = (OK, "on (/sys/kernel/debug/kho)")
     elif kho_param is not None and kho_param.lower() in _TRUE:
         kho = (OK, f"on (kho={kho_param})")
@@ -202,7 +202,7 @@ def run_checks(be: Backend) -> list[Check]:
                   "boot with intel_iommu=on for VT-d"))
 
     try:
-        units = be.listdir("/sys/class/iommu")
+        units = be.files.listdir("/sys/class/iommu")
     except OSError:
         units = []
     dmar = [n for n in units if n.startswith("dmar")]

@@ -311,7 +311,7 @@ def _preflight_devices(p: Plan, be: Backend) -> None:
 
     for d in p.devices:
         if d.cdev is not None:
-            if not be.exists(d.cdev):
+            if not be.files.exists(d.cdev):
                 raise _usage(f"device {d.name!r}: {d.cdev}: no such device node")
         elif d.bdf is not None:
             dev = pci.PciDevice(d.bdf, be)

@@ -55,10 +55,10 @@ def resolve_device(device: str, backend: Backend) -> str:
     if re.fullmatch(r"/dev/vfio/(\d+|noiommu-\d+|vfio)", os.path.normpath(path)):
         raise errors.UsageError(f"{path} is a legacy VFIO group/container node; the series preserves "
                                 f"device cdevs ({vfio.CDEV_DIR}/vfioN) only")
-    if not backend.exists(path):
+    if not backend.files.exists(path):
         raise CommandError(f"no such device node {path} (is the device bound to vfio-pci? "
                            "`pyiommufd devices` shows the cdevs)")
-    real = backend.realpath(path)
+    real = backend.files.realpath(path)
     if not re.fullmatch(rf"{vfio.CDEV_DIR}/vfio\d+", real):
         raise CommandError(f"{path} is not a VFIO device cdev ({vfio.CDEV_DIR}/vfioN)")
     return path
@@ -183,7 +183,7 @@ def selftest(ctx: click.Context, device: str, session_name: str, lu_abi: str | N
         _ReportSink.check_path(report_file)
     be = get_backend()
     for what, path in (("--kexec", kexec_kernel), ("--initrd", initrd)):
-        if path is not None and not be.exists(path):
+        if path is not None and not be.files.exists(path):
             raise CommandError(f"{what} {path}: no such file")
     cdev = resolve_device(device, be)
 

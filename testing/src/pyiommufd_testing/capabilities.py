@@ -86,7 +86,7 @@ def probe(*, liveupdate=None, vfio_cdev: str | None = None,
 
     be = get_backend(backend)
     result = abi_mod.probe_lu_abi(backend=be)
-    if not be.exists("/dev/liveupdate"):
+    if not be.files.exists("/dev/liveupdate"):
         return KernelCaps(result.nr, result.status, False, None, liveupdate=False)
     lu = liveupdate or LiveUpdate.open(backend=be)
     try:

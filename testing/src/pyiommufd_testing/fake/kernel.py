@@ -19,6 +19,7 @@ import re
 from pyiommufd.backend import Backend, oserror
 from .boot import Boot, BootConfig
 from .files import OpenFile
+from .hostfiles import FakeHostFiles
 from .iommufd import IommufdCtx, IommufdFile
 from .kexec import LINUX_REBOOT_CMD_KEXEC, SimulatedKexec, file_load
 from .memfd import MemfdFile, ShmemInode, check_memfd_flags
@@ -91,6 +92,7 @@ class FakeKernel(Backend):
         #: fd numbers that were open when the last kexec happened (see close())
         self.dead_fds: set[int] = set()
         self.fs = FakeFs(self)
+        self.files = FakeHostFiles(self)
         self.closed = False
         self.boot = Boot(1, self._config(cmdline or default_cmdline(release, liveupdate)),
                          self.devices, None)
@@ -354,57 +356,6 @@ class FakeKernel(Backend):
         self.boot_count += 1
         self.boot = Boot(self.boot_count, self._config(image.cmdline), self.devices, kho)
         self.boot.table.avoid = set(self.dead_fds)
-
-    # -- sysfs, procfs and /dev as files --------------------------------------------------------
-    def exists(self, path: str) -> bool:
-        if is_fake_path(path):
-            return self.fs.exists(path)
-        return os.path.exists(path)
-
-    def read_bytes(self, path: str) -> bytes:
-        if is_fake_path(path):
-            try:
-                return self.fs.read_bytes(path)
-            except OSError as exc:
-                raise oserror(exc.errno or E.EIO, path) from None
-        with open(path, "rb") as f:
-            return f.read()
-
-    def read_text(self, path: str) -> str:
-        return self.read_bytes(path).decode()
-
-    def write_text(self, path: str, text: str) -> None:
-        if not is_fake_path(path):
-            raise oserror(E.EROFS, path)
-        try:
-            self.fs.write_text(path, text)
-        except OSError as exc:
-            raise oserror(exc.errno or E.EIO, path) from None
-
-    def listdir(self, path: str) -> list[str]:
-        if is_fake_path(path):
-            try:
-                return self.fs.listdir(path)
-            except OSError as exc:
-                raise oserror(exc.errno or E.EIO, path) from None
-        return sorted(os.listdir(path))
-
-    def readlink(self, path: str) -> str:
-        own_fd = re.fullmatch(r"/proc/self/fd/(\d+)", path)
-        if own_fd:
-            # Linux knows every fd, also one that came by SCM_RIGHTS: the fake learns it now
-            self.boot.table.lookup(int(own_fd[1]))
-        if is_fake_path(path):
-            try:
-                return self.fs.readlink(path)
-            except OSError as exc:
-                raise oserror(exc.errno or E.EIO, path) from None
-        return os.readlink(path)
-
-    def realpath(self, path: str) -> str:
-        if is_fake_path(path):
-            return self.fs.realpath(path)
-        return os.path.realpath(path)
 
     # -- identity ----------------------------------------------------------------------------------
     def geteuid(self) -> int:

@@ -1,0 +1,135 @@
+"""The fake kernel's host files (:class:`pyiommufd.hostfs.HostFiles`).
+
+``/sys``, ``/proc``, ``/dev`` and ``/boot`` are the kernel's: served from its
+model (:mod:`.sysfs`), with a write's side effects (bind, unbind,
+driver_override, remove). Every other path lives in a temporary directory
+tree of this fake's own, made on first use and removed with the fake: a test
+puts a file there with :meth:`FakeHostFiles.put`, and nothing of the real
+host's is ever read or written.
+"""
+from __future__ import annotations
+
+import errno as E
+import os
+import posixpath
+import re
+import shutil
+import tempfile
+import weakref
+from typing import TYPE_CHECKING
+
+from pyiommufd.backend import oserror
+
+from .sysfs import is_fake_path
+
+if TYPE_CHECKING:
+    from .kernel import FakeKernel
+
+
+class FakeHostFiles:
+    def __init__(self, kernel: "FakeKernel") -> None:
+        self._kernel = weakref.proxy(kernel)
+        self._root: str | None = None
+
+    # -- the tree of unmodelled paths --------------------------------------------------------
+    @property
+    def root(self) -> str:
+        """The temporary directory that stands for ``/`` outside the kernel's paths."""
+        if self._root is None:
+            self._root = tempfile.mkdtemp(prefix="pyiommufd-fake-root-")
+            weakref.finalize(self, shutil.rmtree, self._root, True)
+        return self._root
+
+    def _local(self, path: str) -> str:
+        if not path.startswith("/"):
+            raise oserror(E.ENOENT, path)     # the library names host files absolutely
+        return self.root + posixpath.normpath(path)
+
+    def put(self, path: str, data: str | bytes, mode: int = 0o644) -> None:
+        """Make ``path`` (outside the kernel's paths) hold ``data``."""
+        if is_fake_path(path):
+            raise ValueError(f"{path} is the fake kernel's to model, not a test's to put")
+        local = self._local(path)
+        os.makedirs(os.path.dirname(local), exist_ok=True)
+        with open(local, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        os.chmod(local, mode)
+
+    def _unmodelled(self, path: str) -> str | None:
+        """Where an unmodelled ``path`` is, or None if the tree was never made."""
+        return None if self._root is None and path.startswith("/") else self._local(path)
+
+    # -- HostFiles ----------------------------------------------------------------------------
+    def exists(self, path: str) -> bool:
+        if is_fake_path(path):
+            return self._kernel.fs.exists(path)
+        local = self._unmodelled(path)
+        return local is not None and os.path.exists(local)
+
+    def read_bytes(self, path: str) -> bytes:
+        if is_fake_path(path):
+            try:
+                return self._kernel.fs.read_bytes(path)
+            except OSError as exc:
+                raise oserror(exc.errno or E.EIO, path) from None
+        local = self._unmodelled(path)
+        if local is None:
+            raise oserror(E.ENOENT, path)
+        try:
+            with open(local, "rb") as f:
+                return f.read()
+        except OSError as exc:
+            raise oserror(exc.errno or E.EIO, path) from None
+
+    def read_text(self, path: str) -> str:
+        return self.read_bytes(path).decode()
+
+    def write_text(self, path: str, text: str) -> None:
+        if not is_fake_path(path):
+            # only the kernel's files are written through here (sysfs attributes)
+            raise oserror(E.EROFS, path)
+        try:
+            self._kernel.fs.write_text(path, text)
+        except OSError as exc:
+            raise oserror(exc.errno or E.EIO, path) from None
+
+    def listdir(self, path: str) -> list[str]:
+        if is_fake_path(path):
+            try:
+                return self._kernel.fs.listdir(path)
+            except OSError as exc:
+                raise oserror(exc.errno or E.EIO, path) from None
+        local = self._unmodelled(path)
+        if local is None:
+            raise oserror(E.ENOENT, path)
+        try:
+            return sorted(os.listdir(local))
+        except OSError as exc:
+            raise oserror(exc.errno or E.EIO, path) from None
+
+    def readlink(self, path: str) -> str:
+        own_fd = re.fullmatch(r"/proc/self/fd/(\d+)", path)
+        if own_fd:
+            # Linux knows every fd, also one that came by SCM_RIGHTS: the fake learns it now
+            self._kernel.boot.table.lookup(int(own_fd[1]))
+        if is_fake_path(path):
+            try:
+                return self._kernel.fs.readlink(path)
+            except OSError as exc:
+                raise oserror(exc.errno or E.EIO, path) from None
+        local = self._unmodelled(path)
+        if local is None:
+            raise oserror(E.ENOENT, path)
+        try:
+            return os.readlink(local)
+        except OSError as exc:
+            raise oserror(exc.errno or E.EIO, path) from None
+
+    def realpath(self, path: str) -> str:
+        if is_fake_path(path):
+            return self._kernel.fs.realpath(path)
+        local = self._unmodelled(path)
+        if local is None:
+            return posixpath.normpath(path)
+        real = os.path.realpath(local)
+        return real[len(self.root):] or "/" if real.startswith(self.root) else real
