@@ -16,7 +16,7 @@ import re
 import shutil
 import tempfile
 import weakref
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, TypeVar
 
 from pyiommufd.backend import oserror
 
@@ -24,6 +24,8 @@ from .sysfs import is_fake_path
 
 if TYPE_CHECKING:
     from .kernel import FakeKernel
+
+T = TypeVar("T")
 
 
 class FakeHostFiles:
@@ -59,6 +61,19 @@ class FakeHostFiles:
         """Where an unmodelled ``path`` is, or None if the tree was never made."""
         return None if self._root is None and path.startswith("/") else self._local(path)
 
+    def _serve(self, path: str, modelled: Callable[[str], T], in_tree: Callable[[str], T]) -> T:
+        """``modelled(path)`` for the kernel's paths, else ``in_tree`` on the
+        path's place in the tree; an error names ``path`` as the caller gave it."""
+        try:
+            if is_fake_path(path):
+                return modelled(path)
+            local = self._unmodelled(path)
+            if local is None:
+                raise oserror(E.ENOENT, path)
+            return in_tree(local)
+        except OSError as exc:
+            raise oserror(exc.errno or E.EIO, path) from None
+
     # -- HostFiles ----------------------------------------------------------------------------
     def exists(self, path: str) -> bool:
         if is_fake_path(path):
@@ -67,19 +82,7 @@ class FakeHostFiles:
         return local is not None and os.path.exists(local)
 
     def read_bytes(self, path: str) -> bytes:
-        if is_fake_path(path):
-            try:
-                return self._kernel.fs.read_bytes(path)
-            except OSError as exc:
-                raise oserror(exc.errno or E.EIO, path) from None
-        local = self._unmodelled(path)
-        if local is None:
-            raise oserror(E.ENOENT, path)
-        try:
-            with open(local, "rb") as f:
-                return f.read()
-        except OSError as exc:
-            raise oserror(exc.errno or E.EIO, path) from None
+        return self._serve(path, self._kernel.fs.read_bytes, _read_file)
 
     def read_text(self, path: str) -> str:
         return self.read_bytes(path).decode()
@@ -94,36 +97,14 @@ class FakeHostFiles:
             raise oserror(exc.errno or E.EIO, path) from None
 
     def listdir(self, path: str) -> list[str]:
-        if is_fake_path(path):
-            try:
-                return self._kernel.fs.listdir(path)
-            except OSError as exc:
-                raise oserror(exc.errno or E.EIO, path) from None
-        local = self._unmodelled(path)
-        if local is None:
-            raise oserror(E.ENOENT, path)
-        try:
-            return sorted(os.listdir(local))
-        except OSError as exc:
-            raise oserror(exc.errno or E.EIO, path) from None
+        return self._serve(path, self._kernel.fs.listdir, lambda local: sorted(os.listdir(local)))
 
     def readlink(self, path: str) -> str:
         own_fd = re.fullmatch(r"/proc/self/fd/(\d+)", path)
         if own_fd:
             # Linux knows every fd, also one that came by SCM_RIGHTS: the fake learns it now
             self._kernel.boot.table.lookup(int(own_fd[1]))
-        if is_fake_path(path):
-            try:
-                return self._kernel.fs.readlink(path)
-            except OSError as exc:
-                raise oserror(exc.errno or E.EIO, path) from None
-        local = self._unmodelled(path)
-        if local is None:
-            raise oserror(E.ENOENT, path)
-        try:
-            return os.readlink(local)
-        except OSError as exc:
-            raise oserror(exc.errno or E.EIO, path) from None
+        return self._serve(path, self._kernel.fs.readlink, os.readlink)
 
     def realpath(self, path: str) -> str:
         if is_fake_path(path):
@@ -133,3 +114,8 @@ class FakeHostFiles:
             return posixpath.normpath(path)
         real = os.path.realpath(local)
         return real[len(self.root):] or "/" if real.startswith(self.root) else real
+
+
+def _read_file(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
