@@ -444,3 +444,22 @@ def test_a_connection_thread_that_cannot_start_drops_only_that_peer(env, monkeyp
     assert failures, "the agent did not try to start a connection thread"
     for _ in range(MAX_CONNECTIONS + 2):     # more requests than slots: none was lost
         assert "kept" in {s["name"] for s in env.client.status()["sessions"]}
+
+
+def test_a_held_file_is_the_sessions_record_not_a_copy(env):
+    """One preserved file: the agent's HeldFile holds the session's own record,
+    so the fd the agent keeps is written down once (issue 9)."""
+    c = env.client
+    c.create_session("one")
+    ram = env.memfd("ram", b"x")
+    c.preserve("one", 5, ram)
+    [held] = [h for h in env.server.sessions.values() if h.name == "one"]
+    assert held.files[5].record is held.session.preserved[5]
+    assert held.files[5].fd == held.session.preserved[5].fd
+    env.kexec()
+    c.retrieve_session("one", manifest=False)
+    fd = c.retrieve("one", 5)
+    [held] = [h for h in env.server.sessions.values() if h.name == "one"]
+    assert held.files[5].record is held.session.retrieved[5]
+    assert env.read(fd, 1) == b"x"
+    c.finish("one")

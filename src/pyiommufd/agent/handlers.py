@@ -111,7 +111,8 @@ class RequestHandlers(Registry):
         kind = P.parse_kind(meta.pop("kind", None)) or kind_of_fd(self.backend, fd)
         name = meta.pop("name", None)
         held.session.preserve(fd, token)
-        held.files[token] = HeldFile(token, kind, name, meta, fds.keep(fd), FileState.PRESERVED)
+        fds.keep(fd)
+        held.files[token] = HeldFile(token, kind, name, meta, held.session.preserved[token], FileState.PRESERVED)
         log.info("preserved token %#x (%s %s) in %r", token, kind, name or "", held.name)
         self._store_file(held, held.files[token])
         return held.files[token].as_dict(), []
@@ -150,7 +151,9 @@ class RequestHandlers(Registry):
         out = []
         for token, fd, kind, meta in items:
             name = meta.pop("name", None)
-            f = held.files[token] = HeldFile(token, kind, name, meta, fds.keep(fd), FileState.PRESERVED)
+            fds.keep(fd)
+            f = held.files[token] = HeldFile(token, kind, name, meta, held.session.preserved[token],
+                                             FileState.PRESERVED)
             self._store_file(held, f)
             out.append(f.as_dict())
         log.info("preserved %d files in %r", len(items), held.name)
@@ -216,14 +219,16 @@ class RequestHandlers(Registry):
                     fds.keep(ffd)
                 kind = said or (kind_of_fd(self.backend, ffd) if ffd is not None else FileKind.OTHER)
                 fname = f.get("name") or meta.pop("name", None)
+                record: PreservedFile | RetrievedFile | None = None
                 if incoming:
                     state = said_state or (FileState.RETRIEVED if ffd is not None else FileState.PENDING)
                     if state is FileState.RETRIEVED and ffd is not None:
-                        session.record_retrieved(token, ffd, kind)
+                        record = session.record_retrieved(token, ffd, kind)
                 else:
                     state = FileState.PRESERVED
-                    session.preserved[token] = PreservedFile(token, ffd if ffd is not None else -1, kind)
-                held.files[token] = HeldFile(token, kind, fname, meta, ffd, state)
+                    preserved = session.preserved[token] = PreservedFile(token, ffd if ffd is not None else -1, kind)
+                    record = preserved if ffd is not None else None
+                held.files[token] = HeldFile(token, kind, fname, meta, record, state)
             if incoming:
                 if 0 in held.files and held.files[0].fd is not None:
                     self._load_manifest(held, held.files[0].fd)
@@ -261,7 +266,7 @@ class RequestHandlers(Registry):
 
         if args.get("manifest", True):
             try:
-                fd = session.retrieve(MANIFEST_TOKEN).fd
+                got = session.retrieve(MANIFEST_TOKEN)
             except errors.NotFound:
                 held.manifest_error = "no token 0: this session has no pyiommufd manifest"
             except errors.KernelError as exc:
@@ -269,10 +274,10 @@ class RequestHandlers(Registry):
                                                       error=P.encode_error(exc))
                 held.manifest_error = f"retrieving token 0 failed: {exc}"
             else:
-                held.files[MANIFEST_TOKEN] = HeldFile(MANIFEST_TOKEN, FileKind.MANIFEST, MANIFEST_NAME, fd=fd,
+                held.files[MANIFEST_TOKEN] = HeldFile(MANIFEST_TOKEN, FileKind.MANIFEST, MANIFEST_NAME, record=got,
                                                       state=FileState.RETRIEVED)
                 self._store_file(held, held.files[MANIFEST_TOKEN])
-                self._load_manifest(held, fd)
+                self._load_manifest(held, got.fd)
         out = held.as_dict()
         out["already_held"] = False
         return out, []
@@ -290,13 +295,12 @@ class RequestHandlers(Registry):
                 f = held.files[token] = HeldFile(token, FileKind.OTHER)
             f.state, f.error = FileState.FAILED, P.encode_error(exc)
             raise
-        fd = got.fd
         if f is None:
             f = held.files[token] = HeldFile(token, got.kind)
-        f.fd, f.state, f.error = fd, FileState.RETRIEVED, None
+        f.record, f.state, f.error = got, FileState.RETRIEVED, None
         log.info("retrieved token %#x (%s %s) of %r", token, f.kind, f.name or "", held.name)
         self._store_file(held, f)
-        return f.as_dict(), [fd]
+        return f.as_dict(), [got.fd]
 
     def _op_retrieve_many(self, args: dict[str, Any], fds: RequestFds) -> Reply:
         """``tokens``, retrieved in order (those held already are not asked
@@ -328,7 +332,7 @@ class RequestHandlers(Registry):
             f = held.files.get(token)
             if f is None:
                 f = held.files[token] = HeldFile(token, record.kind)
-            f.fd, f.state, f.error = record.fd, FileState.RETRIEVED, None
+            f.record, f.state, f.error = record, FileState.RETRIEVED, None
         log.info("retrieved %d tokens of %r", len(got), held.name)
 
     def _op_finish(self, args: dict[str, Any], fds: RequestFds) -> Reply:

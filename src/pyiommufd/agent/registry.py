@@ -19,7 +19,7 @@ from .. import errors
 from ..backend import Backend
 from ..errors import UsageError
 from ..fdobject import FileKind
-from ..luo import LiveUpdate, PreservedFile, Session, kind_of_fd
+from ..luo import LiveUpdate, PreservedFile, RetrievedFile, Session, kind_of_fd
 from . import sdnotify
 
 log = logging.getLogger("pyiommufd.agent")
@@ -50,9 +50,15 @@ class HeldFile:
     kind: FileKind
     name: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
-    fd: int | None = None        # the agent's own reference, if it holds one
+    #: the session's record of the file while the agent holds a reference: its fd is that reference
+    record: PreservedFile | RetrievedFile | None = None
     state: FileState = FileState.PRESERVED
     error: dict[str, Any] | None = None
+
+    @property
+    def fd(self) -> int | None:
+        """The agent's own reference, if it holds one."""
+        return None if self.record is None else self.record.fd
 
     def as_dict(self) -> dict[str, Any]:
         out = {"token": self.token, "token_hex": f"{self.token:#x}", "kind": self.kind.value, "name": self.name,
@@ -189,7 +195,7 @@ class Registry:
             log.warning("closing session %r: %s", held.name, exc)
         for f in held.files.values():
             close_fd(self.backend, f.fd)
-            f.fd = None
+            f.record = None
         log.info("closed %s session %r", held.direction, held.name)
     @staticmethod
     def _release_warning(held: HeldSession) -> str | None:
@@ -303,13 +309,14 @@ class Registry:
                 continue
             held = owner
             kind = kind_of_fd(self.backend, fd)
+            record: PreservedFile | RetrievedFile
             if name.incoming:
-                held.session.record_retrieved(name.token, fd, kind)
+                record = held.session.record_retrieved(name.token, fd, kind)
                 state = FileState.RETRIEVED
             else:
-                held.session.preserved[name.token] = PreservedFile(name.token, fd, kind)
+                record = held.session.preserved[name.token] = PreservedFile(name.token, fd, kind)
                 state = FileState.PRESERVED
-            held.files[name.token] = HeldFile(name.token, kind, fd=fd, state=state)
+            held.files[name.token] = HeldFile(name.token, kind, record=record, state=state)
             self.stored.add(text)
         for held in self.sessions.values():
             zero = held.files.get(0)
