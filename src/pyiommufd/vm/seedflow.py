@@ -270,14 +270,17 @@ def guest_stage(stage: int, program: str, bdf: str, *, session: str, lu_abi: str
     # A stage 1 that passes kexecs from the child, and this process dies with
     # it: its report is rendered from --report's file after the kexec, by stage 2.
     report_file.unlink(missing_ok=True)
-    proc = subprocess.run(argv0 + args, stdout=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    proc = subprocess.run(argv0 + args, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     report = _read_report(report_file)
     if report is None:
-        say(proc.stdout.rstrip())
+        output = (proc.stdout + proc.stderr).strip()
+        say(output)
         emit("stage", stage=stage, exit=proc.returncode, passed=False, first_failure=None,
-             errno=None, detail=proc.stdout.strip()[-300:])
+             errno=None, detail=output[-300:])
         return proc.returncode or 1
     _render(report, stage, say, exit_code=proc.returncode)
+    if proc.stderr.strip():
+        say(proc.stderr.rstrip())      # its error line, after the steps it explains
     return proc.returncode
 
 
