@@ -1,6 +1,9 @@
 """The fake kernel's /sys, /proc, /dev and /boot."""
 import errno
 import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 
@@ -171,6 +174,35 @@ def test_the_fakes_tree_goes_away_with_it(tmp_path):
     del k
     gc.collect()
     assert not os.path.exists(root)
+
+
+def test_the_fakes_tree_goes_away_when_it_shuts_down():
+    k = FakeKernel()
+    k.files.put("/etc/x", "1")
+    root = k.files.root
+    k.shutdown()
+    assert not os.path.exists(root)
+    assert not k.files.exists("/etc/x")
+    assert k.files.read_text("/proc/sys/kernel/osrelease") == "7.3.4\n"    # the kernel's still answer
+    with pytest.raises(RuntimeError, match="shut down"):
+        k.files.put("/etc/x", "1")
+
+
+def test_a_forked_child_leaves_the_fakes_tree_alone(tmp_path):
+    """A child that exits normally runs its copy of the tree's finalizer."""
+    script = textwrap.dedent("""\
+        import os, sys
+        from pyiommufd_testing import FakeKernel
+        k = FakeKernel()
+        root = k.files.root
+        pid = os.fork()
+        if pid == 0:
+            sys.exit(0)
+        os.waitpid(pid, 0)
+        print(os.path.isdir(root))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert out == "True\n"
 
 
 def test_a_regular_file_opens_read_only_as_a_syscall_on_the_host(fake_kernel, tmp_path):

@@ -3,9 +3,10 @@
 ``/sys``, ``/proc``, ``/dev`` and ``/boot`` are the kernel's: served from its
 model (:mod:`.sysfs`), with a write's side effects (bind, unbind,
 driver_override, remove). Every other path lives in a temporary directory
-tree of this fake's own, made on first use and removed with the fake: a test
-puts a file there with :meth:`FakeHostFiles.put`, and nothing of the real
-host's is ever read or written.
+tree of this fake's own, made on first use and removed when the fake shuts
+down or is collected: a test puts a file there with
+:meth:`FakeHostFiles.put`, and nothing of the real host's is ever read or
+written.
 """
 from __future__ import annotations
 
@@ -28,19 +29,34 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
+def _remove_tree(root: str, owner_pid: int) -> None:
+    if os.getpid() == owner_pid:        # a forked child that exits leaves its parent's tree alone
+        shutil.rmtree(root, ignore_errors=True)
+
+
 class FakeHostFiles:
     def __init__(self, kernel: "FakeKernel") -> None:
         self._kernel = weakref.proxy(kernel)
         self._root: str | None = None
+        self._removal: weakref.finalize | None = None
+        self._closed = False
 
     # -- the tree of unmodelled paths --------------------------------------------------------
     @property
     def root(self) -> str:
         """The temporary directory that stands for ``/`` outside the kernel's paths."""
+        if self._closed:
+            raise RuntimeError("this FakeKernel was shut down: its host files are gone")
         if self._root is None:
             self._root = tempfile.mkdtemp(prefix="pyiommufd-fake-root-")
-            weakref.finalize(self, shutil.rmtree, self._root, True)
+            self._removal = weakref.finalize(self, _remove_tree, self._root, os.getpid())
         return self._root
+
+    def close(self) -> None:
+        """Remove the tree: the kernel is shut down. Its own paths still answer."""
+        self._closed = True
+        if self._removal is not None:
+            self._removal()
 
     def _local(self, path: str) -> str:
         if not path.startswith("/"):
@@ -58,8 +74,10 @@ class FakeHostFiles:
         os.chmod(local, mode)
 
     def _unmodelled(self, path: str) -> str | None:
-        """Where an unmodelled ``path`` is, or None if the tree was never made."""
-        return None if self._root is None and path.startswith("/") else self._local(path)
+        """Where an unmodelled ``path`` is, or None while there is no tree to look in."""
+        if self._closed or (self._root is None and path.startswith("/")):
+            return None
+        return self._local(path)
 
     def _serve(self, path: str, modelled: Callable[[str], T], in_tree: Callable[[str], T]) -> T:
         """``modelled(path)`` for the kernel's paths, else ``in_tree`` on the

@@ -367,9 +367,11 @@ class FakeKernel(Backend):
     # -- teardown ----------------------------------------------------------------------------------
     def shutdown(self) -> None:
         """Close every real fd the fake holds (user fds and kernel
-        references). The fake is unusable afterwards."""
+        references) and remove its host files' tree. The fake is unusable
+        afterwards."""
         if not self.closed:
             self.boot.table.abandon()
+            self.files.close()
             self.closed = True
 
     def _check_alive(self) -> None:
