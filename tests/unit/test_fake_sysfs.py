@@ -1,4 +1,4 @@
-"""The fake kernel's /sys, /proc, /dev and /boot."""
+"""The fake kernel's /sys, /proc, /dev and /boot, and the fake host's tree under them."""
 import errno
 import os
 import subprocess
@@ -144,8 +144,8 @@ def test_dev_tree(fake_kernel, kt):
 
 
 def test_the_hosts_files_are_invisible_to_the_fake(fake_kernel, tmp_path):
-    """Outside /sys, /proc, /dev and /boot the fake serves a tree of its own:
-    a real file of the host is not there until a test puts one."""
+    """Outside /sys, /proc, /dev and /boot the fake serves a tree of its own: a
+    real file of the host is not there, for host files or open(2), until a test puts one."""
     host = tmp_path / "x"
     host.write_text("real")
     files = fake_kernel.files
@@ -153,6 +153,7 @@ def test_the_hosts_files_are_invisible_to_the_fake(fake_kernel, tmp_path):
     for path in ("/etc/os-release", str(host)):
         assert not files.exists(path)
         assert err(files.read_text, path) == errno.ENOENT
+        assert err(fake_kernel.open, path, os.O_RDONLY) == errno.ENOENT
     assert err(files.listdir, str(tmp_path)) == errno.ENOENT
     files.put("/etc/os-release", "ID=fake\n")
     assert files.read_text("/etc/os-release") == "ID=fake\n"
@@ -205,11 +206,15 @@ def test_a_forked_child_leaves_the_fakes_tree_alone(tmp_path):
     assert out == "True\n"
 
 
-def test_a_regular_file_opens_read_only_as_a_syscall_on_the_host(fake_kernel, tmp_path):
-    """open(2) is the seam's, not host files': a kernel image for kexec_file_load
-    is a real file, opened read-only; writing one is refused."""
-    path = tmp_path / "bzImage"
-    path.write_bytes(b"MZ")
-    fd = fake_kernel.open(str(path), os.O_RDONLY)
-    os.close(fd)
-    assert err(fake_kernel.open, str(path), os.O_RDWR) == errno.EROFS
+def test_open_of_a_path_outside_the_kernels_is_the_trees_file(fake_kernel):
+    """open(2) sees the host files' tree (a kernel image for kexec_file_load
+    comes from there), read-only; /proc/self/fd shows the fake host's path."""
+    fake_kernel.files.put("/srv/bzImage", b"MZ")
+    fd = fake_kernel.open("/srv/bzImage", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        assert os.read(fd, 2) == b"MZ"
+        assert fake_kernel.files.readlink(f"/proc/self/fd/{fd}") == "/srv/bzImage"
+    finally:
+        os.close(fd)
+    assert err(fake_kernel.open, "/srv/bzImage", os.O_RDWR) == errno.EROFS
+    assert err(fake_kernel.open, "/srv/none", os.O_RDONLY) == errno.ENOENT

@@ -6,7 +6,7 @@ driver_override, remove). Every other path lives in a temporary directory
 tree of this fake's own, made on first use and removed when the fake shuts
 down or is collected: a test puts a file there with
 :meth:`FakeHostFiles.put`, and nothing of the real host's is ever read or
-written.
+written, by these methods or by the fake's ``open(2)``.
 """
 from __future__ import annotations
 
@@ -57,6 +57,22 @@ class FakeHostFiles:
         self._closed = True
         if self._removal is not None:
             self._removal()
+
+    def fake_path_of(self, real: str) -> str:
+        """A real path as the fake host sees it (a file of the tree loses the root)."""
+        if self._root is not None and (real == self._root or real.startswith(self._root + "/")):
+            return real[len(self._root):] or "/"
+        return real
+
+    def open_in_tree(self, path: str, flags: int) -> int:
+        """``open(2)`` of a path outside the kernel's: a real fd of the tree's file."""
+        try:
+            local = self._unmodelled(path)
+            if local is None:
+                raise oserror(E.ENOENT, path)
+            return os.open(local, flags)
+        except OSError as exc:
+            raise oserror(exc.errno or E.EIO, path) from None
 
     def _local(self, path: str) -> str:
         if not path.startswith("/"):
@@ -130,8 +146,7 @@ class FakeHostFiles:
         local = self._unmodelled(path)
         if local is None:
             return posixpath.normpath(path)
-        real = os.path.realpath(local)
-        return real[len(self.root):] or "/" if real.startswith(self.root) else real
+        return self.fake_path_of(os.path.realpath(local))
 
 
 def _read_file(path: str) -> bytes:

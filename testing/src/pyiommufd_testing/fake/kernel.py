@@ -181,7 +181,7 @@ class FakeKernel(Backend):
         if not is_fake_path(path):
             if flags & _WRITE_FLAGS:
                 raise oserror(E.EROFS, path)
-            return os.open(path, flags)
+            return self.files.open_in_tree(path, flags)
         try:
             canon, node = self.fs.resolve(path)
         except OSError as exc:

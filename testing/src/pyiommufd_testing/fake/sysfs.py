@@ -264,7 +264,7 @@ class FakeFs:
                 target = os.readlink(f"/proc/self/fd/{name}")
             except OSError:
                 continue
-            out[name] = Link(target)
+            out[name] = Link(self.kernel.files.fake_path_of(target))
         return out
 
     # -- /sys -----------------------------------------------------------------------------------
