@@ -1,4 +1,4 @@
-"""The fake kernel's /sys, /proc, /dev and /boot, and the fake host's tree under them."""
+"""The fake kernel's /sys, /proc and /dev, and the fake host's tree under them (/boot, what a test puts)."""
 import errno
 import os
 import subprocess
@@ -129,6 +129,22 @@ def test_boot_config(kt):
         assert k.kernel_release() == "7.3.4-lu"
 
 
+def test_boot_is_real_files_of_the_fake_hosts_tree():
+    """/boot is the disk's, not the kernel's: real files, which a kexec adds
+    to (the new release's) and rewrites (the config of what the kernel now carries)."""
+    with FakeKernel(lu_abi="lu-v2") as k:
+        boot = os.path.join(k.files.root, "boot")
+        assert sorted(os.listdir(boot)) == ["config-7.3.4", "initrd.img-7.3.4", "vmlinuz-7.3.4"]
+        assert k.files.listdir("/boot") == sorted(os.listdir(boot))
+        with open(os.path.join(boot, "config-7.3.4")) as f:
+            assert "CONFIG_IOMMU_LIVEUPDATE=y" in f.read().splitlines()
+        k.kexec(lu_abi=None)
+        assert "IOMMU_LIVEUPDATE" not in k.files.read_text("/boot/config-7.3.4")
+        k.kexec(release="7.3.5")
+        assert k.files.listdir("/boot") == ["config-7.3.4", "config-7.3.5", "initrd.img-7.3.4",
+                                            "initrd.img-7.3.5", "vmlinuz-7.3.4", "vmlinuz-7.3.5"]
+
+
 def test_dmar_unit(fake_kernel):
     k = fake_kernel
     assert k.files.listdir("/sys/class/iommu") == ["dmar0"]
@@ -144,8 +160,8 @@ def test_dev_tree(fake_kernel, kt):
 
 
 def test_the_hosts_files_are_invisible_to_the_fake(fake_kernel, tmp_path):
-    """Outside /sys, /proc, /dev and /boot the fake serves a tree of its own: a
-    real file of the host is not there, for host files or open(2), until a test puts one."""
+    """Outside /sys, /proc and /dev the fake serves a tree of its own: a real
+    file of the host is not there, for host files or open(2), until a test puts one."""
     host = tmp_path / "x"
     host.write_text("real")
     files = fake_kernel.files
@@ -183,7 +199,7 @@ def test_the_fakes_tree_goes_away_when_it_shuts_down():
     root = k.files.root
     k.shutdown()
     assert not os.path.exists(root)
-    assert not k.files.exists("/etc/x")
+    assert not k.files.exists("/etc/x") and not k.files.exists("/boot/vmlinuz-7.3.4")
     assert k.files.read_text("/proc/sys/kernel/osrelease") == "7.3.4\n"    # the kernel's still answer
     with pytest.raises(RuntimeError, match="shut down"):
         k.files.put("/etc/x", "1")

@@ -1,11 +1,12 @@
 """The fake kernel's host files (:class:`pyiommufd.hostfs.HostFiles`).
 
-``/sys``, ``/proc``, ``/dev`` and ``/boot`` are the kernel's: served from its
-model (:mod:`.sysfs`), with a write's side effects (bind, unbind,
+``/sys``, ``/proc`` and ``/dev`` are the kernel's: served from its model
+(:mod:`.sysfs`), with a write's side effects (bind, unbind,
 driver_override, remove). Every other path lives in a temporary directory
 tree of this fake's own, made on first use and removed when the fake shuts
-down or is collected: a test puts a file there with
-:meth:`FakeHostFiles.put`, and nothing of the real host's is ever read or
+down or is collected: ``/boot`` as the kernel's package left it (see
+:meth:`FakeHostFiles.install`), and what a test puts there with
+:meth:`FakeHostFiles.put`. Nothing of the real host's is ever read or
 written, by these methods or by the fake's ``open(2)``.
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING, Callable, TypeVar
 
 from pyiommufd.backend import oserror
 
-from .sysfs import is_fake_path
+from .sysfs import is_kernel_path
 
 if TYPE_CHECKING:
     from .kernel import FakeKernel
@@ -40,6 +41,8 @@ class FakeHostFiles:
         self._root: str | None = None
         self._removal: weakref.finalize | None = None
         self._closed = False
+        #: path -> content of what the kernel's packages installed, for a tree made later
+        self._installed: dict[str, bytes] = {}
 
     # -- the tree of unmodelled paths --------------------------------------------------------
     @property
@@ -50,6 +53,8 @@ class FakeHostFiles:
         if self._root is None:
             self._root = tempfile.mkdtemp(prefix="pyiommufd-fake-root-")
             self._removal = weakref.finalize(self, _remove_tree, self._root, os.getpid())
+            for path, data in self._installed.items():
+                self._write(path, data, 0o644)
         return self._root
 
     def close(self) -> None:
@@ -57,6 +62,14 @@ class FakeHostFiles:
         self._closed = True
         if self._removal is not None:
             self._removal()
+
+    def install(self, contents: dict[str, bytes]) -> None:
+        """Files a kernel package puts on the disk (``/boot``): written now if
+        the tree exists, else when it is made (most fakes never look)."""
+        self._installed.update(contents)
+        if self._root is not None and not self._closed:
+            for path, data in contents.items():
+                self._write(path, data, 0o644)
 
     def fake_path_of(self, real: str) -> str:
         """A real path as the fake host sees it (a file of the tree loses the root)."""
@@ -81,17 +94,20 @@ class FakeHostFiles:
 
     def put(self, path: str, data: str | bytes, mode: int = 0o644) -> None:
         """Make ``path`` (outside the kernel's paths) hold ``data``."""
-        if is_fake_path(path):
+        if is_kernel_path(path):
             raise ValueError(f"{path} is the fake kernel's to model, not a test's to put")
+        self._write(path, data.encode() if isinstance(data, str) else data, mode)
+
+    def _write(self, path: str, data: bytes, mode: int) -> None:
         local = self._local(path)
         os.makedirs(os.path.dirname(local), exist_ok=True)
         with open(local, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
+            f.write(data)
         os.chmod(local, mode)
 
     def _unmodelled(self, path: str) -> str | None:
         """Where an unmodelled ``path`` is, or None while there is no tree to look in."""
-        if self._closed or (self._root is None and path.startswith("/")):
+        if self._closed or (self._root is None and not self._installed and path.startswith("/")):
             return None
         return self._local(path)
 
@@ -99,7 +115,7 @@ class FakeHostFiles:
         """``modelled(path)`` for the kernel's paths, else ``in_tree`` on the
         path's place in the tree; an error names ``path`` as the caller gave it."""
         try:
-            if is_fake_path(path):
+            if is_kernel_path(path):
                 return modelled(path)
             local = self._unmodelled(path)
             if local is None:
@@ -110,7 +126,7 @@ class FakeHostFiles:
 
     # -- HostFiles ----------------------------------------------------------------------------
     def exists(self, path: str) -> bool:
-        if is_fake_path(path):
+        if is_kernel_path(path):
             return self._kernel.fs.exists(path)
         local = self._unmodelled(path)
         return local is not None and os.path.exists(local)
@@ -122,7 +138,7 @@ class FakeHostFiles:
         return self.read_bytes(path).decode()
 
     def write_text(self, path: str, text: str) -> None:
-        if not is_fake_path(path):
+        if not is_kernel_path(path):
             # only the kernel's files are written through here (sysfs attributes)
             raise oserror(E.EROFS, path)
         try:
@@ -141,7 +157,7 @@ class FakeHostFiles:
         return self._serve(path, self._kernel.fs.readlink, os.readlink)
 
     def realpath(self, path: str) -> str:
-        if is_fake_path(path):
+        if is_kernel_path(path):
             return self._kernel.fs.realpath(path)
         local = self._unmodelled(path)
         if local is None:
