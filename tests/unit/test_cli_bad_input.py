@@ -120,7 +120,7 @@ CASES = [
     Case("preserve/not-root", ["preserve", "--session", "s", "--memfd", "a:4096"], 6, "EACCES",
          setup="nonroot"),
     Case("restore/not-root", ["restore", "--session", "s"], 6, "EACCES", setup="nonroot"),
-    Case("kexec/not-root", ["kexec", "--kernel", "{tmp}/bzImage", "--load-only"], 6, "EPERM",
+    Case("kexec/not-root", ["kexec", "--kernel", "/boot/vmlinuz-7.3.4", "--load-only"], 6, "EPERM",
          setup="nonroot"),
     # -- session name too long (64 bytes) ----------------------------------------------------------
     Case("selftest/long-session", ["selftest", CDEV, "--session", LONG], 2, "63 bytes", setup="bound"),
@@ -171,7 +171,7 @@ CASES = [
     Case("selftest/initrd-without-kexec", ["selftest", CDEV, "--initrd", "/boot/initrd.img-7.3.4"], 2,
          "go with --kexec", setup="bound"),
     Case("kexec/no-kernel", ["kexec"], 2, "--kernel PATH is required"),
-    Case("kexec/cmdline-and-reuse", ["kexec", "--kernel", "{tmp}/bzImage", "--cmdline", "x",
+    Case("kexec/cmdline-and-reuse", ["kexec", "--kernel", "/boot/vmlinuz-7.3.4", "--cmdline", "x",
                                      "--reuse-cmdline"], 2, "not both"),
     Case("finish/no-session", ["finish"], 2, "--session NAME is required"),
     Case("vm-run/zero-timeout", ["vm", "run", "--timeout", "0", "--", "true"], 2, "--timeout"),
@@ -239,7 +239,6 @@ def env(monkeypatch, tmp_path):
         monkeypatch.delenv(name, raising=False)
     for name, text in PLANS.items():
         (tmp_path / name).write_text(text)
-    (tmp_path / "bzImage").write_bytes(b"MZ not really a kernel")
     yield tmp_path
     server = agent.in_process_agents().get(sock)
     if server is not None:

@@ -430,9 +430,10 @@ def test_restore_verify_mismatch(stock, monkeypatch):
 
 # -- kexec --------------------------------------------------------------------------------------
 @pytest.fixture
-def kernel_image(tmp_path):
-    path = tmp_path / "bzImage"
-    path.write_bytes(b"MZ" + b"\0" * 4094)
+def kernel_image(fake_kernel):
+    """A kernel image on the fake host's disk (the real host's files are not the fake's)."""
+    path = "/srv/images/bzImage"
+    fake_kernel.files.put(path, b"MZ" + b"\0" * 4094)
     return path
 
 

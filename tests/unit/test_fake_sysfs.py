@@ -1,6 +1,9 @@
-"""The fake kernel's /sys, /proc, /dev and /boot."""
+"""The fake kernel's /sys, /proc and /dev, and the fake host's tree under them (/boot, what a test puts)."""
 import errno
 import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 
@@ -126,6 +129,22 @@ def test_boot_config(kt):
         assert k.kernel_release() == "7.3.4-lu"
 
 
+def test_boot_is_real_files_of_the_fake_hosts_tree():
+    """/boot is the disk's, not the kernel's: real files, which a kexec adds
+    to (the new release's) and rewrites (the config of what the kernel now carries)."""
+    with FakeKernel(lu_abi="lu-v2") as k:
+        boot = os.path.join(k.files.root, "boot")
+        assert sorted(os.listdir(boot)) == ["config-7.3.4", "initrd.img-7.3.4", "vmlinuz-7.3.4"]
+        assert k.files.listdir("/boot") == sorted(os.listdir(boot))
+        with open(os.path.join(boot, "config-7.3.4")) as f:
+            assert "CONFIG_IOMMU_LIVEUPDATE=y" in f.read().splitlines()
+        k.kexec(lu_abi=None)
+        assert "IOMMU_LIVEUPDATE" not in k.files.read_text("/boot/config-7.3.4")
+        k.kexec(release="7.3.5")
+        assert k.files.listdir("/boot") == ["config-7.3.4", "config-7.3.5", "initrd.img-7.3.4",
+                                            "initrd.img-7.3.5", "vmlinuz-7.3.4", "vmlinuz-7.3.5"]
+
+
 def test_dmar_unit(fake_kernel):
     k = fake_kernel
     assert k.files.listdir("/sys/class/iommu") == ["dmar0"]
@@ -141,8 +160,8 @@ def test_dev_tree(fake_kernel, kt):
 
 
 def test_the_hosts_files_are_invisible_to_the_fake(fake_kernel, tmp_path):
-    """Outside /sys, /proc, /dev and /boot the fake serves a tree of its own:
-    a real file of the host is not there until a test puts one."""
+    """Outside /sys, /proc and /dev the fake serves a tree of its own: a real
+    file of the host is not there, for host files or open(2), until a test puts one."""
     host = tmp_path / "x"
     host.write_text("real")
     files = fake_kernel.files
@@ -150,6 +169,7 @@ def test_the_hosts_files_are_invisible_to_the_fake(fake_kernel, tmp_path):
     for path in ("/etc/os-release", str(host)):
         assert not files.exists(path)
         assert err(files.read_text, path) == errno.ENOENT
+        assert err(fake_kernel.open, path, os.O_RDONLY) == errno.ENOENT
     assert err(files.listdir, str(tmp_path)) == errno.ENOENT
     files.put("/etc/os-release", "ID=fake\n")
     assert files.read_text("/etc/os-release") == "ID=fake\n"
@@ -173,11 +193,44 @@ def test_the_fakes_tree_goes_away_with_it(tmp_path):
     assert not os.path.exists(root)
 
 
-def test_a_regular_file_opens_read_only_as_a_syscall_on_the_host(fake_kernel, tmp_path):
-    """open(2) is the seam's, not host files': a kernel image for kexec_file_load
-    is a real file, opened read-only; writing one is refused."""
-    path = tmp_path / "bzImage"
-    path.write_bytes(b"MZ")
-    fd = fake_kernel.open(str(path), os.O_RDONLY)
-    os.close(fd)
-    assert err(fake_kernel.open, str(path), os.O_RDWR) == errno.EROFS
+def test_the_fakes_tree_goes_away_when_it_shuts_down():
+    k = FakeKernel()
+    k.files.put("/etc/x", "1")
+    root = k.files.root
+    k.shutdown()
+    assert not os.path.exists(root)
+    assert not k.files.exists("/etc/x") and not k.files.exists("/boot/vmlinuz-7.3.4")
+    assert k.files.read_text("/proc/sys/kernel/osrelease") == "7.3.4\n"    # the kernel's still answer
+    with pytest.raises(RuntimeError, match="shut down"):
+        k.files.put("/etc/x", "1")
+
+
+def test_a_forked_child_leaves_the_fakes_tree_alone(tmp_path):
+    """A child that exits normally runs its copy of the tree's finalizer."""
+    script = textwrap.dedent("""\
+        import os, sys
+        from pyiommufd_testing import FakeKernel
+        k = FakeKernel()
+        root = k.files.root
+        pid = os.fork()
+        if pid == 0:
+            sys.exit(0)
+        os.waitpid(pid, 0)
+        print(os.path.isdir(root))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert out == "True\n"
+
+
+def test_open_of_a_path_outside_the_kernels_is_the_trees_file(fake_kernel):
+    """open(2) sees the host files' tree (a kernel image for kexec_file_load
+    comes from there), read-only; /proc/self/fd shows the fake host's path."""
+    fake_kernel.files.put("/srv/bzImage", b"MZ")
+    fd = fake_kernel.open("/srv/bzImage", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        assert os.read(fd, 2) == b"MZ"
+        assert fake_kernel.files.readlink(f"/proc/self/fd/{fd}") == "/srv/bzImage"
+    finally:
+        os.close(fd)
+    assert err(fake_kernel.open, "/srv/bzImage", os.O_RDWR) == errno.EROFS
+    assert err(fake_kernel.open, "/srv/none", os.O_RDONLY) == errno.ENOENT

@@ -11,9 +11,9 @@ def test_execute_without_a_loaded_image_is_einval(fake_kernel):
     assert isinstance(info.value, errors.InvalidArgument)
 
 
-def test_load_reuses_the_cmdline_and_execute_reboots(fake_kernel, tmp_path):
-    image = tmp_path / "bzImage"
-    image.write_bytes(b"MZ" + bytes(1024))
+def test_load_reuses_the_cmdline_and_execute_reboots(fake_kernel):
+    image = "/srv/bzImage"
+    fake_kernel.files.put(image, b"MZ" + bytes(1024))
     used = kexec.load(image)
     assert "liveupdate=on" in used and "BOOT_IMAGE" not in used
     assert kexec.is_loaded()
@@ -23,10 +23,8 @@ def test_load_reuses_the_cmdline_and_execute_reboots(fake_kernel, tmp_path):
     assert fake_kernel.boot_count == boots + 1
 
 
-def test_unload(fake_kernel, tmp_path):
-    image = tmp_path / "bzImage"
-    image.write_bytes(bytes(512))
-    kexec.load(image, cmdline="console=ttyS0")
+def test_unload(fake_kernel):
+    kexec.load("/boot/vmlinuz-7.3.4", cmdline="console=ttyS0")
     kexec.unload()
     assert not kexec.is_loaded()
 

@@ -799,13 +799,15 @@ def kexec_cmd(kernel: str | None, initrd: str | None, cmdline: str | None, reuse
     A file refusing to freeze (a VFIO device with interrupts still enabled,
     the series' patches 12-13/14, VFIO cdev preservation) makes the reboot fail with EINVAL instead of rebooting."""
     from .. import kexec
+    from ..backend import get_backend
 
     if not kernel:
         raise _usage("--kernel PATH is required")
     if cmdline is not None and reuse_cmdline:
         raise _usage("give --cmdline or --reuse-cmdline, not both")
+    be = get_backend()
     for what, path in (("--kernel", kernel), ("--initrd", initrd)):
-        if path is not None and not os.path.isfile(path):
+        if path is not None and not be.files.exists(path):
             raise _usage(f"{what} {path}: no such file")
     held: list[str] = []
     if not load_only and not force:

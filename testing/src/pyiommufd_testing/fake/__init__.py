@@ -16,7 +16,8 @@ module          models
 ``series``      the out-of-tree live-update series (``lu_abi``)
 ``kexec``       ``kexec_file_load``/``reboot`` and :class:`SimulatedKexec`
 ``boot``        one boot's state and the KHO hand-over between boots
-``sysfs``       ``/sys``, ``/proc``, ``/dev``, ``/boot``
+``sysfs``       the kernel's file systems ``/sys``, ``/proc``, ``/dev``
+``hostfiles``   every other path: a temporary tree, ``/boot`` included
 ==============  ==========================================================
 """
 from .kernel import FakeKernel

@@ -1,11 +1,13 @@
 """The fake kernel's host files (:class:`pyiommufd.hostfs.HostFiles`).
 
-``/sys``, ``/proc``, ``/dev`` and ``/boot`` are the kernel's: served from its
-model (:mod:`.sysfs`), with a write's side effects (bind, unbind,
+``/sys``, ``/proc`` and ``/dev`` are the kernel's: served from its model
+(:mod:`.sysfs`), with a write's side effects (bind, unbind,
 driver_override, remove). Every other path lives in a temporary directory
-tree of this fake's own, made on first use and removed with the fake: a test
-puts a file there with :meth:`FakeHostFiles.put`, and nothing of the real
-host's is ever read or written.
+tree of this fake's own, made on first use and removed when the fake shuts
+down or is collected: ``/boot`` as the kernel's package left it (see
+:meth:`FakeHostFiles.install`), and what a test puts there with
+:meth:`FakeHostFiles.put`. Nothing of the real host's is ever read or
+written, by these methods or by the fake's ``open(2)``.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from typing import TYPE_CHECKING, Callable, TypeVar
 
 from pyiommufd.backend import oserror
 
-from .sysfs import is_fake_path
+from .sysfs import is_kernel_path
 
 if TYPE_CHECKING:
     from .kernel import FakeKernel
@@ -28,19 +30,62 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
+def _remove_tree(root: str, owner_pid: int) -> None:
+    if os.getpid() == owner_pid:        # a forked child that exits leaves its parent's tree alone
+        shutil.rmtree(root, ignore_errors=True)
+
+
 class FakeHostFiles:
     def __init__(self, kernel: "FakeKernel") -> None:
         self._kernel = weakref.proxy(kernel)
         self._root: str | None = None
+        self._removal: weakref.finalize | None = None
+        self._closed = False
+        #: path -> content of what the kernel's packages installed, for a tree made later
+        self._installed: dict[str, bytes] = {}
 
     # -- the tree of unmodelled paths --------------------------------------------------------
     @property
     def root(self) -> str:
         """The temporary directory that stands for ``/`` outside the kernel's paths."""
+        if self._closed:
+            raise RuntimeError("this FakeKernel was shut down: its host files are gone")
         if self._root is None:
             self._root = tempfile.mkdtemp(prefix="pyiommufd-fake-root-")
-            weakref.finalize(self, shutil.rmtree, self._root, True)
+            self._removal = weakref.finalize(self, _remove_tree, self._root, os.getpid())
+            for path, data in self._installed.items():
+                self._write(path, data, 0o644)
         return self._root
+
+    def close(self) -> None:
+        """Remove the tree: the kernel is shut down. Its own paths still answer."""
+        self._closed = True
+        if self._removal is not None:
+            self._removal()
+
+    def install(self, contents: dict[str, bytes]) -> None:
+        """Files a kernel package puts on the disk (``/boot``): written now if
+        the tree exists, else when it is made (most fakes never look)."""
+        self._installed.update(contents)
+        if self._root is not None and not self._closed:
+            for path, data in contents.items():
+                self._write(path, data, 0o644)
+
+    def fake_path_of(self, real: str) -> str:
+        """A real path as the fake host sees it (a file of the tree loses the root)."""
+        if self._root is not None and (real == self._root or real.startswith(self._root + "/")):
+            return real[len(self._root):] or "/"
+        return real
+
+    def open_in_tree(self, path: str, flags: int) -> int:
+        """``open(2)`` of a path outside the kernel's: a real fd of the tree's file."""
+        try:
+            local = self._unmodelled(path)
+            if local is None:
+                raise oserror(E.ENOENT, path)
+            return os.open(local, flags)
+        except OSError as exc:
+            raise oserror(exc.errno or E.EIO, path) from None
 
     def _local(self, path: str) -> str:
         if not path.startswith("/"):
@@ -49,23 +94,28 @@ class FakeHostFiles:
 
     def put(self, path: str, data: str | bytes, mode: int = 0o644) -> None:
         """Make ``path`` (outside the kernel's paths) hold ``data``."""
-        if is_fake_path(path):
+        if is_kernel_path(path):
             raise ValueError(f"{path} is the fake kernel's to model, not a test's to put")
+        self._write(path, data.encode() if isinstance(data, str) else data, mode)
+
+    def _write(self, path: str, data: bytes, mode: int) -> None:
         local = self._local(path)
         os.makedirs(os.path.dirname(local), exist_ok=True)
         with open(local, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
+            f.write(data)
         os.chmod(local, mode)
 
     def _unmodelled(self, path: str) -> str | None:
-        """Where an unmodelled ``path`` is, or None if the tree was never made."""
-        return None if self._root is None and path.startswith("/") else self._local(path)
+        """Where an unmodelled ``path`` is, or None while there is no tree to look in."""
+        if self._closed or (self._root is None and not self._installed and path.startswith("/")):
+            return None
+        return self._local(path)
 
     def _serve(self, path: str, modelled: Callable[[str], T], in_tree: Callable[[str], T]) -> T:
         """``modelled(path)`` for the kernel's paths, else ``in_tree`` on the
         path's place in the tree; an error names ``path`` as the caller gave it."""
         try:
-            if is_fake_path(path):
+            if is_kernel_path(path):
                 return modelled(path)
             local = self._unmodelled(path)
             if local is None:
@@ -76,7 +126,7 @@ class FakeHostFiles:
 
     # -- HostFiles ----------------------------------------------------------------------------
     def exists(self, path: str) -> bool:
-        if is_fake_path(path):
+        if is_kernel_path(path):
             return self._kernel.fs.exists(path)
         local = self._unmodelled(path)
         return local is not None and os.path.exists(local)
@@ -88,7 +138,7 @@ class FakeHostFiles:
         return self.read_bytes(path).decode()
 
     def write_text(self, path: str, text: str) -> None:
-        if not is_fake_path(path):
+        if not is_kernel_path(path):
             # only the kernel's files are written through here (sysfs attributes)
             raise oserror(E.EROFS, path)
         try:
@@ -107,13 +157,12 @@ class FakeHostFiles:
         return self._serve(path, self._kernel.fs.readlink, os.readlink)
 
     def realpath(self, path: str) -> str:
-        if is_fake_path(path):
+        if is_kernel_path(path):
             return self._kernel.fs.realpath(path)
         local = self._unmodelled(path)
         if local is None:
             return posixpath.normpath(path)
-        real = os.path.realpath(local)
-        return real[len(self.root):] or "/" if real.startswith(self.root) else real
+        return self.fake_path_of(os.path.realpath(local))
 
 
 def _read_file(path: str) -> bytes:

@@ -25,7 +25,7 @@ from .kexec import LINUX_REBOOT_CMD_KEXEC, SimulatedKexec, file_load
 from .memfd import MemfdFile, ShmemInode, check_memfd_flags
 from .pci import FakePciDevice
 from .series import ABIS
-from .sysfs import Attr, DevNode, Dir, FakeFs, is_fake_path
+from .sysfs import Attr, DevNode, Dir, FakeFs, is_kernel_path
 from .uaccess import UserMemory, fail
 from .vfio import EventFile
 from .vfio_group import open_container, open_group
@@ -96,6 +96,18 @@ class FakeKernel(Backend):
         self.closed = False
         self.boot = Boot(1, self._config(cmdline or default_cmdline(release, liveupdate)),
                          self.devices, None)
+        self._install_kernel_package()
+
+    def _install_kernel_package(self) -> None:
+        """``/boot`` as the running kernel's package leaves it. Done again at
+        every boot: a kexec may change what the fake carries (``lu_abi``)
+        without changing its release."""
+        release = self.release
+        self.files.install({
+            f"/boot/config-{release}": self.kconfig().encode(),
+            f"/boot/vmlinuz-{release}": b"MZ fake bzImage " + release.encode() + b"\n",
+            f"/boot/initrd.img-{release}": b"070701 fake initramfs\n",
+        })
 
     def _config(self, cmdline: str) -> BootConfig:
         return BootConfig(self.lu_abi, self.lu_nr, self.release, self.euid,
@@ -178,10 +190,10 @@ class FakeKernel(Backend):
         m = _FD_PATH.match(path)
         if m:
             return self._reopen(int(m.group(1)), flags)
-        if not is_fake_path(path):
+        if not is_kernel_path(path):
             if flags & _WRITE_FLAGS:
                 raise oserror(E.EROFS, path)
-            return os.open(path, flags)
+            return self.files.open_in_tree(path, flags)
         try:
             canon, node = self.fs.resolve(path)
         except OSError as exc:
@@ -356,6 +368,7 @@ class FakeKernel(Backend):
         self.boot_count += 1
         self.boot = Boot(self.boot_count, self._config(image.cmdline), self.devices, kho)
         self.boot.table.avoid = set(self.dead_fds)
+        self._install_kernel_package()
 
     # -- identity ----------------------------------------------------------------------------------
     def geteuid(self) -> int:
@@ -367,9 +380,11 @@ class FakeKernel(Backend):
     # -- teardown ----------------------------------------------------------------------------------
     def shutdown(self) -> None:
         """Close every real fd the fake holds (user fds and kernel
-        references). The fake is unusable afterwards."""
+        references) and remove its host files' tree. The fake is unusable
+        afterwards."""
         if not self.closed:
             self.boot.table.abandon()
+            self.files.close()
             self.closed = True
 
     def _check_alive(self) -> None:

@@ -1,6 +1,7 @@
-"""Fake ``/sys``, ``/proc``, ``/dev`` and ``/boot`` for the backend's file
-methods (``exists``, ``read_text``, ``read_bytes``, ``write_text``,
-``listdir``, ``readlink``, ``realpath``, and ``open`` of the device nodes).
+"""The kernel's file systems ``/sys``, ``/proc`` and ``/dev``, for the fake's
+host files (:mod:`.hostfiles`: ``exists``, ``read_text``, ``read_bytes``,
+``write_text``, ``listdir``, ``readlink``, ``realpath``) and ``open`` of the
+device nodes.
 
 The tree is computed from the current boot on every call:
 
@@ -25,17 +26,14 @@ The tree is computed from the current boot on every call:
 * ``/dev/iommu``, ``/dev/liveupdate`` (only with live update enabled),
   ``/dev/vfio/devices/vfioN``, ``/dev/vfio/vfio`` (the legacy container,
   0666) and ``/dev/vfio/<group>`` while a device of the group is on
-  vfio-pci (see :mod:`.vfio_group`);
-* ``/boot/config-<release>`` (IOMMUFD, VFIO, LIVEUPDATE, KEXEC_HANDOVER;
-  ``CONFIG_IOMMU_LIVEUPDATE=y`` only on a series kernel),
-  ``/boot/vmlinuz-<release>``, ``/boot/initrd.img-<release>``.
+  vfio-pci (see :mod:`.vfio_group`).
 
 Errors follow sysfs: a missing path ENOENT, reading a directory EISDIR,
 writing a read-only attribute EACCES, any write when not root EACCES, and
 the driver-core errnos of :mod:`.pci` for bind/unbind/drivers_probe.
 
-Paths outside these four trees fall through to the real filesystem,
-**read-only**: reads and ``listdir`` work, ``write_text`` is EROFS.
+Every other path, ``/boot`` included, is a file of the fake host's
+temporary tree (:mod:`.hostfiles`), never of the real host.
 """
 from __future__ import annotations
 
@@ -49,7 +47,7 @@ from .uaccess import fail
 if TYPE_CHECKING:   # pragma: no cover
     from .boot import Boot
 
-FAKE_ROOTS = ("/sys", "/proc", "/dev", "/boot")
+KERNEL_MOUNTS = ("/sys", "/proc", "/dev")
 PCI_ROOT = "/sys/devices/pci0000:00"
 
 
@@ -91,9 +89,10 @@ class Link(Node):
         self.target = target
 
 
-def is_fake_path(path: str) -> bool:
+def is_kernel_path(path: str) -> bool:
+    """Whether ``path`` is in a file system the kernel model serves."""
     path = posixpath.normpath(path) if path else path
-    return any(path == root or path.startswith(root + "/") for root in FAKE_ROOTS)
+    return any(path == mount or path.startswith(mount + "/") for mount in KERNEL_MOUNTS)
 
 
 class FakeFs:
@@ -106,8 +105,7 @@ class FakeFs:
 
     # -- path resolution ------------------------------------------------------------
     def _root(self) -> Dir:
-        return Dir(lambda: {"sys": self._sys(), "proc": self._proc(), "dev": self._dev(),
-                            "boot": self._boot()})
+        return Dir(lambda: {"sys": self._sys(), "proc": self._proc(), "dev": self._dev()})
 
     def resolve(self, path: str, follow: bool = True, _depth: int = 0) -> tuple[str, Node]:
         """(canonical path, node); follows symlinks (the last one only if
@@ -129,7 +127,7 @@ class FakeFs:
             if isinstance(child, Link) and (follow or not last):
                 base = "/" + "/".join(canon)
                 target = child.target if child.target.startswith("/") else posixpath.join(base, child.target)
-                if not is_fake_path(target):
+                if not is_kernel_path(target):
                     if last:            # /proc/self/fd/N of a real file
                         return "/" + "/".join(canon + [part]), child
                     fail(E.ENOENT)
@@ -215,15 +213,6 @@ class FakeFs:
             return out
         return Dir(entries)
 
-    # -- /boot --------------------------------------------------------------------------------
-    def _boot(self) -> Dir:
-        release = self.kernel.release
-        return Dir(lambda: {
-            f"config-{release}": Attr(self.kernel.kconfig),
-            f"vmlinuz-{release}": Attr(lambda: b"MZ fake bzImage " + release.encode() + b"\n"),
-            f"initrd.img-{release}": Attr(lambda: b"070701 fake initramfs\n"),
-        })
-
     # -- /proc ---------------------------------------------------------------------------------
     def _proc(self) -> Dir:
         pid = str(os.getpid())
@@ -264,7 +253,7 @@ class FakeFs:
                 target = os.readlink(f"/proc/self/fd/{name}")
             except OSError:
                 continue
-            out[name] = Link(target)
+            out[name] = Link(self.kernel.files.fake_path_of(target))
         return out
 
     # -- /sys -----------------------------------------------------------------------------------
