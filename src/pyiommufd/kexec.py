@@ -38,6 +38,19 @@ def _open_image(be: Backend, path: str | os.PathLike[str], what: str) -> int:
         raise errors.from_oserror(exc, f"open({what})", "kexec", detail=os.fspath(path)) from None
 
 
+def check_image(path: str, what: str, backend: Backend | None = None) -> None:
+    """Refuse ``path`` as a kexec image (``what``: the option naming it) unless
+    it is an existing file, before anything is preserved or loaded."""
+    files = get_backend(backend).files
+    if not files.exists(path):
+        raise UsageError(f"{what} {path}: no such file")
+    try:
+        files.listdir(path)
+    except OSError:
+        return      # not a directory
+    raise UsageError(f"{what} {path}: is a directory, not a kernel image")
+
+
 def load(kernel: str | os.PathLike[str], initrd: str | os.PathLike[str] | None = None,
          cmdline: str | None = None, *, backend: Backend | None = None) -> str:
     """Load ``kernel`` (and ``initrd``) for the next kexec. ``cmdline=None``

@@ -281,6 +281,7 @@ def test_bad_device_exit_2(series_kernel, capsys, device, message):
     (["--cmdline", "quiet"], "go with --kexec"),
     (["--kexec", "/boot/vmlinuz-7.3.4", "--hold"], "exclude each other"),
     (["--kexec", "/boot/vmlinuz-7.3.4", "--initrd", "/nonexistent"], "no such file"),
+    (["--kexec", "/boot/vmlinuz-7.3.4", "--initrd", "/boot"], "is a directory"),
 ])
 def test_bad_options_exit_2(series_kernel, capsys, args, message):
     bind(capsys)

@@ -807,8 +807,8 @@ def kexec_cmd(kernel: str | None, initrd: str | None, cmdline: str | None, reuse
         raise _usage("give --cmdline or --reuse-cmdline, not both")
     be = get_backend()
     for what, path in (("--kernel", kernel), ("--initrd", initrd)):
-        if path is not None and not be.files.exists(path):
-            raise _usage(f"{what} {path}: no such file")
+        if path is not None:
+            kexec.check_image(path, what, be)
     held: list[str] = []
     if not load_only and not force:
         why, held = _preserved_summary(socket_path)

@@ -169,6 +169,7 @@ def selftest(ctx: click.Context, device: str, session_name: str, lu_abi: str | N
     """Run the series' iommufd_liveupdate selftest on the VFIO cdev CDEV (or the
     device BDF); the stage (1 before kexec, 2 after) is detected by retrieving
     the session."""
+    from .. import kexec
     from ..backend import get_backend
     from ..errors import UsageError
 
@@ -183,8 +184,8 @@ def selftest(ctx: click.Context, device: str, session_name: str, lu_abi: str | N
         _ReportSink.check_path(report_file)
     be = get_backend()
     for what, path in (("--kexec", kexec_kernel), ("--initrd", initrd)):
-        if path is not None and not be.files.exists(path):
-            raise CommandError(f"{what} {path}: no such file")
+        if path is not None:
+            kexec.check_image(path, what, be)
     cdev = resolve_device(device, be)
 
     from .. import selftest as lib
