@@ -30,6 +30,12 @@ def threads(pid: int) -> set[int]:
     return {int(t) for t in os.listdir(f"/proc/{pid}/task")}
 
 
+def syscall(pid: int, tid: int) -> str:
+    """The number of the syscall thread ``tid`` is blocked in ("running" when none)."""
+    with open(f"/proc/{pid}/task/{tid}/syscall") as f:
+        return f.read().split()[0]
+
+
 def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 

@@ -312,7 +312,14 @@ class AgentThreadInjector:
         while len(new := agent_process.threads(self.pid) - self.idle) != 1:
             assert time.monotonic() < deadline, f"the agent's new threads: {new}"
             time.sleep(0.01)
-        nth = F.FailNth(self.pid, new.pop())     # it waits for our request: still there
+        tid = new.pop()
+        # Arm it only once it waits on our socket (poll, ppoll or recvmsg): armed during
+        # CPython's thread bootstrap, a MemoryError there leaves Thread.start() in the
+        # agent's accept loop waiting forever (README, Reliability) - not the flow under test.
+        while agent_process.syscall(self.pid, tid) not in ("7", "271", "47"):
+            assert time.monotonic() < deadline, f"the agent's thread {tid} never waited for our request"
+            time.sleep(0.005)
+        nth = F.FailNth(self.pid, tid)     # it waits for our request: still there
         nth.arm(self.nth)
         nth.close()
 
