@@ -96,10 +96,15 @@ def reset_json_count() -> None:
     _json_documents = 0
 
 
+def json_document(obj: Any) -> str:
+    """The CLI's JSON document for ``obj``, as ``--json`` prints it."""
+    return json.dumps(obj, indent=2, sort_keys=False, default=str)
+
+
 def echo_json(obj: Any) -> None:
     global _json_documents
     _json_documents += 1
-    click.echo(json.dumps(obj, indent=2, sort_keys=False, default=str))
+    click.echo(json_document(obj))
 
 
 _LONG_RUN = re.compile(r"\S{201,}")

@@ -20,7 +20,6 @@ kexec or the exit: a report on stdout may die in a pipe with the reboot.
 from __future__ import annotations
 
 import errno as E
-import json
 import os
 import re
 import sys
@@ -30,8 +29,8 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from .. import exitcodes
-from .output import (CommandError, echo_json, error_object, exit_with, json_option, report_error,
-                     write_durably)
+from .output import (CommandError, echo_json, error_object, exit_with, json_document, json_option,
+                     report_error, write_durably)
 
 if TYPE_CHECKING:
     from ..backend import Backend
@@ -137,7 +136,7 @@ class _ReportSink:
     def __call__(self, document: dict[str, Any]) -> None:
         if self.path is not None:
             try:
-                write_durably(self.path, json.dumps(document, indent=2, default=str) + "\n")
+                write_durably(self.path, json_document(document) + "\n")
             except OSError as exc:
                 raise CommandError(f"--report {self.path}: {exc.strerror}",
                                    exitcodes.for_errno(exc.errno)) from None
