@@ -91,10 +91,10 @@ _TARGETS: list = []
 
 
 def _open_fds() -> int:
-    """This process's open fds, once the agent's connection threads (which
-    close their end after replying) are done."""
+    """This process's open fds, once the agent has closed its end of every
+    connection (after its reply)."""
     deadline = time.monotonic() + 5
-    while any(t.server._handlers for t in _TARGETS) and time.monotonic() < deadline:
+    while any(t.server.connections_in_flight() for t in _TARGETS) and time.monotonic() < deadline:
         time.sleep(0.005)
     return len(os.listdir("/proc/self/fd"))
 

@@ -139,9 +139,6 @@ class Flow:
     injector: Injector | None = None
     #: the fds that must come back to where they were (by default this process's)
     fd_count: Callable[[], int] = open_fd_count
-    #: the injector sees only faults the kernel logs, not those in __GFP_NOWARN
-    #: allocations: an armed run that fails with a typed error counts as injected
-    silent_faults: bool = False
 
 
 @dataclass
@@ -194,26 +191,14 @@ class Driver:
             res.failures.append(f"fails without injection: {_describe(exc)}")
             return res
         self.log.new()
-        # a silent fault the flow tolerated looks like a clean run: with silent faults
-        # only a few clean runs in a row end the loop
-        clean_runs_to_end = 3 if flow.silent_faults else 1
-        clean = 0
         for nth in range(1, MAX_POINTS + 1):
             before = flow.fd_count()
             exc, injected = self._run_once(flow, nth)
-            if not injected and flow.silent_faults and isinstance(exc, errors.PyiommufdError):
-                injected = True      # the re-run below shows whether it fails without one
             if not injected:
                 if exc is not None:
                     res.failures.append(f"nth {nth}: no fault injected, yet {_describe(exc)}")
-                    res.completed = True
-                    break
-                clean += 1
-                if clean == clean_runs_to_end:
-                    res.completed = True
-                    break
-                continue
-            clean = 0
+                res.completed = True
+                break
             res.points += 1
             where = f"nth {nth}"
             if exc is not None:
@@ -228,8 +213,6 @@ class Driver:
             rerun, _ = self._run_once(flow, 0)
             if rerun is not None:
                 res.failures.append(f"{where}: the re-run without injection failed: {_describe(rerun)}")
-                if flow.silent_faults:       # every armed run would now count as injected
-                    break
             for line in self.log.complaints():
                 res.failures.append(f"{where}: kernel log: {line}")
         else:

@@ -8,7 +8,7 @@ report section.
 The live-update tests preserve a witness memfd *before* any fault and check
 after the kexec that it retrieves intact; stage 2 injects faults into
 RETRIEVE_FD, RETRIEVE_SESSION and FINISH of sessions prepared in stage 1. The
-agent test injects into the agent's thread that serves the preserve. The flows
+agent test injects into the agent's worker thread that serves the preserve. The flows
 that preserve an iommufd oops the series' kernel and run in VMs of their own
 (``tests/reliability/test_fail_nth_oops.py``).
 """
@@ -256,84 +256,67 @@ AGENT_SOCKET = "/tmp/pyiommufd-fail-nth/agent.sock"
 AGENT_WITNESS_SESSION = "fail-nth-agent-witness"
 
 
-class AgentThreadInjector:
-    """Arms fail-nth of the agent thread that serves our next connection (the agent
-    starts one thread per connection, which ends right after its reply, so its
-    fail-nth cannot be read back). Whether the fault was injected is read from the
-    kernel log instead: with ``verbose`` 1 each injected fault logs one line, and
-    only the armed thread can inject. Between connections it waits until the agent
-    is back to its idle threads, so that the serving thread is the only new one and
-    the agent's fds are counted when nothing is in flight."""
+class AgentWorkerInjector:
+    """Arms fail-nth of the agent's worker thread that serves our next connection.
+    The agent's workers start with it and outlive each request, so, as for the
+    test's own thread, the armed worker's fail-nth is read back afterwards (0: the
+    fault was injected) and reset. Idle workers wait for a connection in futex(2);
+    the one serving ours waits on our socket in poll(2) or recvmsg(2)."""
 
-    INJECTED = "FAULT_INJECTION: forcing a failure"
+    IDLE = "202"                                   # futex
+    ON_OUR_SOCKET = ("7", "271", "47")             # poll, ppoll, recvmsg
 
     def __init__(self, pid: int) -> None:
         self.pid, self.nth = pid, 0
-        self.idle = self._settled()
-        self.log = F.KernelLog()
-        for knob in ("failslab/verbose", "fail_page_alloc/verbose"):
-            with open(f"{F.DEBUGFS}/{knob}", "w") as f:
-                f.write("1")          # one line per fault, no stack (the fixture restores it)
+        self.armed: F.FailNth | None = None
 
-    def _settled(self) -> set[int]:
-        """The agent's threads once the last connection's thread has ended."""
-        deadline = time.monotonic() + 30
-        seen = agent_process.threads(self.pid)
-        while True:
-            time.sleep(0.3)
-            now = agent_process.threads(self.pid)
-            if now == seen:
-                return now
-            assert time.monotonic() < deadline, "the agent's threads never settle"
-            seen = now
+    def _workers(self) -> dict[int, str]:
+        """Each worker thread's syscall (the main thread, tid == pid, accepts)."""
+        found = {}
+        for tid in agent_process.threads(self.pid) - {self.pid}:
+            try:
+                found[tid] = agent_process.syscall(self.pid, tid)
+            except FileNotFoundError:              # a thread that just ended
+                continue
+        return found
 
     def arm(self, nth: int) -> None:
-        self.log.new()
         self.nth = nth
 
     def disarm(self) -> bool:
         self.nth = 0
         self.wait_idle()
-        lines = self.log.new()
-        assert not any("callbacks suppressed" in line for line in lines), \
-            "the kernel rate-limited its fault-injection messages: cannot tell whether one was injected"
-        return any(self.INJECTED in line for line in lines)
+        armed, self.armed = self.armed, None
+        assert armed is not None, "armed, but the request never reached an agent worker"
+        try:
+            return armed.disarm()
+        finally:
+            armed.close()
 
     def wait_idle(self) -> None:
         deadline = time.monotonic() + 30
-        while agent_process.threads(self.pid) != self.idle:
-            assert time.monotonic() < deadline, "the agent's connection threads do not end"
+        while busy := {tid: call for tid, call in self._workers().items() if call != self.IDLE}:
+            assert time.monotonic() < deadline, f"the agent's workers never go idle: {busy}"
             time.sleep(0.01)
 
     def connected(self) -> None:
         if not self.nth:
             return
         deadline = time.monotonic() + 30
-        while len(new := agent_process.threads(self.pid) - self.idle) != 1:
-            assert time.monotonic() < deadline, f"the agent's new threads: {new}"
-            time.sleep(0.01)
-        tid = new.pop()
-        # Arm it only once it waits on our socket (poll, ppoll or recvmsg): armed during
-        # CPython's thread bootstrap, a MemoryError there leaves Thread.start() in the
-        # agent's accept loop waiting forever (README, Reliability) - not the flow under test.
-        while agent_process.syscall(self.pid, tid) not in ("7", "271", "47"):
-            assert time.monotonic() < deadline, f"the agent's thread {tid} never waited for our request"
+        while len(serving := [tid for tid, call in self._workers().items() if call in self.ON_OUR_SOCKET]) != 1:
+            assert time.monotonic() < deadline, f"no single agent worker took our connection: {self._workers()}"
             time.sleep(0.005)
-        nth = F.FailNth(self.pid, tid)     # it waits for our request: still there
-        nth.arm(self.nth)
-        nth.close()
+        self.armed = F.FailNth(self.pid, serving[0])
+        self.armed.arm(self.nth)
 
     def fd_count(self) -> int:
-        """Ours and the agent's, once its connection threads are done."""
+        """Ours and the agent's, once its workers are idle."""
         self.wait_idle()
         return F.open_fd_count() + agent_process.fd_count(self.pid)
 
-    def close(self) -> None:
-        self.log.close()
-
 
 class InjectingClient(AgentClient):
-    def __init__(self, socket_path: str, injector: AgentThreadInjector) -> None:
+    def __init__(self, socket_path: str, injector: AgentWorkerInjector) -> None:
         super().__init__(socket_path)
         self.injector = injector
 
@@ -366,7 +349,7 @@ def test_fail_nth_preserve_through_the_agent(driver, lu_stage):
             client.preserve(AGENT_WITNESS_SESSION, 1, witness)
             lu_stage.save("witness", witness.sha256())
 
-        injector = AgentThreadInjector(pid)
+        injector = AgentWorkerInjector(pid)
         injecting = InjectingClient(AGENT_SOCKET, injector)
         memfd = one_page_memfd("fail-nth-agent")
         counter = iter(range(1 << 30))
@@ -380,9 +363,7 @@ def test_fail_nth_preserve_through_the_agent(driver, lu_stage):
             client.release(name, force=True)
 
         driver.run(F.Flow("preserve through the agent", lambda name: injecting.preserve(name, 1, memfd),
-                          fresh_session, release, injector=injector,
-                          fd_count=injector.fd_count, silent_faults=True))
-        injector.close()
+                          fresh_session, release, injector=injector, fd_count=injector.fd_count))
         assert client.is_running(), "the agent died under fault injection"
     except BaseException:
         print(agent_process.describe(pid, log_file))

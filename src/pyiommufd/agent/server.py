@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import selectors
 import signal
 import socket
@@ -54,7 +55,8 @@ log = logging.getLogger("pyiommufd.agent")
 log.addHandler(logging.NullHandler())
 
 SOCKET_PATH_MAX = 107  # sizeof(sun_path) - 1
-MAX_CONNECTIONS = 64   # served at once; more wait in the listen backlog
+MAX_CONNECTIONS = 64   # accepted and not yet answered; more wait in the listen backlog
+WORKERS = 16           # threads that serve connections, all started with the agent
 BACKLOG = 128
 
 
@@ -102,7 +104,10 @@ class AgentServer(RequestHandlers):
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
-        self._handlers: set[threading.Thread] = set()
+        self._connections: queue.SimpleQueue[socket.socket | None] = queue.SimpleQueue()
+        self._workers: list[threading.Thread] = []
+        self._in_flight = 0
+        self._in_flight_lock = threading.Lock()
         self._bound_inode: tuple[int, int] | None = None
         self.inherited = list(inherited or [])
 
@@ -112,6 +117,7 @@ class AgentServer(RequestHandlers):
 
         raise_nofile()  # the agent holds every preserved and retrieved fd
         self._bind()
+        self._start_workers()
         if self.inherited:
             self._take_back(self.inherited)
             self.inherited = []
@@ -209,29 +215,57 @@ class AgentServer(RequestHandlers):
         finally:
             sel.close()
             self._close_listener()
-            for t in list(self._handlers):
-                t.join(self.timeout + 1)
+            self._stop_workers()
             if getattr(self, "_release_on_exit", True):
                 self._release_everything()
             self._stopped.set()
             log.info("agent stopped")
 
+    def _start_workers(self) -> None:
+        """Every thread that will serve a connection starts here, before the
+        agent holds anything. A thread started per connection would start
+        under whatever memory pressure that moment has, and a MemoryError in
+        CPython's thread bootstrap leaves ``Thread.start()`` waiting forever:
+        the agent would stop answering while holding every session."""
+        for n in range(WORKERS):
+            worker = threading.Thread(target=self._work, name=f"pyiommufd-agent-worker-{n}", daemon=True)
+            worker.start()
+            self._workers.append(worker)
+
+    def _stop_workers(self) -> None:
+        """Connections already queued are answered first; then each worker
+        takes one ``None`` and ends."""
+        for _ in self._workers:
+            self._connections.put(None)
+        for worker in self._workers:
+            worker.join(self.timeout + 1)
+        self._workers = []
+
     def _dispatch(self, conn: socket.socket) -> None:
-        """Serve ``conn`` in a thread of its own, so one slow or silent peer
-        holds up nobody; requests still run one at a time (``_lock``)."""
+        """Queue ``conn`` for a worker, so one slow or silent peer holds up
+        nobody else; requests still run one at a time (``_lock``)."""
         while not self._slots.acquire(timeout=1.0):
             if self._stopping.is_set():
                 conn.close()
                 return
-        thread = threading.Thread(target=self._handle, args=(conn,), name="pyiommufd-agent-conn", daemon=True)
-        self._handlers.add(thread)
-        try:
-            thread.start()
-        except RuntimeError as exc:     # no memory for a thread: drop this peer, keep every session
-            log.warning("could not start a thread for a connection: %s; dropping it", exc)
-            self._handlers.discard(thread)
-            self._slots.release()
-            conn.close()
+        with self._in_flight_lock:
+            self._in_flight += 1
+        self._connections.put(conn)
+
+    def connections_in_flight(self) -> int:
+        """Connections accepted and not yet answered and closed."""
+        with self._in_flight_lock:
+            return self._in_flight
+
+    def _work(self) -> None:
+        while True:
+            try:
+                conn = self._connections.get()
+                if conn is None:
+                    return
+                self._handle(conn)
+            except Exception:  # noqa: BLE001 - a worker outlives a failed allocation, even in logging
+                continue
 
     def _handle(self, conn: socket.socket) -> None:
         try:
@@ -240,7 +274,8 @@ class AgentServer(RequestHandlers):
         except Exception:  # noqa: BLE001 - nothing a peer sends may end the agent
             log.exception("serving a connection failed")
         finally:
-            self._handlers.discard(threading.current_thread())
+            with self._in_flight_lock:
+                self._in_flight -= 1
             self._slots.release()
 
     def serve_in_thread(self) -> "AgentServer":
@@ -270,6 +305,7 @@ class AgentServer(RequestHandlers):
             self._thread = None
         elif not self._stopped.is_set():
             self._close_listener()
+            self._stop_workers()
             if release:
                 self._release_everything()
         for fd in (self._wake_r, self._wake_w):
