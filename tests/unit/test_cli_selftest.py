@@ -3,6 +3,7 @@ hand-over to the agent, in-process kexec and stage 2."""
 from __future__ import annotations
 
 import ast
+import errno as E
 import importlib.util
 import json
 import os
@@ -378,6 +379,55 @@ def test_report_file_is_on_disk_before_the_kexec_loads(series_kernel, capsys, mo
     assert doc["kexec"]["kernel"] == "/boot/vmlinuz-7.3.4" and doc["session"] == "iommufd-test"
     assert {s["status"] for s in doc["steps"]} <= {"PASS", "XFAIL"} and doc["counts"]["FAIL"] == 0
     assert [p.name for p in report.parent.iterdir()] == ["stage1.json"]     # no temporary left
+
+
+def test_the_report_and_its_directory_are_synced_before_the_kexec_loads(series_kernel, capsys,
+                                                                        monkeypatch, tmp_path):
+    """Written is not enough: the reboot drops what is only in the page cache,
+    the new name included."""
+    from pyiommufd import kexec
+
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    synced, synced_at_load = [], []
+    real_fsync, real_load = os.fsync, kexec.load
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    def load(*args, **kwargs):
+        synced_at_load.extend(synced)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(kexec, "load", load)
+    bind(capsys)
+    with pytest.raises(SimulatedKexec):
+        run_cli(capsys, "selftest", BDF, "--kexec", "/boot/vmlinuz-7.3.4",
+                "--report", str(out_dir / "stage1.json"))
+    assert str(out_dir) in synced_at_load
+    assert [p for p in synced_at_load if os.path.dirname(p) == str(out_dir)], synced_at_load
+
+
+def test_a_report_that_cannot_be_written_stops_before_the_kexec(series_kernel, capsys, monkeypatch,
+                                                                 tmp_path):
+    """Stage 1 passed, but its report would not survive the reboot: no kexec,
+    one error line, and the session is closed (which unpreserves it)."""
+    from pyiommufd.cli import selftest_cmd
+
+    def disk_full(path, text):
+        raise OSError(E.ENOSPC, os.strerror(E.ENOSPC))
+
+    monkeypatch.setattr(selftest_cmd, "write_durably", disk_full)
+    bind(capsys)
+    r = run_cli(capsys, "selftest", BDF, "--kexec", "/boot/vmlinuz-7.3.4",
+                "--report", str(tmp_path / "stage1.json"))
+    assert r.code not in (0, None)
+    [err] = error_lines(r.err)
+    assert "--report" in err and os.strerror(E.ENOSPC) in err
+    assert series_kernel.boot_count == 1 and not series_kernel.kexec_loaded
+    assert series_kernel.boot.luo.outgoing == []
 
 
 def test_report_file_matches_the_json_document(fake_kernel, capsys, tmp_path):
