@@ -2,11 +2,15 @@
 hand-over to the agent, in-process kexec and stage 2."""
 from __future__ import annotations
 
+import ast
+import errno as E
+import importlib.util
 import json
 import os
 import re
 import shutil
 import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -377,6 +381,55 @@ def test_report_file_is_on_disk_before_the_kexec_loads(series_kernel, capsys, mo
     assert [p.name for p in report.parent.iterdir()] == ["stage1.json"]     # no temporary left
 
 
+def test_the_report_and_its_directory_are_synced_before_the_kexec_loads(series_kernel, capsys,
+                                                                        monkeypatch, tmp_path):
+    """Written is not enough: the reboot drops what is only in the page cache,
+    the new name included."""
+    from pyiommufd import kexec
+
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    synced, synced_at_load = [], []
+    real_fsync, real_load = os.fsync, kexec.load
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    def load(*args, **kwargs):
+        synced_at_load.extend(synced)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(kexec, "load", load)
+    bind(capsys)
+    with pytest.raises(SimulatedKexec):
+        run_cli(capsys, "selftest", BDF, "--kexec", "/boot/vmlinuz-7.3.4",
+                "--report", str(out_dir / "stage1.json"))
+    assert str(out_dir) in synced_at_load
+    assert [p for p in synced_at_load if os.path.dirname(p) == str(out_dir)], synced_at_load
+
+
+def test_a_report_that_cannot_be_written_stops_before_the_kexec(series_kernel, capsys, monkeypatch,
+                                                                 tmp_path):
+    """Stage 1 passed, but its report would not survive the reboot: no kexec,
+    one error line, and the session is closed (which unpreserves it)."""
+    from pyiommufd.cli import selftest_cmd
+
+    def disk_full(path, text):
+        raise OSError(E.ENOSPC, os.strerror(E.ENOSPC))
+
+    monkeypatch.setattr(selftest_cmd, "write_durably", disk_full)
+    bind(capsys)
+    r = run_cli(capsys, "selftest", BDF, "--kexec", "/boot/vmlinuz-7.3.4",
+                "--report", str(tmp_path / "stage1.json"))
+    assert r.code not in (0, None)
+    [err] = error_lines(r.err)
+    assert "--report" in err and os.strerror(E.ENOSPC) in err
+    assert series_kernel.boot_count == 1 and not series_kernel.kexec_loaded
+    assert series_kernel.boot.luo.outgoing == []
+
+
 def test_report_file_matches_the_json_document(fake_kernel, capsys, tmp_path):
     report = tmp_path / "r.json"
     bind(capsys)
@@ -403,21 +456,53 @@ def test_an_unusable_report_path_is_refused_before_anything_is_preserved(
     assert r.out == "" and runs == []
 
 
-def test_the_selftest_command_does_not_import_the_vm_package():
-    """The product's selftest knows nothing of the test VM (issue 9): no
-    import of pyiommufd.vm anywhere in the module, at its top or in a function."""
-    import ast
+def _pyiommufd_module_file(name: str) -> Path | None:
+    import pyiommufd
 
-    import pyiommufd.cli.selftest_cmd as module
+    if name != "pyiommufd" and not name.startswith("pyiommufd."):
+        return None
+    path = Path(pyiommufd.__file__).parent.joinpath(*name.split(".")[1:])
+    for candidate in (path / "__init__.py", path.with_suffix(".py")):
+        if candidate.is_file():
+            return candidate
+    return None
 
-    tree = ast.parse(open(module.__file__).read())
-    imported = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom):
-            base = "." * node.level + (node.module or "")
-            imported.add(base)
-            imported |= {f"{base}.{a.name}" if node.module else base + a.name for a in node.names}
-        elif isinstance(node, ast.Import):
-            imported |= {a.name for a in node.names}
-    vm = {m for m in imported if m in ("..vm", "pyiommufd.vm") or m.startswith(("..vm.", "pyiommufd.vm."))}
-    assert not vm, vm
+
+def pyiommufd_import_graph(root: str) -> set[str]:
+    """The pyiommufd modules ``root`` may import, directly or through others:
+    every import statement in their source counts, at the top, in a function
+    or under TYPE_CHECKING (a lazy import runs only on some paths), and each
+    module brings its parent packages."""
+    reached: set[str] = set()
+    pending = [root]
+    while pending:
+        name = pending.pop()
+        source = _pyiommufd_module_file(name)
+        if name in reached or source is None:
+            continue
+        reached.add(name)
+        package = name if source.name == "__init__.py" else name.rpartition(".")[0]
+        found = [name.rsplit(".", k)[0] for k in range(1, name.count(".") + 1)]
+        for node in ast.walk(ast.parse(source.read_text())):
+            if isinstance(node, ast.Import):
+                found += [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = importlib.util.resolve_name("." * node.level + (node.module or ""), package) \
+                    if node.level else node.module or ""
+                found += [base] + [f"{base}.{alias.name}" for alias in node.names]
+        pending += found
+    return reached
+
+
+def test_the_import_graph_walk_sees_lazy_imports():
+    """The walk below is not vacuous: `vm` imports pyiommufd.vm inside its
+    functions only, and the selftest command reaches kexec the same way."""
+    assert "pyiommufd.vm.runner" in pyiommufd_import_graph("pyiommufd.cli.vm_cmd")
+    assert {"pyiommufd.kexec", "pyiommufd.agent"} <= pyiommufd_import_graph("pyiommufd.cli.selftest_cmd")
+
+
+def test_the_selftest_command_does_not_reach_the_vm_package():
+    """The product's selftest knows nothing of the test VM (issue 9): neither
+    it nor anything it imports, on any path, imports pyiommufd.vm."""
+    reached = pyiommufd_import_graph("pyiommufd.cli.selftest_cmd")
+    assert not {m for m in reached if m == "pyiommufd.vm" or m.startswith("pyiommufd.vm.")}

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -247,6 +249,54 @@ def test_a_new_boot_during_any_other_stage_is_a_reboot(tmp_path, monkeypatch):
     assert state["boots"][1]["via"] == "reboot"
     assert guest.read_json(tmp_path / "stage-1.json")["ended_by"] == "reboot"
     assert guest.read_json(tmp_path / "stage-2.json")["ended_by"] == "not-run"
+
+
+def _wait_for(condition, seconds: float = 5.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_the_kmsg_follower_copies_each_record_as_the_kernel_logs_it(tmp_path):
+    """A stage that kexecs by itself leaves no moment to dump the kernel log:
+    each record must be in the file while the stage still runs."""
+    kernel, reader = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)  # one read, one record
+    reader.setblocking(False)
+    log = tmp_path / "dmesg-1.txt"
+    try:
+        with guest.KmsgFollower(log, open_kmsg=lambda: os.dup(reader.fileno())):
+            kernel.send(b"6,101,1500000,-;liveupdate: session 'iommufd-test' preserved\n")
+            _wait_for(lambda: log.exists() and "preserved" in log.read_text())
+            kernel.send(b"5,102,2250000,-;kexec_core: Starting new kernel\n")
+            _wait_for(lambda: "Starting new kernel" in log.read_text())
+    finally:
+        kernel.close()
+        reader.close()
+    assert log.read_text() == ("[    1.500000] liveupdate: session 'iommufd-test' preserved\n"
+                               "[    2.250000] kexec_core: Starting new kernel\n")
+
+
+def test_the_agent_follows_the_kernel_log_only_while_a_self_kexec_stage_runs(tmp_path, monkeypatch):
+    followed = []
+
+    class Follower:
+        def __init__(self, path):
+            self.path = path
+
+        def __enter__(self):
+            followed.append((self.path.name, guest.read_json(tmp_path / guest.STATE)["running"]))
+
+        def __exit__(self, *exc_info):
+            followed.append("stopped")
+
+    monkeypatch.delenv(guest.ENV_SIMULATE, raising=False)
+    monkeypatch.setattr(guest, "KmsgFollower", Follower)
+    monkeypatch.setattr(guest, "dump_dmesg", lambda path: None)
+    stages = [runner.Stage(_py("pass"), cwd="/", kexec="self"), runner.Stage(_py("pass"), cwd="/")]
+    guest.write_json(tmp_path / guest.JOB, runner.Job(stages).to_json("/k/bzImage", "/k/initrd"))
+    assert guest.agent(tmp_path) == 0
+    assert followed == [("dmesg-1.txt", 0), "stopped"]
 
 
 def test_local_timeout_kills_the_machine(tmp_path):

@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import errno as E
 import json
+from types import SimpleNamespace
 
-from pyiommufd.vm import seedflow
+import pytest
+
+from pyiommufd.vm import runner, seedflow
+
+STAGE1_REPORT = {"stage": 1, "result": "pass", "after": "kexec", "counts": {"PASS": 1}, "steps": [
+    {"index": 1, "name": "bind the cdev to an iommufd", "status": "PASS", "errno": None,
+     "detail": "", "op": "bind"}]}
 
 # A C test shaped like patch 14's (our own text): asserts after each call, the
 # early preserves that must fail, then the real ones, then a second session.
@@ -83,15 +90,28 @@ def test_python_outcome_is_the_first_step_that_did_not_pass():
     assert seedflow.python_outcome(report, 0).passed
 
 
-def test_records_round_trip_and_a_kexec_counts_as_a_passed_stage_1(capsys):
+def test_records_round_trip(capsys):
+    seedflow.emit("stage", stage=1, exit=None, passed=True, first_failure=None, errno=None)
     seedflow.emit("non-vfio-bind", driver="pci-pf-stub", result="EBUSY", errno=E.EBUSY)
     seedflow.emit("stage", stage=2, exit=0, passed=True, first_failure=None, errno=None)
     text = "noise\n" + capsys.readouterr().out + "# seedflow {broken\n"
-    res = seedflow.result_from_records("c", "7.3.4 + x.patch", seedflow.parse_records(text),
-                                       kexec_after_stage1=True)
+    res = seedflow.result_from_records("c", "7.3.4 + x.patch", seedflow.parse_records(text))
     assert [(s.stage, s.passed) for s in res.stages] == [(1, True), (2, True)]
     assert res.non_vfio_bind_errno == E.EBUSY
     assert res.describe() == ("c: stage 1: pass; pci-pf-stub bind after kexec: EBUSY; stage 2: pass")
+
+
+def test_a_stage_1_that_kexecd_without_a_report_is_missing_not_passed(capsys, tmp_path):
+    """Only stage 1's report says it passed; its kexec alone says nothing of
+    its steps, so a lost report shows as a missing stage 1."""
+    seedflow.emit("stage", stage=2, exit=0, passed=True, first_failure=None, errno=None)
+    stage2_log = tmp_path / "stage-2.log"
+    stage2_log.write_text(capsys.readouterr().out)
+    vm = SimpleNamespace(stages=[runner.StageResult(1, [], "kexec"),
+                                 runner.StageResult(2, [], "exit", 0, log=stage2_log)])
+    res = seedflow.collect("pyiommufd", "standin", vm)
+    assert res.stage(1) is None
+    assert [(s.stage, s.passed) for s in res.stages] == [(2, True)]
 
 
 def test_the_job_kexecs_from_the_holder_for_pyiommufd_and_from_the_agent_for_c():
@@ -113,10 +133,7 @@ def test_stage_2_renders_the_report_stage_1_wrote_before_its_kexec(capsys, monke
     from pyiommufd.vm import guest
 
     monkeypatch.setenv(guest.ENV_RESULTS, str(tmp_path))
-    report = {"stage": 1, "result": "pass", "after": "kexec", "counts": {"PASS": 1}, "steps": [
-        {"index": 1, "name": "bind the cdev to an iommufd", "status": "PASS", "errno": None,
-         "detail": "", "op": "bind"}]}
-    (tmp_path / "selftest-stage-1.json").write_text(json.dumps(report))
+    (tmp_path / "selftest-stage-1.json").write_text(json.dumps(STAGE1_REPORT))
     said = []
     seedflow._render_stage1_report(said.append)
     records = seedflow.parse_records(capsys.readouterr().out)
@@ -132,3 +149,22 @@ def test_stage_2_says_when_stage_1_left_no_report(capsys, monkeypatch, tmp_path)
     seedflow._render_stage1_report(said.append)
     assert said == [f"# stage 1 left no report ({tmp_path / 'selftest-stage-1.json'})"]
     assert seedflow.parse_records(capsys.readouterr().out) == []
+
+
+def test_stage_2_renders_stage_1s_report_before_it_touches_the_device(capsys, monkeypatch, tmp_path):
+    """A stage 2 that fails at its first step still shows stage 1's report."""
+    from pyiommufd.vm import guest
+
+    monkeypatch.setenv(guest.ENV_RESULTS, str(tmp_path))
+    (tmp_path / "selftest-stage-1.json").write_text(json.dumps(STAGE1_REPORT))
+
+    def device_gone(bdf):
+        raise OSError(E.ENODEV, "no such device")
+
+    monkeypatch.setattr(seedflow, "try_non_vfio_bind", device_gone)
+    with pytest.raises(OSError):
+        seedflow.guest_stage(2, "pyiommufd", "0000:00:03.0", session="iommufd-test", lu_abi=None,
+                             argv0=["pyiommufd"], kexec_kernel=None, initrd=None, c_selftest=None,
+                             say=lambda line: None)
+    records = seedflow.parse_records(capsys.readouterr().out)
+    assert [(r["stage"], r["passed"]) for r in records if r["event"] == "stage"] == [(1, True)]

@@ -22,18 +22,27 @@ It works from the results share (``$PYIOMMUFD_VM_RESULTS``, by default
     (``exit``/``kexec``/``reboot``/``not-run``), ``release`` (``uname -r``),
     ``boot``, ``start``/``end``/``duration`` (guest wall clock), its output.
 ``kexec.json`` (:func:`kexec_same_kernel`), ``events.jsonl`` (progress, read
-by the host while the VM runs), ``dmesg-<boot>.txt``.
+by the host while the VM runs), ``dmesg-<boot>.txt`` (the kernel log, when
+the agent finishes or :func:`kexec_same_kernel` kexecs, and as it grows while
+a ``"self"`` stage runs).
+
+A ``"self"`` stage that kexecs without :func:`kexec_same_kernel` leaves no
+``kexec.json`` and no ``kexec`` event: the next boot's agent takes that boot
+for the stage's kexec (QEMU runs with ``-no-reboot``, and the local runner
+starts the agent again only after a recorded kexec).
 """
 from __future__ import annotations
 
 import json
 import os
+import select
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, NoReturn
+from contextlib import AbstractContextManager, nullcontext
+from typing import IO, TYPE_CHECKING, Any, Callable, NoReturn
 
 if TYPE_CHECKING:
     from ..backend import Backend
@@ -43,6 +52,7 @@ JOB = "job.json"
 STATE = "state.json"
 EVENTS = "events.jsonl"
 KEXEC = "kexec.json"
+KMSG = "/dev/kmsg"
 
 # Local simulation (pyiommufd.vm.runner with machine="local", used by host-side
 # unit tests): a "kexec" is the stage exiting with this status after it wrote
@@ -109,35 +119,84 @@ def event(kind: str, results: Path | None = None, **fields: Any) -> None:
         pass
 
 
+def _open_kmsg() -> int:
+    return os.open(KMSG, os.O_RDONLY | os.O_NONBLOCK)
+
+
+def _kmsg_lines(fd: int) -> list[str]:
+    """The records a non-blocking /dev/kmsg ``fd`` has for its reader now, one line each."""
+    lines = []
+    while True:
+        try:
+            rec = os.read(fd, 8192)
+        except BlockingIOError:
+            break
+        except OSError:     # EPIPE: overwritten records; keep reading
+            continue
+        if not rec:
+            break
+        head, _, msg = rec.decode(errors="replace").partition(";")
+        fields = head.split(",")
+        stamp = f"[{int(fields[2]) / 1e6:12.6f}] " if len(fields) > 2 and fields[2].isdigit() else ""
+        lines.append(stamp + msg.split("\n", 1)[0])
+    return lines
+
+
 def dump_dmesg(path: Path) -> None:
     """Copy the kernel log (/dev/kmsg, non-blocking) to ``path``; best effort."""
     if simulated():
         return
     try:
-        fd = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK)
+        fd = _open_kmsg()
     except OSError:
         return
-    lines = []
     try:
-        while True:
-            try:
-                rec = os.read(fd, 8192)
-            except BlockingIOError:
-                break
-            except OSError:     # EPIPE: overwritten records; keep reading
-                continue
-            if not rec:
-                break
-            head, _, msg = rec.decode(errors="replace").partition(";")
-            fields = head.split(",")
-            stamp = f"[{int(fields[2]) / 1e6:12.6f}] " if len(fields) > 2 and fields[2].isdigit() else ""
-            lines.append(stamp + msg.split("\n", 1)[0])
+        lines = _kmsg_lines(fd)
     finally:
         os.close(fd)
     try:
         path.write_text("\n".join(lines) + "\n")
     except OSError:
         pass
+
+
+class KmsgFollower:
+    """Copies the kernel log to ``path`` as it grows, from a thread, while a
+    stage that may kexec by itself runs: after such a kexec nothing is left
+    in that boot to call :func:`dump_dmesg`. Best effort, like it."""
+
+    def __init__(self, path: Path, open_kmsg: Callable[[], int] = _open_kmsg) -> None:
+        self.path, self.open_kmsg = path, open_kmsg
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._follow, daemon=True)
+
+    def __enter__(self) -> KmsgFollower:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stopping.set()
+        self._thread.join(timeout=2.0)
+
+    def _follow(self) -> None:
+        try:
+            fd = self.open_kmsg()
+        except OSError:
+            return
+        try:
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+            with open(self.path, "w") as out:
+                while not self._stopping.is_set():
+                    lines = _kmsg_lines(fd)
+                    if lines:   # written through at once: the results share is 9p with cache=none
+                        out.write("\n".join(lines) + "\n")
+                        out.flush()
+                    poller.poll(500)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
 
 def _flush_std() -> None:
@@ -339,7 +398,11 @@ def agent(results: Path | None = None) -> int:
         write_json(res / STATE, state)
         event("stage-start", res, stage=num, boot=n)
         print(f"pyiommufd-agent: stage {num}/{len(stages)}: {' '.join(stage['argv'])}", flush=True)
-        rc = _run_stage(stage, env, res / f"stage-{num}.log")
+        kernel_log: AbstractContextManager[object] = nullcontext()
+        if stage.get("kexec") == "self" and not simulated():
+            kernel_log = KmsgFollower(res / f"dmesg-{n}.txt")
+        with kernel_log:
+            rc = _run_stage(stage, env, res / f"stage-{num}.log")
         kx = read_json(res / KEXEC)
         if (simulated() and rc == SIMULATED_KEXEC_EXIT and kx
                 and kx.get("boot") == n and kx.get("stage") == num):

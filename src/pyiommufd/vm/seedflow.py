@@ -6,11 +6,12 @@ In the guest, one boot each (:func:`guest_stage`, run by the hidden
 ``pyiommufd vm guest-selftest`` command):
 
 1. bind the virtio-net device to vfio-pci; stage 1; kexec while the files are
-   held (``pyiommufd selftest --kexec`` from its own process; the C test forks
+   held (``pyiommufd selftest --kexec`` from its own process, after it wrote
+   its report to ``--report``'s file on the results share; the C test forks
    a holder and exits, then the guest agent kexecs);
-2. after the kexec, bind the device to a non-VFIO driver (pci-pf-stub), which
-   must fail with EBUSY while the device is preserved; bind it to vfio-pci;
-   stage 2.
+2. after the kexec, render stage 1's report from that file (pyiommufd); bind
+   the device to a non-VFIO driver (pci-pf-stub), which must fail with EBUSY
+   while the device is preserved; bind it to vfio-pci; stage 2.
 
 Each stage prints ``# seedflow {json}`` records that the host reads back
 (:func:`parse_records`) into a :class:`SeedFlowResult`: per stage, the exit
@@ -154,13 +155,10 @@ def parse_records(text: str) -> list[dict[str, Any]]:
 
 
 def result_from_records(program: str, kernel: str, records: list[dict[str, Any]],
-                        log: str = "", kexec_after_stage1: bool = False) -> SeedFlowResult:
-    """``kexec_after_stage1``: stage 1 ended by a kexec, which happens only
-    after it passed (the pyiommufd program kexecs from its own process)."""
+                        log: str = "") -> SeedFlowResult:
+    """A stage is in the result only if its record is: one whose report was
+    lost is missing, never taken for a pass because a kexec followed."""
     res = SeedFlowResult(program, kernel, log=log)
-    if kexec_after_stage1 and not any(r.get("event") == "stage" and r.get("stage") == 1
-                                      for r in records):
-        res.stages.append(StageOutcome(1, None, True, detail="passed; kexec'd holding its files"))
     for rec in records:
         if rec.get("event") == "stage":
             res.stages.append(StageOutcome(rec["stage"], rec.get("exit"), rec["passed"],
@@ -243,6 +241,8 @@ def guest_stage(stage: int, program: str, bdf: str, *, session: str, lu_abi: str
     process (it kexecs from itself); everything else returns an exit code."""
     from .. import pci
 
+    if stage == 2 and program == "pyiommufd":
+        _render_stage1_report(say)   # first: a failure later in this stage must not lose it
     if stage == 2:
         result, err = try_non_vfio_bind(bdf)
         say(f"# bind {bdf} to {NON_VFIO_DRIVER} after the kexec: {result}")
@@ -256,8 +256,6 @@ def guest_stage(stage: int, program: str, bdf: str, *, session: str, lu_abi: str
         if cdev is None:   # the C test needs the cdev path; a None argv item would be a TypeError
             raise RuntimeError(f"{bdf}: vfio-pci exposes no cdev")
         return _c_stage(stage, cdev, c_selftest, say)
-    if stage == 2:
-        _render_stage1_report(say)
     report_file = _report_path(stage)
     args = ["selftest", bdf, "--session", session, "--json", "--report", str(report_file)]
     if lu_abi:
@@ -381,10 +379,7 @@ def job(program: str, *, python: str, session: str = "iommufd-test",
 def collect(program: str, label: str, res: runner.VmResult) -> SeedFlowResult:
     """The :class:`SeedFlowResult` of a finished VM run of :func:`job`."""
     text = "\n".join(s.output() for s in res.stages)
-    stage1 = res.stages[0] if res.stages else None
-    return result_from_records(program, label, parse_records(text), text,
-                               kexec_after_stage1=stage1 is not None
-                               and stage1.ended_by == "kexec")
+    return result_from_records(program, label, parse_records(text), text)
 
 
 def run(program: str, *, kernel: str | None = None, recipe: KernelRecipe | None = None,
