@@ -18,6 +18,10 @@ class HostFiles(Protocol):
 
     def exists(self, path: str) -> bool: ...
 
+    def is_dir(self, path: str) -> bool:
+        """``path`` is a directory, or a symlink to one."""
+        ...
+
     def read_text(self, path: str) -> str: ...
 
     def read_bytes(self, path: str) -> bytes: ...
@@ -40,6 +44,9 @@ class LinuxHostFiles:
 
     def exists(self, path: str) -> bool:
         return os.path.exists(path)
+
+    def is_dir(self, path: str) -> bool:
+        return os.path.isdir(path)
 
     def read_text(self, path: str) -> str:
         with open(path) as f:

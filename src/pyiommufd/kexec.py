@@ -44,11 +44,8 @@ def check_image(path: str, what: str, backend: Backend | None = None) -> None:
     files = get_backend(backend).files
     if not files.exists(path):
         raise UsageError(f"{what} {path}: no such file")
-    try:
-        files.listdir(path)
-    except OSError:
-        return      # not a directory
-    raise UsageError(f"{what} {path}: is a directory, not a kernel image")
+    if files.is_dir(path):
+        raise UsageError(f"{what} {path}: is a directory, not a kernel image")
 
 
 def load(kernel: str | os.PathLike[str], initrd: str | os.PathLike[str] | None = None,

@@ -174,6 +174,8 @@ def test_the_hosts_files_are_invisible_to_the_fake(fake_kernel, tmp_path):
     files.put("/etc/os-release", "ID=fake\n")
     assert files.read_text("/etc/os-release") == "ID=fake\n"
     assert files.listdir("/etc") == ["os-release"]
+    assert files.is_dir("/etc") and not files.is_dir("/etc/os-release") and not files.is_dir("/none")
+    assert files.is_dir("/sys/bus/pci/devices") and not files.is_dir("/proc/cmdline")
     assert files.realpath("/etc/../etc/os-release") == "/etc/os-release"
     assert open("/etc/os-release").read() != "ID=fake\n"          # the host's is untouched
     assert err(files.write_text, "/etc/os-release", "no") == errno.EROFS

@@ -11,7 +11,7 @@ from pyiommufd.backend import Backend, LinuxBackend
 from pyiommufd.hostfs import HostFiles, LinuxHostFiles
 from pyiommufd_testing import FakeKernel
 
-FILE_OPERATIONS = ("exists", "read_text", "read_bytes", "write_text", "listdir", "readlink", "realpath")
+FILE_OPERATIONS = ("exists", "is_dir", "read_text", "read_bytes", "write_text", "listdir", "readlink", "realpath")
 
 
 @pytest.mark.parametrize("backend_type", [Backend, LinuxBackend, FakeKernel])
@@ -39,6 +39,9 @@ def test_linux_host_files_are_this_machines(tmp_path):
     files.write_text(str(tmp_path / "b"), "TWO")    # an existing attribute, one write(2)
     assert (tmp_path / "b").read_text() == "TWO"
     assert files.exists(str(tmp_path / "a")) and not files.exists(str(tmp_path / "none"))
+    os.symlink(".", tmp_path / "here")
+    assert files.is_dir(str(tmp_path)) and files.is_dir(str(tmp_path / "here"))
+    assert not files.is_dir(str(tmp_path / "a")) and not files.is_dir(str(tmp_path / "none"))
     with pytest.raises(OSError) as exc:
         files.read_text(str(tmp_path / "none"))
     assert exc.value.errno == errno.ENOENT and exc.value.filename == str(tmp_path / "none")

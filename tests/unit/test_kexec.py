@@ -38,3 +38,21 @@ def test_missing_kernel_image_is_a_typed_error(fake_kernel, tmp_path):
 def test_overlong_cmdline_is_refused(fake_kernel, tmp_path):
     with pytest.raises(errors.UsageError):
         kexec.load(tmp_path / "x", cmdline="a" * 5000)
+
+
+def test_check_image_refuses_a_directory_by_name_even_one_it_cannot_list(tmp_path):
+    """The real host: a directory is refused as such, also one without read
+    permission (which, for anybody but root, cannot be listed)."""
+    from pyiommufd.backend import LinuxBackend
+
+    be = LinuxBackend()
+    image = tmp_path / "bzImage"
+    image.write_bytes(b"MZ")
+    kexec.check_image(str(image), "--kexec", be)
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o000)
+    for directory in (tmp_path, locked):
+        with pytest.raises(errors.UsageError, match="is a directory, not a kernel image"):
+            kexec.check_image(str(directory), "--kexec", be)
+    with pytest.raises(errors.UsageError, match="no such file"):
+        kexec.check_image(str(tmp_path / "none"), "--kexec", be)

@@ -131,6 +131,12 @@ class FakeHostFiles:
         local = self._unmodelled(path)
         return local is not None and os.path.exists(local)
 
+    def is_dir(self, path: str) -> bool:
+        if is_kernel_path(path):
+            return self._kernel.fs.is_dir(path)
+        local = self._unmodelled(path)
+        return local is not None and os.path.isdir(local)
+
     def read_bytes(self, path: str) -> bytes:
         return self._serve(path, self._kernel.fs.read_bytes, _read_file)
 

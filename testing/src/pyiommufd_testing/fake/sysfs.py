@@ -146,6 +146,12 @@ class FakeFs:
         except OSError:
             return False
 
+    def is_dir(self, path: str) -> bool:
+        try:
+            return isinstance(self.resolve(path)[1], Dir)
+        except OSError:
+            return False
+
     def read_bytes(self, path: str) -> bytes:
         _, node = self.resolve(path)
         if isinstance(node, Dir):
