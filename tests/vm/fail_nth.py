@@ -146,7 +146,8 @@ class FlowResult:
     name: str
     points: int = 0                        # injection points: runs in which a fault was injected
     typed_errors: int = 0                  # of those, runs that raised a typed error
-    failures: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)     # leaks included
+    leaks: int = 0                         # injection points after which an fd was left open or closed
     kernel_findings: list[str] = field(default_factory=list)   # the kernel's fault, not ours
     completed: bool = False                # a run went through with no fault injected
 
@@ -209,6 +210,7 @@ class Driver:
                                         + "".join(traceback.format_exception(exc)))
             after = flow.fd_count()
             if after != before:
+                res.leaks += 1
                 res.failures.append(f"{where}: {after - before:+d} fds after {flow.name}")
             rerun, _ = self._run_once(flow, 0)
             if rerun is not None:
@@ -223,14 +225,15 @@ class Driver:
 def summary(results: list[FlowResult]) -> str:
     """flows × injection points, and every failure."""
     width = max((len(r.name) for r in results), default=4)
-    lines = [f"{'flow':<{width}}  points  typed errors  failures  kernel findings"]
+    lines = [f"{'flow':<{width}}  points  typed errors  failures  fd leaks  kernel findings"]
     for r in results:
         lines.append(f"{r.name:<{width}}  {r.points:6d}  {r.typed_errors:12d}  {len(r.failures):8d}"
-                     f"  {len(r.kernel_findings):15d}")
+                     f"  {r.leaks:8d}  {len(r.kernel_findings):15d}")
     total_points = sum(r.points for r in results)
     total_failures = sum(len(r.failures) for r in results)
+    total_leaks = sum(r.leaks for r in results)
     lines.append(f"fail-nth: {len(results)} flows x {total_points} injection points, "
-                 f"{total_failures} failures")
+                 f"{total_failures} failures, {total_leaks} leaks")
     for r in results:
         for f in r.failures:
             lines.append(f"FAILURE {r.name}: {f}")
