@@ -444,6 +444,38 @@ def test_no_thread_is_started_to_serve_a_connection(env, monkeypatch):
     assert attempts == [], "the agent started a thread to serve a connection"
 
 
+def test_an_agent_that_cannot_start_its_workers_leaves_nothing_behind(fake_kernel, sockdir, monkeypatch):
+    """A worker thread that cannot start (no memory) fails the agent's start
+    with that error; the workers already started end and the socket is gone,
+    so a later agent can start on the same path."""
+    import threading
+
+    path = os.path.join(sockdir, "agent.sock")
+    real_start = threading.Thread.start
+    started = []
+
+    def third_fails(self):
+        if self.name.startswith("pyiommufd-agent-worker-"):
+            if len(started) == 2:
+                raise RuntimeError("can't start new thread")
+            started.append(self)
+        return real_start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", third_fails)
+    with pytest.raises(RuntimeError, match="can't start new thread"):
+        AgentServer(path, backend=fake_kernel).start()
+    monkeypatch.undo()
+    for worker in started:
+        worker.join(5)
+        assert not worker.is_alive()
+    assert not os.path.exists(path)
+    server = AgentServer(path, backend=fake_kernel).serve_in_thread()
+    try:
+        assert AgentClient(path).ping()["pid"] == os.getpid()
+    finally:
+        server.shutdown()
+
+
 def test_a_worker_survives_a_memory_error_in_a_request(env, monkeypatch):
     """A MemoryError while serving one request (a failed allocation) goes back
     to that client; no worker is lost, so every later request is answered."""

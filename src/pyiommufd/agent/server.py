@@ -117,12 +117,17 @@ class AgentServer(RequestHandlers):
 
         raise_nofile()  # the agent holds every preserved and retrieved fd
         self._bind()
-        self._start_workers()
-        if self.inherited:
-            self._take_back(self.inherited)
-            self.inherited = []
-        if self.open_liveupdate:
-            self._try_open_liveupdate()
+        try:
+            self._start_workers()
+            if self.inherited:
+                self._take_back(self.inherited)
+                self.inherited = []
+            if self.open_liveupdate:
+                self._try_open_liveupdate()
+        except BaseException:
+            self._stop_workers()        # an agent that failed to start leaves nothing running
+            self._close_listener()
+            raise
         log.info("pyiommufd agent %s listening on %s (pid %d, backend %s)", __version__,
                  self.socket_path, os.getpid(), self.backend.name)
         if self.notifier is not None:
