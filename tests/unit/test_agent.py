@@ -461,10 +461,12 @@ def test_an_agent_that_cannot_start_its_workers_leaves_nothing_behind(fake_kerne
             started.append(self)
         return real_start(self)
 
+    fds_before = set(os.listdir("/proc/self/fd"))
     monkeypatch.setattr(threading.Thread, "start", third_fails)
     with pytest.raises(RuntimeError, match="can't start new thread"):
         AgentServer(path, backend=fake_kernel).start()
     monkeypatch.undo()
+    assert set(os.listdir("/proc/self/fd")) == fds_before      # no socket, no wake-up pipe
     for worker in started:
         worker.join(5)
         assert not worker.is_alive()

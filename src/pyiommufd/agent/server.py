@@ -127,6 +127,7 @@ class AgentServer(RequestHandlers):
         except BaseException:
             self._stop_workers()        # an agent that failed to start leaves nothing running
             self._close_listener()
+            self._close_wake_pipe()
             raise
         log.info("pyiommufd agent %s listening on %s (pid %d, backend %s)", __version__,
                  self.socket_path, os.getpid(), self.backend.name)
@@ -313,6 +314,9 @@ class AgentServer(RequestHandlers):
             self._stop_workers()
             if release:
                 self._release_everything()
+        self._close_wake_pipe()
+
+    def _close_wake_pipe(self) -> None:
         for fd in (self._wake_r, self._wake_w):
             if fd >= 0:
                 try:
