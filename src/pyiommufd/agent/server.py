@@ -103,11 +103,10 @@ class AgentServer(RequestHandlers):
         self._stopping = threading.Event()
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
-        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self._connections: queue.SimpleQueue[socket.socket | None] = queue.SimpleQueue()
         self._workers: list[threading.Thread] = []
-        self._in_flight = 0
-        self._in_flight_lock = threading.Lock()
+        self._in_flight = 0                             # accepted, not yet answered and closed
+        self._in_flight_changed = threading.Condition()
         self._bound_inode: tuple[int, int] | None = None
         self.inherited = list(inherited or [])
 
@@ -248,19 +247,20 @@ class AgentServer(RequestHandlers):
         self._workers = []
 
     def _dispatch(self, conn: socket.socket) -> None:
-        """Queue ``conn`` for a worker, so one slow or silent peer holds up
-        nobody else; requests still run one at a time (``_lock``)."""
-        while not self._slots.acquire(timeout=1.0):
-            if self._stopping.is_set():
-                conn.close()
-                return
-        with self._in_flight_lock:
+        """Queue ``conn`` for a worker, so a slow or silent peer holds up only
+        the worker serving it; requests still run one at a time (``_lock``).
+        At most ``MAX_CONNECTIONS`` wait or are served; more stay in the backlog."""
+        with self._in_flight_changed:
+            while self._in_flight >= MAX_CONNECTIONS:
+                if not self._in_flight_changed.wait(timeout=1.0) and self._stopping.is_set():
+                    conn.close()
+                    return
             self._in_flight += 1
         self._connections.put(conn)
 
     def connections_in_flight(self) -> int:
         """Connections accepted and not yet answered and closed."""
-        with self._in_flight_lock:
+        with self._in_flight_changed:
             return self._in_flight
 
     def _work(self) -> None:
@@ -280,9 +280,9 @@ class AgentServer(RequestHandlers):
         except Exception:  # noqa: BLE001 - nothing a peer sends may end the agent
             log.exception("serving a connection failed")
         finally:
-            with self._in_flight_lock:
+            with self._in_flight_changed:
                 self._in_flight -= 1
-            self._slots.release()
+                self._in_flight_changed.notify()
 
     def serve_in_thread(self) -> "AgentServer":
         if self._sock is None:
