@@ -248,6 +248,18 @@ class RetrievedFile:
     def fileno(self) -> int:
         return self.fd
 
+    def close(self) -> None:
+        """Close the fd (the caller owns it); a second close does nothing."""
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            self._backend.close(fd)
+
+    def __enter__(self) -> "RetrievedFile":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, RetrievedFile):
             return NotImplemented

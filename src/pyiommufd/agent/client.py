@@ -247,6 +247,16 @@ class AgentClient:
             raise
         return out
 
+    def lend(self, session: str, tokens: list[int]) -> dict[int, int]:
+        """Copies of the fds the agent holds for ``tokens`` of outgoing
+        ``session``, ``{token: fd}`` (the caller owns them); nothing changes in
+        the agent or the kernel."""
+        _, got = self.call("lend", session=session, tokens=list(tokens))
+        if len(got) != len(tokens):
+            _close_fds(got)
+            raise AgentProtocolError(f"lend answered with {len(got)} fds for {len(tokens)} tokens")
+        return dict(zip(tokens, got))
+
     def finish(self, session: str) -> dict[str, Any]:
         return self._simple("finish", session=session)
 

@@ -335,6 +335,22 @@ class RequestHandlers(Registry):
             f.record, f.state, f.error = record, FileState.RETRIEVED, None
         log.info("retrieved %d tokens of %r", len(got), held.name)
 
+    def _op_lend(self, args: dict[str, Any], fds: RequestFds) -> Reply:
+        """Copies of the fds of ``tokens`` of an outgoing session, for a holder
+        that takes its files back before any kexec (a VMM resuming a VM whose
+        update was aborted). The agent keeps its own; nothing is unpreserved."""
+        held = self._session(args.get("session"), incoming=False)
+        tokens = args.get("tokens")
+        if not isinstance(tokens, list):
+            raise UsageError("lend: tokens must be a list")
+        out = []
+        for token in (check_token(t) for t in tokens):
+            f = held.files.get(token)
+            if f is None or f.fd is None:
+                raise UsageError(f"lend: session {held.name!r} holds no file at token {token:#x}")
+            out.append(f)
+        return {"files": [f.as_dict() for f in out]}, [f.fd for f in out if f.fd is not None]
+
     def _op_finish(self, args: dict[str, Any], fds: RequestFds) -> Reply:
         held = self._session(args.get("session"), incoming=True)
         held.session.finish()

@@ -41,7 +41,7 @@ ENV_SOCKET = "PYIOMMUFD_AGENT_SOCKET"
 
 #: every request the agent answers
 OPS = ("ping", "status", "create_session", "preserve", "preserve_many", "adopt", "retrieve_session",
-       "retrieve", "retrieve_many", "finish", "release", "stop")
+       "retrieve", "retrieve_many", "lend", "finish", "release", "stop")
 
 
 def parse_kind(value: Any) -> FileKind | None:
