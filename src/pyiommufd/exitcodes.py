@@ -16,6 +16,7 @@ UNSUPPORTED = 4       # the kernel lacks a capability (no handler, no LU ioctl, 
 BUSY = 5              # a resource is held elsewhere (/dev/liveupdate, a device, a session name)
 NOT_PERMITTED = 6     # needs root / the operation was not permitted
 AGENT_UNREACHABLE = 7 # the holder agent is not running or not answering
+VMM_FAILED = 8        # `pyiommufd qemu`: QEMU failed, or lacks what the command needs
 INTERNAL_ERROR = 70   # a bug in pyiommufd: an exception nobody expected (sysexits' EX_SOFTWARE)
 VM_TIMEOUT = 124      # `pyiommufd vm`: the guest did not finish in time (as timeout(1))
 
@@ -28,6 +29,7 @@ TABLE = [
     (BUSY, "a resource is busy or held elsewhere"),
     (NOT_PERMITTED, "not permitted (run as root)"),
     (AGENT_UNREACHABLE, "the holder agent is not reachable"),
+    (VMM_FAILED, "`pyiommufd qemu`: QEMU failed, or lacks what the command needs"),
     (INTERNAL_ERROR, "internal error: a bug in pyiommufd (please report it with the --debug traceback)"),
     (VM_TIMEOUT, "`pyiommufd vm`: the guest did not finish before --timeout"),
 ]
@@ -73,4 +75,4 @@ def exit_code_for(exc: BaseException) -> int:
 
 
 __all__ = ["OK", "CHECK_FAILED", "BAD_INPUT", "KERNEL_ERROR", "UNSUPPORTED", "BUSY", "NOT_PERMITTED",
-           "AGENT_UNREACHABLE", "INTERNAL_ERROR", "VM_TIMEOUT", "TABLE", "for_errno", "exit_code_for"]
+           "AGENT_UNREACHABLE", "VMM_FAILED", "INTERNAL_ERROR", "VM_TIMEOUT", "TABLE", "for_errno", "exit_code_for"]

@@ -285,6 +285,8 @@ class Manifest:
     creator: str = field(default_factory=_creator)
     created: str = field(default_factory=_now)
     version: int = VERSION
+    #: the VMM live update's record of the VM (JSON: :mod:`pyiommufd.qemu.machine` parses it)
+    vmm: dict[str, Any] | None = None
 
     # -- queries -------------------------------------------------------------
     def entry(self, token: int) -> Entry | None:
@@ -364,7 +366,8 @@ class Manifest:
                 "created": self.created, "kernel_release": self.kernel_release,
                 "session": self.session, "lu_abi": self.lu_abi, "lu_nr": self.lu_nr,
                 "manifest_token": MANIFEST_TOKEN,
-                "entries": [e.as_dict() for e in self.entries]}
+                "entries": [e.as_dict() for e in self.entries],
+                **({} if self.vmm is None else {"vmm": self.vmm})}
 
     def to_json(self, *, indent: int | None = 1) -> str:
         self.validate()
@@ -402,7 +405,8 @@ class Manifest:
             lu_nr=_uint(data.get("lu_nr"), "lu_nr", optional=True),
             creator=_str(data.get("creator", ""), "creator", optional=True) or "",
             created=_str(data.get("created", ""), "created", optional=True) or "",
-            version=version)
+            version=version,
+            vmm=None if data.get("vmm") is None else _dict(data.get("vmm"), "vmm"))
         return manifest.validate()
 
     @classmethod

@@ -227,6 +227,26 @@ CASES = [
     Case("vm-run/infinite-timeout", ["vm", "run", "--timeout", "inf", "--", "true"], 2, "--timeout"),
     Case("vm-run/bad-memory", ["vm", "run", "--memory", "lots", "--", "true"], 2, "--memory 'lots'"),
     Case("vm-run/blank-append", ["vm", "run", "--append", "a b", "--", "true"], 2, "--append"),
+    # -- qemu: the VMM live update ---------------------------------------------------------------
+    Case("qemu-launch/bad-memory", ["qemu", "launch", "vm0", "--memory", "3M", "--", "-S"], 2, "multiple of 2 MiB"),
+    Case("qemu-launch/words-for-memory", ["qemu", "launch", "vm0", "--memory", "lots"], 2, "--memory 'lots'"),
+    Case("qemu-launch/owned-m", ["qemu", "launch", "vm0", "--", "-m", "512"], 2, "QEMU option -m"),
+    Case("qemu-launch/owned-incoming", ["qemu", "launch", "vm0", "--", "-incoming", "defer"], 2, "-incoming"),
+    Case("qemu-launch/memory-backend", ["qemu", "launch", "vm0", "--", "-machine", "q35,memory-backend=r"], 2,
+         "memory-backend="),
+    Case("qemu-launch/long-name", ["qemu", "launch", LONG], 2, "session name"),
+    Case("qemu-launch/bad-device", ["qemu", "launch", "vm0", "--device", "zz"], 2, "not a PCI address"),
+    Case("qemu-launch/missing-qemu", ["qemu", "launch", "vm0", "--qemu", "/nonexistent/qemu"], 2,
+         "--qemu /nonexistent/qemu: no such executable"),
+    Case("qemu-launch/missing-qemu-env", ["qemu", "launch", "vm0"], 2, "$PYIOMMUFD_QEMU /nonexistent/qemu",
+         env={"PYIOMMUFD_QEMU": "/nonexistent/qemu"}),
+    Case("qemu-update/unknown-vm", ["qemu", "update", "nosuch", "--no-kexec"], 2, "no VM 'nosuch' was launched"),
+    Case("qemu-update/kexec-or-not", ["qemu", "update", "vm0"], 2, "--kernel FILE"),
+    Case("qemu-update/initrd-alone", ["qemu", "update", "vm0", "--no-kexec", "--initrd", "/x"], 2, "--kernel"),
+    Case("qemu-abort/unknown-vm", ["qemu", "abort", "nosuch", "--qemu", "/bin/true"], 2, "no VM 'nosuch'"),
+    Case("qemu-stop/unknown-vm", ["qemu", "stop", "nosuch"], 2, "no VM 'nosuch'"),
+    Case("vm-live-update-demo/missing-kernel", ["vm", "live-update-demo", "--kernel", "/nonexistent/bzImage"], 2,
+         "no such file"),
 ]
 
 
@@ -324,9 +344,12 @@ def test_bad_input_with_json_puts_the_error_object_on_stdout(case, env, capsys, 
 
 def test_matrix_covers_every_command():
     """Every registered command (and the vm subcommands) has at least one bad-input case."""
-    covered = {c.argv[0] if c.argv[0] != "vm" else f"vm {c.argv[1]}" for c in CASES}
-    # `devices` takes no input to get wrong (see below); `exit-codes` neither
-    expected = (set(COMMANDS) - {"vm", "exit-codes", "devices"}) | {"vm run", "vm selftest", "vm build-kernel"}
+    covered = {c.argv[0] if c.argv[0] not in ("vm", "qemu") else f"{c.argv[0]} {c.argv[1]}" for c in CASES}
+    # `devices` takes no input to get wrong (see below); `exit-codes` neither; `qemu status` and
+    # `qemu fetch` take none either
+    expected = ((set(COMMANDS) - {"vm", "qemu", "exit-codes", "devices"})
+                | {"vm run", "vm selftest", "vm build-kernel", "vm live-update-demo"}
+                | {"qemu launch", "qemu update", "qemu abort", "qemu stop"})
     missing = expected - covered
     assert not missing, f"no bad-input case for: {sorted(missing)}"
 

@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "devices": ("devices", "devices", "List PCI devices with IOMMU group, driver and VFIO cdev."),
     "bind": ("devices", "bind", "Bind a PCI device to vfio-pci through driver_override."),
     "unbind": ("devices", "unbind", "Give a PCI device back to its original driver."),
+    "qemu": ("qemu_cmd", "qemu", "Launch, update, resume or abort a QEMU VM that survives a kexec."),
     "vm": ("vm_cmd", "vm", "Run commands or the seed flow in a QEMU guest on a real Linux 7.3 kernel."),
     "exit-codes": ("__init__", "exit_codes", "Print the table of exit codes."),
 }

@@ -65,8 +65,8 @@ def _apt_dir() -> Path:
     return cache_root() / "apt"
 
 
-def _apt_options() -> list[str]:
-    apt = _apt_dir()
+def _apt_options(apt: Path | None = None) -> list[str]:
+    apt = apt or _apt_dir()
     return [
         "-o", f"Dir::Etc::SourceList={apt / 'sources.list'}",
         "-o", "Dir::Etc::SourceParts=/nonexistent",
@@ -106,6 +106,36 @@ def fetch_deb(package: str, version: str = LINUX_PACKAGE_VERSION) -> Path:
     if not found:
         raise DebianFetchError(f"apt-get download {package}={version} produced no .deb")
     return found[0]
+
+
+def fetch_closure(packages: list[str], dest: Path, *, suites: tuple[str, ...] = ("trixie", SUITE),
+                  target_release: str = SUITE) -> list[Path]:
+    """Download ``packages`` and everything they depend on, as a system with
+    nothing installed needs them, from ``suites`` (the host's own package
+    state is never consulted, so a bookworm host still gets trixie's libc),
+    into ``dest``; return the .deb files. A private apt directory under
+    ``dest``, like :func:`fetch_deb`'s."""
+    apt = dest / "apt"
+    for sub in ("lists/partial", "cache/archives/partial"):
+        (apt / sub).mkdir(parents=True, exist_ok=True)
+    (apt / "status").write_text("")
+    mirror = host_debian_mirror()
+    (apt / "sources.list").write_text("".join(f"deb {mirror} {s} main\n" for s in suites))
+    options = _apt_options(apt) + ["-o", f"Dir::State::status={apt / 'status'}"]
+    _run(["apt-get", *options, "update"], f"apt-get update ({', '.join(suites)})")
+    _run(["apt-get", *options, "install", "-y", "--download-only", "--no-install-recommends",
+          "-t", target_release, *packages], f"apt-get install --download-only {' '.join(packages)}")
+    debs = sorted((apt / "cache" / "archives").glob("*.deb"))
+    if not debs:
+        raise DebianFetchError(f"apt-get downloaded no package for {' '.join(packages)}")
+    return debs
+
+
+def unpack_into(debs: list[Path], root: Path) -> None:
+    """``dpkg-deb -x`` every package into ``root`` (no maintainer scripts run)."""
+    root.mkdir(parents=True, exist_ok=True)
+    for deb in debs:
+        _run(["dpkg-deb", "-x", str(deb), str(root)], f"dpkg-deb -x {deb.name}")
 
 
 def unpacked(package: str, version: str = LINUX_PACKAGE_VERSION) -> Path:
