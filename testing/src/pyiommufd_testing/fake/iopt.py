@@ -15,6 +15,9 @@ Follows K:drivers/iommu/iommufd/io_pagetable.c and pages.c of 7.3:
 * ``FIXED_IOVA``: a misaligned IOVA EINVAL, overflow EOVERFLOW, a reserved
   range EINVAL, an existing area EEXIST; allowed ranges are not consulted
   (K:io_pagetable.c:183-204).
+* Huge pages off (IOMMU_OPTION_HUGE_PAGES 0) raises the alignment to
+  PAGE_SIZE: EINVAL once a domain has areas, EADDRINUSE while an area's IOVA,
+  length or page offset is not page aligned (K:io_pagetable.c:1519-1543).
 * ``length`` 0 or not a multiple of the alignment EINVAL
   (K:io_pagetable.c:273-276); writing through read-only pages EPERM.
 * Pages are pinned only when a domain exists (at map time, or when an HWPT
@@ -327,10 +330,7 @@ class Iopt:
         if new_align > PAGE_SIZE:
             fail(E.EINVAL)
         if new_align != self.iova_alignment:
-            mask = new_align - 1
-            for a in self.areas:
-                if (a.start & mask) or (a.length & mask) or ((a.start_byte % PAGE_SIZE) & mask):
-                    fail(E.EADDRINUSE)
+            self._check_alignment(new_align)
         try:
             if domain.aperture_start != 0:
                 self.reserve(0, domain.aperture_start - 1, domain)
@@ -357,20 +357,39 @@ class Iopt:
         self.remove_reserved(domain)
         self._recalc_alignment()
 
+    def _check_alignment(self, new_align: int) -> None:
+        """``iopt_check_iova_alignment``: every area fits a larger alignment,
+        else EADDRINUSE (K:io_pagetable.c:1194-1219)."""
+        mask = new_align - 1
+        for a in self.areas:
+            if (a.start & mask) or (a.length & mask) or ((a.start_byte % PAGE_SIZE) & mask):
+                fail(E.EADDRINUSE)
+
     def _recalc_alignment(self) -> None:
+        """``iopt_calculate_iova_alignment`` (K:io_pagetable.c:1300-1333): only
+        an increase is checked against the areas; on failure nothing changes."""
         align = PAGE_SIZE if self.disable_large_pages else 1
         for d in self.domains:
             align = max(align, lowest_bit(d.pgsize_bitmap))
+        if align > self.iova_alignment:
+            self._check_alignment(align)
         self.iova_alignment = align
 
     def set_large_pages(self, enable: bool) -> None:
+        """``iopt_enable_large_pages`` / ``iopt_disable_large_pages``
+        (K:io_pagetable.c:1506-1543)."""
         if enable:
             self.disable_large_pages = False
-            self._recalc_alignment()
+            self._recalc_alignment()    # it can only drop: never fails
             return
         if self.disable_large_pages:
             return
         if self.domains and self.areas:
             fail(E.EINVAL)
+        # a byte-granular area (possible without a domain) refuses PAGE_SIZE
         self.disable_large_pages = True
-        self._recalc_alignment()
+        try:
+            self._recalc_alignment()
+        except OSError:
+            self.disable_large_pages = False
+            raise
