@@ -38,9 +38,22 @@ from __future__ import annotations
 
 import errno as E
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
+from .files import OpenFile
+from .memfd import MemfdFile
 from .uaccess import HPAGE_SIZE, PAGE_SIZE, ULONG_MAX, UserMemory, fail
+
+
+class DomainGeometry(Protocol):
+    """What the io_pagetable needs of an ``iommu_domain``."""
+
+    @property
+    def pgsize_bitmap(self) -> int: ...
+    @property
+    def aperture_start(self) -> int: ...
+    @property
+    def aperture_end(self) -> int: ...
 
 
 def roundup_pow_of_two(n: int) -> int:
@@ -55,7 +68,7 @@ class Pages:
     """``struct iopt_pages``: the source of a mapping."""
 
     def __init__(self, kind: str, length: int, start_byte: int, writable: bool, *,
-                 uptr: int = 0, file=None, start: int = 0, seals: int = 0) -> None:
+                 uptr: int = 0, file: OpenFile | None = None, start: int = 0, seals: int = 0) -> None:
         if length > ULONG_MAX - PAGE_SIZE or length == 0:
             fail(E.EINVAL)
         self.kind = kind                    # "user" or "file"
@@ -84,7 +97,6 @@ class Pages:
             if not mem.maps.accessible(addr, length, write=self.writable):
                 fail(E.EFAULT)
             return
-        from .memfd import MemfdFile
         if not isinstance(self.file, MemfdFile):
             fail(E.EINVAL)
         first_page = (self.start + start_byte) // PAGE_SIZE
@@ -96,7 +108,7 @@ class Pages:
 
     def unpin(self) -> None:
         """Drop the pins one :meth:`pin` took (``unpin_folios``)."""
-        if self.kind == "file" and self.file is not None:
+        if self.kind == "file" and isinstance(self.file, MemfdFile):   # only those pin
             self.file.shmem.pins -= 1
 
 
@@ -161,7 +173,7 @@ class Iopt:
     areas: list[Area] = field(default_factory=list)
     reserved: list[Reserved] = field(default_factory=list)
     allowed: list[tuple[int, int]] = field(default_factory=list)
-    domains: list[Any] = field(default_factory=list)
+    domains: list[DomainGeometry] = field(default_factory=list)
     iova_alignment: int = 1
     disable_large_pages: bool = False
     lu_immutable: bool = False
@@ -324,7 +336,7 @@ class Iopt:
         self.allowed = list(ranges)
 
     # -- domains ----------------------------------------------------------------------------
-    def add_domain(self, domain, mem: UserMemory) -> None:
+    def add_domain(self, domain: DomainGeometry, mem: UserMemory) -> None:
         """``iopt_table_add_domain``."""
         new_align = max(lowest_bit(domain.pgsize_bitmap), self.iova_alignment)
         if new_align > PAGE_SIZE:
@@ -348,7 +360,7 @@ class Iopt:
         self.iova_alignment = new_align
         self.domains.append(domain)
 
-    def remove_domain(self, domain) -> None:
+    def remove_domain(self, domain: DomainGeometry) -> None:
         if domain in self.domains:
             self.domains.remove(domain)
             if not self.domains:        # the last domain held the pins

@@ -22,8 +22,12 @@ from __future__ import annotations
 import errno as E
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .uaccess import fail
+
+if TYPE_CHECKING:   # pragma: no cover
+    from .boot import Boot
 
 KEXEC_FILE_UNLOAD = 0x01
 KEXEC_FILE_ON_CRASH = 0x02
@@ -63,7 +67,7 @@ def _file_size(fd: int) -> int:
     return st.st_size
 
 
-def file_load(boot, kernel_fd: int, initrd_fd: int, cmdline: str, flags: int) -> None:
+def file_load(boot: Boot, kernel_fd: int, initrd_fd: int, cmdline: str, flags: int) -> None:
     if boot.euid != 0 or boot.kexec_load_disabled:
         fail(E.EPERM)
     if flags != flags & KEXEC_FILE_FLAGS:
