@@ -8,17 +8,18 @@
 Upstream 7.3 gives nr 0x95 to IOMMU_IOAS_NOIOMMU_GET_PA, and every iommufd
 ioctl is ``_IO(';', nr)``, so the request number alone cannot say which ioctl
 a kernel has there (Linux 7.3 include/uapi/linux/iommufd.h: nr 0x95 is IOMMU_IOAS_NOIOMMU_GET_PA). The revision is therefore explicit: an
-argument, ``PYIOMMUFD_LU_ABI`` or ``--lu-abi`` — or ``probe``, which asks the
-kernel in a way that never runs a foreign handler (see :func:`probe_lu_abi`).
-A kernel that moved the ioctl to another nr is reached with ``nr=`` or
-``PYIOMMUFD_LU_NR``.
+argument (``abi=``), or ``--lu-abi`` / ``PYIOMMUFD_LU_ABI`` on the command line
+(the CLI reads the variable; the library does not) — or ``probe``, which asks
+the kernel in a way that never runs a foreign handler (see :func:`probe_lu_abi`).
+:func:`parse_lu_abi` is the one parser of these spellings. A kernel that moved
+the ioctl to another nr is reached with ``nr=`` or ``PYIOMMUFD_LU_NR``.
 """
 from __future__ import annotations
 
 import errno as E
 import os
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from . import errors, ioctl
 from ._uapi import ffi
@@ -78,8 +79,12 @@ LU_V1 = LuAbi("lu-v1", "IOMMU_HWPT_LU_SET_PRESERVE", "struct iommu_hwpt_lu_set_p
 LU_V2 = LuAbi("lu-v2", "IOMMU_HWPT_LU_MARK_PRESERVE", "struct iommu_hwpt_lu_mark_preserve", 64,
               source="post-review rename and u64 token (the series' review: IOMMU_HWPT_LU_MARK_PRESERVE with a u64 token)")
 REVISIONS = {abi.name: abi for abi in (LU_V1, LU_V2)}
-_ALIASES = {"v1": "lu-v1", "v2": "lu-v2", "set": "lu-v1", "mark": "lu-v2"}
-CHOICES = ("lu-v1", "lu-v2", "v1", "v2", "probe")
+PROBE: Literal["probe"] = "probe"
+# Every spelling, the same for --lu-abi, $PYIOMMUFD_LU_ABI, a plan's lu_abi and
+# abi= (case-insensitive): the revision's name, its series version, its verb.
+SPELLINGS: dict[str, str] = {"lu-v1": "lu-v1", "v1": "lu-v1", "set": "lu-v1",
+                             "lu-v2": "lu-v2", "v2": "lu-v2", "mark": "lu-v2", PROBE: PROBE}
+CHOICES = tuple(SPELLINGS)
 
 
 def parse_nr(text: str | int | None) -> int | None:
@@ -103,29 +108,29 @@ def configured_nr() -> int:
     return DEFAULT_NR if nr is None else nr
 
 
-def env_revision() -> str | None:
-    """``$PYIOMMUFD_LU_ABI`` checked: a revision name, or None for unset or
-    ``probe``. A bad value (or a bad ``$PYIOMMUFD_LU_NR``) is a UsageError
-    naming the variable."""
-    try:
-        parse_nr(os.environ.get(ENV_NR))
-    except UsageError as exc:
-        raise UsageError(f"${ENV_NR}: {exc}") from None
-    env = os.environ.get(ENV_ABI)
-    if not env or env.lower() == "probe":
-        return None
-    try:
-        return lookup(env).name
-    except UsageError as exc:
-        raise UsageError(f"${ENV_ABI}: {exc}") from None
+def parse_lu_abi(spelling: str | LuAbi) -> LuAbi | Literal["probe"]:
+    """The revision ``spelling`` names (one of :data:`SPELLINGS`, any case), or
+    :data:`PROBE` for a probe request. Anything else is a one-line UsageError."""
+    if isinstance(spelling, LuAbi):
+        return spelling
+    key = SPELLINGS.get(spelling.lower()) if isinstance(spelling, str) else None
+    if key is None:
+        raise UsageError(f"unknown LU ABI revision {spelling!r}; known: {', '.join(CHOICES)}")
+    return PROBE if key == PROBE else REVISIONS[key]
+
+
+def canonical_lu_abi(spelling: str | LuAbi) -> str:
+    """``lu-v1``, ``lu-v2`` or ``probe`` for any accepted spelling (UsageError otherwise)."""
+    choice = parse_lu_abi(spelling)
+    return choice if choice == PROBE else choice.name
 
 
 def lookup(name: str) -> LuAbi:
-    key = _ALIASES.get(name.lower(), name.lower())
-    try:
-        return REVISIONS[key]
-    except KeyError:
-        raise UsageError(f"unknown LU ABI revision {name!r}; known: {', '.join(CHOICES)}") from None
+    """The revision ``name`` spells; ``probe`` is not one (UsageError)."""
+    choice = parse_lu_abi(name)
+    if not isinstance(choice, LuAbi):
+        raise UsageError(f"{name!r} asks for a probe, not an LU ABI revision")
+    return choice
 
 
 @dataclass
@@ -225,16 +230,14 @@ def probe_lu_abi(iommufd: int | HasFileno | None = None, *, nr: int | None = Non
 
 def select_lu_abi(name: str | LuAbi | None = None, *, iommufd: int | HasFileno | None = None, nr: int | None = None,
                   backend: Backend | None = None) -> LuAbi:
-    """The revision to use: ``name`` (or ``$PYIOMMUFD_LU_ABI``); ``probe`` or
-    nothing at all asks the kernel. ``nr`` (or ``$PYIOMMUFD_LU_NR``) moves it."""
+    """The revision to use: ``name`` (any spelling :func:`parse_lu_abi`
+    takes); ``probe`` or None asks the kernel. ``nr`` (or ``$PYIOMMUFD_LU_NR``)
+    moves it. ``$PYIOMMUFD_LU_ABI`` is the CLI's to read, not this function's."""
     if nr is None and os.environ.get(ENV_NR):
         nr = configured_nr()
-    if isinstance(name, LuAbi):
-        return name if nr is None else name.with_nr(nr)
-    name = name or os.environ.get(ENV_ABI) or "probe"
-    if name.lower() != "probe":
-        abi = lookup(name)
-        return abi if nr is None else abi.with_nr(nr)
+    choice = parse_lu_abi(PROBE if name is None else name)
+    if isinstance(choice, LuAbi):
+        return choice if nr is None else choice.with_nr(nr)
     result = probe_lu_abi(iommufd, nr=nr, backend=backend)
     if result.abi is None:
         raise AbiError(f"kernel lacks IOMMU_HWPT_LU_SET_PRESERVE/MARK_PRESERVE at nr {result.nr:#x}: "
@@ -243,4 +246,4 @@ def select_lu_abi(name: str | LuAbi | None = None, *, iommufd: int | HasFileno |
 
 
 __all__ = ["LuAbi", "LU_V1", "LU_V2", "REVISIONS", "ProbeResult", "probe_lu_abi", "select_lu_abi",
-           "lookup", "parse_nr", "configured_nr"]
+           "lookup", "parse_lu_abi", "canonical_lu_abi", "PROBE", "SPELLINGS", "parse_nr", "configured_nr"]

@@ -1433,8 +1433,8 @@ class HWPT(_Invalidatable):
     def mark_preserved(self, token: int, abi: str | LuAbi | None = None) -> None:
         """Mark this paging HWPT for live-update preservation with ``token``
         (unique per iommufd, else :class:`~pyiommufd.errors.AddressInUse`),
-        through the LU ABI revision ``abi`` (a name such as ``"lu-v2"``, a
-        :class:`~pyiommufd.abi.LuAbi`, or None: ``$PYIOMMUFD_LU_ABI``, else a
+        through the LU ABI revision ``abi`` (a spelling such as ``"lu-v2"`` or
+        ``"mark"``, a :class:`~pyiommufd.abi.LuAbi`, or None/``"probe"``: a
         side-effect-free probe; see :func:`pyiommufd.abi.select_lu_abi`).
 
         The mark only takes effect when the iommufd fd is preserved into a LUO

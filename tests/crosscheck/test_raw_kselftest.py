@@ -16,7 +16,7 @@ from pyiommufd.iommufd import (IOMMUFD, MAP_FIXED_IOVA, MAP_READABLE, MAP_WRITEA
 from pyiommufd.memfd import MemFD
 
 RW_FIXED = MAP_READABLE | MAP_WRITEABLE | MAP_FIXED_IOVA
-OP_SET = ioctl.const("IOMMU_OPTION_OP_SET")
+OP_SET, OP_GET = ioctl.const("IOMMU_OPTION_OP_SET"), ioctl.const("IOMMU_OPTION_OP_GET")
 
 # Each iommufd ioctl's first version ends at this field: a smaller size is
 # EINVAL, whatever later versions added (drivers/iommu/iommufd/main.c,
@@ -178,6 +178,37 @@ def test_huge_pages_off_makes_the_alignment_a_page_even_without_a_domain(iommufd
     memory = aligned_buffer(PAGE_SIZE)
     assert _map(iommufd_fd, ioas_id, memory, 0, PAGE_SIZE, 0x100007).errname == "EINVAL"
     assert _map(iommufd_fd, ioas_id, memory, 0, PAGE_SIZE, 0x100000).ok
+
+
+def _set_huge_pages(fd: int, ioas_id: int, value: int) -> raw.Result:
+    arg = raw.Struct("struct iommu_option", option_id=OPTIONS["huge_pages"], op=OP_SET, object_id=ioas_id,
+                     val64=value)
+    return raw.ioctl(fd, "IOMMU_OPTION", arg)
+
+
+def _huge_pages(fd: int, ioas_id: int) -> int:
+    arg = raw.Struct("struct iommu_option", option_id=OPTIONS["huge_pages"], op=OP_GET, object_id=ioas_id)
+    assert raw.ioctl(fd, "IOMMU_OPTION", arg).ok
+    return int(arg.get("val64"))
+
+
+@pytest.mark.parametrize("offset, length, iova", [
+    (2048, PAGE_SIZE, 0x100800),        # IOVA, length and page offset at 2 KiB
+    (0, PAGE_SIZE, 0x100800),           # the IOVA only
+    (0, 2048, 0x100000),                # the length only
+    (2048, PAGE_SIZE, 0x100000),        # the page offset only
+], ids=["all", "iova", "length", "page-offset"])
+def test_huge_pages_off_is_eaddrinuse_while_an_area_is_not_page_aligned(iommufd_fd, offset, length, iova):
+    """iopt_disable_large_pages(): the alignment becomes a page only if every
+    area fits it (iopt_check_iova_alignment), else EADDRINUSE and nothing changes."""
+    ioas_id = _ioas_id(iommufd_fd)
+    memory = aligned_buffer(2 * PAGE_SIZE)
+    assert _map(iommufd_fd, ioas_id, memory, offset, length, iova).ok
+    assert _set_huge_pages(iommufd_fd, ioas_id, 0).errname == "EADDRINUSE"
+    assert (_huge_pages(iommufd_fd, ioas_id), _alignment(iommufd_fd, ioas_id)) == (1, 1)   # unchanged
+    assert _unmap(iommufd_fd, ioas_id, iova, length).ok
+    assert _set_huge_pages(iommufd_fd, ioas_id, 0).ok               # nothing in the way now
+    assert (_huge_pages(iommufd_fd, ioas_id), _alignment(iommufd_fd, ioas_id)) == (0, PAGE_SIZE)
 
 
 def test_byte_granular_map_with_a_domain_is_refused(device, kernel):

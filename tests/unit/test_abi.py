@@ -28,11 +28,6 @@ def test_nr_override_moves_the_request(monkeypatch):
     assert selected.nr == 0x96 and selected.request == 0x3B96
 
 
-def test_env_selects_revision(monkeypatch):
-    monkeypatch.setenv("PYIOMMUFD_LU_ABI", "lu-v1")
-    assert abi.select_lu_abi(None) is abi.LU_V1
-
-
 @pytest.mark.parametrize("text", ["0x100", "-1", "banana"])
 def test_bad_nr_is_rejected(text):
     with pytest.raises(UsageError):

@@ -361,6 +361,48 @@ def test_options(fake_kernel, kt):
         ioctl.call(fake_kernel, fd, kt.D.OPTION, option_id=1, op=0, object_id=ioas, val64=2)
 
 
+def _huge_pages_and_alignment(kernel, kt, fd, ioas):
+    val = ioctl.call(kernel, fd, kt.D.OPTION, option_id=1, op=1, object_id=ioas).val64
+    ranges = ioctl.new(kt.D.IOVA_RANGES, ioas_id=ioas)
+    with pytest.raises(errors.MessageSize):       # no array given: still answers the alignment
+        ioctl.invoke(kernel, fd, kt.D.IOVA_RANGES, ranges)
+    return val, ranges.out_iova_alignment
+
+
+@pytest.mark.parametrize("offset, length, iova", [
+    (2048, 4096, 0x100800),     # IOVA, length and page offset
+    (0, 4096, 0x100800),        # the IOVA only
+    (0, 2048, 0x100000),        # the length only
+    (2048, 4096, 0x100000),     # the page offset only
+], ids=["all", "iova", "length", "page-offset"])
+def test_huge_pages_off_refuses_an_area_that_is_not_page_aligned(fake_kernel, kt, offset, length, iova):
+    """iopt_disable_large_pages(): the alignment grows to a page only if every
+    area fits it, else EADDRINUSE and huge pages stay on, alignment 1."""
+    fd = kt.iommufd()
+    ioas = kt.ioas(fd)
+    buf = page_buffer()
+    addr = int(ffi.cast("uintptr_t", ffi.from_buffer(buf)))
+    ioctl.call(fake_kernel, fd, kt.D.IOAS_MAP, flags=RW | FIXED, ioas_id=ioas, user_va=addr + offset,
+               length=length, iova=iova)
+    with pytest.raises(errors.AddressInUse):
+        ioctl.call(fake_kernel, fd, kt.D.OPTION, option_id=1, op=0, object_id=ioas, val64=0)
+    assert _huge_pages_and_alignment(fake_kernel, kt, fd, ioas) == (1, 1)
+    kt.unmap(fd, ioas, iova, length)
+    ioctl.call(fake_kernel, fd, kt.D.OPTION, option_id=1, op=0, object_id=ioas, val64=0)
+    assert _huge_pages_and_alignment(fake_kernel, kt, fd, ioas) == (0, 4096)
+
+
+def test_huge_pages_off_keeps_page_aligned_areas(fake_kernel, kt):
+    fd = kt.iommufd()
+    ioas = kt.ioas(fd)
+    buf = page_buffer()
+    addr = int(ffi.cast("uintptr_t", ffi.from_buffer(buf)))
+    ioctl.call(fake_kernel, fd, kt.D.IOAS_MAP, flags=RW | FIXED, ioas_id=ioas, user_va=addr,
+               length=8192, iova=0x100000)
+    ioctl.call(fake_kernel, fd, kt.D.OPTION, option_id=1, op=0, object_id=ioas, val64=0)
+    assert _huge_pages_and_alignment(fake_kernel, kt, fd, ioas) == (0, 4096)
+
+
 def test_vfio_ioas(fake_kernel, kt):
     fd = kt.iommufd()
     with pytest.raises(errors.NoDevice):

@@ -1,7 +1,9 @@
 """py.typed is true: mypy, with the settings in pyproject.toml ([tool.mypy]:
-strict on the runtime package, pyiommufd_testing left out), finds nothing.
+strict on the runtime package), finds nothing; with testing/pyproject.toml's
+(strict on pyiommufd_testing, the fake kernel and the harness) neither.
 The public names import with their real types, not Any."""
 import os
+import re
 import textwrap
 from pathlib import Path
 
@@ -11,13 +13,14 @@ mypy_api = pytest.importorskip("mypy.api", reason="mypy is not installed (pip in
 
 ROOT = Path(__file__).resolve().parents[2]
 PYPROJECT = ROOT / "pyproject.toml"
+TESTING = ROOT / "testing"
 
 
-def run_mypy(*args: str, cache_dir: Path) -> tuple[str, int]:
+def run_mypy(*args: str, cache_dir: Path, project: Path = ROOT) -> tuple[str, int]:
     cwd = os.getcwd()
-    os.chdir(ROOT)  # [tool.mypy] names its files relative to the project
+    os.chdir(project)  # [tool.mypy] names its files relative to the project
     try:
-        stdout, stderr, status = mypy_api.run(["--config-file", str(PYPROJECT),
+        stdout, stderr, status = mypy_api.run(["--config-file", str(project / "pyproject.toml"),
                                                "--cache-dir", str(cache_dir), *args])
     finally:
         os.chdir(cwd)
@@ -28,6 +31,15 @@ def test_runtime_package_has_no_mypy_error(tmp_path):
     out, status = run_mypy(cache_dir=tmp_path)
     assert status == 0, out
     assert "Success: no issues found" in out, out
+
+
+def test_testing_distribution_has_no_mypy_error(tmp_path):
+    out, status = run_mypy(cache_dir=tmp_path, project=TESTING)
+    assert status == 0, out
+    # it looked at the fake's modules, not at nothing, and in strict mode
+    found = re.search(r"Success: no issues found in (\d+) source files", out)
+    assert found and int(found[1]) >= 20, out
+    assert "strict = true" in (TESTING / "pyproject.toml").read_text()
 
 
 def test_public_names_have_real_types(tmp_path):

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable, ParamSpec, TextIO, TypeVar
 import click
 
 from .. import exitcodes
+from .abi_option import check_env_nr, env_lu_abi, lu_abi_option, option_lu_abi
 from .output import CommandError, echo_json, echo_table, error_object, json_option, report_error, warn
 
 if TYPE_CHECKING:
@@ -147,8 +148,7 @@ def _plan_options(fn: Callable[..., None]) -> Callable[..., None]:
                      help="Preserve an iommufd mapping the memfds even without --device."),
         click.option("--iova", "base_iova", metavar="ADDR",
                      help="Map the memfds at fixed IOVAs from ADDR up (default: the kernel picks)."),
-        click.option("--lu-abi", metavar="v1|v2|probe",
-                     help="LU ABI revision for marking HWPTs (default: $PYIOMMUFD_LU_ABI or probe)."),
+        lu_abi_option(),
     ]
     for opt in reversed(opts):
         fn = opt(fn)
@@ -160,10 +160,9 @@ def _build_plan(plan_file: str | None, session: str | None, memfds: tuple[str, .
                 with_iommufd: bool, base_iova: str | None, lu_abi: str | None) -> Plan:
     plan = _plan_from_input(plan_file, session, memfds, devices, hwpt_tokens, device_tokens, iommufd_token,
                             with_iommufd, base_iova, lu_abi)
-    if plan.lu_abi is None:
-        from ..abi import env_revision
-
-        plan.lu_abi = env_revision()  # a bad $PYIOMMUFD_LU_ABI is bad input here too
+    check_env_nr()
+    if plan.lu_abi is None:  # neither --lu-abi nor the file chose: the CLI passes the variable down
+        plan.lu_abi = env_lu_abi()
     return plan
 
 
@@ -173,8 +172,7 @@ def _plan_from_input(plan_file: str | None, session: str | None, memfds: tuple[s
                      lu_abi: str | None) -> Plan:
     from .. import planner
 
-    if lu_abi is not None and lu_abi.lower() not in ("v1", "v2", "lu-v1", "lu-v2", "probe"):
-        raise _usage(f"--lu-abi {lu_abi!r}: use v1, v2 or probe")
+    lu_abi = option_lu_abi(lu_abi)
     if plan_file is not None:
         extra = [name for name, value in (("--memfd", memfds), ("--device", devices),
                                           ("--hwpt-token", hwpt_tokens), ("--device-token", device_tokens),

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from .. import exitcodes
+from .abi_option import lu_abi_option, resolve_lu_abi
 from .output import (CommandError, echo_json, error_object, exit_with, json_document, json_option,
                      report_error, write_durably)
 
@@ -64,15 +65,10 @@ def resolve_device(device: str, backend: Backend) -> str:
 
 
 def _validate(session_name: str, lu_abi: str | None) -> str | None:
-    from .. import abi, luo
+    from .. import luo
 
     luo.check_session_name(session_name)  # UsageError -> 2
-    abi.env_revision()  # a bad $PYIOMMUFD_LU_ABI or $PYIOMMUFD_LU_NR -> 2, before the run
-    if lu_abi is None:
-        return None
-    if lu_abi.lower() == "probe":
-        return lu_abi
-    return abi.lookup(lu_abi).name  # UsageError -> 2 for an unknown revision
+    return resolve_lu_abi(lu_abi)  # a bad --lu-abi or $PYIOMMUFD_LU_* -> 2, before the run
 
 
 def _first_failure(report: Report) -> Step | None:
@@ -148,8 +144,7 @@ class _ReportSink:
 @click.argument("device", metavar="CDEV|BDF")
 @click.option("--session", "session_name", default=DEFAULT_SESSION, show_default=True,
               help="LUO session name (1 to 63 bytes).")
-@click.option("--lu-abi", default=None, metavar="v1|v2|probe",
-              help="Revision of the LU mark ioctl (default: $PYIOMMUFD_LU_ABI, else probe).")
+@lu_abi_option()
 @click.option("--kexec", "kexec_kernel", default=None, metavar="KERNEL",
               help="After a passing stage 1, kexec into KERNEL from this process.")
 @click.option("--initrd", default=None, metavar="FILE", help="initrd for --kexec.")

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable, TypeVar
 import click
 
 from .. import exitcodes
+from .abi_option import SPELLED, lu_abi_option, option_lu_abi
 from .output import CommandError, echo_json, error_object, exit_with, json_option, report_error
 
 if TYPE_CHECKING:   # the VM modules are imported only when a command runs
@@ -267,7 +268,7 @@ def _last_error_line(text: str) -> str | None:
               "from the patched tree.")
 @click.option("--c-selftest", default=None, metavar="PATH",
               help="With --program c and --kernel: the C selftest binary to run.")
-@click.option("--lu-abi", default=None, metavar="v1|v2|probe", help="Passed to the guest's selftest.")
+@lu_abi_option(help=f"For the guest's selftest: {SPELLED} (default: probe).")
 @click.option("--lu-nr", default=None, metavar="NR",
               help="The LU ioctl's nr in that kernel (e.g. 0x96), as $PYIOMMUFD_LU_NR in the guest.")
 @click.option("--session", "session_name", default="iommufd-test", show_default=True)
@@ -292,8 +293,7 @@ def selftest(kernel: str | None, patches: tuple[str, ...], fragments: tuple[str,
     if c_selftest is not None and not os.path.isfile(c_selftest):
         raise CommandError(f"--c-selftest {c_selftest}: no such file")
     luo.check_session_name(session_name)
-    if lu_abi is not None and lu_abi.lower() != "probe":
-        lu_abi = abi.lookup(lu_abi).name
+    lu_abi = option_lu_abi(lu_abi)
     env: dict[str, str] = {}
     if lu_nr is not None:
         env[abi.ENV_NR] = f"{abi.parse_nr(lu_nr):#x}"

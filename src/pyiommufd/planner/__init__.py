@@ -4,7 +4,7 @@ the kernel (``pyiommufd plan --dry-run``), then execute them.
 A plan is declarative (TOML, JSON, or built from CLI options)::
 
     session = "vm0"
-    lu_abi = "lu-v1"                 # lu-v1 | lu-v2 | probe (default: probe)
+    lu_abi = "lu-v1"                 # lu-v1 (v1, set) | lu-v2 (v2, mark) | probe (default: probe)
 
     [[memfd]]
     name = "guest-ram"

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 from typing import Callable, Iterable, Iterator, Literal, NamedTuple
 
 from ..abi import REVISIONS as ABI_REVISIONS
+from ..abi import parse_lu_abi
 from ..errors import UsageError
 from ..luo import check_session_name
 from ..manifest import MANIFEST_TOKEN
@@ -160,9 +161,12 @@ def session_name(plan: Plan) -> Iterator[Problem]:
 
 
 def lu_abi_known(plan: Plan) -> Iterator[Problem]:
-    if plan.lu_abi is not None and plan.lu_abi.lower() != "probe" and abi_name(plan) is None:
-        yield error("lu-abi", f"unknown LU ABI revision {plan.lu_abi!r} (lu-v1, lu-v2, probe)", "lu_abi",
-                    "2.1, 2.3")
+    if plan.lu_abi is None:
+        return
+    try:
+        parse_lu_abi(plan.lu_abi)
+    except UsageError as exc:
+        yield error("lu-abi", str(exc), "lu_abi", "2.1, 2.3")
 
 
 def one_session(plan: Plan) -> Iterator[Problem]:

@@ -10,7 +10,8 @@ import tomllib
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable
 
-from ..abi import lookup as abi_lookup
+from ..abi import SPELLINGS as ABI_SPELLINGS
+from ..abi import LuAbi, parse_lu_abi
 from ..errors import UsageError
 from ..memfd import LIVE_UPDATE_SEALS, LUO_PRESERVABLE_SEALS, seal_names
 from ..memfd import WRITE_SEALS as MEMFD_WRITE_SEALS
@@ -339,7 +340,7 @@ def plan_from_dict(data: Any, *, base_dir: str | None = None) -> Plan:
         raise UsageError("plan: `session` (the LUO session name) is required")
     lu_abi = data.get("lu_abi")
     if lu_abi is not None and not isinstance(lu_abi, str):
-        raise UsageError(f"plan.lu_abi: a string (lu-v1, lu-v2, probe), not {lu_abi!r}")
+        raise UsageError(f"plan.lu_abi: a string ({', '.join(ABI_SPELLINGS)}), not {lu_abi!r}")
     plan = Plan(session=session, lu_abi=lu_abi, manifest=_bool(data.get("manifest"), "plan.manifest", True))
     for i, m in enumerate(_items(data, ("memfd", "memfds"), "plan")):
         w = f"memfd[{i}]"
@@ -543,12 +544,13 @@ def plan_from_options(session: str | None, *, memfds: Iterable[str] = (), device
 # -- queries the rules, the order and the execution share ---------------------------------
 def abi_name(plan: Plan) -> str | None:
     """The LU ABI the plan asks for, normalized; None for probe, unspecified or unknown."""
-    if plan.lu_abi is None or plan.lu_abi.lower() == "probe":
+    if plan.lu_abi is None:
         return None
     try:
-        return abi_lookup(plan.lu_abi).name
+        choice = parse_lu_abi(plan.lu_abi)
     except UsageError:
         return None
+    return choice.name if isinstance(choice, LuAbi) else None
 
 
 def marked_hwpts(plan: Plan) -> list[tuple[IommufdSpec, HwptSpec]]:

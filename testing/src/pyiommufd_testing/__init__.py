@@ -15,10 +15,15 @@ and returns normally.
 """
 # Lazy: the pytest plugin lives in this package and loads in every pytest
 # run, which should not pay for importing the whole fake kernel.
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:   # pragma: no cover
+    from .fake import FakeKernel as FakeKernel, FakePciDevice as FakePciDevice, SimulatedKexec as SimulatedKexec
+
 __all__ = ["FakeKernel", "FakePciDevice", "SimulatedKexec"]
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     if name in __all__:
         from . import fake
 

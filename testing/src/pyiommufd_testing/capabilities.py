@@ -20,9 +20,13 @@ import errno as E
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from pyiommufd import abi as abi_mod, errors
 from pyiommufd.backend import Backend, get_backend
+
+if TYPE_CHECKING:   # pragma: no cover
+    from pyiommufd.luo import LiveUpdate, Session
 
 PROBE_SESSION = "pyiommufd-caps-probe"
 PROBE_TOKEN_HWPT = 0x5EED
@@ -60,7 +64,7 @@ class KernelCaps:
         return cls(**json.loads(path.read_text()))
 
 
-def _preserve_errno(session, obj, token: int) -> int | None:
+def _preserve_errno(session: Session, obj: Any, token: int) -> int | None:
     try:
         session.preserve(obj, token)
     except errors.KernelError as exc:
@@ -77,7 +81,7 @@ def _handler_answer(err: int | None, what: str) -> bool:
     return err is None
 
 
-def probe(*, liveupdate=None, vfio_cdev: str | None = None,
+def probe(*, liveupdate: LiveUpdate | None = None, vfio_cdev: str | None = None,
           backend: Backend | None = None) -> KernelCaps:
     """Ask the kernel. ``liveupdate`` is an open :class:`pyiommufd.luo.LiveUpdate`
     to use (``/dev/liveupdate`` is exclusive); ``vfio_cdev`` a device cdev on
@@ -101,14 +105,14 @@ def probe(*, liveupdate=None, vfio_cdev: str | None = None,
     return KernelCaps(result.nr, result.status, iommufd_handler, vfio_handler)
 
 
-def _probe_iommufd(lu, be) -> bool:
+def _probe_iommufd(lu: LiveUpdate, be: Backend) -> bool:
     from pyiommufd.iommufd import IOMMUFD
 
     with lu.create_session(PROBE_SESSION) as session, IOMMUFD.open(backend=be) as iommufd:
         return _handler_answer(_preserve_errno(session, iommufd, _IOMMUFD_TOKEN), "an empty iommufd")
 
 
-def _probe_vfio(lu, vfio_cdev: str, lu_abi: abi_mod.LuAbi | None, be) -> bool:
+def _probe_vfio(lu: LiveUpdate, vfio_cdev: str, lu_abi: abi_mod.LuAbi | None, be: Backend) -> bool:
     """Preserve the cdev with what the series asks for in place: bound, attached
     to a marked HWPT, its iommufd preserved first. Without the series' mark
     ioctl and iommufd handler no vfio-pci handler can accept a cdev (it hands

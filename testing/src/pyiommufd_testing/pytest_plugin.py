@@ -54,9 +54,18 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Literal
 
 import pytest
+
+if TYPE_CHECKING:   # pragma: no cover
+    from pyiommufd.luo import LiveUpdate
+    from pyiommufd.vm.kernel import KernelRecipe
+    from pyiommufd.vm.runner import Job, VmResult
+
+# A phase report of a vm test: a pytest TestReport, often rebuilt from the
+# guest's JSON, carrying the plugin's own attributes (_vm_release, _vm_boot).
+Report = Any
 
 ENV_IN_GUEST = "PYIOMMUFD_IN_GUEST"
 ENV_REPORT = "PYIOMMUFD_VM_PYTEST_REPORT"     # file name inside the results share
@@ -84,17 +93,17 @@ KEXEC_MARK = "pyiommufd_kexec"
 ENV_TARGET = "PYIOMMUFD_VM_TARGET"    # the kernel's name, for reports only
 
 
-def _is_vm(item) -> bool:
+def _is_vm(item: pytest.Item) -> bool:
     return item.get_closest_marker(VM_MARK) is not None or _is_kexec(item)
 
 
-def _is_kexec(item) -> bool:
+def _is_kexec(item: pytest.Item) -> bool:
     return item.get_closest_marker(KEXEC_MARK) is not None
 
 
 # -- hooks shared by both sides -------------------------------------------------------
 
-def pytest_addoption(parser) -> None:
+def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("pyiommufd-vm", "pyiommufd VM tier (real Linux 7.3 in QEMU)")
     group.addoption("--vm-kernel", metavar="PATH", default=None,
                     help="boot this bzImage instead of the kernels of pyiommufd_vm_kernels")
@@ -113,7 +122,7 @@ def pytest_addoption(parser) -> None:
                   help="kernels for the vm tier, one a line: NAME [PATCH ...] [VAR=VALUE ...]")
 
 
-def pytest_configure(config) -> None:
+def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", f"{VM_MARK}: runs inside a QEMU guest on a real Linux 7.3 kernel (pyiommufd)")
     config.addinivalue_line(
@@ -141,9 +150,10 @@ class LuStage:
         digest = hashlib.sha256(self.nodeid.encode()).hexdigest()[:16]
         return self._results / LU_STATE_DIR / f"{digest}.json"
 
-    def _read(self) -> dict:
+    def _read(self) -> dict[str, Any]:
         try:
-            return json.loads(self._state_file.read_text())
+            data: dict[str, Any] = json.loads(self._state_file.read_text())
+            return data
         except FileNotFoundError:
             return {}
 
@@ -172,9 +182,9 @@ class LuStage:
         return objects[0] if len(objects) == 1 else objects
 
     @property
-    def liveupdate(self):
+    def liveupdate(self) -> LiveUpdate:
         """The run's one open ``pyiommufd.luo.LiveUpdate`` (opened on first use)."""
-        lu = _SHARED.get("liveupdate")
+        lu: LiveUpdate | None = _SHARED.get("liveupdate")
         if lu is None:
             from pyiommufd.luo import LiveUpdate
             lu = _SHARED["liveupdate"] = LiveUpdate.open()
@@ -189,7 +199,7 @@ class LuStage:
 
 
 @pytest.fixture
-def lu_stage(request) -> LuStage:
+def lu_stage(request: pytest.FixtureRequest) -> LuStage:
     """Stage handle for ``@pytest.mark.pyiommufd_kexec`` tests (1 before, 2 after the kexec)."""
     if request.node.get_closest_marker(KEXEC_MARK) is None:
         pytest.fail(f"the lu_stage fixture is for @pytest.mark.{KEXEC_MARK} tests only",
@@ -206,7 +216,7 @@ def lu_stage(request) -> LuStage:
 class GuestSide:
     """Runs in the guest's pytest: reorder/select, record reports, kexec at the end."""
 
-    def __init__(self, config) -> None:
+    def __init__(self, config: pytest.Config) -> None:
         self.config = config
         self.stage = int(os.environ.get(ENV_LU_STAGE) or 1)
         self.report = _results() / os.environ[ENV_REPORT]
@@ -215,14 +225,15 @@ class GuestSide:
         self.kexec_items: dict[str, list[str]] = {}
         self.kexec_now = False
 
-    def _append(self, rec: dict) -> None:
+    def _append(self, rec: dict[str, Any]) -> None:
         rec.update(stage=self.stage, release=self.release, boot=self.boot)
         with open(self.report, "a") as f:
             f.write(json.dumps(rec) + "\n")
             f.flush()
 
     @pytest.hookimpl(trylast=True)
-    def pytest_collection_modifyitems(self, session, config, items) -> None:
+    def pytest_collection_modifyitems(self, session: pytest.Session, config: pytest.Config,
+                                      items: list[pytest.Item]) -> None:
         if self.stage == 2:
             try:
                 pending = set(json.loads((_results() / PENDING).read_text())["nodeids"])
@@ -239,27 +250,28 @@ class GuestSide:
         self.kexec_items = {it.nodeid: [] for it in items if _is_kexec(it)}
         self._append({"kind": "collected", "nodeids": [it.nodeid for it in items]})
 
-    def pytest_runtest_logreport(self, report) -> None:
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         data = self.config.hook.pytest_report_to_serializable(config=self.config, report=report)
         self._append({"kind": "test", "report": data})
         if report.nodeid in self.kexec_items:
             self.kexec_items[report.nodeid].append(
                 "passed" if report.passed and not hasattr(report, "wasxfail") else report.outcome)
 
-    def pytest_warning_recorded(self, warning_message, when, nodeid, location) -> None:
+    def pytest_warning_recorded(self, warning_message: Any, when: str, nodeid: str,
+                                location: tuple[str, int, str] | None) -> None:
         self._append({"kind": "warning", "nodeid": nodeid, "when": when,
                       "category": type(warning_message.message).__name__,
                       "message": str(warning_message.message),
                       "where": f"{warning_message.filename}:{warning_message.lineno}"})
 
-    def pytest_collectreport(self, report) -> None:
+    def pytest_collectreport(self, report: pytest.CollectReport) -> None:
         if report.failed:
             data = self.config.hook.pytest_report_to_serializable(config=self.config,
                                                                   report=report)
             self._append({"kind": "collect", "report": data})
 
     @pytest.hookimpl(trylast=True)
-    def pytest_sessionfinish(self, session, exitstatus) -> None:
+    def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
         self._append({"kind": "session", "exitstatus": int(exitstatus)})
         if self.stage != 1:
             return
@@ -271,7 +283,7 @@ class GuestSide:
             self.kexec_now = True
 
     @pytest.hookimpl(trylast=True)
-    def pytest_unconfigure(self, config) -> None:
+    def pytest_unconfigure(self, config: pytest.Config) -> None:
         if not self.kexec_now:
             return
         tw = config.get_terminal_writer()
@@ -290,7 +302,7 @@ class GuestSide:
 
 # -- host side -------------------------------------------------------------------------------
 
-def _outcome_word(reports) -> str:
+def _outcome_word(reports: list[Report]) -> str:
     for r in reports:
         if r.when in ("setup", "teardown") and r.failed:
             return "ERROR"
@@ -309,21 +321,21 @@ def _outcome_word(reports) -> str:
 SUMMARY_SECTION = "vm summary"
 
 
-def _summary_sections(reports) -> list[str]:
+def _summary_sections(reports: list[Report]) -> list[str]:
     return [(f"{title.split(':')[0]}: " if title.startswith("stage ") else "") + text
             for r in reports for title, text in r.sections if SUMMARY_SECTION in title]
 
 
-def _uses_hypothesis(item) -> bool:
+def _uses_hypothesis(item: pytest.Item) -> bool:
     return bool(getattr(getattr(item, "obj", None), "is_hypothesis_test", False))
 
 
-def _uses_fixture(name: str):
+def _uses_fixture(name: str) -> Callable[[pytest.Item], bool]:
     return lambda item: name in getattr(item, "fixturenames", ())
 
 
 # plugin module -> "does this vm item need it?"
-_ON_DEMAND_PLUGINS = {
+_ON_DEMAND_PLUGINS: dict[str, Callable[[pytest.Item], bool]] = {
     "_hypothesis_pytestplugin": _uses_hypothesis,
     "pytest_benchmark.plugin": _uses_fixture("benchmark"),
 }
@@ -364,7 +376,7 @@ class KernelTarget:
         why = (f"patch {', '.join(missing)} not found (relative to {rootdir})" if missing else None)
         return cls(words[0], tuple(patches), env, unavailable=why, fragments=tuple(fragments))
 
-    def recipe(self):
+    def recipe(self) -> KernelRecipe:
         from pyiommufd.vm import kernel as vmkernel
 
         return vmkernel.KernelRecipe.of(self.patches, self.fragments)
@@ -377,7 +389,7 @@ class KernelTarget:
         return f"{self.name} (7.3.4 + {' + '.join(p.name for p in self.patches)})"
 
 
-def kernel_targets(config) -> list[KernelTarget]:
+def kernel_targets(config: pytest.Config) -> list[KernelTarget]:
     """The kernels this session's vm tier runs on, in order."""
     user = config.getoption("vm_kernel")
     if user:
@@ -404,24 +416,24 @@ class _VmOutcome:
     def __init__(self) -> None:
         self.ran = False               # pytest started in the guest
         self.unavailable: str | None = None   # why the tier did not run at all
-        self.result = None             # runner.VmResult
-        self.records: dict[int, dict[str, list]] = {1: {}, 2: {}}
-        self.collect_errors: list = []
+        self.result: VmResult | None = None
+        self.records: dict[int, dict[str, list[Report]]] = {1: {}, 2: {}}
+        self.collect_errors: list[Report] = []
         self.guest_release: dict[int, str] = {}
         self.guest_boot: dict[int, int] = {}
         self.kexec_error: str | None = None
-        self.warnings: list[tuple[int, dict]] = []
+        self.warnings: list[tuple[int, dict[str, Any]]] = []
         self.seconds = 0.0
 
 
-def _clone(item, target: str):
+def _clone(item: Any, target: str) -> pytest.Item:
     """A host item standing for ``item`` run on another kernel (never run on
     the host: the plugin reports the guest's outcome for it). Its node id is
     the item's with ``@target``: ``test_x[p]@target`` (pytest < 9.2 builds ids
     from the name) or ``test_x@target[p]`` (9.2 builds them from the original
     name and the parameters)."""
     original = getattr(item, "originalname", None) or item.name
-    clone = type(item).from_parent(
+    clone: pytest.Item = type(item).from_parent(
         item.parent, name=f"{item.name}@{target}", callspec=getattr(item, "callspec", None),
         callobj=getattr(item, "obj", None), fixtureinfo=getattr(item, "_fixtureinfo", None),
         originalname=f"{original}@{target}", keywords=dict(item.keywords))
@@ -445,18 +457,19 @@ def split_target(nodeid: str) -> tuple[str, str | None]:
 
 
 class HostSide:
-    def __init__(self, config) -> None:
+    def __init__(self, config: pytest.Config) -> None:
         self.config = config
         self.targets: list[KernelTarget] = []
-        self.vm_items: list = []          # the tests' own items (what the guest collects)
-        self.placement: dict[str, tuple[KernelTarget, Any]] = {}   # host nodeid -> (kernel, item)
+        self.vm_items: list[pytest.Item] = []          # the tests' own items (what the guest collects)
+        self.placement: dict[str, tuple[KernelTarget, pytest.Item]] = {}   # host nodeid -> (kernel, item)
         self.deselected = 0
         self.outcomes: dict[str, _VmOutcome] = {}
         self.lines: dict[str, list[str]] = {}
 
     # collection
     @pytest.hookimpl(trylast=True)
-    def pytest_collection_modifyitems(self, session, config, items) -> None:
+    def pytest_collection_modifyitems(self, session: pytest.Session, config: pytest.Config,
+                                      items: list[pytest.Item]) -> None:
         for it in items:
             if _is_kexec(it) and it.get_closest_marker(VM_MARK) is None:
                 it.add_marker(VM_MARK)
@@ -481,7 +494,7 @@ class HostSide:
 
     # running
     @pytest.hookimpl(tryfirst=True)
-    def pytest_runtest_protocol(self, item, nextitem):
+    def pytest_runtest_protocol(self, item: pytest.Item, nextitem: pytest.Item | None) -> bool | None:
         placed = self.placement.get(item.nodeid)
         if placed is None:
             return None
@@ -508,7 +521,7 @@ class HostSide:
         else:
             print(msg, flush=True)
 
-    def _job(self, target: KernelTarget):
+    def _job(self, target: KernelTarget) -> Job:
         from pyiommufd.vm import runner
         rootdir = str(self.config.rootpath)
         base = [runner.python_executable(), "-m", "pytest", "-p", "no:cacheprovider", "-v",
@@ -538,7 +551,7 @@ class HostSide:
         names = [__name__]
         for plugin, _dist in self.config.pluginmanager.list_plugin_distinfo():
             name = getattr(plugin, "__name__", None)
-            needed = _ON_DEMAND_PLUGINS.get(name)
+            needed = _ON_DEMAND_PLUGINS.get(name) if name is not None else None
             if needed is not None and not any(needed(it) for it in self.vm_items):
                 continue
             if name and name not in names:
@@ -611,7 +624,9 @@ class HostSide:
         return out
 
     # report construction
-    def _synthetic(self, item, when: str, outcome: str, longrepr, sections=()):
+    def _synthetic(self, item: pytest.Item, when: Literal["setup", "call", "teardown"],
+                   outcome: Literal["passed", "failed", "skipped"], longrepr: Any,
+                   sections: Iterable[tuple[str, str]] = ()) -> pytest.TestReport:
         from _pytest.reports import TestReport
         now = time.time()
         if outcome == "skipped" and isinstance(longrepr, str):
@@ -620,7 +635,7 @@ class HostSide:
         return TestReport(item.nodeid, item.location, {k: 1 for k in item.keywords}, outcome,
                           longrepr, when, list(sections), 0.0, now, now, [])
 
-    def _not_run_reports(self, item, reason: str):
+    def _not_run_reports(self, item: pytest.Item, reason: str) -> list[Report]:
         if os.environ.get("CI") == "true":
             msg = f"VM tier did not run (CI=true makes this a failure): {reason}"
             return [self._synthetic(item, "setup", "passed", None),
@@ -644,7 +659,7 @@ class HostSide:
             return f"no result from the guest: VM timed out after {res.timeout:.0f}s"
         return "no result from the guest (not collected there? see the collection errors)"
 
-    def _complete(self, item, reps: list, stage: int, vm: _VmOutcome) -> list:
+    def _complete(self, item: pytest.Item, reps: list[Report], stage: int, vm: _VmOutcome) -> list[Report]:
         """Pad a partial set of phase reports (the guest died mid-test)."""
         whens = [r.when for r in reps]
         out = list(reps)
@@ -661,20 +676,20 @@ class HostSide:
             out.append(self._synthetic(item, "teardown", "passed", None))
         return out
 
-    def _annotate(self, reps: list, text: str) -> None:
+    def _annotate(self, reps: list[Report], text: str) -> None:
         for r in reps:
             r.sections.append(("vm", text))
             rel = getattr(r, "_vm_release", None)
             r.user_properties = list(r.user_properties) + [("vm_kernel", rel or "?")]
 
-    def _reports_for(self, item, original, target: KernelTarget) -> list:
+    def _reports_for(self, item: pytest.Item, original: pytest.Item, target: KernelTarget) -> list[Report]:
         reps = self._guest_reports(item, original, target)
         for r in reps:   # a clone reports the guest's outcome under its own id
             r.nodeid, r.location = item.nodeid, item.location
         self.lines.setdefault(target.name, []).extend(_summary_sections(reps))
         return reps
 
-    def _guest_reports(self, item, original, target: KernelTarget) -> list:
+    def _guest_reports(self, item: pytest.Item, original: pytest.Item, target: KernelTarget) -> list[Report]:
         out = self.outcomes[target.name]
         lines = self.lines.setdefault(target.name, [])
         tag = target.name
@@ -731,7 +746,7 @@ class HostSide:
         return reps2
 
     # summary
-    def pytest_terminal_summary(self, terminalreporter) -> None:
+    def pytest_terminal_summary(self, terminalreporter: pytest.TerminalReporter) -> None:
         tr = terminalreporter
         if self.deselected:
             tr.write_sep("!", f"VM tier NOT run: --no-vm deselected {self.deselected} vm test(s)",
@@ -749,7 +764,7 @@ class HostSide:
                 tr.write_line(line)
             self._summarize(tr, target, out)
 
-    def _summarize(self, tr, target: KernelTarget, out: _VmOutcome) -> None:
+    def _summarize(self, tr: pytest.TerminalReporter, target: KernelTarget, out: _VmOutcome) -> None:
         for stage, w in out.warnings[:20]:
             tr.write_line(f"[vm {target.name}] guest warning (stage {stage}) {w.get('nodeid') or ''}: "
                           f"{w.get('category')}: {w.get('message')} ({w.get('where')})",
@@ -770,6 +785,7 @@ class HostSide:
                 tr.write_line(f"serial log: {res.serial_log}; tail:")
                 tr.write_line(res.serial_tail(25))
             return
+        assert res is not None      # it ran: only a run that did not start leaves none
         n_run = sum(1 for it in self.vm_items if it.nodeid in out.records[1])
         rel = out.guest_release.get(1) or "?"
         t = res.timings

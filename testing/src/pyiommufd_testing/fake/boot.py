@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass, field
 
 from .files import FileTable, OpenFile
+from .kexec import KexecImage
 from .iommufd import VTD_CAP, VTD_ECAP, ecap_dev_iotlb_support
 from .luo import HandoverSession, Luo
 from .memfd import MemfdLuoHandler, adopt_memfd, is_real_memfd
@@ -76,8 +77,8 @@ class Boot:
         self.allow_unsafe_interrupts = False
         self.iommu_caps = IommuCaps(dirty_tracking=config.dirty_tracking)
         self.cmdline = config.cmdline
-        self.kexec_image = None
-        self.crash_image = None
+        self.kexec_image: KexecImage | None = None
+        self.crash_image: KexecImage | None = None
         self.kexec_load_disabled = False
         self.table = FileTable()
         self.table.adopt = self._adopt

@@ -23,10 +23,14 @@ from __future__ import annotations
 
 import ctypes
 import errno as E
+import mmap as _mmap
 import os
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Self
 
 from .uaccess import fail
+
+if TYPE_CHECKING:   # pragma: no cover
+    from .uaccess import UserMemory
 
 SYS_KCMP = 312          # x86_64
 KCMP_FILE = 0
@@ -60,7 +64,7 @@ class OpenFile:
         self.pos = 0
 
     # -- reference counting ---------------------------------------------------
-    def get(self) -> "OpenFile":
+    def get(self) -> Self:
         """Take a kernel-side reference (``get_file``)."""
         self.krefs += 1
         return self
@@ -91,7 +95,8 @@ class OpenFile:
     def release(self) -> None:
         """``f_op->release``: the last reference is gone."""
 
-    def ioctl(self, fd: int, request: int, buf, mem) -> int:
+    def ioctl(self, fd: int, request: int, buf: Any, mem: UserMemory) -> int:
+        """``buf``: the caller's argument buffer, or an int for a by-value ioctl."""
         fail(E.ENOTTY)
 
     def ioctl_int(self, fd: int, request: int, value: int) -> int:
@@ -124,7 +129,7 @@ class OpenFile:
             fail(E.EINVAL)              # not a shmem/hugetlb file
         return _fcntl.fcntl(fd, cmd, arg)
 
-    def mmap(self, fd: int, length: int, offset: int, prot: int):
+    def mmap(self, fd: int, length: int, offset: int, prot: int) -> _mmap.mmap:
         fail(E.ENODEV)
 
     def sibling(self) -> "OpenFile | None":
@@ -148,6 +153,7 @@ class FileTable:
         #: fd numbers a previous boot's process still believes it owns (see
         #: FakeKernel.close); new fds the fake creates never take them
         self.avoid: set[int] = set()
+        self._libc: ctypes.CDLL | None
         try:
             self._libc = ctypes.CDLL(None, use_errno=True)
             self._libc.syscall.restype = ctypes.c_long
@@ -234,7 +240,7 @@ class FileTable:
         if not self._kcmp_works or self._libc is None or file.kfd < 0:
             return None
         pid = os.getpid()
-        rc = self._libc.syscall(SYS_KCMP, pid, pid, KCMP_FILE, fd, file.kfd)
+        rc: int = self._libc.syscall(SYS_KCMP, pid, pid, KCMP_FILE, fd, file.kfd)
         if rc < 0:
             self._kcmp_works = False
             return None
@@ -355,7 +361,7 @@ class ForeignFile(OpenFile):
         except OSError:
             self.path = "?"
 
-    def get(self) -> "OpenFile":
+    def get(self) -> Self:
         return self         # the real kernel holds it; the fake cannot
 
     def put(self) -> None:

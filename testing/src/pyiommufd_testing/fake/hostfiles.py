@@ -18,14 +18,25 @@ import re
 import shutil
 import tempfile
 import weakref
-from typing import TYPE_CHECKING, Callable, TypeVar
+from typing import TYPE_CHECKING, Callable, Protocol, TypeVar
 
 from pyiommufd.backend import oserror
 
-from .sysfs import is_kernel_path
+from .sysfs import FakeFs, is_kernel_path
 
-if TYPE_CHECKING:
-    from .kernel import FakeKernel
+if TYPE_CHECKING:   # pragma: no cover
+    from .boot import Boot
+
+
+class _Kernel(Protocol):
+    """What the host files need of :class:`~.kernel.FakeKernel` (not
+    imported: the kernel module imports this one)."""
+
+    @property
+    def fs(self) -> FakeFs: ...
+    @property
+    def boot(self) -> Boot: ...
+
 
 T = TypeVar("T")
 
@@ -36,10 +47,10 @@ def _remove_tree(root: str, owner_pid: int) -> None:
 
 
 class FakeHostFiles:
-    def __init__(self, kernel: "FakeKernel") -> None:
-        self._kernel = weakref.proxy(kernel)
+    def __init__(self, kernel: _Kernel) -> None:
+        self._kernel: _Kernel = weakref.proxy(kernel)
         self._root: str | None = None
-        self._removal: weakref.finalize | None = None
+        self._removal: weakref.finalize[[str, int], FakeHostFiles] | None = None
         self._closed = False
         #: path -> content of what the kernel's packages installed, for a tree made later
         self._installed: dict[str, bytes] = {}
@@ -160,7 +171,7 @@ class FakeHostFiles:
         if own_fd:
             # Linux knows every fd, also one that came by SCM_RIGHTS: the fake learns it now
             self._kernel.boot.table.lookup(int(own_fd[1]))
-        return self._serve(path, self._kernel.fs.readlink, os.readlink)
+        return self._serve(path, self._kernel.fs.readlink, lambda local: os.readlink(local))
 
     def realpath(self, path: str) -> str:
         if is_kernel_path(path):

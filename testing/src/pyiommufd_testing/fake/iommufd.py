@@ -35,14 +35,15 @@ from __future__ import annotations
 
 import errno as E
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, TypeVar, cast, overload
 
 from .files import OpenFile
 from .iopt import Iopt, Pages
-from .uaccess import PAGE_SIZE, U64_MAX, ULONG_MAX, IoctlArg, UserMemory, fail, getf, offsetofend
+from .uaccess import PAGE_SIZE, U64_MAX, ULONG_MAX, CData, IoctlArg, UserMemory, fail, getf, offsetofend
 
 if TYPE_CHECKING:   # pragma: no cover
     from .boot import Boot
+    from .pci import IommuGroup
     from .vfio import VfioDevice
 
 IOMMUFD_TYPE = 0x3B
@@ -76,6 +77,9 @@ VTD_PGSIZES = (1 << 12) | (1 << 21) | (1 << 30)
 MSI_WINDOW = (0xFEE00000, 0xFEEFFFFF)
 
 
+_O = TypeVar("_O", bound="Obj")
+
+
 def io(nr: int) -> int:
     return (IOMMUFD_TYPE << 8) | nr
 
@@ -100,7 +104,7 @@ class Ioas(Obj):
         self.iopt = Iopt()
         self.hwpts: list["HwptPaging"] = []
 
-    def destroy(self, ctx):
+    def destroy(self, ctx: IommufdCtx) -> None:
         # the kernel would WARN and leak an immutable IOAS's areas; the fake
         # drops them so that no file reference is leaked
         self.iopt.lu_immutable = False
@@ -184,7 +188,7 @@ class HwptPaging(Hwpt):
         self.lu_preserve = False
         self.lu_token = 0
 
-    def destroy(self, ctx):
+    def destroy(self, ctx: IommufdCtx) -> None:
         self.ioas.iopt.remove_domain(self.domain)
         if self in self.ioas.hwpts:
             self.ioas.hwpts.remove(self)
@@ -214,7 +218,7 @@ class Device(Obj):
         self.attach: dict[int, Hwpt] = {}       # pasid -> hwpt
 
     @property
-    def group(self):
+    def group(self) -> IommuGroup:
         return self.vdev.state.group
 
     def unbind(self) -> None:
@@ -233,11 +237,11 @@ class EventqFile(OpenFile):
         self.obj = obj
         self.path = f"anon_inode:{name}"
 
-    def release(self):
+    def release(self) -> None:
         self.obj.users -= 1
         self.ctx.file.put()
 
-    def read(self, fd, length):
+    def read(self, fd: int, length: int) -> bytes:
         fail(E.EAGAIN)
 
 
@@ -257,12 +261,13 @@ class IommufdCtx:
         self.boot = boot
         self.objects: dict[int, Obj] = {}
         self.account_mode_mm = False
-        self.vfio_ioas: Ioas | None = None
+        self.compat_ioas: Ioas | None = None  # not vfio_ioas: that is the handler
+        # IommufdFile.__init__ sets it at once: no context lives without its file
         self.file: "IommufdFile" = None     # type: ignore[assignment]
         self.mem: UserMemory | None = None
 
     # -- object table ------------------------------------------------------------------
-    def alloc(self, obj: Obj) -> Obj:
+    def alloc(self, obj: _O) -> _O:
         new_id = 1
         while new_id in self.objects:
             new_id += 1
@@ -272,7 +277,12 @@ class IommufdCtx:
         self.objects[new_id] = obj
         return obj
 
-    def get(self, oid: int, kind: type | tuple[type, ...] | None = None) -> Obj:
+    @overload
+    def get(self, oid: int, kind: type[_O]) -> _O: ...
+    @overload
+    def get(self, oid: int, kind: tuple[type[Obj], ...] | None = None) -> Obj: ...
+
+    def get(self, oid: int, kind: type[Obj] | tuple[type[Obj], ...] | None = None) -> Obj:
         obj = self.objects.get(oid)
         if obj is None or (kind is not None and not isinstance(obj, kind)) or obj.users <= 0:
             fail(E.ENOENT)
@@ -281,8 +291,8 @@ class IommufdCtx:
     def remove(self, obj: Obj) -> None:
         obj.destroy(self)
         self.objects.pop(obj.id, None)
-        if self.vfio_ioas is obj:
-            self.vfio_ioas = None
+        if self.compat_ioas is obj:
+            self.compat_ioas = None
 
     def destroy_all(self) -> None:
         """``iommufd_fops_release``: leaves first until nothing is left."""
@@ -310,7 +320,7 @@ class IommufdCtx:
             ops[series.lu_nr] = Op(series.lu_nr, series.struct, "hwpt_token", series.mark_ioctl)
         return ops
 
-    def ioctl(self, request: int, buf, mem: UserMemory) -> int:
+    def ioctl(self, request: int, buf: Any, mem: UserMemory) -> int:
         self.mem = mem
         nr = request & 0xff
         ops = self.table()
@@ -330,7 +340,7 @@ class IommufdCtx:
         op.fn(self, arg, cmd)
         return 0
 
-    def vfio_compat(self, request: int, buf) -> int:
+    def vfio_compat(self, request: int, buf: Any) -> int:
         """K:drivers/iommu/iommufd/vfio_compat.c:513-536 (type-1 container emulation is not modelled)."""
         request &= 0xffffffff
         if request == VFIO_GET_API_VERSION:
@@ -349,7 +359,7 @@ class IommufdCtx:
         fail(E.ENOTTY)
 
     # -- commands -------------------------------------------------------------------------
-    def destroy(self, arg, cmd):
+    def destroy(self, arg: IoctlArg, cmd: CData) -> None:
         obj = self.objects.get(int(cmd.id))
         if obj is None:
             fail(E.ENOENT)
@@ -357,7 +367,7 @@ class IommufdCtx:
             fail(E.EBUSY)
         self.remove(obj)
 
-    def ioas_alloc(self, arg, cmd):
+    def ioas_alloc(self, arg: IoctlArg, cmd: CData) -> None:
         if cmd.flags:
             fail(E.EOPNOTSUPP)
         ioas = self.alloc(Ioas())
@@ -368,7 +378,7 @@ class IommufdCtx:
             self.remove(ioas)
             raise
 
-    def ioas_iova_ranges(self, arg, cmd):
+    def ioas_iova_ranges(self, arg: IoctlArg, cmd: CData) -> None:
         if getf(cmd, "__reserved"):
             fail(E.EOPNOTSUPP)
         ioas = self.get(int(cmd.ioas_id), Ioas)
@@ -377,20 +387,20 @@ class IommufdCtx:
         ranges = ioas.iopt.iova_ranges()
         cmd.out_iova_alignment = ioas.iopt.iova_alignment
         for i, (start, last) in enumerate(ranges[:max_iovas]):
-            self.mem.write(ptr + 16 * i, start.to_bytes(8, "little") + last.to_bytes(8, "little"))
+            arg.mem.write(ptr + 16 * i, start.to_bytes(8, "little") + last.to_bytes(8, "little"))
         cmd.num_iovas = len(ranges)
         arg.respond()
         if len(ranges) > max_iovas:
             fail(E.EMSGSIZE)
 
-    def ioas_allow_iovas(self, arg, cmd):
+    def ioas_allow_iovas(self, arg: IoctlArg, cmd: CData) -> None:
         if getf(cmd, "__reserved"):
             fail(E.EOPNOTSUPP)
         ioas = self.get(int(cmd.ioas_id), Ioas)
         ptr = int(cmd.allowed_iovas)
         loaded: list[tuple[int, int]] = []
         for i in range(int(cmd.num_iovas)):
-            raw = self.mem.read(ptr + 16 * i, 16)
+            raw = arg.mem.read(ptr + 16 * i, 16)
             start = int.from_bytes(raw[:8], "little")
             last = int.from_bytes(raw[8:], "little")
             if start >= last:
@@ -401,12 +411,12 @@ class IommufdCtx:
         ioas.iopt.set_allowed(loaded)
 
     @staticmethod
-    def _map_checks(cmd, reserved_field: bool) -> None:
+    def _map_checks(cmd: CData, reserved_field: bool) -> None:
         if (cmd.flags & ~(MAP_FIXED_IOVA | MAP_WRITEABLE | MAP_READABLE)) or (
                 reserved_field and getf(cmd, "__reserved")):
             fail(E.EOPNOTSUPP)
 
-    def ioas_map(self, arg, cmd):
+    def ioas_map(self, arg: IoctlArg, cmd: CData) -> None:
         self._map_checks(cmd, True)
         if cmd.iova >= ULONG_MAX or cmd.length >= ULONG_MAX:
             fail(E.EOVERFLOW)
@@ -421,10 +431,10 @@ class IommufdCtx:
         fixed = bool(cmd.flags & MAP_FIXED_IOVA)
         cmd.iova = ioas.iopt.map_pages([(pages, uptr - down, length)], length,
                                        int(cmd.iova) if fixed else None,
-                                       bool(cmd.flags & MAP_WRITEABLE), self.mem)
+                                       bool(cmd.flags & MAP_WRITEABLE), arg.mem)
         arg.respond()
 
-    def ioas_map_file(self, arg, cmd):
+    def ioas_map_file(self, arg: IoctlArg, cmd: CData) -> None:
         self._map_checks(cmd, False)
         if cmd.iova >= ULONG_MAX or cmd.length >= ULONG_MAX:
             fail(E.EOVERFLOW)
@@ -444,10 +454,10 @@ class IommufdCtx:
         fixed = bool(cmd.flags & MAP_FIXED_IOVA)
         cmd.iova = ioas.iopt.map_pages([(pages, start_byte, length)], length,
                                        int(cmd.iova) if fixed else None,
-                                       bool(cmd.flags & MAP_WRITEABLE), self.mem)
+                                       bool(cmd.flags & MAP_WRITEABLE), arg.mem)
         arg.respond()
 
-    def ioas_copy(self, arg, cmd):
+    def ioas_copy(self, arg: IoctlArg, cmd: CData) -> None:
         if cmd.flags & ~(MAP_FIXED_IOVA | MAP_WRITEABLE | MAP_READABLE):
             fail(E.EOPNOTSUPP)
         if cmd.length >= ULONG_MAX or cmd.src_iova >= ULONG_MAX or cmd.dst_iova >= ULONG_MAX:
@@ -465,10 +475,10 @@ class IommufdCtx:
         fixed = bool(cmd.flags & MAP_FIXED_IOVA)
         cmd.dst_iova = dst.iopt.map_pages(elems, int(cmd.length),
                                           int(cmd.dst_iova) if fixed else None,
-                                          bool(cmd.flags & MAP_WRITEABLE), self.mem)
+                                          bool(cmd.flags & MAP_WRITEABLE), arg.mem)
         arg.respond()
 
-    def ioas_unmap(self, arg, cmd):
+    def ioas_unmap(self, arg: IoctlArg, cmd: CData) -> None:
         ioas = self.get(int(cmd.ioas_id), Ioas)
         iova, length = int(cmd.iova), int(cmd.length)
         if iova == 0 and length == U64_MAX:
@@ -486,7 +496,7 @@ class IommufdCtx:
         cmd.length = unmapped
         arg.respond()
 
-    def ioas_change_process(self, arg, cmd):
+    def ioas_change_process(self, arg: IoctlArg, cmd: CData) -> None:
         if getf(cmd, "__reserved"):
             fail(E.EOPNOTSUPP)
         for obj in self.objects.values():
@@ -496,7 +506,7 @@ class IommufdCtx:
                         fail(E.EINVAL)
         # accounting moves to the caller: nothing observable in the fake
 
-    def option(self, arg, cmd):
+    def option(self, arg: IoctlArg, cmd: CData) -> None:
         if getf(cmd, "__reserved"):
             fail(E.EOPNOTSUPP)
         if cmd.option_id == OPTION_RLIMIT_MODE:
@@ -531,24 +541,24 @@ class IommufdCtx:
             fail(E.EOPNOTSUPP)
         arg.copy_field_to_user("val64")
 
-    def vfio_ioas(self, arg, cmd):
+    def vfio_ioas(self, arg: IoctlArg, cmd: CData) -> None:
         if getf(cmd, "__reserved"):
             fail(E.EOPNOTSUPP)
         if cmd.op == VFIO_IOAS_GET:
-            if self.vfio_ioas is None or self.vfio_ioas.id not in self.objects:
+            if self.compat_ioas is None or self.compat_ioas.id not in self.objects:
                 fail(E.ENODEV)
-            cmd.ioas_id = self.vfio_ioas.id
+            cmd.ioas_id = self.compat_ioas.id
             arg.respond()
         elif cmd.op == VFIO_IOAS_SET:
-            self.vfio_ioas = self.get(int(cmd.ioas_id), Ioas)      # type: ignore[assignment]
+            self.compat_ioas = self.get(int(cmd.ioas_id), Ioas)
         elif cmd.op == VFIO_IOAS_CLEAR:
-            self.vfio_ioas = None
+            self.compat_ioas = None
         else:
             fail(E.EOPNOTSUPP)
 
     # -- HWPTs ---------------------------------------------------------------------------------
     def get_device(self, dev_id: int) -> Device:
-        return self.get(dev_id, Device)     # type: ignore[return-value]
+        return self.get(dev_id, Device)
 
     def hwpt_paging_alloc(self, ioas: Ioas, idev: Device, flags: int, user_data: bool,
                           pasid: int = IOMMU_NO_PASID, immediate_attach: bool = False) -> HwptPaging:
@@ -576,7 +586,8 @@ class IommufdCtx:
             if immediate_attach:
                 self.hwpt_attach(hwpt, idev, pasid)
             try:
-                ioas.iopt.add_domain(hwpt.domain, self.mem)
+                # set by the ioctls that made the areas (also when a cdev attach gets here)
+                ioas.iopt.add_domain(hwpt.domain, cast(UserMemory, self.mem))
             except BaseException:
                 if immediate_attach:
                     self.hwpt_detach(idev, pasid, put=False)
@@ -588,7 +599,7 @@ class IommufdCtx:
         ioas.hwpts.append(hwpt)
         return hwpt
 
-    def hwpt_alloc(self, arg, cmd):
+    def hwpt_alloc(self, arg: IoctlArg, cmd: CData) -> None:
         if getf(cmd, "__reserved"):
             fail(E.EOPNOTSUPP)
         if (cmd.data_type == HWPT_DATA_NONE and cmd.data_len) or (
@@ -618,7 +629,7 @@ class IommufdCtx:
             except OSError:
                 self.remove(hwpt)
                 raise
-            hwpt.fault = fault          # type: ignore[assignment]
+            hwpt.fault = fault
             fault.users += 1
         cmd.out_hwpt_id = hwpt.id
         try:
@@ -628,9 +639,9 @@ class IommufdCtx:
             raise
 
     def get_hwpt_paging(self, hwpt_id: int) -> HwptPaging:
-        return self.get(hwpt_id, HwptPaging)        # type: ignore[return-value]
+        return self.get(hwpt_id, HwptPaging)
 
-    def hwpt_set_dirty_tracking(self, arg, cmd):
+    def hwpt_set_dirty_tracking(self, arg: IoctlArg, cmd: CData) -> None:
         if cmd.flags & ~DIRTY_TRACKING_ENABLE:
             fail(E.EOPNOTSUPP)
         hwpt = self.get_hwpt_paging(int(cmd.hwpt_id))
@@ -638,7 +649,7 @@ class IommufdCtx:
             fail(E.EOPNOTSUPP)
         hwpt.domain.dirty_enabled = bool(cmd.flags & DIRTY_TRACKING_ENABLE)
 
-    def hwpt_get_dirty_bitmap(self, arg, cmd):
+    def hwpt_get_dirty_bitmap(self, arg: IoctlArg, cmd: CData) -> None:
         if (cmd.flags & ~GET_DIRTY_BITMAP_NO_CLEAR) or getf(cmd, "__reserved"):
             fail(E.EOPNOTSUPP)
         hwpt = self.get_hwpt_paging(int(cmd.hwpt_id))
@@ -661,9 +672,9 @@ class IommufdCtx:
             fail(E.EOPNOTSUPP)
         # the bitmap must be writable user memory; no page is ever dirty
         nbits = length // page_size
-        self.mem.write(int(cmd.data), self.mem.read(int(cmd.data), -(-nbits // 8)))
+        arg.mem.write(int(cmd.data), arg.mem.read(int(cmd.data), -(-nbits // 8)))
 
-    def hwpt_invalidate(self, arg, cmd):
+    def hwpt_invalidate(self, arg: IoctlArg, cmd: CData) -> None:
         done = 0
         try:
             if getf(cmd, "__reserved"):
@@ -678,7 +689,7 @@ class IommufdCtx:
             cmd.entry_num = done
             arg.respond()
 
-    def get_hw_info(self, arg, cmd):
+    def get_hw_info(self, arg: IoctlArg, cmd: CData) -> None:
         if cmd.flags & ~HW_INFO_FLAG_INPUT_TYPE:
             fail(E.EOPNOTSUPP)
         if any(getf(cmd, "__reserved")[i] for i in range(3)):
@@ -695,9 +706,9 @@ class IommufdCtx:
         user_len = int(cmd.data_len)
         ptr = int(cmd.data_uptr)
         copy_len = min(user_len, len(data))
-        self.mem.write(ptr, data[:copy_len])
+        arg.mem.write(ptr, data[:copy_len])
         if copy_len < user_len:
-            self.mem.clear(ptr + copy_len, user_len - copy_len)
+            arg.mem.clear(ptr + copy_len, user_len - copy_len)
         cmd.data_len = len(data)
         caps = 0
         if self.boot.iommu_caps.dirty_tracking:
@@ -711,7 +722,7 @@ class IommufdCtx:
         cmd.out_max_pasid_log2 = max_pasids.bit_length() - 1 if max_pasids else 0
         arg.respond()
 
-    def fault_queue_alloc(self, arg, cmd):
+    def fault_queue_alloc(self, arg: IoctlArg, cmd: CData) -> None:
         if cmd.flags:
             fail(E.EOPNOTSUPP)
         fault = self.alloc(Fault())
@@ -730,25 +741,25 @@ class IommufdCtx:
             self.remove(fault)
             raise
 
-    def viommu_alloc(self, arg, cmd):
+    def viommu_alloc(self, arg: IoctlArg, cmd: CData) -> None:
         if cmd.flags or cmd.type == 0:
             fail(E.EOPNOTSUPP)
         self.get_device(int(cmd.dev_id))
         fail(E.EOPNOTSUPP)      # intel_iommu_ops has no get_viommu_size/viommu_init
 
-    def vdevice_alloc(self, arg, cmd):
+    def vdevice_alloc(self, arg: IoctlArg, cmd: CData) -> None:
         if cmd.virt_id > ULONG_MAX:
             fail(E.EINVAL)
         fail(E.ENOENT)          # no vIOMMU object can exist
 
-    def veventq_alloc(self, arg, cmd):
+    def veventq_alloc(self, arg: IoctlArg, cmd: CData) -> None:
         if cmd.flags or getf(cmd, "__reserved") or cmd.type == 0:
             fail(E.EOPNOTSUPP)
         if not cmd.veventq_depth or cmd.veventq_depth > VEVENTQ_MAX_DEPTH:
             fail(E.EINVAL)
         fail(E.ENOENT)
 
-    def hw_queue_alloc(self, arg, cmd):
+    def hw_queue_alloc(self, arg: IoctlArg, cmd: CData) -> None:
         if cmd.flags or cmd.type == 0:
             fail(E.EOPNOTSUPP)
         if not cmd.length:
@@ -757,7 +768,7 @@ class IommufdCtx:
             fail(E.EOVERFLOW)
         fail(E.ENOENT)
 
-    def noiommu_get_pa(self, arg, cmd):
+    def noiommu_get_pa(self, arg: IoctlArg, cmd: CData) -> None:
         fail(E.EOPNOTSUPP)      # CONFIG_IOMMUFD_NOIOMMU=n
 
     # -- device attachment (called by the VFIO cdev) ----------------------------------------------
@@ -779,9 +790,8 @@ class IommufdCtx:
             max_pasids = idev.vdev.state.hw.max_pasids
             if pasid >= max_pasids:
                 fail(E.EINVAL)
-        resv = isinstance(hwpt, HwptPaging) and pasid == IOMMU_NO_PASID
-        if resv:
-            hwpt.ioas.iopt.reserve(MSI_WINDOW[0], MSI_WINDOW[1], idev)      # type: ignore[union-attr]
+        if isinstance(hwpt, HwptPaging) and pasid == IOMMU_NO_PASID:
+            hwpt.ioas.iopt.reserve(MSI_WINDOW[0], MSI_WINDOW[1], idev)
         if cur is None:
             group_attach[pasid] = (hwpt, {idev})
         else:
@@ -895,8 +905,8 @@ class IommufdFile(OpenFile):
     def release(self) -> None:
         self.ctx.destroy_all()
 
-    def ioctl(self, fd, request, buf, mem):
+    def ioctl(self, fd: int, request: int, buf: Any, mem: UserMemory) -> int:
         return self.ctx.ioctl(request, buf, mem)
 
-    def ioctl_int(self, fd, request, value):
+    def ioctl_int(self, fd: int, request: int, value: int) -> int:
         return self.ctx.ioctl_int(request, value)

@@ -15,6 +15,9 @@ Follows K:drivers/iommu/iommufd/io_pagetable.c and pages.c of 7.3:
 * ``FIXED_IOVA``: a misaligned IOVA EINVAL, overflow EOVERFLOW, a reserved
   range EINVAL, an existing area EEXIST; allowed ranges are not consulted
   (K:io_pagetable.c:183-204).
+* Huge pages off (IOMMU_OPTION_HUGE_PAGES 0) raises the alignment to
+  PAGE_SIZE: EINVAL once a domain has areas, EADDRINUSE while an area's IOVA,
+  length or page offset is not page aligned (K:io_pagetable.c:1519-1543).
 * ``length`` 0 or not a multiple of the alignment EINVAL
   (K:io_pagetable.c:273-276); writing through read-only pages EPERM.
 * Pages are pinned only when a domain exists (at map time, or when an HWPT
@@ -35,9 +38,22 @@ from __future__ import annotations
 
 import errno as E
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
+from .files import OpenFile
+from .memfd import MemfdFile
 from .uaccess import HPAGE_SIZE, PAGE_SIZE, ULONG_MAX, UserMemory, fail
+
+
+class DomainGeometry(Protocol):
+    """What the io_pagetable needs of an ``iommu_domain``."""
+
+    @property
+    def pgsize_bitmap(self) -> int: ...
+    @property
+    def aperture_start(self) -> int: ...
+    @property
+    def aperture_end(self) -> int: ...
 
 
 def roundup_pow_of_two(n: int) -> int:
@@ -52,7 +68,7 @@ class Pages:
     """``struct iopt_pages``: the source of a mapping."""
 
     def __init__(self, kind: str, length: int, start_byte: int, writable: bool, *,
-                 uptr: int = 0, file=None, start: int = 0, seals: int = 0) -> None:
+                 uptr: int = 0, file: OpenFile | None = None, start: int = 0, seals: int = 0) -> None:
         if length > ULONG_MAX - PAGE_SIZE or length == 0:
             fail(E.EINVAL)
         self.kind = kind                    # "user" or "file"
@@ -81,7 +97,6 @@ class Pages:
             if not mem.maps.accessible(addr, length, write=self.writable):
                 fail(E.EFAULT)
             return
-        from .memfd import MemfdFile
         if not isinstance(self.file, MemfdFile):
             fail(E.EINVAL)
         first_page = (self.start + start_byte) // PAGE_SIZE
@@ -93,7 +108,7 @@ class Pages:
 
     def unpin(self) -> None:
         """Drop the pins one :meth:`pin` took (``unpin_folios``)."""
-        if self.kind == "file" and self.file is not None:
+        if self.kind == "file" and isinstance(self.file, MemfdFile):   # only those pin
             self.file.shmem.pins -= 1
 
 
@@ -158,7 +173,7 @@ class Iopt:
     areas: list[Area] = field(default_factory=list)
     reserved: list[Reserved] = field(default_factory=list)
     allowed: list[tuple[int, int]] = field(default_factory=list)
-    domains: list[Any] = field(default_factory=list)
+    domains: list[DomainGeometry] = field(default_factory=list)
     iova_alignment: int = 1
     disable_large_pages: bool = False
     lu_immutable: bool = False
@@ -321,16 +336,13 @@ class Iopt:
         self.allowed = list(ranges)
 
     # -- domains ----------------------------------------------------------------------------
-    def add_domain(self, domain, mem: UserMemory) -> None:
+    def add_domain(self, domain: DomainGeometry, mem: UserMemory) -> None:
         """``iopt_table_add_domain``."""
         new_align = max(lowest_bit(domain.pgsize_bitmap), self.iova_alignment)
         if new_align > PAGE_SIZE:
             fail(E.EINVAL)
         if new_align != self.iova_alignment:
-            mask = new_align - 1
-            for a in self.areas:
-                if (a.start & mask) or (a.length & mask) or ((a.start_byte % PAGE_SIZE) & mask):
-                    fail(E.EADDRINUSE)
+            self._check_alignment(new_align)
         try:
             if domain.aperture_start != 0:
                 self.reserve(0, domain.aperture_start - 1, domain)
@@ -348,7 +360,7 @@ class Iopt:
         self.iova_alignment = new_align
         self.domains.append(domain)
 
-    def remove_domain(self, domain) -> None:
+    def remove_domain(self, domain: DomainGeometry) -> None:
         if domain in self.domains:
             self.domains.remove(domain)
             if not self.domains:        # the last domain held the pins
@@ -357,20 +369,39 @@ class Iopt:
         self.remove_reserved(domain)
         self._recalc_alignment()
 
+    def _check_alignment(self, new_align: int) -> None:
+        """``iopt_check_iova_alignment``: every area fits a larger alignment,
+        else EADDRINUSE (K:io_pagetable.c:1194-1219)."""
+        mask = new_align - 1
+        for a in self.areas:
+            if (a.start & mask) or (a.length & mask) or ((a.start_byte % PAGE_SIZE) & mask):
+                fail(E.EADDRINUSE)
+
     def _recalc_alignment(self) -> None:
+        """``iopt_calculate_iova_alignment`` (K:io_pagetable.c:1300-1333): only
+        an increase is checked against the areas; on failure nothing changes."""
         align = PAGE_SIZE if self.disable_large_pages else 1
         for d in self.domains:
             align = max(align, lowest_bit(d.pgsize_bitmap))
+        if align > self.iova_alignment:
+            self._check_alignment(align)
         self.iova_alignment = align
 
     def set_large_pages(self, enable: bool) -> None:
+        """``iopt_enable_large_pages`` / ``iopt_disable_large_pages``
+        (K:io_pagetable.c:1506-1543)."""
         if enable:
             self.disable_large_pages = False
-            self._recalc_alignment()
+            self._recalc_alignment()    # it can only drop: never fails
             return
         if self.disable_large_pages:
             return
         if self.domains and self.areas:
             fail(E.EINVAL)
+        # a byte-granular area (possible without a domain) refuses PAGE_SIZE
         self.disable_large_pages = True
-        self._recalc_alignment()
+        try:
+            self._recalc_alignment()
+        except OSError:
+            self.disable_large_pages = False
+            raise

@@ -15,6 +15,7 @@ import mmap as _mmap
 import os
 import posixpath
 import re
+from typing import Any, cast
 
 from pyiommufd.backend import Backend, oserror
 from .boot import Boot, BootConfig
@@ -92,7 +93,7 @@ class FakeKernel(Backend):
         #: fd numbers that were open when the last kexec happened (see close())
         self.dead_fds: set[int] = set()
         self.fs = FakeFs(self)
-        self.files = FakeHostFiles(self)
+        self.files: FakeHostFiles = FakeHostFiles(self)
         self.closed = False
         self.boot = Boot(1, self._config(cmdline or default_cmdline(release, liveupdate)),
                          self.devices, None)
@@ -256,7 +257,7 @@ class FakeKernel(Backend):
         newfd = os.dup(fd)
         return self.boot.table.dup(fd, newfd)
 
-    def ioctl(self, fd: int, request: int, arg) -> int:
+    def ioctl(self, fd: int, request: int, arg: Any) -> int:
         self._check_alive()
         file = self.boot.table.get(fd)
         return file.ioctl(fd, request, arg, UserMemory())
@@ -329,8 +330,8 @@ class FakeKernel(Backend):
         self._kexec()
         raise SimulatedKexec(self.boot_count, self.boot.cmdline)
 
-    def kexec(self, *, cmdline: str | None = None, lu_abi=_UNSET, lu_nr=_UNSET,
-              release=_UNSET) -> None:
+    def kexec(self, *, cmdline: str | None = None, lu_abi: str | None | object = _UNSET,
+              lu_nr: int | object = _UNSET, release: str | object = _UNSET) -> None:
         """Perform a kexec now, as ``reboot(LINUX_REBOOT_CMD_KEXEC)`` would,
         but return normally instead of raising :class:`SimulatedKexec`.
 
@@ -348,11 +349,11 @@ class FakeKernel(Backend):
         if lu_abi is not _UNSET:
             if lu_abi is not None and lu_abi not in ABIS:
                 raise ValueError(f"lu_abi must be None, 'lu-v1' or 'lu-v2', not {lu_abi!r}")
-            self.lu_abi = lu_abi            # type: ignore[assignment]
+            self.lu_abi = lu_abi
         if lu_nr is not _UNSET:
-            self.lu_nr = lu_nr              # type: ignore[assignment]
+            self.lu_nr = cast(int, lu_nr)
         if release is not _UNSET:
-            self.release = release          # type: ignore[assignment]
+            self.release = cast(str, release)
         self._kexec()
 
     def _kexec(self) -> None:
@@ -394,5 +395,5 @@ class FakeKernel(Backend):
     def __enter__(self) -> "FakeKernel":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.shutdown()

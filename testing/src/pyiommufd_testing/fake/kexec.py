@@ -22,6 +22,7 @@ from __future__ import annotations
 import errno as E
 import os
 from dataclasses import dataclass
+from typing import Protocol
 
 from .uaccess import fail
 
@@ -63,7 +64,16 @@ def _file_size(fd: int) -> int:
     return st.st_size
 
 
-def file_load(boot, kernel_fd: int, initrd_fd: int, cmdline: str, flags: int) -> None:
+class KexecState(Protocol):
+    """What kexec_file_load changes in a boot (:class:`~.boot.Boot`, which imports this module)."""
+
+    euid: int
+    kexec_load_disabled: bool
+    kexec_image: KexecImage | None
+    crash_image: KexecImage | None
+
+
+def file_load(boot: KexecState, kernel_fd: int, initrd_fd: int, cmdline: str, flags: int) -> None:
     if boot.euid != 0 or boot.kexec_load_disabled:
         fail(E.EPERM)
     if flags != flags & KEXEC_FILE_FLAGS:

@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .files import OpenFile
-from .uaccess import IoctlArg, fail, offsetofend
+from .uaccess import CData, IoctlArg, UserMemory, fail, offsetofend
 
 if TYPE_CHECKING:   # pragma: no cover
     from .boot import Boot
@@ -324,12 +324,13 @@ SESSION_OPS = [
 ]
 
 
-def _name_of(raw) -> bytes:
+def _name_of(raw: CData) -> bytes:
     data = bytes(raw)
     return data.split(b"\0", 1)[0] if b"\0" in data else data
 
 
-def _dispatch(ops: list[LuoOp], base: int, request: int, arg: IoctlArg, session=None):
+def _dispatch(ops: list[LuoOp], base: int, request: int, arg: IoctlArg,
+              session: Session | None = None) -> tuple[LuoOp, CData]:
     nr = request & 0xff
     table = {op.nr - base: op for op in ops}
     index = nr - base
@@ -363,7 +364,7 @@ class LuoDeviceFile(OpenFile):
     def release(self) -> None:
         self.luo.in_use = False
 
-    def ioctl(self, fd, request, buf, mem):
+    def ioctl(self, fd: int, request: int, buf: Any, mem: UserMemory) -> int:
         arg = IoctlArg(buf, mem)
         op, cmd = _dispatch(DEVICE_OPS, CMD_BASE, request, arg)
         table = self.luo.boot.table
@@ -399,17 +400,17 @@ class SessionFile(OpenFile):
     def release(self) -> None:
         self.luo.release_session(self.session)
 
-    def ioctl(self, fd, request, buf, mem):
+    def ioctl(self, fd: int, request: int, buf: Any, mem: UserMemory) -> int:
         arg = IoctlArg(buf, mem)
         op, cmd = _dispatch(SESSION_OPS, CMD_SESSION_BASE, request, arg, self.session)
         getattr(self, "_" + op.fn)(arg, cmd)
         return 0
 
-    def _preserve_fd(self, arg, cmd):
+    def _preserve_fd(self, arg: IoctlArg, cmd: CData) -> None:
         self.luo.preserve(self.session, int(cmd.token), int(cmd.fd))
         arg.respond()
 
-    def _retrieve_fd(self, arg, cmd):
+    def _retrieve_fd(self, arg: IoctlArg, cmd: CData) -> None:
         table = self.luo.boot.table
         newfd = self.luo.retrieve(self.session, int(cmd.token))
         cmd.fd = newfd
@@ -419,13 +420,13 @@ class SessionFile(OpenFile):
             table.close(newfd)
             raise
 
-    def _finish(self, arg, cmd):
+    def _finish(self, arg: IoctlArg, cmd: CData) -> None:
         if cmd.reserved:
             fail(E.EINVAL)
         self.luo.finish(self.session)
         arg.respond()
 
-    def _get_name(self, arg, cmd):
+    def _get_name(self, arg: IoctlArg, cmd: CData) -> None:
         if cmd.reserved:
             fail(E.EINVAL)
         raw = self.session.name[:NAME_LEN - 1]

@@ -33,10 +33,19 @@ from __future__ import annotations
 import errno as E
 import mmap as _mmap
 import os
+from typing import TYPE_CHECKING, Any, cast
 
 from .files import F_ADD_SEALS, F_GET_SEALS, OpenFile
-from .luo import FileHandler
+from .luo import FileHandler, LuoFile, Session
 from .uaccess import HPAGE_SIZE, fail
+
+if TYPE_CHECKING:   # pragma: no cover
+    from .boot import Boot
+
+
+def _memfd(lf: LuoFile) -> MemfdFile:
+    """The outgoing file of a memfd entry (the handler preserves nothing else)."""
+    return cast(MemfdFile, lf.file)
 
 MFD_CLOEXEC = 0x0001
 MFD_ALLOW_SEALING = 0x0002
@@ -97,22 +106,22 @@ class MemfdFile(OpenFile):
         if self.shmem.frozen and length and pos + length > self.size():
             fail(E.EPERM)
 
-    def pread(self, fd, length, offset):
+    def pread(self, fd: int, length: int, offset: int) -> bytes:
         return os.pread(fd, length, offset)
 
-    def pwrite(self, fd, data, offset):
+    def pwrite(self, fd: int, data: bytes, offset: int) -> int:
         self._check_extend(offset, len(data))
         return os.pwrite(fd, data, offset)
 
-    def read(self, fd, length):
+    def read(self, fd: int, length: int) -> bytes:
         return os.read(fd, length)
 
-    def write(self, fd, data):
+    def write(self, fd: int, data: bytes) -> int:
         pos = os.lseek(fd, 0, os.SEEK_CUR)
         self._check_extend(pos, len(data))
         return os.write(fd, data)
 
-    def ftruncate(self, fd, length):
+    def ftruncate(self, fd: int, length: int) -> None:
         if length < 0:
             fail(E.EINVAL)
         if self.shmem.hugetlb and length % HPAGE_SIZE:
@@ -121,10 +130,10 @@ class MemfdFile(OpenFile):
             fail(E.EPERM)
         os.ftruncate(fd, length)
 
-    def fstat_size(self, fd):
+    def fstat_size(self, fd: int) -> int:
         return os.fstat(fd).st_size
 
-    def fcntl(self, fd, cmd, arg):
+    def fcntl(self, fd: int, cmd: int, arg: int) -> int:
         import fcntl as _fcntl
         if cmd == F_ADD_SEALS and self.shmem.pins and self._adds_write_seal(fd, arg):
             fail(E.EBUSY)       # memfd_wait_for_pins (K:mm/memfd.c:298-303)
@@ -146,7 +155,7 @@ class MemfdFile(OpenFile):
             seals |= F_SEAL_WRITE                           # 288-292
         return bool(seals & F_SEAL_WRITE and not current & F_SEAL_WRITE)
 
-    def mmap(self, fd, length, offset, prot):
+    def mmap(self, fd: int, length: int, offset: int, prot: int) -> _mmap.mmap:
         return _mmap.mmap(fd, length, flags=_mmap.MAP_SHARED, prot=prot, offset=offset)
 
     def sibling(self) -> "MemfdFile":
@@ -256,14 +265,14 @@ class MemfdLuoHandler(FileHandler):
 
     compatible = "memfd-v2"
 
-    def can_preserve(self, file):
+    def can_preserve(self, file: OpenFile) -> bool:
         return isinstance(file, MemfdFile) and not file.shmem.hugetlb
 
-    def get_id(self, file):
+    def get_id(self, file: OpenFile) -> Any:
         return ("inode", file.inode.key if file.inode else id(file))
 
-    def preserve(self, lf, session):
-        file = lf.file
+    def preserve(self, lf: LuoFile, session: Session) -> None:
+        file = _memfd(lf)
         file.shmem.frozen = True
         seals = file.seals()
         if seals & ~LUO_ALL_SEALS:
@@ -278,16 +287,17 @@ class MemfdLuoHandler(FileHandler):
         if lf.private:
             file.shmem.pins += 1
 
-    def unpreserve(self, lf, session):
-        lf.file.shmem.frozen = False
+    def unpreserve(self, lf: LuoFile, session: Session) -> None:
+        file = _memfd(lf)
+        file.shmem.frozen = False
         if lf.private:                      # memfd_luo_unpreserve_folios
             lf.private = False
-            lf.file.shmem.pins -= 1
+            file.shmem.pins -= 1
 
-    def handover(self, lf):
-        return lf.file.snapshot()
+    def handover(self, lf: LuoFile) -> MemfdImage:
+        return _memfd(lf).snapshot()
 
-    def retrieve(self, lf, boot):
+    def retrieve(self, lf: LuoFile, boot: Boot) -> tuple[OpenFile, int]:
         image = lf.data
         if image is None:
             fail(E.EINVAL)

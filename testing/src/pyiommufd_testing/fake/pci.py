@@ -29,7 +29,7 @@ from __future__ import annotations
 import errno as E
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from .uaccess import fail
 
@@ -188,8 +188,20 @@ class FakePciDevice:
         self._bars = {i: bytearray(size) for i, size in self.regions.items()}
         self.config = self._initial_config()
 
+    # regions and irqs are never None after __post_init__ (None asks for the defaults)
+    @property
+    def region_sizes(self) -> dict[int, int]:
+        assert self.regions is not None
+        return self.regions
+
+    @property
+    def irq_counts(self) -> dict[int, int]:
+        assert self.irqs is not None
+        return self.irqs
+
     # -- config space ----------------------------------------------------------
     def _initial_config(self) -> bytearray:
+        assert self.regions is not None and self.irqs is not None   # set by __post_init__
         cfg = bytearray(self.cfg_size)
         cfg[0:2] = self.vendor.to_bytes(2, "little")
         cfg[2:4] = self.device.to_bytes(2, "little")
@@ -324,10 +336,17 @@ class DeviceState:
     luo_token: int | None = None
 
 
+class VfioDrivers(Protocol):
+    """vfio-pci's side of binding (:class:`~.vfio.VfioRegistry`, which imports this module)."""
+
+    def register(self, state: DeviceState) -> None: ...
+    def unregister(self, state: DeviceState) -> None: ...
+
+
 class PciBus:
     """The PCI bus of one boot: devices, drivers, groups."""
 
-    def __init__(self, devices: list[FakePciDevice], vfio) -> None:
+    def __init__(self, devices: list[FakePciDevice], vfio: VfioDrivers) -> None:
         self.vfio = vfio
         self.groups: dict[int, IommuGroup] = {}
         self.devices: dict[str, DeviceState] = {}

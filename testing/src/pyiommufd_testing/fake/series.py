@@ -53,16 +53,17 @@ from __future__ import annotations
 
 import errno as E
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 from .files import OpenFile
 from .iommufd import IOMMU_NO_PASID, HwptPaging, IommufdCtx, IommufdFile
-from .luo import FileHandler, HandoverSession
+from .luo import FileHandler, HandoverSession, LuoFile, Session
 from .memfd import F_SEAL_GROW, F_SEAL_SEAL, F_SEAL_SHRINK, MemfdFile
-from .uaccess import fail
+from .uaccess import CData, IoctlArg, fail
 
 if TYPE_CHECKING:   # pragma: no cover
     from .boot import Boot
+    from .vfio import VfioCdevFile
 
 REQUIRED_SEALS = F_SEAL_SEAL | F_SEAL_GROW | F_SEAL_SHRINK
 
@@ -90,7 +91,7 @@ class Series:
         self.vfio_lu_handler = vfio_lu_handler
 
     # -- the mark ioctl ----------------------------------------------------------------
-    def mark_ioctl(self, ctx: IommufdCtx, arg, cmd) -> None:
+    def mark_ioctl(self, ctx: IommufdCtx, arg: IoctlArg, cmd: CData) -> None:
         target = ctx.get_hwpt_paging(int(cmd.hwpt_id))
         token = int(cmd.hwpt_token)
         for obj in sorted(ctx.objects.values(), key=lambda o: o.id):
@@ -140,11 +141,11 @@ class IommufdLuoHandler(FileHandler):
     def __init__(self, series: Series) -> None:
         self.series = series
 
-    def can_preserve(self, file):
+    def can_preserve(self, file: OpenFile) -> bool:
         return isinstance(file, IommufdFile)
 
-    def preserve(self, lf, session):
-        ctx: IommufdCtx = lf.file.ctx
+    def preserve(self, lf: LuoFile, session: Session) -> None:
+        ctx = cast(IommufdFile, lf.file).ctx
         try:
             hwpts = _marked_hwpts(ctx)
             for hwpt in hwpts:
@@ -155,7 +156,7 @@ class IommufdLuoHandler(FileHandler):
                         fail(E.EINVAL)
                     if pages.seals & REQUIRED_SEALS != REQUIRED_SEALS:
                         fail(E.EINVAL)
-                    if session.find_outgoing(pages.file) is None:
+                    if pages.file is None or session.find_outgoing(pages.file) is None:
                         fail(E.ENOENT)
         except BaseException:
             _set_all_mutable(ctx)
@@ -164,19 +165,19 @@ class IommufdLuoHandler(FileHandler):
             hwpt.domain.preserved_state = ("iommufd", lf.token, hwpt.lu_token)
         lf.private = hwpts
 
-    def unpreserve(self, lf, session):
-        ctx: IommufdCtx = lf.file.ctx
+    def unpreserve(self, lf: LuoFile, session: Session) -> None:
+        ctx = cast(IommufdFile, lf.file).ctx
         for hwpt in _marked_hwpts(ctx):
             hwpt.domain.preserved_state = None
         _set_all_mutable(ctx)
 
-    def handover(self, lf):
+    def handover(self, lf: LuoFile) -> dict[str, list[int]]:
         return {"hwpt_tokens": [h.lu_token for h in (lf.private or [])]}
 
-    def retrieve(self, lf, boot):
+    def retrieve(self, lf: LuoFile, boot: Boot) -> tuple[OpenFile, int]:
         fail(E.EOPNOTSUPP)
 
-    def can_finish(self, lf):
+    def can_finish(self, lf: LuoFile) -> bool:
         return False
 
 
@@ -186,12 +187,12 @@ class VfioLuoHandler(FileHandler):
     def __init__(self, series: Series) -> None:
         self.series = series
 
-    def can_preserve(self, file):
+    def can_preserve(self, file: OpenFile) -> bool:
         from .vfio import VfioCdevFile
         return isinstance(file, VfioCdevFile) and file.group_file is None     # no group fds
 
-    def preserve(self, lf, session):
-        vdev = lf.file.vdev
+    def preserve(self, lf: LuoFile, session: Session) -> None:
+        vdev = _cdev(lf).vdev
         hw = vdev.hw
         if hw.vendor == 0x8086 and (hw.class_code >> 16) == 0x03:
             fail(E.EINVAL)
@@ -213,14 +214,14 @@ class VfioLuoHandler(FileHandler):
             token = entry.token
         lf.private = {"bdf": hw.bdf, "token": token}
 
-    def freeze(self, lf):
-        if lf.file.vdev.irqs_enabled():
+    def freeze(self, lf: LuoFile) -> None:
+        if _cdev(lf).vdev.irqs_enabled():
             fail(E.EINVAL)
 
-    def handover(self, lf):
+    def handover(self, lf: LuoFile) -> dict[str, Any]:
         return dict(lf.private)
 
-    def retrieve(self, lf, boot):
+    def retrieve(self, lf: LuoFile, boot: Boot) -> tuple[OpenFile, int]:
         data = lf.data or {}
         vdev = boot.vfio.by_bdf(data.get("bdf", ""))
         if vdev is None:
@@ -229,5 +230,10 @@ class VfioLuoHandler(FileHandler):
         fd = boot.table.install(file, boot.table.placeholder("[vfio-device-liveupdate]"))
         return file, fd
 
-    def can_finish(self, lf):
+    def can_finish(self, lf: LuoFile) -> bool:
         return lf.retrieve_status > 0 and not (lf.data or {}).get("token")
+
+
+def _cdev(lf: LuoFile) -> VfioCdevFile:
+    """The outgoing file of a vfio-pci entry (the handler preserves nothing else)."""
+    return cast("VfioCdevFile", lf.file)

@@ -40,12 +40,36 @@ from __future__ import annotations
 import errno as E
 import os
 import posixpath
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Protocol
 
 from .uaccess import fail
 
 if TYPE_CHECKING:   # pragma: no cover
     from .boot import Boot
+    from .pci import IommuGroup
+
+Opener = Callable[[str, int], int]
+
+
+class _FakePaths(Protocol):
+    def fake_path_of(self, real: str) -> str: ...
+
+
+class KernelView(Protocol):
+    """What the file systems need of :class:`~.kernel.FakeKernel` (not
+    imported: the kernel module imports this one)."""
+
+    release: str
+
+    @property
+    def boot(self) -> Boot: ...
+    @property
+    def files(self) -> _FakePaths: ...
+    def _open_iommu(self, path: str, flags: int) -> int: ...
+    def _open_liveupdate(self, path: str, flags: int) -> int: ...
+    def _open_vfio(self, path: str, flags: int) -> int: ...
+    def _open_vfio_container(self, path: str, flags: int) -> int: ...
+    def _open_vfio_group(self, path: str, flags: int) -> int: ...
 
 KERNEL_MOUNTS = ("/sys", "/proc", "/dev")
 PCI_ROOT = "/sys/devices/pci0000:00"
@@ -79,7 +103,7 @@ class Attr(Node):
 class DevNode(Node):
     """A character device node; ``open`` creates the fake file."""
 
-    def __init__(self, opener: Callable[[str], object], public: bool = False) -> None:
+    def __init__(self, opener: Opener, public: bool = False) -> None:
         self.opener = opener
         self.public = public        # mode 0666: no root needed to open it
 
@@ -96,7 +120,7 @@ def is_kernel_path(path: str) -> bool:
 
 
 class FakeFs:
-    def __init__(self, kernel) -> None:
+    def __init__(self, kernel: KernelView) -> None:
         self.kernel = kernel
 
     @property
@@ -203,11 +227,11 @@ class FakeFs:
     def _dev(self) -> Dir:
         k = self.kernel
 
-        def entries():
+        def entries() -> dict[str, Node]:
             out: dict[str, Node] = {"iommu": DevNode(k._open_iommu)}
             if self.boot.luo.enabled:
                 out["liveupdate"] = DevNode(k._open_liveupdate)
-            def vfio():
+            def vfio() -> dict[str, Node]:
                 nodes: dict[str, Node] = {"vfio": DevNode(k._open_vfio_container, public=True)}
                 for number, group in self.boot.vfio.groups.items():
                     if group.iommu_group is not None:
@@ -309,7 +333,7 @@ class FakeFs:
     def _driver(self, name: str) -> Dir:
         pci = self.boot.pci
 
-        def entries():
+        def entries() -> dict[str, Node]:
             out: dict[str, Node] = {
                 "bind": Attr(None, lambda text: pci.bind(name, text)),
                 "unbind": Attr(None, lambda text: pci.unbind(name, text)),
@@ -333,7 +357,7 @@ class FakeFs:
             value = text[:-1] if text.endswith("\n") else text
             state.driver_override = value or None
 
-        def entries():
+        def entries() -> dict[str, Node]:
             out: dict[str, Node] = {
                 "vendor": Attr(lambda: f"0x{hw.vendor:04x}\n"),
                 "device": Attr(lambda: f"0x{hw.device:04x}\n"),
@@ -365,7 +389,7 @@ class FakeFs:
     def _groups(self) -> dict[str, Node]:
         out: dict[str, Node] = {}
         for number, group in self.boot.pci.groups.items():
-            def entries(group=group):
+            def entries(group: IommuGroup = group) -> dict[str, Node]:
                 return {
                     "devices": Dir(lambda: {d.bdf: Link(f"../../../../devices/pci0000:00/{d.bdf}")
                                             for d in group.devices}),

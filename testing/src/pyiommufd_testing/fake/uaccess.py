@@ -22,6 +22,7 @@ from __future__ import annotations
 import bisect
 import errno as E
 from functools import lru_cache
+from typing import Any, NoReturn
 
 from pyiommufd._uapi import ffi
 from pyiommufd.backend import oserror
@@ -32,23 +33,26 @@ ULONG_MAX = U64_MAX          # x86_64
 PAGE_SIZE = 4096
 HPAGE_SIZE = 2 << 20         # x86_64 THP size (CONFIG_TRANSPARENT_HUGEPAGE)
 
+# A cffi object (struct pointer, array, ctype): cffi ships no types.
+CData = Any
 
-def fail(err: int):
+
+def fail(err: int) -> NoReturn:
     """Raise the OSError the syscall would fail with."""
     raise oserror(err)
 
 
 # -- struct layout helpers ---------------------------------------------------
-def _find_field(ctype, name: str):
+def _find_field(ctype: CData, name: str) -> tuple[int, int] | None:
     """(offset, size) of field ``name`` in ``ctype``, looking into anonymous
     unions/structs the way C does."""
     for fname, field in ctype.fields or ():
         if fname == name:
-            return field.offset, ffi.sizeof(field.type)
+            return int(field.offset), int(ffi.sizeof(field.type))
         if not fname and field.type.kind in ("struct", "union"):
             found = _find_field(field.type, name)
             if found:
-                return field.offset + found[0], found[1]
+                return int(field.offset) + found[0], found[1]
     return None
 
 
@@ -69,7 +73,7 @@ def offsetofend(struct: str, name: str) -> int:
 
 @lru_cache(maxsize=None)
 def sizeof(struct: str) -> int:
-    return ffi.sizeof(struct)
+    return int(ffi.sizeof(struct))
 
 
 def has_struct(struct: str) -> bool:
@@ -80,12 +84,12 @@ def has_struct(struct: str) -> bool:
         return False
 
 
-def getf(obj, name: str):
+def getf(obj: CData, name: str) -> Any:
     """Field access that survives Python's name mangling of ``__reserved``."""
     return getattr(obj, name)
 
 
-def setf(obj, name: str, value) -> None:
+def setf(obj: CData, name: str, value: Any) -> None:
     setattr(obj, name, value)
 
 
@@ -152,12 +156,12 @@ class UserMemory:
     def clear(self, addr: int, length: int) -> None:
         self.write(addr, bytes(length))
 
-    def read_struct(self, struct: str, addr: int):
+    def read_struct(self, struct: str, addr: int) -> tuple[CData, bytes]:
         """A kernel-side copy of a user struct (``copy_from_user``)."""
         raw = self.read(addr, sizeof(struct))
         return ffi.cast(f"{struct} *", ffi.from_buffer(bytearray(raw))), raw
 
-    def read_array(self, elem: str, addr: int, count: int) -> list:
+    def read_array(self, elem: str, addr: int, count: int) -> tuple[list[CData], bytearray]:
         size = ffi.sizeof(elem)
         raw = bytearray(self.read(addr, size * count))
         arr = ffi.cast(f"{elem} *", ffi.from_buffer(raw))
@@ -168,7 +172,7 @@ class IoctlArg:
     """The ioctl argument: the caller's writable buffer, plus the kernel's
     copy of the command struct (``ucmd.cmd``)."""
 
-    def __init__(self, buf, mem: UserMemory) -> None:
+    def __init__(self, buf: Any, mem: UserMemory) -> None:
         self.mem = mem
         self.writable = False
         if isinstance(buf, int):
@@ -184,7 +188,7 @@ class IoctlArg:
                 self.ubuf = ffi.from_buffer(buf)
                 self.writable = False
             self.length = len(self.ubuf)
-        self.cmd = None
+        self.cmd: CData = None
         self.struct: str | None = None
         self.user_size = 0
         self._kbuf: bytearray | None = None
@@ -208,7 +212,7 @@ class IoctlArg:
         """``get_user(u32)`` of the leading size/argsz field."""
         return int.from_bytes(self.read(offset, 4), "little")
 
-    def copy_struct_from_user(self, struct: str, user_size: int):
+    def copy_struct_from_user(self, struct: str, user_size: int) -> CData:
         """``copy_struct_from_user(cmd, sizeof(struct), uarg, user_size)``:
         a shorter user struct is zero-extended, a longer one must be zero
         past the kernel's size (else E2BIG)."""
@@ -226,7 +230,7 @@ class IoctlArg:
         self.cmd = ffi.cast(f"{struct} *", ffi.from_buffer(kbuf))
         return self.cmd
 
-    def copy_from_user(self, struct: str, minsz: int):
+    def copy_from_user(self, struct: str, minsz: int) -> CData:
         """``copy_from_user(&cmd, uarg, minsz)`` (VFIO style): only the first
         ``minsz`` bytes are read, the rest of the kernel copy is zero."""
         ksize = sizeof(struct)

@@ -51,15 +51,20 @@ from __future__ import annotations
 import errno as E
 import mmap as _mmap
 import os
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from .files import OpenFile
-from .iommufd import IOMMU_NO_PASID, Device, IommufdFile
-from .pci import BAR0, BAR5, CONFIG, INTX, MSIX, ERR, REQ, NUM_IRQS, NUM_REGIONS, ROM, DeviceState
-from .uaccess import IoctlArg, U32_MAX, fail, offsetofend, sizeof
+from .iommufd import IOMMU_NO_PASID, Device, Hwpt, IommufdFile
+from .pci import BAR0, BAR5, CONFIG, INTX, MSIX, ERR, REQ, NUM_IRQS, NUM_REGIONS, ROM, DeviceState, \
+    FakePciDevice, IommuGroup
+from .uaccess import U32_MAX, CData, IoctlArg, UserMemory, fail, offsetofend, sizeof
 
 if TYPE_CHECKING:   # pragma: no cover
     from .boot import Boot
+    from .vfio_group import GroupFile, VfioGroup
+
+# what one PASID of an IOMMU group is attached to: the HWPT and the devices using it
+GroupAttach = tuple[Hwpt, set[Device]]
 
 VFIO_TYPE = 0x3B
 
@@ -98,10 +103,10 @@ class EventFile(OpenFile):
     def signal(self) -> None:
         os.eventfd_write(self.kfd, 1)
 
-    def read(self, fd, length):
+    def read(self, fd: int, length: int) -> bytes:
         return os.read(fd, length)
 
-    def write(self, fd, data):
+    def write(self, fd: int, data: bytes) -> int:
         return os.write(fd, data)
 
 
@@ -131,7 +136,7 @@ class VfioDevice:
             self.hw.restore_config()
 
     @property
-    def hw(self):
+    def hw(self) -> FakePciDevice:
         return self.state.hw
 
     @property
@@ -139,7 +144,7 @@ class VfioDevice:
         return f"/dev/vfio/devices/vfio{self.index}"
 
     def irq_count(self, index: int) -> int:
-        return int(self.hw.irqs.get(index, 0))
+        return int(self.hw.irq_counts.get(index, 0))
 
     def irqs_enabled(self) -> bool:
         return self.irq_type != IRQ_NONE
@@ -158,9 +163,9 @@ class VfioRegistry:
     def __init__(self, boot: "Boot") -> None:
         self.boot = boot
         self.devices: dict[int, VfioDevice] = {}
-        self._group_attach: dict[int, dict[int, tuple[Any, set]]] = {}
+        self._group_attach: dict[int, dict[int, GroupAttach]] = {}
         #: legacy VFIO groups by IOMMU group number (:mod:`.vfio_group`)
-        self.groups: dict[int, Any] = {}
+        self.groups: dict[int, VfioGroup] = {}
 
     def register(self, state: DeviceState) -> None:
         from .vfio_group import VfioGroup
@@ -187,7 +192,7 @@ class VfioRegistry:
                         group.remove()
                         del self.groups[state.group.number]
 
-    def vfio_group(self, state: DeviceState):
+    def vfio_group(self, state: DeviceState) -> VfioGroup | None:
         group = self.groups.get(state.group.number)
         return group if group is not None and group.iommu_group is not None else None
 
@@ -200,7 +205,7 @@ class VfioRegistry:
     def by_path(self, path: str) -> VfioDevice | None:
         return next((v for v in self.devices.values() if v.path == path), None)
 
-    def group_attach(self, group) -> dict[int, tuple[Any, set]]:
+    def group_attach(self, group: IommuGroup) -> dict[int, GroupAttach]:
         return self._group_attach.setdefault(group.number, {})
 
     def open_cdev(self, vdev: VfioDevice, path: str | None = None) -> "VfioCdevFile":
@@ -214,7 +219,7 @@ class VfioCdevFile(OpenFile):
 
     kind = "vfio-cdev"
 
-    def __init__(self, vdev: VfioDevice, path: str, group_file=None) -> None:
+    def __init__(self, vdev: VfioDevice, path: str, group_file: GroupFile | None = None) -> None:
         super().__init__()
         self.vdev = vdev
         self.path = path
@@ -247,6 +252,7 @@ class VfioCdevFile(OpenFile):
             return
         vdev.close_device()
         gfile, self.group_file = self.group_file, None
+        assert gfile is not None        # a group close is of a group-opened device
         gfile.group.container_users -= 1
         gfile.put()
 
@@ -276,7 +282,7 @@ class VfioCdevFile(OpenFile):
             self.iommufd = None
 
     # -- ioctls -----------------------------------------------------------------------------
-    def ioctl(self, fd, request, buf, mem):
+    def ioctl(self, fd: int, request: int, buf: Any, mem: UserMemory) -> int:
         request &= 0xffffffff
         arg = IoctlArg(buf, mem)
         if request == BIND_IOMMUFD:
@@ -297,7 +303,7 @@ class VfioCdevFile(OpenFile):
         handler(arg)
         return 0
 
-    def ioctl_int(self, fd, request, value):
+    def ioctl_int(self, fd: int, request: int, value: int) -> int:
         request &= 0xffffffff
         if request == RESET and self.access_granted:
             self.reset(None)
@@ -372,8 +378,8 @@ class VfioCdevFile(OpenFile):
             arg.copy_more_from_user(minsz, xend)
             pasid = int(cmd.pasid)
         vdev = self.vdev
+        assert self.iommufd is not None and vdev.idev is not None     # bound: checked by ioctl()
         ctx = self.iommufd.ctx
-        assert vdev.idev is not None
         if pasid == IOMMU_NO_PASID:
             cmd.pt_id = ctx.device_attach(vdev.idev, pasid, int(cmd.pt_id), vdev.iommufd_attached)
             vdev.iommufd_attached = True
@@ -390,6 +396,7 @@ class VfioCdevFile(OpenFile):
         if cmd.argsz < minsz or cmd.flags & ~ATTACH_PASID:
             fail(E.EINVAL)
         vdev = self.vdev
+        assert self.iommufd is not None     # a cdev with access is bound: checked by ioctl()
         ctx = self.iommufd.ctx
         if cmd.flags & ATTACH_PASID:
             xend = offsetofend(struct, "pasid")
@@ -397,11 +404,11 @@ class VfioCdevFile(OpenFile):
                 fail(E.EINVAL)
             arg.copy_more_from_user(minsz, xend)
             pasid = int(cmd.pasid)
-            if pasid in vdev.pasids:
-                ctx.hwpt_detach(vdev.idev, pasid)
+            if pasid in vdev.pasids:        # attached: bound, idev set
+                ctx.hwpt_detach(cast(Device, vdev.idev), pasid)
                 vdev.pasids.discard(pasid)
         elif vdev.iommufd_attached:
-            ctx.hwpt_detach(vdev.idev, IOMMU_NO_PASID)
+            ctx.hwpt_detach(cast(Device, vdev.idev), IOMMU_NO_PASID)
             vdev.iommufd_attached = False
 
     def get_info(self, arg: IoctlArg) -> None:
@@ -444,7 +451,7 @@ class VfioCdevFile(OpenFile):
             cmd.offset, cmd.size = index << INDEX_SHIFT, hw.cfg_size
             cmd.flags = REGION_FLAG_READ | REGION_FLAG_WRITE
         elif BAR0 <= index <= BAR5:
-            size = hw.regions.get(index, 0)
+            size = hw.region_sizes.get(index, 0)
             cmd.offset, cmd.size = index << INDEX_SHIFT, size
             if not size:
                 cmd.flags = 0
@@ -475,12 +482,12 @@ class VfioCdevFile(OpenFile):
 
     def msix_bar(self) -> int | None:
         hw = self.vdev.hw
-        if not hw.irqs.get(MSIX):
+        if not hw.irq_counts.get(MSIX):
             return None
-        bar = getattr(hw, "msix_bar", None)
+        bar = hw.msix_bar
         if bar is not None:
             return bar
-        return min(hw.regions) if hw.regions else None
+        return min(hw.region_sizes) if hw.region_sizes else None
 
     def irq_info(self, arg: IoctlArg) -> None:
         struct = "struct vfio_irq_info"
@@ -541,7 +548,7 @@ class VfioCdevFile(OpenFile):
     def _fds(self, data: bytes) -> list[int]:
         return [int.from_bytes(data[i:i + 4], "little", signed=True) for i in range(0, len(data), 4)]
 
-    def _set_single(self, index, count, dtype, data):
+    def _set_single(self, index: int, count: int, dtype: int, data: bytes) -> None:
         vectors = self.vdev.triggers.setdefault(index, {})
         cur = vectors.get(0)
         if dtype == IRQ_SET_DATA_NONE:
@@ -566,7 +573,7 @@ class VfioCdevFile(OpenFile):
             if new is not None:
                 vectors[0] = new
 
-    def _set_intx(self, start, count, dtype, data):
+    def _set_intx(self, start: int, count: int, dtype: int, data: bytes) -> None:
         vdev = self.vdev
         if vdev.irq_type == INTX and not count and dtype == IRQ_SET_DATA_NONE:
             vdev.disable_irqs()
@@ -588,7 +595,7 @@ class VfioCdevFile(OpenFile):
         if (dtype == IRQ_SET_DATA_NONE or data[0]) and 0 in vdev.triggers.get(INTX, {}):
             vdev.triggers[INTX][0].signal()
 
-    def _set_msi(self, index, start, count, dtype, data):
+    def _set_msi(self, index: int, start: int, count: int, dtype: int, data: bytes) -> None:
         vdev = self.vdev
         if vdev.irq_type == index and not count and dtype == IRQ_SET_DATA_NONE:
             vdev.disable_irqs()
@@ -617,7 +624,7 @@ class VfioCdevFile(OpenFile):
             if dtype == IRQ_SET_DATA_NONE or data[i - start]:
                 ev.signal()
 
-    def reset(self, arg) -> None:
+    def reset(self, arg: IoctlArg | None) -> None:
         if not self.vdev.hw.reset_works:
             fail(E.EINVAL)
         self.vdev.hw.reset()
@@ -680,14 +687,14 @@ class VfioCdevFile(OpenFile):
             fail(E.EINVAL)
         return index, offset & OFFSET_MASK
 
-    def pread(self, fd, length, offset):
+    def pread(self, fd: int, length: int, offset: int) -> bytes:
         index, pos = self._region(offset)
         hw = self.vdev.hw
         if index == CONFIG:
             if pos >= hw.cfg_size or pos + length > hw.cfg_size:
                 fail(E.EFAULT)
             return bytes(hw.config[pos:pos + length])
-        if BAR0 <= index <= BAR5 and index in hw.regions:
+        if BAR0 <= index <= BAR5 and index in hw.region_sizes:
             bar = hw.bar(index)
             if pos >= len(bar):
                 fail(E.EINVAL)
@@ -700,7 +707,7 @@ class VfioCdevFile(OpenFile):
             return hw.read_rom(pos, min(length, hw.rom_size - pos))
         fail(E.EINVAL)
 
-    def pwrite(self, fd, data, offset):
+    def pwrite(self, fd: int, data: bytes, offset: int) -> int:
         index, pos = self._region(offset)
         hw = self.vdev.hw
         if index == CONFIG:
@@ -711,7 +718,7 @@ class VfioCdevFile(OpenFile):
                 if pos + i in (4, 5):
                     hw.config[pos + i] = byte
             return len(data)
-        if BAR0 <= index <= BAR5 and index in hw.regions:
+        if BAR0 <= index <= BAR5 and index in hw.region_sizes:
             bar = hw.bar(index)
             if pos >= len(bar):
                 fail(E.EINVAL)
@@ -720,26 +727,26 @@ class VfioCdevFile(OpenFile):
             return n
         fail(E.EINVAL)
 
-    def read(self, fd, length):
+    def read(self, fd: int, length: int) -> bytes:
         if not self.access_granted:
             fail(E.EINVAL)
         data = self.pread(fd, length, self.pos)
         self.pos += len(data)
         return data
 
-    def write(self, fd, data):
+    def write(self, fd: int, data: bytes) -> int:
         if not self.access_granted:
             fail(E.EINVAL)
         n = self.pwrite(fd, data, self.pos)
         self.pos += n
         return n
 
-    def mmap(self, fd, length, offset, prot):
+    def mmap(self, fd: int, length: int, offset: int, prot: int) -> _mmap.mmap:
         index, pos = self._region(offset)
         hw = self.vdev.hw
-        if not (BAR0 <= index <= BAR5) or hw.regions.get(index, 0) < 4096:
+        if not (BAR0 <= index <= BAR5) or hw.region_sizes.get(index, 0) < 4096:
             fail(E.EINVAL)
-        if pos + length > hw.regions[index]:
+        if pos + length > hw.region_sizes[index]:
             fail(E.EINVAL)
         m = _mmap.mmap(-1, length, prot=prot)
         m.write(bytes(hw.bar(index)[pos:pos + length]))

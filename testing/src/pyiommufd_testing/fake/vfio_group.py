@@ -77,14 +77,15 @@ from __future__ import annotations
 
 import errno as E
 import re
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .files import OpenFile
 from .iommufd import MSI_WINDOW, Domain, IommufdFile
-from .uaccess import PAGE_SIZE, U64_MAX, IoctlArg, fail, offsetofend, sizeof
+from .uaccess import PAGE_SIZE, U64_MAX, CData, IoctlArg, UserMemory, fail, offsetofend, sizeof
 
 if TYPE_CHECKING:   # pragma: no cover
     from .boot import Boot
+    from .pci import IommuGroup
     from .vfio import VfioDevice, VfioRegistry
 
 VFIO_TYPE = 0x3B
@@ -378,7 +379,7 @@ class ContainerFile(OpenFile):
         self.groups: list["VfioGroup"] = []
         self.iommu: Type1 | None = None
 
-    def ioctl(self, fd, request, buf, mem):
+    def ioctl(self, fd: int, request: int, buf: Any, mem: UserMemory) -> int:
         request &= 0xffffffff
         if request in (GET_API_VERSION, CHECK_EXTENSION, SET_IOMMU):
             # by-value ioctls handed a buffer: the buffer's address is the value
@@ -387,7 +388,7 @@ class ContainerFile(OpenFile):
             fail(E.EINVAL)
         return self.iommu.ioctl(request, IoctlArg(buf, mem))
 
-    def ioctl_int(self, fd, request, value):
+    def ioctl_int(self, fd: int, request: int, value: int) -> int:
         request &= 0xffffffff
         if request == GET_API_VERSION:
             return 0                            # VFIO_API_VERSION
@@ -417,12 +418,14 @@ class ContainerFile(OpenFile):
 
     def attach_group(self, group: "VfioGroup") -> None:
         """``vfio_container_attach_group`` (K:container.c:416-466)."""
-        group.iommu_group.claim_exclusive(group)            # EPERM
+        iommu_group = group.iommu_group
+        assert iommu_group is not None      # an open group file: its devices are there
+        iommu_group.claim_exclusive(group)            # EPERM
         if self.iommu is not None:
             try:
                 self.iommu.attach_group(group.number)
             except BaseException:
-                group.iommu_group.release(group)
+                iommu_group.release(group)
                 raise
         group.container = self
         group.container_users = 1
@@ -433,6 +436,7 @@ class ContainerFile(OpenFile):
         """``vfio_group_detach_container`` (K:container.c:468-501)."""
         if self.iommu is not None:
             self.iommu.detach_group(group.number)
+        assert group.iommu_group is not None    # VfioGroup.remove() detaches before clearing it
         group.iommu_group.release(group)
         group.container = None
         group.container_users = 0
@@ -448,9 +452,9 @@ class ContainerFile(OpenFile):
 class VfioGroup:
     """``struct vfio_group`` of one IOMMU group with vfio devices."""
 
-    def __init__(self, registry: "VfioRegistry", iommu_group) -> None:
+    def __init__(self, registry: "VfioRegistry", iommu_group: IommuGroup) -> None:
         self.registry = registry
-        self.iommu_group = iommu_group          # None once the last device is gone
+        self.iommu_group: IommuGroup | None = iommu_group     # None once the last device is gone
         self.number = iommu_group.number
         self.drivers = 0                        # registered vfio devices
         self.opened_file: "GroupFile | None" = None
@@ -494,7 +498,7 @@ class GroupFile(OpenFile):
         if group.opened_file is self:
             group.opened_file = None
 
-    def ioctl(self, fd, request, buf, mem):
+    def ioctl(self, fd: int, request: int, buf: Any, mem: UserMemory) -> int:
         request &= 0xffffffff
         arg = IoctlArg(buf, mem)
         if request == GROUP_GET_STATUS:
@@ -512,7 +516,7 @@ class GroupFile(OpenFile):
             return self.get_device_fd(raw.split(b"\0", 1)[0])
         fail(E.ENOTTY)
 
-    def ioctl_int(self, fd, request, value):
+    def ioctl_int(self, fd: int, request: int, value: int) -> int:
         request &= 0xffffffff
         if request == GROUP_UNSET_CONTAINER:
             self.unset_container()
