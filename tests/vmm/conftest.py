@@ -63,3 +63,16 @@ def workdir() -> Iterator[Path]:
     d = Path(tempfile.mkdtemp(prefix="pyiommufd-vmm-", dir="/tmp"))
     yield d
     shutil.rmtree(d, ignore_errors=True)
+
+
+def pytest_terminal_summary(terminalreporter):
+    from demo_results import REPORTS
+
+    if not REPORTS:
+        return
+    tr = terminalreporter
+    tr.section("VMM live update: a nested Linux guest across a real kexec of its host, per kernel")
+    for kernel, report in REPORTS.items():
+        tr.write_line(f"[{kernel}]")
+        for line in report.splitlines():
+            tr.write_line(f"  {line}")
