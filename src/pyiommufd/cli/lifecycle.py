@@ -441,7 +441,10 @@ def restore(session: str | None, verify: bool, bind_vfio: bool, do_exec: bool, c
     {manifest} become those fd numbers. --exec implies --verify, and every
     file must be of the kind its entry says, or nothing is executed, e.g.
       pyiommufd restore --session vm0 --exec -- \\
-        qemu-system-x86_64 -object memory-backend-file,id=ram,mem-path=/proc/self/fd/{guest-ram} ...
+        qemu-system-x86_64 -m 256M -machine q35,memory-backend=ram \\
+          -object memory-backend-file,id=ram,size=256M,mem-path=/proc/self/fd/{guest-ram},share=on ...
+    (share=on: a private mapping would leave the guest's writes outside the
+    preserved memfd; `pyiommufd qemu` does all of this for a whole VM.)
     Unknown placeholders exit 2 before anything is executed; malformed ones
     before the agent is even started."""
     from ..agent import ensure_running
