@@ -209,3 +209,22 @@ def test_a_qemu_that_cannot_start_leaves_no_session(fake, qemu11, workdir, neste
     with pytest.raises(errors.UsageError, match="no outgoing session 'vm0'"):
         holder.lend("vm0", [lu.RAM_TOKEN])
     holder.create_session("vm0")       # the name is free again
+
+
+def test_a_retrieve_that_fails_after_the_kexec_names_the_file_and_keeps_the_others(fake, qemu11, vm):
+    import errno
+
+    holder = _holder()
+    _launch(vm, qemu11, holder)
+    lu.update("vm0", qemu=qemu11, holder=holder, runtime_dir=vm.runtime)
+    fake.kexec()
+    holder = _holder()                  # LUO reads the handed-over sessions at this open
+    # the memfd handler's retrieve of the VM state failed (say, an allocation): LUO keeps that status
+    session = next(s for s in fake.boot.luo.incoming if s.name == b"vm0")
+    next(f for f in session.files if f.token == lu.STATE_TOKEN).retrieve_status = -errno.ENOMEM
+    with pytest.raises(errors.KernelError, match="the VM state of VM 'vm0' could not be retrieved") as exc:
+        lu.resume("vm0", qemu=qemu11, holder=holder, runtime_dir=vm.runtime)
+    assert exc.value.errno == errno.ENOMEM
+    assert not _qemu_pids("vm0"), "no QEMU starts without its state"
+    with holder.retrieve_many("vm0", [lu.RAM_TOKEN])[lu.RAM_TOKEN] as ram:   # the guest RAM is still there
+        assert os.fstat(ram.fd).st_size == 128 * MIB

@@ -94,12 +94,106 @@ def _write(stage: int, record: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+PAGE = 4096
+VIRTIO_NET = (0x1AF4, 0x1041)
+VTD_DEBUGFS = "/sys/kernel/debug/iommu/intel"
+#: guest physical 1 MiB..2 MiB: RAM on q35 (below it lie the VGA and BIOS holes)
+HANDOFF_RANGE = (1 << 20, 1 << 20)
+
+
+def _memfd_pfns(fd: int, offset: int, length: int) -> list[int]:
+    """Physical frame of each page of a memfd range (root reads real PFNs)."""
+    import mmap
+
+    from .._uapi import ffi
+
+    with mmap.mmap(fd, offset + length, mmap.MAP_SHARED, mmap.PROT_READ) as mm:
+        view = ffi.from_buffer(mm)
+        try:
+            base = int(ffi.cast("uintptr_t", view))
+        finally:
+            ffi.release(view)
+        for off in range(offset, offset + length, PAGE):
+            mm[off]                                   # present in our page table
+        with open("/proc/self/pagemap", "rb") as pm:
+            pm.seek((base + offset) // PAGE * 8)
+            raw = pm.read(length // PAGE * 8)
+    return [int.from_bytes(raw[i:i + 8], "little") & ((1 << 55) - 1) for i in range(0, len(raw), 8)]
+
+
+def _device_pfns(bdf: str, iova: int, length: int) -> list[int | None]:
+    """What the device's VT-d second-stage table maps ``iova``..+length to
+    (debugfs; a superpage leaf covers 512 or 512*512 pages)."""
+    import re
+
+    table: dict[int, int] = {}
+    with open(f"{VTD_DEBUGFS}/{bdf}/domain_translation_struct") as f:
+        for line in f:
+            m = re.match(r"^0x([0-9a-f]+) \|\s+(.*)$", line)
+            if not m:
+                continue
+            entries = [int(v, 16) for v in m.group(2).split()]
+            leaf, pages = entries[-1], 1
+            if leaf & (1 << 7):
+                pages = 512 if len(entries) == 4 else 512 * 512
+            for k in range(pages):
+                table[int(m.group(1), 16) + k] = (leaf & (((1 << 52) - 1) & ~(PAGE - 1))) // PAGE + k
+    return [table.get(iova // PAGE + i) for i in range(length // PAGE)]
+
+
+def device_handoff(agent: Any) -> dict[str, Any]:
+    """QEMU realizes vfio-pci from pyiommufd's iommufd and cdev fds: seen by
+    QMP (query-pci) and by the kernel (the device's IOMMU maps the guest RAM)."""
+    from ..pci import PciDevice, list_devices
+    from ..qemu.liveupdate import RAM_TOKEN, RuntimeVm
+    from ..qemu.monitor import Monitor
+
+    bdf = next((d.bdf for d in list_devices() if (d.vendor, d.device) == VIRTIO_NET), None)
+    if bdf is None:
+        return {"error": "no virtio-net device in the test VM"}
+    binding = PciDevice(bdf).bind_vfio()
+    out: dict[str, Any] = {"bdf": bdf}
+    try:
+        launched = _pyiommufd("qemu", "launch", "handoff", "--memory", "64M", "--device", bdf, "--",
+                              "-S", "-nodefaults", "-display", "none", "-machine", "q35", "-accel", "tcg")
+        try:
+            mon = Monitor(launched["qmp_socket"], pid=launched["pid"])
+            try:
+                devices = [d for bus in mon.execute("query-pci") for d in bus["devices"]]
+            finally:
+                mon.close()
+            listed = [d for d in devices if d.get("qdev_id") == "pyiommufd-dev0"]
+            out["qmp"] = [{"qdev_id": d["qdev_id"], "vendor": d["id"]["vendor"], "device": d["id"]["device"],
+                           "class": d.get("class_info", {}).get("desc")} for d in listed]
+            offset, length = HANDOFF_RANGE
+            ram_fd = agent.lend("handoff", [RAM_TOKEN])[RAM_TOKEN]
+            try:
+                ram = _memfd_pfns(ram_fd, offset, length)
+            finally:
+                os.close(ram_fd)
+            mapped = _device_pfns(bdf, offset, length)
+            out["pages"] = len(ram)
+            out["translated"] = sum(1 for a, b in zip(ram, mapped) if a == b)
+            out["qemu_log_warnings"] = [ln for ln in Path(RuntimeVm.directory(
+                Path(os.environ.get("PYIOMMUFD_STATE_DIR", "/run/pyiommufd")) / "qemu", "handoff")
+                / "qemu.log").read_text().splitlines() if "warning" in ln.lower()]
+        finally:
+            _pyiommufd("qemu", "stop", "handoff")
+    finally:
+        binding.restore()
+    print(f"vmm-demo: QEMU realized {bdf} from pyiommufd's iommufd and cdev fds: QMP lists "
+          f"{out.get('qmp')}; the device's IOMMU maps {out.get('translated')} of {out.get('pages')} "
+          "guest RAM pages to the memfd's own", flush=True)
+    return out
+
+
 def guest_stage_1(kernel: str, initrd: str) -> int:
     from ..agent.client import ensure_running
 
     console = _results() / "nested-console.log"
     agent = ensure_running(timeout=180)
     agent_pid = int(agent.ping()["pid"])
+    handoff = device_handoff(agent)
     launched = _pyiommufd("qemu", "launch", NAME, "--memory", MEMORY, "--",
                           *nested_qemu_args(kernel, initrd, str(console)))
     print(f"vmm-demo: QEMU {launched['pid']} runs the nested guest; waiting for {TICKS_BEFORE} ticks", flush=True)
@@ -111,7 +205,7 @@ def guest_stage_1(kernel: str, initrd: str) -> int:
     assert last is not None
     print(f"vmm-demo: before the kexec the nested guest is at tick {last.number}, uptime {last.uptime:.2f} s",
           flush=True)
-    _write(1, {"launched": launched, "updated": updated, "agent_status": status,
+    _write(1, {"handoff": handoff, "launched": launched, "updated": updated, "agent_status": status,
                "qemu_alive_after_update": os.path.exists(f"/proc/{launched['pid']}/exe"),
                "agent_pid": agent_pid, "last_tick": last.number, "last_uptime": last.uptime,
                "boot_line_seen": bool(before.boots)})
@@ -172,6 +266,12 @@ class DemoResult:
             same = all(c[1] == self.boots[0][1] for c in self.checks)
             lines.append(f"RAM pattern sha256 {self.boots[0][1][:16]}…: {len(self.checks)} checks, "
                          f"{'all equal' if same else 'DIFFERENT'}")
+        handoff = self.stage_records[0].get("handoff", {}) if self.stage_records else {}
+        if handoff.get("qmp"):
+            d = handoff["qmp"][0]
+            lines.append(f"device hand-off: QEMU realized {handoff['bdf']} ({d['vendor']:04x}:{d['device']:04x} "
+                         f"{d['class']}) from pyiommufd's iommufd and cdev fds; its IOMMU maps "
+                         f"{handoff['translated']} of {handoff['pages']} guest RAM pages to the memfd's own")
         if self.blackout:
             from ..qemu.liveupdate import Blackout, Phase
 
@@ -213,6 +313,12 @@ def judge(console_text: str, records: list[dict[str, Any]]) -> tuple[list[str], 
         problems.append(f"before the kexec the session held tokens {sorted(tokens)}, not 0, 1, 2")
     elif tokens[2].get("kind") != "memfd":
         problems.append(f"the VM state was a {tokens[2].get('kind')}, not a memfd")
+    handoff = first.get("handoff", {})
+    if not any((d["vendor"], d["device"]) == VIRTIO_NET for d in handoff.get("qmp", [])):
+        problems.append(f"QEMU did not realize the device from pyiommufd's fds: {handoff}")
+    if not handoff.get("pages") or handoff.get("translated") != handoff.get("pages"):
+        problems.append(f"the device's IOMMU maps {handoff.get('translated')} of {handoff.get('pages')} guest "
+                        "RAM pages to the memfd's pages")
     if not first["updated"].get("state_bytes"):
         problems.append("the saved VM state is empty")
     after_status = {(s["name"], s["direction"]): s for s in second["agent_status"].get("sessions", [])}
