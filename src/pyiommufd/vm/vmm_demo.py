@@ -69,17 +69,29 @@ def _pyiommufd(*args: str) -> dict[str, Any]:
     return doc
 
 
+def _console_text(console: Path) -> str:
+    """The console log so far; the 9p results share answers ENODATA now and
+    then while QEMU appends, so a failed read is tried again."""
+    for _ in range(100):
+        try:
+            return console.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+        except OSError:
+            time.sleep(0.1)
+    return console.read_text(errors="replace")
+
+
 def _wait_console(console: Path, done: Callable[[nested_guest.ConsoleState], bool],
                   what: str) -> nested_guest.ConsoleState:
     deadline = time.monotonic() + WAIT
     while True:
-        state = nested_guest.parse_console(console.read_text(errors="replace") if console.exists() else "")
+        state = nested_guest.parse_console(_console_text(console))
         if done(state):
             return state
         if time.monotonic() > deadline:
             raise SystemExit(f"vmm-demo: the nested guest did not {what} within {WAIT:g} s; "
-                             f"its console ends: {console.read_text(errors='replace')[-400:]!r}"
-                             if console.exists() else f"vmm-demo: no console log at {console}")
+                             f"its console ends: {_console_text(console)[-400:]!r}")
         time.sleep(0.5)
 
 
@@ -201,7 +213,7 @@ def guest_stage_1(kernel: str, initrd: str) -> int:
                            f"tick {TICKS_BEFORE} times")
     updated = _pyiommufd("qemu", "update", NAME, "--no-kexec")
     status = agent.status()
-    last = nested_guest.parse_console(console.read_text()).last_tick
+    last = nested_guest.parse_console(_console_text(console)).last_tick
     assert last is not None
     print(f"vmm-demo: before the kexec the nested guest is at tick {last.number}, uptime {last.uptime:.2f} s",
           flush=True)
