@@ -30,6 +30,15 @@ def kind(request):
     return request.param
 
 
+@pytest.fixture(autouse=True)
+def no_agent_left(fake_kernel, sockdir):
+    yield
+    # the agents this test started, before its fake kernel goes
+    for path, srv in in_process_agents().items():
+        if path.startswith(sockdir):
+            srv.shutdown(release=False)
+
+
 def _memfd(name: str, byte: bytes) -> MemFD:
     m = MemFD.create(name, PAGE)
     m.write(byte * PAGE)

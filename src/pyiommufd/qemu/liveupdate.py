@@ -92,6 +92,10 @@ class Phase:
         return cls(data["name"], float(data["seconds"]), owner)
 
 
+#: the blackout's phases, in order: the update's, then the resume's after the kexec
+UPDATE_PHASES = ("save", "preserve state", "quit", "manifest")
+RESUME_PHASES = UPDATE_PHASES + ("kexec and boot", "resume start", "retrieve", "verify", "qemu start",
+                                 "load", "cont")
 #: the phases the issue's budget leaves out of pyiommufd's share: QEMU's own save
 #: and load, and the kexec with the boot
 NOT_OURS = ("save", "load", "kexec and boot")
@@ -680,4 +684,4 @@ def stop(name: str, *, holder: Holder, runtime_dir: Path) -> None:
 
 
 __all__ = ["launch", "update", "abort", "resume", "stop", "list_vms", "Launched", "Updated", "Resumed",
-           "Blackout", "Phase", "Owner", "RuntimeVm", "VmState", "RAM_TOKEN", "STATE_TOKEN"]
+           "Blackout", "Phase", "Owner", "UPDATE_PHASES", "RESUME_PHASES", "RuntimeVm", "VmState", "RAM_TOKEN", "STATE_TOKEN"]
