@@ -299,15 +299,18 @@ JSON_CASES = [c for c in CASES if c.code != 0 and "--" not in c.argv and c.setup
               and "guest-selftest" not in c.argv]
 
 
+@pytest.mark.parametrize("where", ["after", "before"])
 @pytest.mark.parametrize("case", JSON_CASES, ids=lambda c: c.id)
-def test_bad_input_with_json_puts_the_error_object_on_stdout(case, env, capsys, monkeypatch):
-    """The same failures with --json: stdout is one JSON document whose error
-    object carries the exit code and the message of the stderr line."""
+def test_bad_input_with_json_puts_the_error_object_on_stdout(case, where, env, capsys, monkeypatch):
+    """The same failures with --json, after the subcommand's arguments or
+    before the subcommand: stdout is one JSON document whose error object
+    carries the exit code and the message of the stderr line."""
     import json
 
     for key, value in case.env.items():
         monkeypatch.setenv(key, value)
-    argv = [a.replace("{tmp}", str(env)) for a in case.argv] + ["--json"]
+    argv = [a.replace("{tmp}", str(env)) for a in case.argv]
+    argv = argv + ["--json"] if where == "after" else ["--json"] + argv
     with _kernel(case.setup) as k, use(k):
         held = k.open("/dev/liveupdate") if case.setup == "busy" else None
         try:
@@ -380,6 +383,21 @@ def test_every_command_takes_json():
                and "--json" not in {opt for p in command.params for opt in p.opts}]
     assert not missing, f"no --json on: {missing}"
     assert len(list(_all_commands())) >= 19
+
+
+@pytest.mark.parametrize("argv", [["doctor"], ["exit-codes"], ["devices"], ["agent", "status"],
+                                  ["plan", "--session", "s", "--memfd", "a:1M"]])
+def test_json_before_the_subcommand_is_the_subcommands_json(env, capsys, argv):
+    """The help says every command takes --json: before the subcommand too,
+    with the same exit code and the same document (and a group's subcommand
+    gets it as well)."""
+    import json
+
+    with _kernel("bound") as k, use(k):
+        after = run_cli(capsys, argv + ["--json"])
+        before = run_cli(capsys, ["--json"] + argv)
+    assert before[0] == after[0] and "No such option" not in before[2]
+    assert json.loads(before[1]) == json.loads(after[1])
 
 
 def test_debug_after_the_subcommand_adds_a_traceback_and_keeps_the_exit_code(env, capsys):
