@@ -29,6 +29,7 @@ NOT_UTF8 = "vm\udcff"      # what Python makes of the byte 0xff in argv
 CDEV = "/dev/vfio/devices/vfio0"
 
 PLANS = {
+    "newline-session.json": '{"session": "vm\\n0", "memfd": [{"name": "a", "size": "1M"}]}',
     "bad.toml": "session = [\n",
     "bad.json": '{"session": \n',
     "unknown-key.json": '{"session": "s", "memfd": [{"name": "a", "size": "4K", "bogus": 1}]}',
@@ -227,6 +228,26 @@ CASES = [
     Case("vm-run/infinite-timeout", ["vm", "run", "--timeout", "inf", "--", "true"], 2, "--timeout"),
     Case("vm-run/bad-memory", ["vm", "run", "--memory", "lots", "--", "true"], 2, "--memory 'lots'"),
     Case("vm-run/blank-append", ["vm", "run", "--append", "a b", "--", "true"], 2, "--append"),
+    # -- operators and newcomers (issue 19) ----------------------------------------------------------------
+    # control characters in a session name, wherever one is taken
+    Case("plan/newline-session", ["plan", "--session", "vm\n0", "--memfd", "a:1M"], 2,
+         "'vm\\n0' contains the control character \\n"),
+    Case("plan/newline-session-in-file", ["plan", "{tmp}/newline-session.json"], 2,
+         "'vm\\n0' contains the control character \\n"),
+    Case("plan/control-session", ["plan", "--session", "vm\x01", "--memfd", "a:1M"], 2,
+         "control character \\x01"),
+    Case("preserve/newline-session", ["preserve", "--session", "vm\n0", "--memfd", "a:1M"], 2,
+         "control character \\n"),
+    Case("preserve/control-session", ["preserve", "--session", "\x01vm", "--memfd", "a:1M"], 2,
+         "control character \\x01"),
+    Case("restore/newline-session", ["restore", "--session", "vm\n0"], 2, "control character \\n"),
+    Case("restore/control-session", ["restore", "--session", "vm\x01"], 2, "control character \\x01"),
+    Case("finish/newline-session", ["finish", "--session", "vm\n0"], 2, "control character \\n"),
+    Case("finish/control-session", ["finish", "--session", "vm\x01"], 2, "control character \\x01"),
+    Case("selftest/newline-session", ["selftest", CDEV, "--session", "vm\n0"], 2, "control character \\n",
+         setup="bound"),
+    Case("vm-selftest/newline-session", ["vm", "selftest", "--session", "vm\n0"], 2, "control character \\n"),
+    Case("restore/long-newline-session", ["restore", "--session", "\n" * 70], 2, "63 bytes"),
 ]
 
 
@@ -288,6 +309,7 @@ def test_bad_input(case, env, capsys, monkeypatch):
     errors = [ln for ln in err.splitlines() if ln.startswith("pyiommufd: error:")]
     assert len(errors) == 1, err
     assert case.words in errors[0], errors[0]
+    assert all(ln.startswith("pyiommufd: ") for ln in err.splitlines()), err    # nothing split it
     assert len(errors[0]) < 600, "long input is cut, not repeated whole"
     assert boots == 1                       # no bad input ever reboots the (fake) machine
     # nothing left behind: no agent answers afterwards
