@@ -29,6 +29,7 @@ NOT_UTF8 = "vm\udcff"      # what Python makes of the byte 0xff in argv
 CDEV = "/dev/vfio/devices/vfio0"
 
 PLANS = {
+    "valid.toml": 'session = "s"\n[[memfd]]\nname = "a"\nsize = "1M"\n',
     "newline-session.json": '{"session": "vm\\n0", "memfd": [{"name": "a", "size": "1M"}]}',
     "bad.toml": "session = [\n",
     "bad.json": '{"session": \n',
@@ -229,6 +230,18 @@ CASES = [
     Case("vm-run/bad-memory", ["vm", "run", "--memory", "lots", "--", "true"], 2, "--memory 'lots'"),
     Case("vm-run/blank-append", ["vm", "run", "--append", "a b", "--", "true"], 2, "--append"),
     # -- operators and newcomers (issue 19) ----------------------------------------------------------------
+    # `plan` takes its file as an argument, `preserve` as --plan
+    Case("plan/empty-session", ["plan", "--session", "", "--memfd", "a:1M"], 2,
+         "--session NAME is required (or a plan FILE)"),
+    Case("plan/no-session", ["plan", "--memfd", "a:1M"], 2, "--session NAME is required (or a plan FILE)"),
+    Case("plan/nothing-to-plan", ["plan", "--session", "s"], 2, "--device BDF|CDEV (or a plan FILE)"),
+    Case("preserve/empty-session", ["preserve", "--session", "", "--memfd", "a:1M"], 2,
+         "--session NAME is required (or --plan FILE)"),
+    # a --session that differs from the plan file's is refused, not silently taken
+    Case("plan/file-and-other-session", ["plan", "{tmp}/valid.toml", "--session", "x"], 2,
+         "--session 'x' differs from the plan's session 's'"),
+    Case("preserve/file-and-other-session", ["preserve", "--plan", "{tmp}/valid.toml", "--session", "x"], 2,
+         "--session 'x' differs from the plan's session 's'"),
     # control characters in a session name, wherever one is taken
     Case("plan/newline-session", ["plan", "--session", "vm\n0", "--memfd", "a:1M"], 2,
          "'vm\\n0' contains the control character \\n"),
@@ -420,6 +433,13 @@ def test_json_before_the_subcommand_is_the_subcommands_json(env, capsys, argv):
         before = run_cli(capsys, ["--json"] + argv)
     assert before[0] == after[0] and "No such option" not in before[2]
     assert json.loads(before[1]) == json.loads(after[1])
+
+
+def test_a_session_that_repeats_the_plan_files_is_accepted(env, capsys):
+    """Only a --session that differs from the plan file's is refused."""
+    with _kernel("series") as k, use(k):
+        code, out, err = run_cli(capsys, ["plan", str(env / "valid.toml"), "--session", "s"])
+    assert code == 0 and "plan for session 's'" in out, err
 
 
 def test_debug_after_the_subcommand_adds_a_traceback_and_keeps_the_exit_code(env, capsys):
