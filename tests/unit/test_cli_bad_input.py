@@ -261,6 +261,15 @@ CASES = [
          setup="bound"),
     Case("vm-selftest/newline-session", ["vm", "selftest", "--session", "vm\n0"], 2, "control character \\n"),
     Case("restore/long-newline-session", ["restore", "--session", "\n" * 70], 2, "63 bytes"),
+    # a key given twice in a --memfd spec; a --device spec has no keys at all
+    Case("plan/memfd-token-twice", ["plan", "--session", "s", "--memfd", "a:4096:token=1:token=2"], 2,
+         "'token' given twice"),
+    Case("preserve/memfd-token-twice", ["preserve", "--session", "s", "--memfd", "a:4096:token=1:token=2"], 2,
+         "'token' given twice"),
+    Case("plan/memfd-fill-twice", ["plan", "--session", "s", "--memfd", "a:4096:fill=zero:fill=random:7"], 2,
+         "'fill' given twice"),
+    Case("plan/device-with-keys", ["plan", "--session", "s", "--device", "0000:00:03.0:token=1:token=2"], 2,
+         "not a PCI address"),
 ]
 
 

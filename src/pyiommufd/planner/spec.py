@@ -455,12 +455,16 @@ def parse_memfd_option(text: str) -> dict[str, Any]:
     out: dict[str, Any] = {"name": parts[0], "size": parts[1]}
     fill, seed = None, None
     rest = parts[2:]
+    seen: set[str] = set()
     i = 0
     while i < len(rest):
         part = rest[i]
         key, sep, value = part.partition("=")
         if not sep:
             raise UsageError(f"--memfd {text!r}: {part!r} is not KEY=VALUE")
+        if key in seen:     # token=1:token=2 would otherwise keep the last one silently
+            raise UsageError(f"--memfd {text!r}: {key!r} given twice")
+        seen.add(key)
         if key == "fill" and value.lower() in ("hex", "random", "file") and i + 1 < len(rest) \
                 and "=" not in rest[i + 1]:
             value = f"{value}:{rest[i + 1]}"   # fill=hex:abcd, fill=random:7
