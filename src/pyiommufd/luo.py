@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno as E
 import os
+import re
 from typing import TYPE_CHECKING, Any, Iterable
 
 from . import errors, ioctl
@@ -36,14 +37,25 @@ FINISH = ioctl.define("LIVEUPDATE_SESSION_FINISH", "struct liveupdate_session_fi
 GET_NAME = ioctl.define("LIVEUPDATE_SESSION_GET_NAME", "struct liveupdate_session_get_name", "luo")
 
 
+# C0, DEL and C1: what would break a message, a log line or an fd name in two
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+def _escaped(text: str) -> str:
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode(), text)
+
+
 def _shown(name: str, limit: int = 40) -> str:
-    """``name`` for a message: quoted, undecodable bytes escaped, long ones cut."""
+    """``name`` for a message: quoted, undecodable bytes and control characters
+    escaped, long ones cut."""
     try:  # a byte that is not UTF-8 came from argv as a lone surrogate: show the byte
         raw = name.encode("utf-8", "surrogateescape")
     except UnicodeEncodeError:
         raw = name.encode("utf-8", "backslashreplace")
     text = raw.decode("utf-8", "backslashreplace")
-    return f"'{text}'" if len(text) <= limit else f"'{text[:limit]}…' ({len(text)} characters)"
+    if len(text) <= limit:
+        return f"'{_escaped(text)}'"
+    return f"'{_escaped(text[:limit])}…' ({len(text)} characters)"
 
 
 def session_name_bytes(name: str) -> bytes:
@@ -62,11 +74,17 @@ def session_name_bytes(name: str) -> bytes:
 
 
 def check_session_name(name: str) -> bytes:
-    """A name LUO accepts, 1 to 63 bytes: the flows' (CLI, plans, manifests)
-    check before they start, so a bad name fails before anything is done."""
+    """A name LUO accepts, 1 to 63 bytes, without control characters: the
+    flows' (CLI, plans, manifests, the agent) check before they start, so a
+    bad name fails before anything is done. The kernel would take a newline;
+    the name ends up in messages, logs and fd names that it would split."""
     raw = _encoded(name)
     if not 1 <= len(raw) <= SESSION_NAME_MAX:
         raise UsageError(f"session name must be 1 to {SESSION_NAME_MAX} bytes, {_shown(name)} is {len(raw)}")
+    control = _CONTROL.search(name)
+    if control is not None:
+        raise UsageError(f"session name {_shown(name)} contains the control character "
+                         f"{_escaped(control.group())}: use printable characters")
     return session_name_bytes(name)
 
 

@@ -5,6 +5,7 @@ connection, keep every session as it was unless a request legitimately
 succeeded, and leak no fd."""
 from __future__ import annotations
 
+import copy
 import errno
 import json
 import os
@@ -16,7 +17,7 @@ import time
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from pyiommufd import errors
+from pyiommufd import errors, exitcodes
 from pyiommufd.agent import AgentClient, AgentServer, AgentUnavailable, in_process_agents
 from pyiommufd.agent import protocol as P
 from pyiommufd.backend import LinuxBackend
@@ -163,6 +164,192 @@ def test_a_deeply_nested_request_is_refused_not_fatal(target):
 def test_a_frame_announcing_more_than_the_limit_is_refused(target):
     reply, _ = target.raw(struct.pack("!I", P.MAX_MESSAGE + 1))
     assert reply["ok"] is False and "announced" in reply["error"]["message"]
+
+
+# -- every field of every op, given the wrong type ------------------------------------
+class Holding(Target):
+    """An agent holding incoming 'old' (token 1 retrieved, token 2 pending) and
+    outgoing 'vm0' (token 1) and 'vm1' (tokens 1, 2), all memfds; incoming
+    'older' waits in LUO, not yet retrieved."""
+
+    def __init__(self, kernel, sockdir):
+        self.k = kernel
+        self.path = os.path.join(sockdir, "agent.sock")
+        self.client = AgentClient(self.path, timeout=10)
+        self.server = AgentServer(self.path, backend=kernel, timeout=2.0).serve_in_thread()
+        self._fill({"old": (1, 2), "older": (1,)})
+        self.server.shutdown(release=False)
+        kernel.kexec()
+        self.server = AgentServer(self.path, backend=kernel, timeout=2.0).serve_in_thread()
+        self.client.retrieve_session("old", manifest=False)
+        os.close(self.client.retrieve("old", 1))
+        self._fill({"vm0": (1,), "vm1": (1, 2)})
+
+    def _fill(self, sessions):
+        for name, tokens in sessions.items():
+            self.client.create_session(name)
+            for token in tokens:
+                ram = MemFD.create(f"{name}-{token}", 4096, backend=self.k)
+                ram.write(b"precious")
+                self.client.preserve(name, token, ram, {"name": f"{name}-{token}"})
+                ram.close()
+
+
+@pytest.fixture
+def holding(fake_kernel, sockdir):
+    t = Holding(fake_kernel, sockdir)
+    _TARGETS.append(t)
+    yield t
+    _TARGETS.remove(t)
+    t.server.shutdown()
+
+
+ABSENT = object()       # the key left out
+NOT_BOOL = ["yes", "no", "true", "false", "", 0, 1, 0.0, 1.0, [], [True], {}, {"force": True}]
+NOT_TOKEN = ["1", "0x1", "", 1.0, 2.5, -1, -(1 << 64), 1 << 64, True, False, [], [1], {}, {"token": 1}]
+NOT_NAME = [0, 1, 1.5, True, False, [], ["vm0"], {}, {"name": "vm0"}]
+NOT_INDEX = ["0", "", 0.0, 1.5, -1, True, False, [], [0], {}]
+NOT_LIST = [{}, {"0": 2}, "", "abc", 0, 1, 1.5, True, False]
+NOT_OBJECT = [[], ["token"], "", "x", 0, 1, 1.5, True, False]
+NOT_STRING = [0, 1, 1.5, True, False, [], ["memfd"], {}]
+NOT_DIRECTION = ["sideways", "Outgoing", ""] + NOT_STRING
+MISSING = [ABSENT, None]
+
+# op -> (valid arguments that would change what the agent holds, the fds they
+# name, {field: wrong values}); only wrong values are ever sent
+WRONG_TYPES = {
+    "ping": ({}, [], {}),
+    "status": ({}, [], {}),
+    "create_session": ({"name": "fresh"}, [], {("name",): NOT_NAME + MISSING}),
+    "preserve": ({"session": "vm0", "token": 7, "fd": 0, "meta": {"name": "extra", "kind": "memfd"}},
+                 ["fake-memfd"], {
+                     ("session",): NOT_NAME + MISSING, ("token",): NOT_TOKEN + MISSING, ("fd",): NOT_INDEX,
+                     ("meta",): NOT_OBJECT, ("meta", "name"): NOT_STRING, ("meta", "kind"): NOT_STRING}),
+    "preserve_many": ({"session": "vm0", "files": [{"token": 8, "fd": 0, "meta": {"name": "a", "kind": "memfd"}},
+                                                   {"token": 9, "fd": 1}]},
+                      ["fake-memfd", "fake-memfd"], {
+                          ("session",): NOT_NAME + MISSING, ("files",): NOT_LIST + MISSING,
+                          ("files", 0): NOT_OBJECT, ("files", 0, "meta"): NOT_OBJECT,
+                          ("files", 0, "meta", "name"): NOT_STRING, ("files", 0, "meta", "kind"): NOT_STRING,
+                          ("files", 0, "token"): NOT_TOKEN, ("files", 0, "fd"): NOT_INDEX,
+                          ("files", 1): NOT_OBJECT, ("files", 1, "token"): NOT_TOKEN + MISSING,
+                          ("files", 1, "fd"): NOT_INDEX + MISSING}),
+    "adopt": ({"liveupdate": None, "sessions": [{
+                  "name": "adoptee", "direction": "outgoing", "fd": 0, "files": [{
+                      "token": 5, "fd": 1, "kind": "memfd", "name": "ram", "state": "preserved",
+                      "meta": {"name": "ram", "kind": "memfd"}}]}]},
+              ["pipe", "fake-memfd"], {
+                  ("liveupdate",): NOT_INDEX, ("sessions",): NOT_LIST, ("sessions", 0): NOT_OBJECT,
+                  ("sessions", 0, "name"): NOT_NAME + MISSING, ("sessions", 0, "direction"): NOT_DIRECTION,
+                  ("sessions", 0, "fd"): NOT_INDEX + MISSING, ("sessions", 0, "files"): NOT_LIST,
+                  ("sessions", 0, "files", 0): NOT_OBJECT,
+                  ("sessions", 0, "files", 0, "token"): NOT_TOKEN + MISSING,
+                  ("sessions", 0, "files", 0, "fd"): NOT_INDEX,
+                  ("sessions", 0, "files", 0, "kind"): NOT_STRING,
+                  ("sessions", 0, "files", 0, "name"): NOT_STRING,
+                  ("sessions", 0, "files", 0, "state"): NOT_STRING,
+                  ("sessions", 0, "files", 0, "meta"): NOT_OBJECT,
+                  ("sessions", 0, "files", 0, "meta", "name"): NOT_STRING,
+                  ("sessions", 0, "files", 0, "meta", "kind"): NOT_STRING}),
+    "retrieve_session": ({"name": "older", "manifest": False}, [], {
+        ("name",): NOT_NAME + MISSING, ("manifest",): NOT_BOOL}),
+    "retrieve": ({"session": "old", "token": 2}, [], {
+        ("session",): NOT_NAME + MISSING, ("token",): NOT_TOKEN + MISSING}),
+    "retrieve_many": ({"session": "old", "tokens": [2, 1]}, [], {
+        ("session",): NOT_NAME + MISSING, ("tokens",): NOT_LIST + MISSING,
+        ("tokens", 0): NOT_TOKEN, ("tokens", 1): NOT_TOKEN}),
+    "lend": ({"session": "vm0", "tokens": [1]}, [], {
+        ("session",): NOT_NAME + MISSING, ("tokens",): NOT_LIST + MISSING, ("tokens", 0): NOT_TOKEN}),
+    "finish": ({"session": "old"}, [], {("session",): NOT_NAME + MISSING}),
+    "release": ({"session": "vm1", "force": True, "direction": "outgoing"}, [], {
+        ("session",): NOT_NAME + MISSING, ("force",): NOT_BOOL, ("direction",): NOT_DIRECTION}),
+    "stop": ({"force": True}, [], {("force",): NOT_BOOL}),
+}
+NOT_ARGS = [[], [{}], "", "x", 0, 1, 1.5, True, False]
+
+
+def _path_name(path) -> str:
+    out = ""
+    for key in path:
+        out += f"[{key}]" if isinstance(key, int) else (f".{key}" if out else key)
+    return out
+
+
+def _paths(value, prefix=()):
+    """Every field of a request's arguments, as paths of keys and list indices."""
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, inner in items:
+        yield prefix + (key,)
+        yield from _paths(inner, prefix + (key,))
+
+
+def _with(args, path, value):
+    out = copy.deepcopy(args)
+    node = out
+    for key in path[:-1]:
+        node = node[key]
+    if value is ABSENT:
+        del node[path[-1]]
+    else:
+        node[path[-1]] = value
+    return out
+
+
+def test_the_wrong_type_table_covers_every_field_of_every_op():
+    assert set(WRONG_TYPES) == set(P.OPS)
+    for op, (args, _, wrong) in WRONG_TYPES.items():
+        assert set(_paths(args)) == set(wrong), op
+
+
+def _refused_without_harm(target, op, args, fd_kinds, *, error_type, names):
+    """Send ``{op, args}`` with fresh fds of ``fd_kinds``; the reply must be a
+    refusal of ``error_type`` saying ``names``, and nothing may change."""
+    before, fds_before = target.client.status(), _open_fds()
+    fds = [_make_fd(kind, target.k) for kind in fd_kinds]
+    try:
+        reply, got = target.raw(_frame({"v": 1, "op": op, "args": args}), fds)
+    finally:
+        for fd in fds:
+            target.k.close(fd)
+    for fd in got:
+        os.close(fd)
+    what = f"{op} {args!r}: {reply!r}"
+    assert got == [], what
+    assert reply is not None and reply["ok"] is False, what
+    assert reply["error"]["type"] == error_type and names in reply["error"]["message"], what
+    assert target.client.status() == before, what        # every session and file still held
+    assert _open_fds() == fds_before, what
+
+
+@pytest.mark.parametrize("op", P.OPS)
+def test_every_field_of_every_op_refuses_a_wrong_type(holding, op):
+    args, fd_kinds, wrong = WRONG_TYPES[op]
+    for path, values in wrong.items():
+        for value in values:
+            _refused_without_harm(holding, op, _with(args, path, value), fd_kinds,
+                                  error_type="usage", names=repr(_path_name(path)))
+    for value in NOT_ARGS:
+        _refused_without_harm(holding, op, value, fd_kinds, error_type="agent", names="args")
+
+
+@pytest.mark.parametrize("version", [True, 1.0, "1"])
+def test_the_protocol_version_is_an_integer(holding, version):
+    before = holding.client.status()
+    reply, _ = holding.raw(_frame({"v": version, "op": "stop", "args": {"force": True}}))
+    assert reply["ok"] is False and "protocol version" in reply["error"]["message"]
+    assert holding.client.status() == before
+
+
+@pytest.mark.parametrize("call", [lambda c: c.stop(force="yes"), lambda c: c.stop(force=1),
+                                  lambda c: c.release("vm1", force="false", direction="outgoing"),
+                                  lambda c: c.retrieve_session("older", manifest="no")],
+                         ids=["stop-force-yes", "stop-force-1", "release-force-false", "retrieve-manifest-no"])
+def test_a_client_sees_a_wrong_type_as_bad_input(holding, call):
+    before = holding.client.status()
+    with pytest.raises(errors.UsageError) as info:
+        call(holding.client)
+    assert exitcodes.exit_code_for(info.value) == exitcodes.BAD_INPUT == 2
+    assert holding.client.status() == before
 
 
 # -- random SCM_RIGHTS payloads -------------------------------------------------------

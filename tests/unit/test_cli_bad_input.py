@@ -29,6 +29,8 @@ NOT_UTF8 = "vm\udcff"      # what Python makes of the byte 0xff in argv
 CDEV = "/dev/vfio/devices/vfio0"
 
 PLANS = {
+    "valid.toml": 'session = "s"\n[[memfd]]\nname = "a"\nsize = "1M"\n',
+    "newline-session.json": '{"session": "vm\\n0", "memfd": [{"name": "a", "size": "1M"}]}',
     "bad.toml": "session = [\n",
     "bad.json": '{"session": \n',
     "unknown-key.json": '{"session": "s", "memfd": [{"name": "a", "size": "4K", "bogus": 1}]}',
@@ -235,6 +237,7 @@ CASES = [
     Case("qemu-launch/memory-backend", ["qemu", "launch", "vm0", "--", "-machine", "q35,memory-backend=r"], 2,
          "memory-backend="),
     Case("qemu-launch/long-name", ["qemu", "launch", LONG], 2, "session name"),
+    Case("qemu-launch/newline-name", ["qemu", "launch", "vm\n0"], 2, "control character \\n"),
     Case("qemu-launch/bad-device", ["qemu", "launch", "vm0", "--device", "zz"], 2, "not a PCI address"),
     Case("qemu-launch/missing-qemu", ["qemu", "launch", "vm0", "--qemu", "/nonexistent/qemu"], 2,
          "--qemu /nonexistent/qemu: no such executable"),
@@ -247,6 +250,47 @@ CASES = [
     Case("qemu-stop/unknown-vm", ["qemu", "stop", "nosuch"], 2, "no VM 'nosuch'"),
     Case("vm-live-update-demo/missing-kernel", ["vm", "live-update-demo", "--kernel", "/nonexistent/bzImage"], 2,
          "no such file"),
+    # -- operators and newcomers (issue 19) ----------------------------------------------------------------
+    # `plan` takes its file as an argument, `preserve` as --plan
+    Case("plan/empty-session", ["plan", "--session", "", "--memfd", "a:1M"], 2,
+         "--session NAME is required (or a plan FILE)"),
+    Case("plan/no-session", ["plan", "--memfd", "a:1M"], 2, "--session NAME is required (or a plan FILE)"),
+    Case("plan/nothing-to-plan", ["plan", "--session", "s"], 2, "--device BDF|CDEV (or a plan FILE)"),
+    Case("preserve/empty-session", ["preserve", "--session", "", "--memfd", "a:1M"], 2,
+         "--session NAME is required (or --plan FILE)"),
+    # a --session that differs from the plan file's is refused, not silently taken
+    Case("plan/file-and-other-session", ["plan", "{tmp}/valid.toml", "--session", "x"], 2,
+         "--session 'x' differs from the plan's session 's'"),
+    Case("preserve/file-and-other-session", ["preserve", "--plan", "{tmp}/valid.toml", "--session", "x"], 2,
+         "--session 'x' differs from the plan's session 's'"),
+    # control characters in a session name, wherever one is taken
+    Case("plan/newline-session", ["plan", "--session", "vm\n0", "--memfd", "a:1M"], 2,
+         "'vm\\n0' contains the control character \\n"),
+    Case("plan/newline-session-in-file", ["plan", "{tmp}/newline-session.json"], 2,
+         "'vm\\n0' contains the control character \\n"),
+    Case("plan/control-session", ["plan", "--session", "vm\x01", "--memfd", "a:1M"], 2,
+         "control character \\x01"),
+    Case("preserve/newline-session", ["preserve", "--session", "vm\n0", "--memfd", "a:1M"], 2,
+         "control character \\n"),
+    Case("preserve/control-session", ["preserve", "--session", "\x01vm", "--memfd", "a:1M"], 2,
+         "control character \\x01"),
+    Case("restore/newline-session", ["restore", "--session", "vm\n0"], 2, "control character \\n"),
+    Case("restore/control-session", ["restore", "--session", "vm\x01"], 2, "control character \\x01"),
+    Case("finish/newline-session", ["finish", "--session", "vm\n0"], 2, "control character \\n"),
+    Case("finish/control-session", ["finish", "--session", "vm\x01"], 2, "control character \\x01"),
+    Case("selftest/newline-session", ["selftest", CDEV, "--session", "vm\n0"], 2, "control character \\n",
+         setup="bound"),
+    Case("vm-selftest/newline-session", ["vm", "selftest", "--session", "vm\n0"], 2, "control character \\n"),
+    Case("restore/long-newline-session", ["restore", "--session", "\n" * 70], 2, "63 bytes"),
+    # a key given twice in a --memfd spec; a --device spec has no keys at all
+    Case("plan/memfd-token-twice", ["plan", "--session", "s", "--memfd", "a:4096:token=1:token=2"], 2,
+         "'token' given twice"),
+    Case("preserve/memfd-token-twice", ["preserve", "--session", "s", "--memfd", "a:4096:token=1:token=2"], 2,
+         "'token' given twice"),
+    Case("plan/memfd-fill-twice", ["plan", "--session", "s", "--memfd", "a:4096:fill=zero:fill=random:7"], 2,
+         "'fill' given twice"),
+    Case("plan/device-with-keys", ["plan", "--session", "s", "--device", "0000:00:03.0:token=1:token=2"], 2,
+         "not a PCI address"),
 ]
 
 
@@ -308,6 +352,7 @@ def test_bad_input(case, env, capsys, monkeypatch):
     errors = [ln for ln in err.splitlines() if ln.startswith("pyiommufd: error:")]
     assert len(errors) == 1, err
     assert case.words in errors[0], errors[0]
+    assert all(ln.startswith("pyiommufd: ") for ln in err.splitlines()), err    # nothing split it
     assert len(errors[0]) < 600, "long input is cut, not repeated whole"
     assert boots == 1                       # no bad input ever reboots the (fake) machine
     # nothing left behind: no agent answers afterwards
@@ -319,15 +364,18 @@ JSON_CASES = [c for c in CASES if c.code != 0 and "--" not in c.argv and c.setup
               and "guest-selftest" not in c.argv]
 
 
+@pytest.mark.parametrize("where", ["after", "before"])
 @pytest.mark.parametrize("case", JSON_CASES, ids=lambda c: c.id)
-def test_bad_input_with_json_puts_the_error_object_on_stdout(case, env, capsys, monkeypatch):
-    """The same failures with --json: stdout is one JSON document whose error
-    object carries the exit code and the message of the stderr line."""
+def test_bad_input_with_json_puts_the_error_object_on_stdout(case, where, env, capsys, monkeypatch):
+    """The same failures with --json, after the subcommand's arguments or
+    before the subcommand: stdout is one JSON document whose error object
+    carries the exit code and the message of the stderr line."""
     import json
 
     for key, value in case.env.items():
         monkeypatch.setenv(key, value)
-    argv = [a.replace("{tmp}", str(env)) for a in case.argv] + ["--json"]
+    argv = [a.replace("{tmp}", str(env)) for a in case.argv]
+    argv = argv + ["--json"] if where == "after" else ["--json"] + argv
     with _kernel(case.setup) as k, use(k):
         held = k.open("/dev/liveupdate") if case.setup == "busy" else None
         try:
@@ -403,6 +451,28 @@ def test_every_command_takes_json():
                and "--json" not in {opt for p in command.params for opt in p.opts}]
     assert not missing, f"no --json on: {missing}"
     assert len(list(_all_commands())) >= 19
+
+
+@pytest.mark.parametrize("argv", [["doctor"], ["exit-codes"], ["devices"], ["agent", "status"],
+                                  ["plan", "--session", "s", "--memfd", "a:1M"]])
+def test_json_before_the_subcommand_is_the_subcommands_json(env, capsys, argv):
+    """The help says every command takes --json: before the subcommand too,
+    with the same exit code and the same document (and a group's subcommand
+    gets it as well)."""
+    import json
+
+    with _kernel("bound") as k, use(k):
+        after = run_cli(capsys, argv + ["--json"])
+        before = run_cli(capsys, ["--json"] + argv)
+    assert before[0] == after[0] and "No such option" not in before[2]
+    assert json.loads(before[1]) == json.loads(after[1])
+
+
+def test_a_session_that_repeats_the_plan_files_is_accepted(env, capsys):
+    """Only a --session that differs from the plan file's is refused."""
+    with _kernel("series") as k, use(k):
+        code, out, err = run_cli(capsys, ["plan", str(env / "valid.toml"), "--session", "s"])
+    assert code == 0 and "plan for session 's'" in out, err
 
 
 def test_debug_after_the_subcommand_adds_a_traceback_and_keeps_the_exit_code(env, capsys):

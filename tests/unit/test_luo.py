@@ -30,6 +30,25 @@ def test_the_flows_check_refuses_what_luo_would(name):
         luo.check_session_name(name)
 
 
+@pytest.mark.parametrize("name, shown", [("vm\n0", "\\n"), ("\x01", "\\x01"), ("vm\t", "\\t"),
+                                         ("a\x7f", "\\x7f"), ("a\x85b", "\\x85"), ("a\x00b", "\\x00")])
+def test_the_flows_check_refuses_control_characters_in_one_line(name, shown):
+    with pytest.raises(errors.UsageError, match="control character") as info:
+        luo.check_session_name(name)
+    assert "\n" not in str(info.value) and f"character {shown}:" in str(info.value)
+
+
+def test_a_too_long_name_with_newlines_is_shown_in_one_line():
+    with pytest.raises(errors.UsageError, match="1 to 63 bytes") as info:
+        luo.check_session_name("\n" * 70)
+    assert "\n" not in str(info.value) and "(70 characters)" in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["vm0", "vm 0", "vmé-ü", "a.b_c:d"])
+def test_printable_names_pass_the_flows_check(name):
+    assert luo.check_session_name(name) == name.encode()
+
+
 @pytest.mark.parametrize("token", [-1, 1 << 64, "1", True, 1.0])
 def test_bad_tokens_are_refused(fake_kernel, token):
     with LiveUpdate.open() as lu, lu.create_session("t") as session, MemFD.create("m", 4096) as m:

@@ -6,13 +6,14 @@ from __future__ import annotations
 import errno as E
 import logging
 import os
-from typing import Any
+import reprlib
+from typing import Any, Callable, NamedTuple
 
 from .. import errors
 from ..backend import Backend
 from ..errors import UsageError
 from ..fdobject import FileKind
-from ..luo import LiveUpdate, PreservedFile, RetrievedFile, Session, check_session_name, check_token, fd_target, kind_of_fd
+from ..luo import TOKEN_MAX, LiveUpdate, PreservedFile, RetrievedFile, Session, check_session_name, fd_target, kind_of_fd
 from . import protocol as P
 from . import sdnotify
 from .protocol import AgentRefused
@@ -47,19 +48,73 @@ class RequestFds:
             close_fd(self.backend, fd)
 
 
-def _require(args: dict[str, Any], key: str, kind: type, what: str | None = None) -> Any:
-    value = args.get(key)
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
-        raise UsageError(f"request argument {key!r} ({what or key}) is missing or has the wrong type")
+# -- request fields -------------------------------------------------------------
+# Every field is checked against its JSON type and never coerced: "false" is
+# not false, 1.0 and true are not the token 1, {} is not an empty list. A
+# field that is absent or null takes its default (clients send null for what
+# they leave out); without a default it is required.
+class Field(NamedTuple):
+    """What a request field must be; ``expected`` is what the refusal says."""
+
+    expected: str
+    ok: Callable[[Any], bool]
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+BOOL = Field("true or false", lambda v: isinstance(v, bool))
+STRING = Field("a string", lambda v: isinstance(v, str))
+TOKEN = Field("an integer from 0 to 2**64-1", lambda v: _is_int(v) and 0 <= v <= TOKEN_MAX)
+FD_INDEX = Field("the index of an fd sent with the request", lambda v: _is_int(v) and v >= 0)
+LIST = Field("a list", lambda v: isinstance(v, list))
+OBJECT = Field("an object", lambda v: isinstance(v, dict))
+DIRECTION = Field('"outgoing" or "incoming"', lambda v: v in ("outgoing", "incoming"))
+
+_REQUIRED: Any = object()
+_JSON_TYPES = {bool: "boolean", int: "integer", float: "number", str: "string", list: "list", dict: "object"}
+
+
+def _shown(value: Any) -> str:
+    """``value`` for a refusal: its JSON type and a short repr (a hostile value may be huge)."""
+    if value is None:
+        return "null"
+    return f"{_JSON_TYPES.get(type(value), type(value).__name__)} {reprlib.repr(value)}"
+
+
+def _check(value: Any, field: Field, path: str) -> Any:
+    if not field.ok(value):
+        raise UsageError(f"request argument {path!r} must be {field.expected}, not {_shown(value)}")
     return value
 
 
-def _meta(value: Any) -> dict[str, Any]:
+def _field(obj: dict[str, Any], key: str, field: Field, where: str = "", default: Any = _REQUIRED) -> Any:
+    """``obj[key]`` (named ``where.key`` in a refusal) if it is what ``field`` says."""
+    path = f"{where}.{key}" if where else key
+    value = obj.get(key)
     if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise UsageError("meta must be a JSON object")
-    return dict(value)
+        if default is _REQUIRED:
+            raise UsageError(f"request argument {path!r} ({field.expected}) is missing")
+        return default
+    return _check(value, field, path)
+
+
+def _elements(obj: dict[str, Any], key: str, field: Field, where: str = "",
+              default: Any = _REQUIRED) -> list[tuple[str, Any]]:
+    """The list ``obj[key]`` as ``(path, element)``, each element checked as ``field``."""
+    path = f"{where}.{key}" if where else key
+    items = _field(obj, key, LIST, where, default)
+    return [(f"{path}[{i}]", _check(v, field, f"{path}[{i}]")) for i, v in enumerate(items)]
+
+
+def _meta(obj: dict[str, Any], where: str = "") -> dict[str, Any]:
+    """A file's ``meta``: any object, but the ``name`` and ``kind`` the agent reads are strings."""
+    meta = dict(_field(obj, "meta", OBJECT, where, {}))
+    path = f"{where}.meta" if where else "meta"
+    _field(meta, "name", STRING, path, None)
+    _field(meta, "kind", STRING, path, None)
+    return meta
 
 
 #: a handler's answer: the result, and the fds to send with it
@@ -87,7 +142,7 @@ class RequestHandlers(Registry):
         return {"agent": self._info(), "sessions": sessions}, []
 
     def _op_create_session(self, args: dict[str, Any], fds: RequestFds) -> Reply:
-        name = _require(args, "name", str, "session name")
+        name = _field(args, "name", STRING)
         check_session_name(name)
         if (name, False) in self.sessions:
             raise errors.make_error("LIVEUPDATE_IOCTL_CREATE_SESSION", "luo", E.EEXIST,
@@ -100,10 +155,12 @@ class RequestHandlers(Registry):
         return held.as_dict(), []
 
     def _op_preserve(self, args: dict[str, Any], fds: RequestFds) -> Reply:
-        held = self._session(args.get("session"), incoming=False)
-        token = check_token(args.get("token"))
-        meta = _meta(args.get("meta"))
-        fd = fds.get(args.get("fd", 0), "preserve")
+        session = _field(args, "session", STRING)
+        token = _field(args, "token", TOKEN)
+        meta = _meta(args)
+        index = _field(args, "fd", FD_INDEX, default=0)
+        held = self._session(session, incoming=False)
+        fd = fds.get(index, "preserve")
         if token in held.files:
             # the kernel says EEXIST too; answer without touching it
             raise errors.make_error("LIVEUPDATE_SESSION_PRESERVE_FD", "luo", E.EEXIST,
@@ -121,22 +178,18 @@ class RequestHandlers(Registry):
         """``files``: ``[{"token", "fd" (index), "meta"}]``, preserved in order
         by one :meth:`Session.preserve_many`. Everything is checked first; on a
         failure part-way the files before it stay preserved and held."""
-        held = self._session(args.get("session"), incoming=False)
-        specs = args.get("files")
-        if not isinstance(specs, list):
-            raise UsageError("preserve_many: files must be a list")
+        session = _field(args, "session", STRING)
+        specs = [(_field(spec, "token", TOKEN, where), _field(spec, "fd", FD_INDEX, where), _meta(spec, where))
+                 for where, spec in _elements(args, "files", OBJECT)]
+        held = self._session(session, incoming=False)
         items: list[PreserveItem] = []
         seen: set[int] = set()
-        for spec in specs:
-            if not isinstance(spec, dict):
-                raise UsageError("preserve_many: each file is an object")
-            token = check_token(spec.get("token"))
-            fd = fds.get(spec.get("fd"), f"preserve_many token {token:#x}")
+        for token, index, meta in specs:
+            fd = fds.get(index, f"preserve_many token {token:#x}")
             if token in held.files or token in seen:
                 raise errors.make_error("LIVEUPDATE_SESSION_PRESERVE_FD", "luo", E.EEXIST,
                                         detail=f"session {held.name!r}, token {token:#x}")
             seen.add(token)
-            meta = _meta(spec.get("meta"))
             kind = P.parse_kind(meta.pop("kind", None)) or kind_of_fd(self.backend, fd)
             items.append((token, fd, kind, meta))
         try:
@@ -160,39 +213,33 @@ class RequestHandlers(Registry):
         return out
 
     def _op_adopt(self, args: dict[str, Any], fds: RequestFds) -> Reply:
-        lu_index = args.get("liveupdate")
-        specs = args.get("sessions") or []
-        if not isinstance(specs, list):
-            raise UsageError("adopt: sessions must be a list")
+        lu_index = _field(args, "liveupdate", FD_INDEX, default=None)
         plans = []
-        for spec in specs:
-            if not isinstance(spec, dict):
-                raise UsageError("adopt: each session is an object")
-            name = _require(spec, "name", str, "session name")
+        for where, spec in _elements(args, "sessions", OBJECT, default=[]):
+            name = _field(spec, "name", STRING, where)
             check_session_name(name)
-            direction = spec.get("direction", "outgoing")
-            if direction not in ("outgoing", "incoming"):
-                raise UsageError(f"adopt: direction must be outgoing or incoming, not {direction!r}")
+            direction = _field(spec, "direction", DIRECTION, where, "outgoing")
             incoming = direction == "incoming"
             if (name, incoming) in self.sessions:
                 raise UsageError(f"adopt: the agent holds {direction} session {name!r} already")
-            session_fd = fds.get(spec.get("fd"), f"adopt session {name!r}")
+            session_fd = fds.get(_field(spec, "fd", FD_INDEX, where), f"adopt session {name!r}")
             files = []
             seen: set[int] = set()
-            for f in spec.get("files") or []:
-                if not isinstance(f, dict):
-                    raise UsageError("adopt: each file is an object")
-                token = check_token(f.get("token"))
+            for fwhere, f in _elements(spec, "files", OBJECT, where, []):
+                token = _field(f, "token", TOKEN, fwhere)
                 if token in seen:
                     raise UsageError(f"adopt: token {token:#x} listed twice in session {name!r}")
                 seen.add(token)
-                ffd = None if f.get("fd") is None else fds.get(f.get("fd"), f"adopt token {token:#x}")
-                meta = _meta(f.get("meta"))
-                said = P.parse_kind(f.get("kind") or meta.pop("kind", None))
-                said_state = None if f.get("state") is None else FileState.parse(f.get("state"))
-                files.append((token, ffd, f, meta, said, said_state))
+                index = _field(f, "fd", FD_INDEX, fwhere, None)
+                ffd = None if index is None else fds.get(index, f"adopt token {token:#x}")
+                meta = _meta(f, fwhere)
+                said = P.parse_kind(_field(f, "kind", STRING, fwhere, None) or meta.pop("kind", None))
+                state = _field(f, "state", STRING, fwhere, None)
+                said_state = None if state is None else FileState.parse(state)
+                fname = _field(f, "name", STRING, fwhere, None) or meta.pop("name", None)
+                files.append((token, ffd, fname, meta, said, said_state))
             self._check_session_fd(session_fd, name)
-            plans.append((name, incoming, session_fd, files, spec))
+            plans.append((name, incoming, session_fd, files))
         lu_fd = None if lu_index is None else fds.get(lu_index, "adopt /dev/liveupdate")
         if lu_fd is not None and self.liveupdate is None:
             target = fd_target(self.backend, lu_fd)
@@ -211,14 +258,13 @@ class RequestHandlers(Registry):
                 self._store(sdnotify.LUO_NAME, lu_fd)
             else:
                 result["liveupdate"] = "already held"
-        for name, incoming, session_fd, files, spec in plans:
+        for name, incoming, session_fd, files in plans:
             session = Session(fds.keep(session_fd), name, incoming=incoming, backend=self.backend)
             held = HeldSession(name, session, incoming=incoming, adopted=True)
-            for token, ffd, f, meta, said, said_state in files:
+            for token, ffd, fname, meta, said, said_state in files:
                 if ffd is not None:
                     fds.keep(ffd)
                 kind = said or (kind_of_fd(self.backend, ffd) if ffd is not None else FileKind.OTHER)
-                fname = f.get("name") or meta.pop("name", None)
                 record: PreservedFile | RetrievedFile | None = None
                 if incoming:
                     state = said_state or (FileState.RETRIEVED if ffd is not None else FileState.PENDING)
@@ -250,8 +296,9 @@ class RequestHandlers(Registry):
         if actual != name:
             raise UsageError(f"adopt: the fd sent as session {name!r} is LUO session {actual!r}")
     def _op_retrieve_session(self, args: dict[str, Any], fds: RequestFds) -> Reply:
-        name = _require(args, "name", str, "session name")
+        name = _field(args, "name", STRING)
         check_session_name(name)
+        with_manifest = _field(args, "manifest", BOOL, default=True)
         held = self.sessions.get((name, True))
         if held is not None:
             out = held.as_dict()
@@ -264,7 +311,7 @@ class RequestHandlers(Registry):
         self._store_session(held)
         from ..manifest import MANIFEST_NAME, MANIFEST_TOKEN
 
-        if args.get("manifest", True):
+        if with_manifest:
             try:
                 got = session.retrieve(MANIFEST_TOKEN)
             except errors.NotFound:
@@ -283,8 +330,9 @@ class RequestHandlers(Registry):
         return out, []
 
     def _op_retrieve(self, args: dict[str, Any], fds: RequestFds) -> Reply:
-        held = self._session(args.get("session"), incoming=True)
-        token = check_token(args.get("token"))
+        session = _field(args, "session", STRING)
+        token = _field(args, "token", TOKEN)
+        held = self._session(session, incoming=True)
         f = held.files.get(token)
         if f is not None and f.fd is not None:
             return f.as_dict(), [f.fd]
@@ -306,11 +354,9 @@ class RequestHandlers(Registry):
         """``tokens``, retrieved in order (those held already are not asked
         again) by one :meth:`Session.retrieve_all`; answers ``files`` and one
         fd per token. On a failure part-way the ones before it stay held."""
-        held = self._session(args.get("session"), incoming=True)
-        tokens = args.get("tokens")
-        if not isinstance(tokens, list):
-            raise UsageError("retrieve_many: tokens must be a list")
-        tokens = [check_token(t) for t in tokens]
+        session = _field(args, "session", STRING)
+        tokens: list[int] = [t for _, t in _elements(args, "tokens", TOKEN)]
+        held = self._session(session, incoming=True)
         todo = [t for t in tokens if held.files.get(t) is None or held.files[t].fd is None]
         try:
             got = held.session.retrieve_all(todo)
@@ -339,12 +385,11 @@ class RequestHandlers(Registry):
         """Copies of the fds of ``tokens`` of an outgoing session, for a holder
         that takes its files back before any kexec (a VMM resuming a VM whose
         update was aborted). The agent keeps its own; nothing is unpreserved."""
-        held = self._session(args.get("session"), incoming=False)
-        tokens = args.get("tokens")
-        if not isinstance(tokens, list):
-            raise UsageError("lend: tokens must be a list")
+        session = _field(args, "session", STRING)
+        tokens: list[int] = [t for _, t in _elements(args, "tokens", TOKEN)]
+        held = self._session(session, incoming=False)
         out = []
-        for token in (check_token(t) for t in tokens):
+        for token in tokens:
             f = held.files.get(token)
             if f is None or f.fd is None:
                 raise UsageError(f"lend: session {held.name!r} holds no file at token {token:#x}")
@@ -352,7 +397,7 @@ class RequestHandlers(Registry):
         return {"files": [f.as_dict() for f in out]}, [f.fd for f in out if f.fd is not None]
 
     def _op_finish(self, args: dict[str, Any], fds: RequestFds) -> Reply:
-        held = self._session(args.get("session"), incoming=True)
+        held = self._session(_field(args, "session", STRING), incoming=True)
         held.session.finish()
         log.info("finished session %r", held.name)
         self._close_session(held)
@@ -360,11 +405,9 @@ class RequestHandlers(Registry):
         return {"finished": held.name, "released_tokens": sorted(held.files)}, []
 
     def _op_release(self, args: dict[str, Any], fds: RequestFds) -> Reply:
-        name = _require(args, "session", str, "session name")
-        force = bool(args.get("force", False))
-        direction = args.get("direction")
-        if direction not in (None, "outgoing", "incoming"):
-            raise UsageError(f"direction must be outgoing or incoming, not {direction!r}")
+        name = _field(args, "session", STRING)
+        force = _field(args, "force", BOOL, default=False)
+        direction = _field(args, "direction", DIRECTION, default=None)
         if direction is None:
             matches = [s for s in self.sessions.values() if s.name == name]
             if len(matches) > 1:
@@ -383,7 +426,7 @@ class RequestHandlers(Registry):
         return {"released": held.name, "direction": held.direction, "warning": warning,
                 "tokens": sorted(held.files)}, []
     def _op_stop(self, args: dict[str, Any], fds: RequestFds) -> Reply:
-        force = bool(args.get("force", False))
+        force = _field(args, "force", BOOL, default=False)
         warnings = self.holding_state()
         if warnings and not force:
             raise AgentRefused("the agent holds live-update state: " + "; ".join(warnings) +

@@ -6,7 +6,10 @@ One request and one reply per connection, over a UNIX stream socket:
   JSON (at most :data:`MAX_MESSAGE` bytes);
 * file descriptors ride along with the frame as ``SCM_RIGHTS`` ancillary data
   (at most :data:`MAX_FDS`); JSON refers to them by index (``"fd": 0``);
-* a request is ``{"v": 1, "op": NAME, "args": {...}}``;
+* a request is ``{"v": 1, "op": NAME, "args": {...}}``; each argument has
+  one JSON type (a boolean is ``true``/``false``, a token an integer, ...),
+  checked and never coerced: a wrong one is refused as a
+  :class:`~pyiommufd.errors.UsageError` naming it, and changes nothing;
 * a reply is ``{"v": 1, "ok": true, "result": {...}}`` or
   ``{"v": 1, "ok": false, "error": {...}}``; an error is encoded by
   :func:`encode_error` and re-raised by the client as the same class with

@@ -408,13 +408,17 @@ class AgentServer(RequestHandlers):
     def _parse(msg: Any) -> tuple[str, dict[str, Any]]:
         if not isinstance(msg, dict):
             raise P.AgentProtocolError("a request is a JSON object")
-        if msg.get("v") != P.VERSION:
-            raise P.AgentProtocolError(f"protocol version {msg.get('v')!r} is not {P.VERSION}")
+        version = msg.get("v")
+        # true == 1 and 1.0 == 1 in Python, not in the protocol
+        if isinstance(version, bool) or not isinstance(version, int) or version != P.VERSION:
+            raise P.AgentProtocolError(f"protocol version {version!r} is not {P.VERSION}")
         op = msg.get("op")
         if op not in P.OPS:
             raise P.AgentProtocolError(f"unknown request {op!r} (known: {', '.join(P.OPS)})")
-        args = msg.get("args") or {}
-        if not isinstance(args, dict):
+        args = msg.get("args")
+        if args is None:
+            args = {}
+        elif not isinstance(args, dict):     # not even [] or "" stands for "no arguments"
             raise P.AgentProtocolError("request args must be a JSON object")
         return op, args
     def _info(self) -> dict[str, Any]:

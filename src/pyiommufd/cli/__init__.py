@@ -4,7 +4,8 @@ Subcommands live in their own modules and are imported only when run, so
 ``pyiommufd --help`` stays fast. Every error becomes one line on stderr (and,
 with ``--json``, an error object on stdout) and an exit code from
 :func:`pyiommufd.exitcodes.exit_code_for`; ``--debug`` (before or after the subcommand)
-adds the traceback and changes nothing else.
+adds the traceback and changes nothing else. ``--json`` too may come before
+the subcommand.
 """
 from __future__ import annotations
 
@@ -63,17 +64,37 @@ class LazyGroup(click.Group):
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, envvar="PYIOMMUFD_DEBUG", help="Show tracebacks.")
+@click.option("--json", "as_json", is_flag=True, help="The subcommand's --json, given before it.")
 @click.version_option(version=__version__, prog_name="pyiommufd")
 @click.pass_context
-def cli(ctx: click.Context, debug: bool) -> None:
+def cli(ctx: click.Context, debug: bool, as_json: bool) -> None:
     """Userspace toolkit for Linux IOMMU live update: iommufd, VFIO cdevs and LUO.
 
-    Every command takes --json; --debug may also follow the subcommand."""
+    Every command takes --json; --json and --debug may come before or after
+    the subcommand."""
     from .output import reset_json_count
 
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
     reset_json_count()
+    name = ctx.invoked_subcommand
+    if as_json and name is not None:
+        command = cli.get_command(ctx, name)
+        if command is not None:
+            # click hands each subcommand's context its entry of the default map
+            ctx.default_map = {name: _json_by_default(command, ctx)}
+
+
+def _json_by_default(command: click.Command, ctx: click.Context) -> dict[str, Any]:
+    """A default map that turns on ``--json`` of ``command`` and of every
+    command under it (``agent status``, ``vm run``)."""
+    out: dict[str, Any] = {"as_json": True}
+    if isinstance(command, click.Group):
+        for name in command.list_commands(ctx):
+            sub = command.get_command(ctx, name)
+            if sub is not None:
+                out[name] = _json_by_default(sub, ctx)
+    return out
 
 
 @click.command("exit-codes")

@@ -157,9 +157,11 @@ def _plan_options(fn: Callable[..., None]) -> Callable[..., None]:
 
 def _build_plan(plan_file: str | None, session: str | None, memfds: tuple[str, ...], devices: tuple[str, ...],
                 hwpt_tokens: tuple[str, ...], device_tokens: tuple[str, ...], iommufd_token: str | None,
-                with_iommufd: bool, base_iova: str | None, lu_abi: str | None) -> Plan:
+                with_iommufd: bool, base_iova: str | None, lu_abi: str | None, *,
+                file_usage: str = "--plan FILE") -> Plan:
+    """``file_usage``: how the command takes a plan file, for its messages."""
     plan = _plan_from_input(plan_file, session, memfds, devices, hwpt_tokens, device_tokens, iommufd_token,
-                            with_iommufd, base_iova, lu_abi)
+                            with_iommufd, base_iova, lu_abi, file_usage)
     check_env_nr()
     if plan.lu_abi is None:  # neither --lu-abi nor the file chose: the CLI passes the variable down
         plan.lu_abi = env_lu_abi()
@@ -169,7 +171,7 @@ def _build_plan(plan_file: str | None, session: str | None, memfds: tuple[str, .
 def _plan_from_input(plan_file: str | None, session: str | None, memfds: tuple[str, ...],
                      devices: tuple[str, ...], hwpt_tokens: tuple[str, ...], device_tokens: tuple[str, ...],
                      iommufd_token: str | None, with_iommufd: bool, base_iova: str | None,
-                     lu_abi: str | None) -> Plan:
+                     lu_abi: str | None, file_usage: str) -> Plan:
     from .. import planner
 
     lu_abi = option_lu_abi(lu_abi)
@@ -181,14 +183,17 @@ def _plan_from_input(plan_file: str | None, session: str | None, memfds: tuple[s
         if extra:
             raise _usage(f"give either a plan file or {', '.join(extra)}, not both")
         plan = planner.load_plan(plan_file)
-        if session:
-            plan.session = session
+        if session is not None and session != plan.session:
+            # which one was meant? Taking either silently preserves into the wrong session
+            raise _usage(f"--session {session!r} differs from the plan's session {plan.session!r} "
+                         f"({plan_file}): give one of them")
         if lu_abi:
             plan.lu_abi = lu_abi
         return plan
     return planner.plan_from_options(session, memfds=memfds, devices=devices, hwpt_tokens=hwpt_tokens,
                                      device_tokens=device_tokens, iommufd_token=iommufd_token,
-                                     iommufd=with_iommufd, lu_abi=lu_abi, base_iova=base_iova)
+                                     iommufd=with_iommufd, lu_abi=lu_abi, base_iova=base_iova,
+                                     plan_file=file_usage)
 
 
 @click.command("plan")
@@ -210,7 +215,7 @@ def plan(plan_file: str | None, dry_run: bool, session: str | None, memfds: tupl
     from .. import planner
 
     p = _build_plan(plan_file, session, memfds, devices, hwpt_tokens, device_tokens, iommufd_token,
-                    with_iommufd, base_iova, lu_abi)
+                    with_iommufd, base_iova, lu_abi, file_usage="a plan FILE")
     rep = planner.report(p)
     errs = [planner.Problem(**x) for x in rep["problems"] if x["severity"] == "error"]
     message = None

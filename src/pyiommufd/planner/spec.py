@@ -456,12 +456,16 @@ def parse_memfd_option(text: str) -> dict[str, Any]:
     out: dict[str, Any] = {"name": parts[0], "size": parts[1]}
     fill, seed = None, None
     rest = parts[2:]
+    seen: set[str] = set()
     i = 0
     while i < len(rest):
         part = rest[i]
         key, sep, value = part.partition("=")
         if not sep:
             raise UsageError(f"--memfd {text!r}: {part!r} is not KEY=VALUE")
+        if key in seen:     # token=1:token=2 would otherwise keep the last one silently
+            raise UsageError(f"--memfd {text!r}: {key!r} given twice")
+        seen.add(key)
         if key == "fill" and value.lower() in ("hex", "random", "file") and i + 1 < len(rest) \
                 and "=" not in rest[i + 1]:
             value = f"{value}:{rest[i + 1]}"   # fill=hex:abcd, fill=random:7
@@ -491,17 +495,19 @@ def parse_memfd_option(text: str) -> dict[str, Any]:
 def plan_from_options(session: str | None, *, memfds: Iterable[str] = (), devices: Iterable[str] = (),
                       hwpt_tokens: Iterable[str] = (), iommufd_token: str | None = None,
                       device_tokens: Iterable[str] = (), iommufd: bool = False,
-                      lu_abi: str | None = None, base_iova: str | None = None) -> Plan:
+                      lu_abi: str | None = None, base_iova: str | None = None,
+                      plan_file: str = "--plan FILE") -> Plan:
     """The plan the ``preserve``/``plan`` options describe: the memfds; if
     there are devices (or ``iommufd``/``iommufd_token``), one iommufd with one
     IOAS mapping every memfd whole, one HWPT per device (marked with the
-    matching ``--hwpt-token``, else assigned), each device attached to its own."""
+    matching ``--hwpt-token``, else assigned), each device attached to its own.
+    ``plan_file`` is how the command takes a plan file instead (for messages)."""
     if not session:
-        raise UsageError("--session NAME is required (or --plan FILE)")
+        raise UsageError(f"--session NAME is required (or {plan_file})")
     memfds, devices = list(memfds), list(devices)
     hwpt_tokens, device_tokens = list(hwpt_tokens), list(device_tokens)
     if not memfds and not devices:
-        raise UsageError("nothing to preserve: give --memfd NAME:SIZE and/or --device BDF|CDEV (or --plan FILE)")
+        raise UsageError(f"nothing to preserve: give --memfd NAME:SIZE and/or --device BDF|CDEV (or {plan_file})")
     if hwpt_tokens and len(hwpt_tokens) != len(devices):
         raise UsageError(f"{len(hwpt_tokens)} --hwpt-token for {len(devices)} --device: give one per device")
     if device_tokens and len(device_tokens) != len(devices):
