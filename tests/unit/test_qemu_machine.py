@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -98,6 +99,12 @@ def _script(tmp_path, name, body):
     return str(path)
 
 
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("PYIOMMUFD_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
 def test_an_old_qemu_is_named_with_what_it_lacks(tmp_path, monkeypatch):
     old = _script(tmp_path, "qemu-7.2", 'echo "QEMU emulator version 7.2.19 (Debian 1:7.2+dfsg-7+deb12u18)"')
     monkeypatch.setenv(binary.ENV_QEMU, old)
@@ -137,3 +144,23 @@ def test_the_cached_qemu_runs_through_its_own_loader_and_firmware(tmp_path, monk
     assert [argv[i + 1] for i, a in enumerate(argv) if a == "-L"] == [
         str(tmp_path / "root" / d) for d in ("usr/share/qemu", "usr/share/seabios", "usr/lib/ipxe/qemu")]
     assert dict(q.env)["QEMU_MODULE_DIR"].endswith("usr/lib/x86_64-linux-gnu/qemu")
+
+
+def test_what_qemu_answered_is_remembered_per_binary(tmp_path, cache):
+    calls = tmp_path / "calls"
+    body = f"""echo "$*" >> {calls}
+case "$*" in
+  -version) echo "QEMU emulator version 11.1.3";;
+  "-object help") echo "  memory-backend-file";;
+esac"""
+    path = _script(tmp_path, "qemu", body)
+    assert binary.resolve(path).missing({binary.Feature.SHARED_RAM}) == []
+    assert calls.read_text().splitlines() == ["-version", "-object help"]
+    # a resume after the kexec asks again: nothing runs, the answers come from the cache
+    assert binary.resolve(path).missing({binary.Feature.SHARED_RAM}) == []
+    assert calls.read_text().splitlines() == ["-version", "-object help"]
+    assert (cache / "qemu" / "answers.json").is_file()
+    # another binary at the same path (a new mtime or size) is asked afresh
+    Path(path).write_text(Path(path).read_text() + "\n# rebuilt\n")
+    binary.resolve(path).version()
+    assert calls.read_text().splitlines() == ["-version", "-object help", "-version"]

@@ -29,7 +29,9 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def qemu11() -> binary.Qemu:
     try:
-        return binary.resolve(progress=print)
+        qemu = binary.resolve(progress=print)
+        qemu.missing(set(binary.Feature))       # asked once, here: the guests read the answers
+        return qemu
     except binary.QemuError as exc:
         vm_did_not_run("the VMM tests", str(exc))
 

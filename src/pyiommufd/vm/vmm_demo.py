@@ -357,7 +357,8 @@ def run_demo(kernel: str | None = None, *, nested_kernel: str | None = None, env
     from . import runner
     from .kernel import resolve_kernel
 
-    binary.resolve(progress=progress)          # fetched on the host: the guest's root is read-only
+    # fetched, and its features asked, on the host: the guest sees the cache read-only
+    binary.resolve(progress=progress).missing(set(binary.Feature))
     nested = nested_kernel or str(resolve_kernel(None, progress=progress or (lambda _: None)).bzimage)
     initrd = str(nested_guest.build_initramfs())
     argv = [runner.python_executable(), "-m", "pyiommufd.vm.vmm_demo"]
