@@ -113,3 +113,24 @@ def kernel_caps():
             pass
     print(f"kernel capabilities: {caps.describe()}")
     return caps
+
+
+@pytest.fixture
+def driver(request):
+    """The fail-nth driver (tests/vm/fail_nth.py) with the kernel set up for it;
+    its summary goes into the VM tier's terminal summary."""
+    import fail_nth as F
+    from pyiommufd_testing.pytest_plugin import SUMMARY_SECTION
+
+    old = F.configure_kernel()
+    log, nth = F.KernelLog(), F.FailNth()
+    drv = F.Driver(log, nth)
+    yield drv
+    nth.close()
+    log.close()
+    F.restore_kernel(old)
+    if not drv.results:
+        return
+    text = F.summary(drv.results)
+    print(text)
+    request.node.add_report_section("call", SUMMARY_SECTION, f"fail-nth, {request.node.name}:\n{text}")

@@ -25,7 +25,6 @@ from pyiommufd import errors
 from pyiommufd.agent import AgentClient
 from pyiommufd.iommufd import IOMMUFD
 from pyiommufd.memfd import LIVE_UPDATE_SEALS, MemFD
-from pyiommufd_testing.pytest_plugin import SUMMARY_SECTION
 from pyiommufd.vfio import VfioDevice
 
 import agent_process
@@ -37,22 +36,6 @@ WITNESS_SESSION, WITNESS_TOKEN = "fail-nth-witness", 0x77
 RETRIEVE_SESSION = "fail-nth-retrieve"
 RETRIEVE_TOKENS = 64               # one fresh token per retrieve injection point
 FINISH_SESSIONS = 48               # one fresh session per finish injection point
-
-
-@pytest.fixture
-def driver(request):
-    old = F.configure_kernel()
-    log, nth = F.KernelLog(), F.FailNth()
-    drv = F.Driver(log, nth)
-    yield drv
-    nth.close()
-    log.close()
-    F.restore_kernel(old)
-    if not drv.results:
-        return
-    text = F.summary(drv.results)
-    print(text)
-    request.node.add_report_section("call", SUMMARY_SECTION, f"fail-nth, {request.node.name}:\n{text}")
 
 
 def assert_clean(results: list[F.FlowResult]) -> None:

@@ -575,6 +575,12 @@ class HostSide:
         self._say(f"[vm] kernel {target.describe()}: running {n} vm test(s) in the guest"
                   + (f" ({nk} two-stage kexec test(s))" if nk else ""))
         try:
+            from pyiommufd.qemu import binary
+            # the guest's VMM tests run QEMU 11.1 from the cache, which they see read-only
+            binary.resolve(progress=self._say).missing(set(binary.Feature))
+        except Exception as exc:    # noqa: BLE001 - those tests fail in the guest, saying why
+            self._say(f"[vm] no QEMU for the guest's VMM tests: {exc}")
+        try:
             from pyiommufd.vm import runner
             res = runner.run(self._job(target), kernel=target.user_kernel, recipe=target.recipe(),
                              timeout=self.config.getoption("vm_timeout"), progress=self._say,
