@@ -226,17 +226,21 @@ def archive_bytes(busybox: Path | None = None) -> bytes:
 
 def build_initramfs(*, busybox: Path | None = None) -> Path:
     """Write the initramfs into the cache (if not there yet) and return its path."""
-    data = archive_bytes(busybox)
+    return cached_archive(archive_bytes(busybox))
+
+
+def cached_archive(data: bytes, prefix: str = "") -> Path:
+    """``data`` as ``<cache>/initramfs/<prefix><sha256[:16]>.cpio``, written once."""
     digest = hashlib.sha256(data).hexdigest()[:16]
     root = debian.cache_root() / "initramfs"
     root.mkdir(parents=True, exist_ok=True)
-    path = root / f"{digest}.cpio"
+    path = root / f"{prefix}{digest}.cpio"
     if not path.is_file() or path.stat().st_size != len(data):
-        tmp = root / f".{digest}.{os.getpid()}.tmp"
+        tmp = root / f".{prefix}{digest}.{os.getpid()}.tmp"
         tmp.write_bytes(data)
         os.replace(tmp, path)
     return path
 
 
-__all__ = ["build_initramfs", "archive_bytes", "init_script", "CpioWriter", "find_busybox",
+__all__ = ["build_initramfs", "cached_archive", "archive_bytes", "init_script", "CpioWriter", "find_busybox",
            "InitramfsError", "RESULTS_IN_CHROOT", "HOSTROOT_TAG", "RESULTS_TAG"]

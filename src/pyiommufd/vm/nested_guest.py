@@ -14,14 +14,11 @@ line it prints on its serial console starts with ``nested:``::
 """
 from __future__ import annotations
 
-import hashlib
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import debian
-from .initramfs import CpioWriter, find_busybox
+from .initramfs import CpioWriter, cached_archive, find_busybox
 
 #: MiB of pattern the guest keeps in its tmpfs (guest RAM)
 PATTERN_MIB = 8
@@ -73,16 +70,7 @@ def archive_bytes() -> bytes:
 
 def build_initramfs() -> Path:
     """The nested guest's initramfs, written into the cache once."""
-    data = archive_bytes()
-    digest = hashlib.sha256(data).hexdigest()[:16]
-    root = debian.cache_root() / "initramfs"
-    root.mkdir(parents=True, exist_ok=True)
-    path = root / f"nested-{digest}.cpio"
-    if not path.is_file() or path.stat().st_size != len(data):
-        tmp = root / f".nested-{digest}.{os.getpid()}.tmp"
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    return path
+    return cached_archive(archive_bytes(), "nested-")
 
 
 _BOOT = re.compile(r"nested: boot (\S+) pattern-sha256 ([0-9a-f]{64})")
