@@ -226,3 +226,36 @@ def test_a_retrieve_that_fails_after_the_kexec_names_the_file_and_keeps_the_othe
     assert not _qemu_pids("vm0"), "no QEMU starts without its state"
     with holder.retrieve_many("vm0", [lu.RAM_TOKEN])[lu.RAM_TOKEN] as ram:   # the guest RAM is still there
         assert os.fstat(ram.fd).st_size == 128 * MIB
+
+
+def test_update_with_a_kernel_kexecs_into_it_and_resume_finds_the_vm(fake, qemu11, vm):
+    from pyiommufd_testing import SimulatedKexec
+
+    fake.files.put("/boot/vmlinuz-next", b"MZ" + bytes(1024))
+    holder = _holder()
+    _launch(vm, qemu11, holder)
+    with pytest.raises(SimulatedKexec):
+        lu.update("vm0", qemu=qemu11, holder=holder, runtime_dir=vm.runtime, kexec_kernel="/boot/vmlinuz-next")
+    assert fake.boot_count == 2
+    last = vm.state().ticks[-1].number
+    holder = _holder()
+    lu.resume("vm0", qemu=qemu11, holder=holder, runtime_dir=vm.runtime)
+    try:
+        vm.wait_tick(last + 2)
+        vm.wait_check_after(last)
+        vm.assert_never_rebooted()
+    finally:
+        lu.stop("vm0", holder=holder, runtime_dir=vm.runtime)
+
+
+def test_update_refuses_a_missing_kernel_before_it_touches_the_vm(fake, qemu11, vm):
+    holder = _holder()
+    launched = _launch(vm, qemu11, holder)
+    try:
+        with pytest.raises(errors.UsageError, match="no such file"):
+            lu.update("vm0", qemu=qemu11, holder=holder, runtime_dir=vm.runtime, kexec_kernel="/boot/nope")
+        assert Monitor(launched.qmp_socket, pid=launched.pid).status() == "running"
+        with pytest.raises(errors.UsageError):
+            holder.lend("vm0", [lu.STATE_TOKEN])
+    finally:
+        lu.stop("vm0", holder=holder, runtime_dir=vm.runtime)
