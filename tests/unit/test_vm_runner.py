@@ -90,6 +90,24 @@ def test_masked_paths_are_refused_or_bound_back(tmp_path):
     assert "PYIOMMUFD_BINDS=" in runner.boot_env(binds)
 
 
+def test_a_venv_under_tmp_is_bound_into_the_guest_with_the_checkout(tmp_path, monkeypatch):
+    """A newcomer's clone in /tmp with its .venv: the guest must see the venv
+    (its bin/python and site-packages), not only the checkout's src."""
+    clone = tmp_path / "clone"
+    venv, src = clone / ".venv", clone / "src"
+    (venv / "bin").mkdir(parents=True)
+    src.mkdir()
+    (venv / "bin" / "python").symlink_to(sys.executable)     # a venv's python: a link out of /tmp
+    monkeypatch.setattr(runner.sys, "prefix", str(venv))
+    monkeypatch.setattr(runner.sys, "executable", str(venv / "bin" / "python"))
+    monkeypatch.setattr(runner, "checkout_src", lambda: src)
+    job = runner.Job([runner.Stage(["true"], cwd="/")])
+    runner.check_job_paths(job)
+    binds = runner.guest_binds(job)
+    assert str(venv.resolve()) in binds and str(src.resolve()) in binds
+    assert runner.python_executable() == str(venv / "bin" / "python")
+
+
 def test_missing_qemu_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("PATH", "/nonexistent")
     with pytest.raises(runner.VmError, match="qemu-system-x86_64 not found"):

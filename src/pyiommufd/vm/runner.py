@@ -312,7 +312,10 @@ def masked_in_guest(path: str | os.PathLike[str]) -> str | None:
 
 
 def _job_paths(job: "Job") -> list[tuple[str, str]]:
+    # the environment too: a venv under /tmp holds the interpreter the guest runs, whose
+    # real binary (pyenv, /usr) may lie elsewhere
     needed = [("the pyiommufd checkout", str(checkout_src())),
+              ("the Python environment", sys.prefix),
               ("the Python interpreter", python_executable())]
     needed += [(f"the working directory of stage {k}", str(s.cwd))
                for k, s in enumerate(job.stages, 1) if s.cwd]
