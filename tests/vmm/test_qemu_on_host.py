@@ -259,3 +259,20 @@ def test_update_refuses_a_missing_kernel_before_it_touches_the_vm(fake, qemu11, 
             holder.lend("vm0", [lu.STATE_TOKEN])
     finally:
         lu.stop("vm0", holder=holder, runtime_dir=vm.runtime)
+
+
+def test_a_paused_vm_is_saved_and_brought_back_paused(fake, qemu11, workdir, nested_kernel, nested_initrd):
+    vm = NestedVm(workdir, nested_kernel, nested_initrd, extra=("-S",))
+    holder = _holder()
+    lu.launch(vm.machine, qemu=qemu11, holder=holder, runtime_dir=vm.runtime)
+    lu.update("vm0", qemu=qemu11, holder=holder, runtime_dir=vm.runtime)
+    aborted = lu.abort("vm0", qemu=qemu11, holder=holder, runtime_dir=vm.runtime)
+    try:
+        mon = Monitor(aborted.qmp_socket, pid=aborted.pid)
+        try:
+            assert mon.status() in ("paused", "prelaunch"), "abort must not start a guest that was not running"
+        finally:
+            mon.close()
+        assert not vm.state().ticks
+    finally:
+        lu.stop("vm0", holder=holder, runtime_dir=vm.runtime)

@@ -157,6 +157,8 @@ class RuntimeVm:
     qmp_socket: str
     qemu_binary: str
     log: str
+    #: whether the guest ran when it was saved (a VM paused or never started stays so)
+    was_running: bool = True
 
     @staticmethod
     def directory(runtime_dir: Path, name: str) -> Path:
@@ -166,7 +168,8 @@ class RuntimeVm:
         d = self.directory(runtime_dir, self.machine.name)
         d.mkdir(parents=True, exist_ok=True, mode=0o700)
         doc = {"machine": self.machine.as_dict(), "state": self.state.value, "pid": self.pid,
-               "qmp_socket": self.qmp_socket, "qemu_binary": self.qemu_binary, "log": self.log}
+               "qmp_socket": self.qmp_socket, "qemu_binary": self.qemu_binary, "log": self.log,
+               "was_running": self.was_running}
         tmp = d / "vm.json.tmp"
         tmp.write_text(json.dumps(doc, indent=1) + "\n")
         os.replace(tmp, d / "vm.json")
@@ -183,7 +186,8 @@ class RuntimeVm:
             raise UsageError(f"{path}: unreadable VM record: {exc}") from None
         try:
             return cls(Machine.from_dict(doc["machine"]), VmState(doc["state"]), doc.get("pid"),
-                       str(doc["qmp_socket"]), str(doc["qemu_binary"]), str(doc["log"]))
+                       str(doc["qmp_socket"]), str(doc["qemu_binary"]), str(doc["log"]),
+                       bool(doc.get("was_running", True)))
         except (KeyError, ValueError, TypeError) as exc:
             raise UsageError(f"{path}: damaged VM record ({exc})") from None
 
@@ -425,8 +429,10 @@ def update(name: str, *, qemu: Qemu, holder: Holder, runtime_dir: Path,
     state = MemFD.create(f"{name}-state", 0, backend=be)
     try:
         status = mon.status()
-        if status not in ("running", "paused"):
-            raise VmmError(f"VM {name!r} is {status!r} in QEMU; update saves a running or paused VM")
+        if status not in ("running", "paused", "prelaunch"):
+            raise VmmError(f"VM {name!r} is {status!r} in QEMU; update saves a running, paused or "
+                           "not yet started VM")
+        was_running = status == "running"
         mon.execute("migrate-set-capabilities", capabilities=CAPABILITIES)
         mon.execute("migrate-set-parameters", **PARAMETERS)
         # QEMU opens a file: target write-only and takes from an fd set only an fd
@@ -451,7 +457,7 @@ def update(name: str, *, qemu: Qemu, holder: Holder, runtime_dir: Path,
             except VmmError:
                 pass
         if info.get("status") != "completed":
-            _continue(mon, progress)
+            _continue(mon, progress, was_running)
             raise VmmError(f"the save of VM {name!r} failed ({info.get('error-desc', info.get('status'))}); "
                            "the VM runs on, nothing was preserved")
         phases.append(Phase("save", clock.lap(), Owner.QEMU))
@@ -461,7 +467,7 @@ def update(name: str, *, qemu: Qemu, holder: Holder, runtime_dir: Path,
             holder.preserve_many(name, [FileToHold(STATE_TOKEN, state, "vm-state", FileKind.MEMFD,
                                                    {"vm": name, "size": size, "sha256": digest})])
         except BaseException:
-            _continue(mon, progress)
+            _continue(mon, progress, was_running)
             _reset_session(holder, name, be, progress)
             raise
         phases.append(Phase("preserve state", clock.lap(), Owner.PYIOMMUFD))
@@ -475,7 +481,7 @@ def update(name: str, *, qemu: Qemu, holder: Holder, runtime_dir: Path,
     finally:
         mon.close()
         state.close()
-    vm.state, vm.pid = VmState.UPDATED, None
+    vm.state, vm.pid, vm.was_running = VmState.UPDATED, None, was_running
     vm.save(runtime_dir)
     try:
         manifest = Manifest(session=name, kernel_release=os.uname().release, entries=[
@@ -483,7 +489,7 @@ def update(name: str, *, qemu: Qemu, holder: Holder, runtime_dir: Path,
                   seals=["seal", "shrink", "grow"]),
             Entry(STATE_TOKEN, FileKind.MEMFD, "vm-state", size=size,
                   seals=["write", "seal", "shrink", "grow"], sha256=digest)],
-            vmm={"machine": machine.as_dict(), "stopped_at": stopped_at,
+            vmm={"machine": machine.as_dict(), "stopped_at": stopped_at, "was_running": was_running,
                  "phases": [p.as_dict() for p in phases] + [
                      Phase("manifest", 0.0, Owner.PYIOMMUFD).as_dict()]})
         # the manifest's own time is measured now and written into the next one; close enough:
@@ -507,12 +513,12 @@ def update(name: str, *, qemu: Qemu, holder: Holder, runtime_dir: Path,
     return result
 
 
-def _continue(mon: Monitor, progress: Progress) -> None:
-    """Let the guest run again after a failed or abandoned save."""
+def _continue(mon: Monitor, progress: Progress, run: bool) -> None:
+    """Let the guest run again after a failed or abandoned save, if it ran before."""
     try:
-        if mon.status() != "running":
+        if run and mon.status() != "running":
             mon.execute("cont")
-        progress("the VM runs on")
+        progress("the VM runs on" if run else "the VM stays paused, as it was")
     except VmmError as exc:
         progress(f"could not continue the VM: {exc}")
 
@@ -531,8 +537,9 @@ def _reset_session(holder: Holder, name: str, be: Backend, progress: Progress) -
 
 
 def _incoming(qemu: Qemu, machine: Machine, ram_fd: int, state_fd: int, runtime_dir: Path,
-              phases: list[Phase], clock: _Clock) -> tuple[int, str]:
-    """Start QEMU on the RAM, load the state, continue the guest."""
+              phases: list[Phase], clock: _Clock, run: bool) -> tuple[int, str]:
+    """Start QEMU on the RAM, load the state, and continue the guest if ``run``
+    (it ran when it was saved)."""
     rt_dir = RuntimeVm.directory(runtime_dir, machine.name)
     qmp_socket, log = str(rt_dir / "qmp.sock"), rt_dir / "qemu.log"
     proc = _start_qemu(qemu, machine, ram_fd=ram_fd, qmp_socket=qmp_socket, log=log, incoming=True,
@@ -549,7 +556,7 @@ def _incoming(qemu: Qemu, machine: Machine, ram_fd: int, state_fd: int, runtime_
                 raise VmmError(f"QEMU could not load the saved state of VM {machine.name!r}: "
                                f"{info.get('error-desc', info.get('status'))}")
             phases.append(Phase("load", clock.lap(), Owner.QEMU))
-            if mon.status() != "running":       # QEMU starts the guest itself unless -S
+            if run and mon.status() != "running":       # QEMU starts the guest itself unless -S
                 mon.execute("cont")
                 mon.wait_status({"running"}, 30)
             phases.append(Phase("cont", clock.lap(), Owner.QEMU))
@@ -558,7 +565,7 @@ def _incoming(qemu: Qemu, machine: Machine, ram_fd: int, state_fd: int, runtime_
     except BaseException:
         _kill(proc.pid)
         raise
-    RuntimeVm(machine, VmState.RUNNING, proc.pid, qmp_socket, str(qemu.binary), str(log)).save(runtime_dir)
+    RuntimeVm(machine, VmState.RUNNING, proc.pid, qmp_socket, str(qemu.binary), str(log), run).save(runtime_dir)
     return proc.pid, qmp_socket
 
 
@@ -576,7 +583,7 @@ def abort(name: str, *, qemu: Qemu, holder: Holder, runtime_dir: Path,
     try:
         phases.append(Phase("lend", clock.lap(), Owner.PYIOMMUFD))
         pid, qmp = _incoming(qemu, vm.machine, files[RAM_TOKEN].fd, files[STATE_TOKEN].fd, runtime_dir,
-                             phases, clock)
+                             phases, clock, vm.was_running)
     finally:
         for f in files.values():
             f.close()
@@ -637,7 +644,8 @@ def resume(name: str, *, qemu: Qemu, holder: Holder, runtime_dir: Path, started:
         phases.append(Phase("resume start", flow_start - started, Owner.PYIOMMUFD))
         phases.append(Phase("retrieve", retrieve_seconds, Owner.PYIOMMUFD))
         phases.append(Phase("verify", verify_seconds, Owner.PYIOMMUFD))
-        pid, qmp = _incoming(qemu, machine, got[RAM_TOKEN].fd, got[STATE_TOKEN].fd, runtime_dir, phases, clock)
+        pid, qmp = _incoming(qemu, machine, got[RAM_TOKEN].fd, got[STATE_TOKEN].fd, runtime_dir, phases, clock,
+                             manifest.vmm.get("was_running") is not False)
         progress(f"VM {name!r} runs again (QEMU pid {pid})")
         holder.finish(name)
         holder.create_session(name)
