@@ -276,3 +276,22 @@ def test_a_paused_vm_is_saved_and_brought_back_paused(fake, qemu11, workdir, nes
         assert not vm.state().ticks
     finally:
         lu.stop("vm0", holder=holder, runtime_dir=vm.runtime)
+
+
+def test_a_kexec_that_fails_resumes_the_vm_here(fake, qemu11, vm):
+    fake.files.put("/boot/vmlinuz-next", b"MZ" + bytes(1024))
+    fake.boot.kexec_load_disabled = True          # kernel.kexec_load_disabled=1: kexec_file_load is EPERM
+    holder = _holder()
+    _launch(vm, qemu11, holder)
+    with pytest.raises(errors.KexecError):
+        lu.update("vm0", qemu=qemu11, holder=holder, runtime_dir=vm.runtime, kexec_kernel="/boot/vmlinuz-next")
+    assert fake.boot_count == 1
+    running = lu.RuntimeVm.load(vm.runtime, "vm0")
+    try:
+        assert running.state is lu.VmState.RUNNING and lu.alive(running.pid)
+        last = vm.state().ticks[-1].number
+        vm.wait_tick(last + 2)
+        with pytest.raises(errors.UsageError):
+            holder.lend("vm0", [lu.STATE_TOKEN])      # as launch left it: the next update can go
+    finally:
+        lu.stop("vm0", holder=holder, runtime_dir=vm.runtime)

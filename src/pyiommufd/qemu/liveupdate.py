@@ -459,7 +459,7 @@ def update(name: str, *, qemu: Qemu, holder: Holder, runtime_dir: Path,
         if info.get("status") != "completed":
             _continue(mon, progress, was_running)
             raise VmmError(f"the save of VM {name!r} failed ({info.get('error-desc', info.get('status'))}); "
-                           "the VM runs on, nothing was preserved")
+                           f"the VM {'runs on' if was_running else 'stays paused'}, nothing was preserved")
         phases.append(Phase("save", clock.lap(), Owner.QEMU))
         try:
             state.add_seals(STATE_SEALS)
@@ -492,8 +492,7 @@ def update(name: str, *, qemu: Qemu, holder: Holder, runtime_dir: Path,
             vmm={"machine": machine.as_dict(), "stopped_at": stopped_at, "was_running": was_running,
                  "phases": [p.as_dict() for p in phases] + [
                      Phase("manifest", 0.0, Owner.PYIOMMUFD).as_dict()]})
-        # the manifest's own time is measured now and written into the next one; close enough:
-        # it is one small memfd
+        # a manifest cannot hold its own time: it says 0 here, and Updated has the real one
         doc = write_to_memfd(manifest, be)
         try:
             holder.preserve_many(name, [FileToHold(MANIFEST_TOKEN, doc, "manifest", FileKind.MANIFEST)])
@@ -507,9 +506,14 @@ def update(name: str, *, qemu: Qemu, holder: Holder, runtime_dir: Path,
     progress(f"VM {name!r} saved ({size} bytes of state, sha256 {digest[:16]}…) and preserved; QEMU stopped")
     result = Updated(machine, size, digest, phases, kexec_kernel is not None)
     if kexec_kernel is not None:
-        kexec.load(kexec_kernel, kexec_initrd, kexec_cmdline, backend=be)
-        progress(f"kexec into {kexec_kernel}")
-        kexec.execute(backend=be)
+        try:
+            kexec.load(kexec_kernel, kexec_initrd, kexec_cmdline, backend=be)
+            progress(f"kexec into {kexec_kernel}")
+            kexec.execute(backend=be)
+        except Exception as exc:        # the kexec did not come: the VM goes on here
+            progress(f"the kexec failed ({exc}); resuming the VM here")
+            abort(name, qemu=qemu, holder=holder, runtime_dir=runtime_dir, backend=be, progress=progress)
+            raise
     return result
 
 
