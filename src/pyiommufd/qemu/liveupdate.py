@@ -33,7 +33,7 @@ import shutil
 import signal
 import subprocess
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -250,12 +250,11 @@ class Resumed:
     blackout: Blackout
     after_kexec: bool
     rearm_seconds: float
-    notes: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {"vm": self.machine.name, "pid": self.pid, "qmp_socket": self.qmp_socket,
                 "after_kexec": self.after_kexec, "blackout": self.blackout.as_dict(),
-                "rearm_seconds": round(self.rearm_seconds, 4), "notes": self.notes}
+                "rearm_seconds": round(self.rearm_seconds, 4)}
 
 
 # -- the flows -----------------------------------------------------------------------------
