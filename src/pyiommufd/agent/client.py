@@ -289,7 +289,7 @@ def _wait_until_answering(client: AgentClient, timeout: float) -> dict[str, Any]
 
 
 def ensure_running(socket_path: str | os.PathLike[str] | None = None, backend: Backend | None = None, *,
-                   timeout: float = 15.0) -> AgentClient:
+                   timeout: float = P.START_TIMEOUT) -> AgentClient:
     """An :class:`AgentClient` for a running agent; start one if none answers.
 
     With a backend whose kernel state other processes share (Linux) a

@@ -40,7 +40,7 @@ def run_foreground(socket_path: str | None = None, *, backend: Backend | None = 
 
 
 def start_background(socket_path: str | None = None, *, log_file: str | None = None,
-                     timeout: float = 15.0) -> int:
+                     timeout: float = P.START_TIMEOUT) -> int:
     """Daemonize an agent (double fork, setsid, stdio to ``log_file``) and
     return its pid once it listens. Raises the agent's start error otherwise.
 

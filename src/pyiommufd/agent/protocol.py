@@ -43,6 +43,9 @@ DEFAULT_SOCKET = "/run/pyiommufd/agent.sock"
 ENV_SOCKET = "PYIOMMUFD_AGENT_SOCKET"
 
 #: every request the agent answers
+#: how long a starting agent may take to listen: a Python start and the agent's
+#: imports, which take over 15 s under TCG on a busy host
+START_TIMEOUT = 60.0
 OPS = ("ping", "status", "create_session", "preserve", "preserve_many", "adopt", "retrieve_session",
        "retrieve", "retrieve_many", "lend", "finish", "release", "stop")
 
@@ -260,7 +263,7 @@ def errno_name(err: int | None) -> str:
 
 
 __all__ = [
-    "VERSION", "MAX_MESSAGE", "MAX_FDS", "DEFAULT_SOCKET", "ENV_SOCKET", "OPS", "default_socket_path",
+    "VERSION", "START_TIMEOUT", "MAX_MESSAGE", "MAX_FDS", "DEFAULT_SOCKET", "ENV_SOCKET", "OPS", "default_socket_path",
     "AgentError", "AgentUnavailable", "AgentProtocolError", "AgentPermissionDenied", "AgentRefused",
     "AgentInternalError", "ConnectionClosed", "encode_error", "decode_error", "send_message",
     "recv_message", "request", "reply_ok", "reply_error", "peer_credentials",
