@@ -80,6 +80,19 @@ def _launch(vm: NestedVm, qemu11, holder) -> lu.Launched:
     return launched
 
 
+def _resume_and_check(vm: NestedVm, qemu11, last: int) -> None:
+    """After the (simulated) kexec: resume with a new holder, see the guest go
+    on past tick ``last`` unrebooted, then stop it."""
+    holder = _holder()
+    lu.resume("vm0", qemu=qemu11, holder=holder, runtime_dir=vm.runtime)
+    try:
+        vm.wait_tick(last + 2)
+        vm.wait_check_after(last)
+        vm.assert_never_rebooted()
+    finally:
+        lu.stop("vm0", holder=holder, runtime_dir=vm.runtime)
+
+
 def _qemu_pids(name: str) -> list[int]:
     out = []
     for pid in os.listdir("/proc"):
@@ -136,14 +149,7 @@ def test_abort_runs_the_vm_again_here_and_a_second_update_works(fake, qemu11, vm
     lu.update("vm0", qemu=qemu11, holder=holder, runtime_dir=vm.runtime)
     last = vm.state().ticks[-1].number
     fake.kexec()
-    holder = _holder()
-    lu.resume("vm0", qemu=qemu11, holder=holder, runtime_dir=vm.runtime)
-    try:
-        vm.wait_tick(last + 2)
-        vm.wait_check_after(last)
-        vm.assert_never_rebooted()
-    finally:
-        lu.stop("vm0", holder=holder, runtime_dir=vm.runtime)
+    _resume_and_check(vm, qemu11, last)
 
 
 def test_a_save_qemu_refuses_leaves_the_vm_running_and_nothing_preserved(fake, qemu11, workdir, nested_kernel,
@@ -238,14 +244,7 @@ def test_update_with_a_kernel_kexecs_into_it_and_resume_finds_the_vm(fake, qemu1
         lu.update("vm0", qemu=qemu11, holder=holder, runtime_dir=vm.runtime, kexec_kernel="/boot/vmlinuz-next")
     assert fake.boot_count == 2
     last = vm.state().ticks[-1].number
-    holder = _holder()
-    lu.resume("vm0", qemu=qemu11, holder=holder, runtime_dir=vm.runtime)
-    try:
-        vm.wait_tick(last + 2)
-        vm.wait_check_after(last)
-        vm.assert_never_rebooted()
-    finally:
-        lu.stop("vm0", holder=holder, runtime_dir=vm.runtime)
+    _resume_and_check(vm, qemu11, last)
 
 
 def test_update_refuses_a_missing_kernel_before_it_touches_the_vm(fake, qemu11, vm):
