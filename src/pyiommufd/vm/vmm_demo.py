@@ -157,7 +157,7 @@ def device_handoff(agent: Any) -> dict[str, Any]:
     """QEMU realizes vfio-pci from pyiommufd's iommufd and cdev fds: seen by
     QMP (query-pci) and by the kernel (the device's IOMMU maps the guest RAM)."""
     from ..pci import PciDevice, list_devices
-    from ..qemu.liveupdate import RAM_TOKEN, RuntimeVm
+    from ..qemu.liveupdate import RAM_TOKEN
     from ..qemu.monitor import Monitor
 
     bdf = next((d.bdf for d in list_devices() if (d.vendor, d.device) == VIRTIO_NET), None)
@@ -186,9 +186,6 @@ def device_handoff(agent: Any) -> dict[str, Any]:
             mapped = _device_pfns(bdf, offset, length)
             out["pages"] = len(ram)
             out["translated"] = sum(1 for a, b in zip(ram, mapped) if a == b)
-            out["qemu_log_warnings"] = [ln for ln in Path(RuntimeVm.directory(
-                Path(os.environ.get("PYIOMMUFD_STATE_DIR", "/run/pyiommufd")) / "qemu", "handoff")
-                / "qemu.log").read_text().splitlines() if "warning" in ln.lower()]
         finally:
             _pyiommufd("qemu", "stop", "handoff")
     finally:
